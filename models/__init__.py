@@ -1,0 +1,1 @@
+"""liveindex models: phases, master patterns, template dictionaries."""

@@ -1,0 +1,173 @@
+"""Template dictionaries: patterns simulated from a master pattern over orientation space.
+
+A dictionary is made for one phase, one detector geometry (at the working pattern size)
+and one sampling resolution. It is stored on disk as an ONNX graph (normalised
+cross-correlation as MatMul + TopK, the templates as an external-data initializer) beside
+the template rotations, and built at most once per key: concurrent workers wait on a
+file lock instead of building it twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from liveindex.stream.geometry import DetectorGeometry
+from liveindex.stream.preprocess import Preprocessor
+
+from .phases import master_pattern, point_group
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESOLUTION = 3.0  # degrees; 30443 templates for m-3m
+SIMULATION_CHUNK = 2000
+FORMAT_VERSION = 1
+OPSET = 17
+IR_VERSION = 9
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LIVEINDEX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "liveindex"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class DictionarySpec:
+    phase: str
+    geometry: DetectorGeometry  # at the working pattern size
+    resolution: float = DEFAULT_RESOLUTION
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase}-{self.geometry.cache_key()}-r{self.resolution:g}-v{FORMAT_VERSION}"
+
+    def folder(self, root: Path | None = None) -> Path:
+        return (root or cache_dir()) / "dictionaries" / self.key
+
+
+@dataclass
+class Dictionary:
+    spec: DictionarySpec
+    matcher_path: Path
+    rotations: np.ndarray  # (N, 4) float32 unit quaternions, orix convention
+    top_k: int
+
+    @property
+    def size(self) -> int:
+        return len(self.rotations)
+
+
+def sample_rotations(phase: str, resolution: float) -> np.ndarray:
+    from orix.sampling import get_sample_fundamental
+
+    rotations = get_sample_fundamental(resolution=resolution, point_group=point_group(phase), method="cubochoric")
+    return rotations.data.astype(np.float32)
+
+
+def load_or_build(spec: DictionarySpec, *, top_k: int = 4, reason: str = "", root: Path | None = None,
+                  progress: bool = True) -> Dictionary:
+    """The dictionary for ``spec``, from the cache or built now (and cached)."""
+    folder = spec.folder(root)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = folder.parent / f"{spec.key}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first to finish building
+        if not (folder / "meta.json").exists():
+            log.info("building the %s template dictionary %s (%s): one-off, cached in %s",
+                     spec.phase, spec.key, reason or "no cached dictionary for this geometry", folder)
+            _build(spec, folder, progress=progress)
+    meta = json.loads((folder / "meta.json").read_text())
+    rotations = np.load(folder / "rotations.npy")
+    matcher = folder / f"matcher_top{top_k}.onnx"
+    if not matcher.exists():
+        _write_matcher_graph(matcher, n_pixels=meta["n_pixels"], n_templates=len(rotations), top_k=top_k)
+    return Dictionary(spec, matcher, rotations, top_k)
+
+
+def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rotations = sample_rotations(spec.phase, spec.resolution)
+    templates = simulate_templates(spec.phase, spec.geometry, rotations, progress=progress, tqdm=tqdm)
+    np.save(tmp / "rotations.npy", rotations)
+    # Stored transposed (P, N) so the graph is a plain MatMul(patterns, templates).
+    np.ascontiguousarray(templates.T).tofile(tmp / "templates.bin")
+    meta = {
+        "phase": spec.phase,
+        "geometry": spec.geometry.to_wire(),
+        "resolution_deg": spec.resolution,
+        "n_templates": len(rotations),
+        "n_pixels": templates.shape[1],
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "format": FORMAT_VERSION,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if folder.exists():  # a half-written folder from a killed build
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    log.info("dictionary %s: %d templates in %.0f s", spec.key, len(rotations), meta["build_seconds"])
+
+
+def simulate_templates(phase: str, geometry: DetectorGeometry, rotations: np.ndarray, *, progress: bool = False,
+                       tqdm=None) -> np.ndarray:
+    """Simulate and preprocess templates: (N, P) float32, rows zero-mean and unit-norm."""
+    from orix.quaternion import Rotation
+
+    mp = master_pattern(phase)
+    detector = geometry.kikuchipy_detector()
+    prep = Preprocessor.for_shape(geometry.pattern_shape)
+    out = np.empty((len(rotations), prep.n_pixels), dtype=np.float32)
+    chunks = range(0, len(rotations), SIMULATION_CHUNK)
+    if progress and tqdm is not None:
+        chunks = tqdm(chunks, desc=f"simulating {phase} templates", unit="chunk")
+    for start in chunks:
+        stop = min(start + SIMULATION_CHUNK, len(rotations))
+        patterns = mp.get_patterns(Rotation(rotations[start:stop]), detector, energy=geometry.energy_kv,
+                                   compute=True, dtype_out=np.float32, show_progressbar=False)
+        out[start:stop], _ = prep(np.asarray(patterns.data))
+    return out
+
+
+def _write_matcher_graph(path: Path, *, n_pixels: int, n_templates: int, top_k: int) -> None:
+    """NCC matcher: scores = patterns @ templates; TopK over templates.
+
+    Inputs are preprocessed (zero-mean, unit-norm) so the dot product is the NCC.
+    """
+    templates = TensorProto()
+    templates.name = "templates"
+    templates.data_type = TensorProto.FLOAT
+    templates.dims.extend([n_pixels, n_templates])
+    templates.data_location = TensorProto.EXTERNAL
+    entry = templates.external_data.add()
+    entry.key, entry.value = "location", "templates.bin"
+    k = numpy_helper.from_array(np.array([min(top_k, n_templates)], dtype=np.int64), "k")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["patterns", "templates"], ["scores"]),
+            helper.make_node("TopK", ["scores", "k"], ["top_scores", "top_indices"], axis=1),
+        ],
+        "ncc_matcher",
+        [helper.make_tensor_value_info("patterns", TensorProto.FLOAT, ["batch", n_pixels])],
+        [
+            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", top_k]),
+            helper.make_tensor_value_info("top_indices", TensorProto.INT64, ["batch", top_k]),
+        ],
+        [templates, k],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                              producer_name="liveindex")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, path)

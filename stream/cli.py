@@ -1,0 +1,210 @@
+"""The ``liveindex`` command: demo, index, publish, worker, sink."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import LiveIndexError
+
+log = logging.getLogger("liveindex")
+
+DEFAULT_DISPATCHER = "tcp://127.0.0.1:5555"
+DEFAULT_SINK = "tcp://127.0.0.1:5556"
+
+
+def _pc(values):
+    return tuple(float(v) for v in values)
+
+
+def _geometry(args, pattern_shape=None):
+    """The geometry the user gave (PC, tilt), or None to use the file's own."""
+    from .geometry import DetectorGeometry
+
+    if args.pc is None:
+        if args.tilt is None:
+            return None
+        return DetectorGeometry(sample_tilt=args.tilt)
+    extra = {"sample_tilt": args.tilt if args.tilt is not None else 70.0}
+    if pattern_shape:
+        extra["pattern_shape"] = pattern_shape
+    return DetectorGeometry.from_convention(_pc(args.pc), args.pc_convention, **extra)
+
+
+def _add_geometry_options(p):
+    p.add_argument("--pc", nargs=3, metavar=("X", "Y", "Z"), type=float,
+                   help="projection centre; Bruker convention unless --pc-convention says otherwise")
+    p.add_argument("--pc-convention", default="bruker", choices=["bruker", "tsl", "edax", "oxford", "emsoft"])
+    p.add_argument("--tilt", type=float, help="sample tilt in degrees (default: the file's, else 70)")
+    p.add_argument("--phases", default="ni", help="comma-separated expected phases (known: ni)")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    from .simulator import parse_nav_shape
+
+    summary = run_demo(nav_shape=parse_nav_shape(args.scan), workers=args.workers, noise=args.noise,
+                       out_dir=args.out, http_port=args.http_port, open_browser=not args.no_browser,
+                       page_size=args.page_size, rate=args.rate, seed=args.seed, resolution=args.resolution,
+                       stop_event=_stop_on_signals())
+    err = summary.get("median_error_deg")
+    print(f"liveindex demo: {summary['points']} frames, {summary['workers']} workers, "
+          f"{summary['frames_per_second']:.0f} frames/s, median error "
+          f"{'n/a' if err is None else f'{err:.2f} deg'}, missing {summary['missing']}, outputs in {summary['out_dir']}")
+    return 0 if summary["missing"] == 0 else 1
+
+
+def cmd_index(args) -> int:
+    from .offline import index_file
+    from .sources import load_file
+
+    phases = args.phases.split(",")
+    source = load_file(args.file, geometry=_geometry(args), phases=phases)
+    if args.pc is not None or args.tilt is not None:  # the file's pattern shape with the user's geometry
+        source.geometry = source.geometry.with_shape(source.patterns.shape[-2:])
+    out = args.out or Path(args.file).with_suffix(".h5")
+    summary = index_file(source, Path(out), resolution=args.resolution, threads=args.threads,
+                         providers=args.providers)
+    print(f"liveindex index: {summary['points']} patterns, {summary['indexed']} indexed, "
+          f"{summary['frames_per_second']} patterns/s; wrote {', '.join(summary['files'])}")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from .publisher import Publisher
+    from .simulator import SimulatedScan, parse_nav_shape
+    from .sources import SimulatedSource, load_file
+
+    phases = args.phases.split(",")
+    from liveindex.models.phases import check_phases
+
+    check_phases(phases)
+    if args.file:
+        source = load_file(args.file, geometry=_geometry(args), phases=phases)
+    else:
+        source = SimulatedSource(SimulatedScan(parse_nav_shape(args.simulate), noise=args.noise, seed=args.seed,
+                                               geometry=_geometry(args)))
+    publisher = Publisher(bind=args.bind, sink=args.sink, page_size=args.page_size, rate=args.rate,
+                          wait_for_workers=args.wait_for_workers, stop_event=_stop_on_signals())
+    try:
+        report = publisher.run(source, scan_id=args.scan_id)
+    finally:
+        publisher.close()
+    print(f"liveindex publish: scan {report.scan}, {report.frames} frames in {report.seconds:.2f} s "
+          f"({report.frames_per_second:.0f} frames/s)")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from .roles import run_worker
+
+    run_worker(report=lambda **_: None, stop_event=_stop_on_signals(), dispatcher=args.dispatcher, sink=args.sink,
+               name=args.name, prefetch=args.prefetch, resolution=args.resolution, providers=args.providers,
+               threads=args.threads, connect_timeout=args.connect_timeout, metrics_port=args.metrics_port)
+    return 0
+
+
+def cmd_sink(args) -> int:
+    from .roles import run_sink
+
+    finished = run_sink(report=lambda **info: log.info("sink ready: %s", info), stop_event=_stop_on_signals(),
+                        bind=args.bind, out_dir=args.out, http_host=args.http_host, http_port=args.http_port,
+                        once=args.once, finish_timeout=args.finish_timeout)
+    for summary in finished:
+        print(json.dumps(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liveindex", description="Live indexing of electron diffraction patterns.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run publisher, workers and sink here on one simulated scan")
+    p.add_argument("--scan", default="40x40", help="scan size, width x height (default 40x40)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"])
+    p.add_argument("--out", default="liveindex-demo", help="output folder (default ./liveindex-demo)")
+    p.add_argument("--no-browser", action="store_true", help="do not open the live page")
+    p.add_argument("--http-port", type=int, default=8080, help="live page port (0: any free port)")
+    p.add_argument("--page-size", type=int, default=64, help="frames per page")
+    p.add_argument("--rate", type=float, help="detector rate in frames/s (default: as fast as workers take them)")
+    p.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("index", help="index a saved scan (.npy or any pattern file kikuchipy reads)")
+    p.add_argument("file")
+    _add_geometry_options(p)
+    p.add_argument("--out", help="OUT.h5 or OUT.ang (the other outputs go beside it) or a folder")
+    p.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("publish", help="stream a scan to workers (dispatcher) and the sink")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--simulate", default="40x40", metavar="WxH", help="simulated scan size (default)")
+    src.add_argument("--file", help="replay a saved scan instead")
+    _add_geometry_options(p)
+    p.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bind", default=DEFAULT_DISPATCHER, help=f"dispatcher address workers connect to ({DEFAULT_DISPATCHER})")
+    p.add_argument("--sink", default=DEFAULT_SINK, help=f"the sink's address ({DEFAULT_SINK})")
+    p.add_argument("--page-size", type=int, default=128)
+    p.add_argument("--rate", type=float, help="frames/s (default: as fast as workers take them)")
+    p.add_argument("--scan-id")
+    p.add_argument("--wait-for-workers", type=float, default=60.0, help="seconds to wait for a first worker")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("worker", help="index pages from a dispatcher, send results to a sink")
+    p.add_argument("--dispatcher", default=DEFAULT_DISPATCHER)
+    p.add_argument("--sink", default=DEFAULT_SINK)
+    p.add_argument("--name")
+    p.add_argument("--prefetch", type=int, default=2, help="pages asked for ahead")
+    p.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
+    p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for inference")
+    p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to reach the dispatcher (0: forever)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sink", help="collect results, serve the live page and metrics, write outputs")
+    p.add_argument("--bind", default=DEFAULT_SINK)
+    p.add_argument("--out", default="liveindex-out")
+    p.add_argument("--http-host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--once", action="store_true", help="exit after the first scan is written")
+    p.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for late results after scan_end")
+    p.set_defaults(func=cmd_sink)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .processes import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except LiveIndexError as exc:
+        print(f"liveindex: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

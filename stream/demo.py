@@ -1,0 +1,64 @@
+"""``liveindex demo``: publisher, workers and sink on this machine, one simulated scan."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import webbrowser
+
+from liveindex.models.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build
+
+from .geometry import DetectorGeometry
+from .preprocess import Preprocessor
+from .processes import ChildProcess
+from .publisher import Publisher
+from .roles import run_sink, run_worker
+from .simulator import SimulatedScan
+from .sources import SimulatedSource
+
+log = logging.getLogger(__name__)
+
+
+def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", out_dir="liveindex-demo",
+             http_port: int = 8080, open_browser: bool = True, page_size: int = 64, rate: float | None = None,
+             resolution: float = DEFAULT_RESOLUTION, seed: int = 0, threads_per_worker: int = 1,
+             stop_event: threading.Event | None = None) -> dict:
+    geometry = DetectorGeometry()
+    # Build (or find) the dictionary here, once, with a progress bar the user sees,
+    # rather than in every worker.
+    working = geometry.with_shape(Preprocessor.for_shape(geometry.pattern_shape).working_shape)
+    load_or_build(DictionarySpec("ni", working, resolution), reason="first run of the demo geometry")
+    log.info("simulating a %dx%d Ni polycrystal at %s noise", nav_shape[1], nav_shape[0], noise)
+    source = SimulatedSource(SimulatedScan(nav_shape, geometry=geometry, noise=noise, seed=seed))
+
+    sink = ChildProcess("sink", run_sink, bind="tcp://127.0.0.1:0", out_dir=str(out_dir), http_port=http_port,
+                        once=True).start()
+    children = [sink]
+    publisher = None
+    try:
+        sink_info = sink.wait_ready()
+        publisher = Publisher(bind="tcp://127.0.0.1:0", sink=sink_info["endpoint"], page_size=page_size, rate=rate,
+                              stop_event=stop_event)
+        for i in range(workers):
+            children.append(ChildProcess(f"worker-{i}", run_worker, dispatcher=publisher.endpoint,
+                                         sink=sink_info["endpoint"], name=f"demo-worker-{i}",
+                                         resolution=resolution, threads=threads_per_worker).start())
+        for child in children[1:]:
+            child.wait_ready()
+        if sink_info.get("url"):
+            log.info("live display: %s", sink_info["url"])
+            if open_browser:
+                webbrowser.open(sink_info["url"])
+        report = publisher.run(source)
+        sink.wait()
+        finished = (sink.info or {}).get("finished") or []
+        if not finished:
+            raise RuntimeError("the sink stopped without writing the scan")
+        summary = {**finished[0], "workers": workers, "publish_seconds": round(report.seconds, 3),
+                   "out_dir": str(out_dir), "url": sink_info.get("url")}
+        return summary
+    finally:
+        if publisher is not None:
+            publisher.close()
+        for child in children:
+            child.terminate()

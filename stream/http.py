@@ -1,0 +1,92 @@
+"""The sink's read-only HTTP server: the live page, map images, status, metrics, files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .errors import TransportError
+
+log = logging.getLogger(__name__)
+
+PAGE = resources.files("liveindex.stream").joinpath("web/index.html")
+
+
+class LiveHttpServer:
+    """Serves what ``provider`` offers; GET only, nothing on the server can be changed."""
+
+    def __init__(self, provider, *, host: str = "127.0.0.1", port: int = 8080):
+        handler = type("Handler", (_Handler,), {"provider": provider})
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise TransportError(f"cannot serve http on {host}:{port} ({exc.strerror}); choose another --http-port") from None
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> "LiveHttpServer":
+        self.thread.start()
+        log.info("live display on %s (metrics at %smetrics)", self.url, self.url)
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    provider = None  # set per server: an object with status(), map_png(name), metrics_registry, file_path(name)
+
+    def log_message(self, fmt, *args):  # keep the operator's console for pipeline news
+        log.debug("http: " + fmt, *args)
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        path = urlparse(self.path).path
+        try:
+            if path in ("/", "/index.html"):
+                self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            elif path == "/status.json":
+                self._send(200, json.dumps(self.provider.status()).encode(), "application/json")
+            elif path == "/metrics":
+                self._send(200, generate_latest(self.provider.metrics_registry), CONTENT_TYPE_LATEST)
+            elif path.startswith("/maps/") and path.endswith(".png"):
+                png = self.provider.map_png(path[len("/maps/"):-len(".png")])
+                self._send(200, png, "image/png") if png else self._send(404, b"no such map yet", "text/plain")
+            elif path.startswith("/files/"):
+                file = self.provider.file_path(unquote(path[len("/files/"):]))
+                if file is None:
+                    self._send(404, b"no such output file", "text/plain")
+                else:
+                    self._send(200, Path(file).read_bytes(), "application/octet-stream",
+                               {"Content-Disposition": f'attachment; filename="{Path(file).name}"'})
+            else:
+                self._send(404, b"not found", "text/plain")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def do_POST(self):  # noqa: N802
+        self._send(405, b"read-only", "text/plain")
+
+    do_PUT = do_DELETE = do_PATCH = do_POST
+
+    def _send(self, code: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)

@@ -1,0 +1,106 @@
+"""Indexers: turn preprocessed patterns into phase, orientation and confidence.
+
+Every indexer shares one interface and declares its capabilities as class attributes, as
+kikuchipy's similarity metrics do. Execution providers are chosen when an indexer is
+built, never at import time, and the log says which one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import LiveIndexError
+from .protocol import METHOD_CODE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexResult:
+    phase_id: np.ndarray  # (B,) int16, -1 = not indexed
+    quaternion: np.ndarray  # (B, 4) float32
+    confidence: np.ndarray  # (B,) float32 in [0, 1]
+    method: np.ndarray  # (B,) uint8 codes of protocol.METHODS
+    score: np.ndarray  # (B,) float32 raw similarity of the best match
+
+    @classmethod
+    def empty(cls, n: int) -> "IndexResult":
+        q = np.zeros((n, 4), np.float32)
+        q[:, 0] = 1.0
+        return cls(np.full(n, -1, np.int16), q, np.zeros(n, np.float32),
+                   np.full(n, METHOD_CODE["none"], np.uint8), np.zeros(n, np.float32))
+
+
+def choose_providers(requested: str = "auto") -> list[str]:
+    """ONNX Runtime providers: CUDA where present (unless told 'cpu'), CPU otherwise."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "cpu":
+        return ["CPUExecutionProvider"]
+    if requested == "cuda" and "CUDAExecutionProvider" not in available:
+        raise LiveIndexError("--providers cuda asked for, but this onnxruntime has no CUDA provider; install onnxruntime-gpu")
+    if requested in ("auto", "cuda") and "CUDAExecutionProvider" in available and _cuda_device_present():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _cuda_device_present() -> bool:
+    # onnxruntime-gpu lists CUDA as available even on machines without a GPU; creating a
+    # session there logs errors and falls back. Ask the driver instead.
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except OSError:
+        return False
+
+
+class TemplateIndexer:
+    """Global template matching: NCC against a simulated dictionary, as one ONNX graph."""
+
+    method = "tm"
+    needs_geometry = True  # the dictionary is simulated for one detector geometry
+    gives_phase = True
+    batch_hint = 256  # pages of this size keep MatMul efficient
+
+    def __init__(self, dictionary, *, phase_id: int = 0, providers: str = "auto", threads: int = 0):
+        import onnxruntime as ort
+
+        self.dictionary = dictionary
+        self.phase_id = phase_id
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(dictionary.matcher_path), options, providers=choose_providers(providers))
+        self.provider = self.session.get_providers()[0]
+        log.info("template matcher %s: %d templates on %s", dictionary.spec.key, dictionary.size, self.provider)
+
+    def warm_up(self, n_pixels: int) -> None:
+        """Run one batch so the first real page does not pay for allocation."""
+        self.match(np.zeros((2, n_pixels), np.float32))
+
+    def match(self, patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, P) preprocessed patterns -> top scores (B, k) and template indices (B, k)."""
+        scores, indices = self.session.run(None, {"patterns": patterns})
+        if scores.shape[0] != patterns.shape[0]:
+            raise LiveIndexError(f"matcher returned {scores.shape[0]} rows for a batch of {patterns.shape[0]}")
+        return scores, indices
+
+    def index(self, patterns: np.ndarray, valid: np.ndarray) -> IndexResult:
+        scores, indices = self.match(patterns)
+        best = indices[:, 0]
+        result = IndexResult(
+            phase_id=np.where(valid, self.phase_id, -1).astype(np.int16),
+            quaternion=self.dictionary.rotations[best],
+            confidence=np.clip(scores[:, 0], 0.0, 1.0).astype(np.float32),
+            method=np.where(valid, METHOD_CODE[self.method], METHOD_CODE["none"]).astype(np.uint8),
+            score=scores[:, 0].astype(np.float32),
+        )
+        result.confidence[~valid] = 0.0
+        return result

@@ -1,0 +1,123 @@
+"""The live state of one scan at the sink: flat maps, filled as results arrive.
+
+Results may arrive out of order, twice, or before the scan_start (a worker's connection
+can overtake the publisher's); the first result for a point wins and the rest are
+counted as duplicates.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from .errors import ProtocolError
+from .protocol import METHOD_CODE, Message
+
+
+class ScanState:
+    def __init__(self, start: Message):
+        header = start.header
+        self.header = header
+        self.scan = header["scan"]
+        self.nav_shape = tuple(header["nav_shape"]) if len(header["nav_shape"]) == 2 else (1, header["nav_shape"][0])
+        self.size = int(np.prod(self.nav_shape))
+        n = self.size
+        self.phase_id = np.full(n, -1, np.int16)
+        self.quaternion = np.zeros((n, 4), np.float32)
+        self.quaternion[:, 0] = 1.0
+        self.confidence = np.zeros(n, np.float32)
+        self.method = np.full(n, METHOD_CODE["none"], np.uint8)
+        self.received = np.zeros(n, bool)
+        self.truth = start.arrays.get("truth_quaternion")
+        if self.truth is not None and self.truth.shape != (n, 4):
+            raise ProtocolError(f"truth_quaternion has shape {self.truth.shape}, expected {(n, 4)}", header)
+        self.error_deg = np.full(n, np.nan, np.float32) if self.truth is not None else None
+        self._symmetry = None
+        self.n_received = 0
+        self.duplicates = 0
+        self.t_start = time.time()
+        self.t_first_result: float | None = None
+        self.t_last_result: float | None = None
+        self.end: dict | None = None
+        self.finished = False
+        self.status: dict = {}
+        self.lock = threading.Lock()  # the web thread reads while the loop writes
+        self.version = 0
+
+    def add(self, message: Message) -> tuple[int, int]:
+        """Fill the points of a result page; returns (new, duplicates)."""
+        a = message.arrays
+        indices = a["indices"]
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.size):
+            raise ProtocolError(f"result indices run outside the scan's {self.size} points", message.header)
+        fresh = ~self.received[indices]
+        # A page may repeat an index within itself; keep the first occurrence.
+        _, first_pos = np.unique(indices, return_index=True)
+        keep = np.zeros(len(indices), bool)
+        keep[first_pos] = True
+        fresh &= keep
+        idx = indices[fresh]
+        with self.lock:
+            self.phase_id[idx] = a["phase_id"][fresh]
+            self.quaternion[idx] = a["quaternion"][fresh]
+            self.confidence[idx] = np.clip(np.nan_to_num(a["confidence"][fresh]), 0.0, 1.0)
+            self.method[idx] = a["method"][fresh]
+            self.received[idx] = True
+            if self.error_deg is not None and len(idx):
+                self.error_deg[idx] = self._disorientation(a["quaternion"][fresh], self.truth[idx])
+            self.version += 1
+        new = int(fresh.sum())
+        self.n_received += new
+        self.duplicates += len(indices) - new
+        now = time.time()
+        self.t_first_result = self.t_first_result or now
+        self.t_last_result = now
+        return new, len(indices) - new
+
+    def _disorientation(self, q, truth) -> np.ndarray:
+        from orix.quaternion import Orientation
+
+        from liveindex.models.phases import point_group
+
+        if self._symmetry is None:
+            self._symmetry = point_group(self.header["phases"][0])
+        return Orientation(q, self._symmetry).angle_with(Orientation(truth, self._symmetry), degrees=True)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_received >= self.size
+
+    @property
+    def frames_per_second(self) -> float:
+        if not self.t_first_result or self.n_received < 2:
+            return 0.0
+        span = max(self.t_last_result - self.t_start, 1e-3)
+        return self.n_received / span
+
+    def median_error(self) -> float | None:
+        if self.error_deg is None:
+            return None
+        errors = self.error_deg[self.received & (self.phase_id >= 0)]
+        return float(np.median(errors)) if len(errors) else None
+
+    def summary(self) -> dict:
+        err = self.median_error()
+        indexed = int(np.count_nonzero(self.phase_id >= 0))
+        summary = {
+            "scan": self.scan,
+            "points": self.size,
+            "received": self.n_received,
+            "indexed": indexed,
+            "missing": self.size - self.n_received,
+            "duplicates": self.duplicates,
+            "seconds": round((self.t_last_result or time.time()) - self.t_start, 3),
+            "frames_per_second": round(self.frames_per_second, 1),
+            "median_error_deg": None if err is None else round(err, 3),
+            "status": (self.end or {}).get("status", "running"),
+        }
+        if self.error_deg is not None:
+            e = self.error_deg[self.received & (self.phase_id >= 0)]
+            summary["within_3deg"] = round(float((e < 3).mean()), 4) if len(e) else None
+        return summary

@@ -1,0 +1,225 @@
+"""Sink: assembles live maps from result pages, serves them, writes the finished scan.
+
+One PULL socket takes everything addressed to the sink: scan_start / scan_end and
+dispatcher status from the publisher, result pages from any number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from .errors import LiveIndexError, ProtocolError
+from .http import LiveHttpServer
+from .metrics import SinkMetrics
+from .protocol import Message
+from .scan_state import ScanState
+from .transport import Receiver, bound_endpoint, open_socket
+from .writers import map_images, png_bytes, write_outputs
+
+log = logging.getLogger(__name__)
+
+MAX_ORPHAN_PAGES = 10_000  # result pages held for a scan whose scan_start has not arrived
+
+
+class Sink:
+    def __init__(self, *, bind: str = "tcp://127.0.0.1:0", out_dir="liveindex-out", http_host: str = "127.0.0.1",
+                 http_port: int | None = 8080, once: bool = False, finish_timeout: float = 30.0,
+                 context: zmq.Context | None = None, stop_event: threading.Event | None = None):
+        self.context = context or zmq.Context.instance()
+        self.socket = open_socket(self.context, zmq.PULL, bind=bind)
+        self.endpoint = bound_endpoint(self.socket)
+        self.out_dir = Path(out_dir)
+        self.once = once
+        self.finish_timeout = finish_timeout
+        self.stop_event = stop_event or threading.Event()
+        self.metrics = SinkMetrics()
+        self.metrics_registry = self.metrics.registry
+        self.receiver = Receiver(self.metrics.bad_messages, role="sink")
+        self.scans: dict[str, ScanState] = {}
+        self.current: ScanState | None = None
+        self.orphans: collections.defaultdict[str, list[Message]] = collections.defaultdict(list)
+        self.deadlines: dict[str, float] = {}
+        self.dispatcher_status: dict = {}
+        self.finished: list[dict] = []
+        self._png_cache: dict[tuple, bytes] = {}
+        self._rate_window: collections.deque = collections.deque()
+        self.http = LiveHttpServer(self, host=http_host, port=http_port).start() if http_port is not None else None
+        log.info("sink listening on %s, writing to %s", self.endpoint, self.out_dir)
+
+    # -- loop ----------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Receive until stopped (or, with ``once``, until the first scan is written)."""
+        try:
+            while not self.stop_event.is_set():
+                if self.socket.poll(100):
+                    self._drain()
+                self._check_deadlines()
+                self._update_rate()
+                if self.once and self.finished:
+                    break
+        finally:
+            self.socket.close(linger=0)
+        return self.finished
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+
+    def _drain(self) -> None:
+        for _ in range(1000):  # bounded so deadlines and stop are checked under load
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            message = self.receiver.decode(frames)
+            if message is None:
+                continue
+            try:
+                self._handle(message)
+            except ProtocolError as exc:
+                self.receiver.reject(exc)
+
+    def _handle(self, message: Message) -> None:
+        kind, header = message.kind, message.header
+        if kind == "scan_start":
+            self._start(message)
+        elif kind == "results":
+            state = self.scans.get(header["scan"])
+            if state is None:
+                if sum(len(v) for v in self.orphans.values()) >= MAX_ORPHAN_PAGES:
+                    raise ProtocolError("results for a scan that never started (orphan buffer full)", header)
+                self.orphans[header["scan"]].append(message)
+            else:
+                self._add(state, message)
+        elif kind == "scan_end":
+            state = self.scans.get(header["scan"])
+            if state is None:
+                raise ProtocolError("scan_end for a scan the sink never saw start", header)
+            state.end = header
+            if state.complete:
+                self._finish(state)
+            elif not state.finished:
+                self.deadlines[state.scan] = time.monotonic() + self.finish_timeout
+                log.info("scan %s ended (%s) with %d of %d points in; waiting up to %.0f s for the rest",
+                         state.scan, header["status"], state.n_received, state.size, self.finish_timeout)
+        elif kind == "heartbeat":
+            if header.get("sender") == "dispatcher":
+                self.dispatcher_status = header
+                self.metrics.queue_depth.set(header.get("queue_depth", 0))
+                self.metrics.workers_up.set(len(header.get("workers", [])))
+        else:
+            raise ProtocolError(f"the sink does not take {kind!r} messages", header)
+
+    def _start(self, message: Message) -> None:
+        scan = message.header["scan"]
+        if scan in self.scans:
+            log.info("scan %s started again; keeping the results already in", scan)
+            return
+        state = self.scans[scan] = ScanState(message)
+        self.current = state
+        log.info("scan %s started: %s points, phases %s", scan, "x".join(map(str, state.nav_shape[::-1])),
+                 message.header["phases"])
+        for orphan in self.orphans.pop(scan, []):
+            self._add(state, orphan)
+
+    def _add(self, state: ScanState, message: Message) -> None:
+        if state.finished:
+            self.metrics.duplicates.inc(message.header["count"])
+            return
+        new, dup = state.add(message)
+        self.metrics.frames_received.inc(new)
+        self.metrics.duplicates.inc(dup)
+        self.metrics.frames_indexed.inc(int((message.arrays["phase_id"] >= 0).sum()) if new else 0)
+        t_sent = message.header["timings"].get("t_sent")
+        if isinstance(t_sent, (int, float)) and new:
+            latency = max(0.0, time.time() - t_sent)
+            for _ in range(new):
+                self.metrics.latency.observe(latency)
+        self._rate_window.append((time.monotonic(), new))
+        self.metrics.progress.set(state.n_received / state.size)
+        if state.complete:
+            self._finish(state)
+
+    def _update_rate(self) -> None:
+        now = time.monotonic()
+        while self._rate_window and now - self._rate_window[0][0] > 2.0:
+            self._rate_window.popleft()
+        self.metrics.frames_per_second.set(sum(n for _, n in self._rate_window) / 2.0)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for scan, deadline in list(self.deadlines.items()):
+            state = self.scans[scan]
+            if state.finished:
+                del self.deadlines[scan]
+            elif now > deadline:
+                del self.deadlines[scan]
+                log.error("scan %s: %d of %d points never arrived; writing them as not indexed (phase -1)",
+                          scan, state.size - state.n_received, state.size)
+                self._finish(state)
+
+    def _finish(self, state: ScanState) -> None:
+        if state.finished:
+            return
+        state.finished = True
+        self.deadlines.pop(state.scan, None)
+        summary = state.summary()
+        if state.end is None:
+            summary["status"] = "success"
+        err = summary.get("median_error_deg")
+        if err is not None:
+            self.metrics.error_median.set(err)
+        header = state.header
+        try:
+            files = write_outputs(self.out_dir, state.scan, arrays=self._arrays(state), nav_shape=state.nav_shape,
+                                  step=header["step"], phases=header["phases"], summary=summary)
+            summary["files"] = [p.name for p in files] + [f"{state.scan}.json"]
+        except LiveIndexError as exc:
+            log.error("scan %s: %s (the maps stay in memory and on the live page)", state.scan, exc)
+            summary["error"] = str(exc)
+        state.status = summary
+        self.finished.append(summary)
+        log.info("scan %s done: %d points, %.0f frames/s%s", state.scan, state.size, summary["frames_per_second"],
+                 "" if err is None else f", median error {err:.2f} deg")
+
+    @staticmethod
+    def _arrays(state: ScanState) -> dict:
+        return {"phase_id": state.phase_id, "quaternion": state.quaternion, "confidence": state.confidence,
+                "method": state.method}
+
+    # -- what the http server shows -------------------------------------------------------
+    def status(self) -> dict:
+        state = self.current
+        if state is None:
+            return {"scan": None}
+        status = state.status if state.finished else state.summary()
+        return {**status, "version": state.version, "workers_up": len(self.dispatcher_status.get("workers", [])),
+                "workers": self.dispatcher_status.get("workers", []),
+                "queue_depth": self.dispatcher_status.get("queue_depth"),
+                "detector": state.header["detector"], "phases": state.header["phases"],
+                "nav_shape": list(state.nav_shape), "bad_messages": self.receiver.bad_total}
+
+    def map_png(self, name: str) -> bytes | None:
+        state = self.current
+        if state is None or name not in ("ipf", "phase", "confidence", "method"):
+            return None
+        key = (state.scan, state.version, name)
+        if key not in self._png_cache:
+            with state.lock:
+                arrays = {k: v.copy() for k, v in self._arrays(state).items()}
+            images = map_images(arrays, state.nav_shape, state.header["phases"])
+            self._png_cache = {(state.scan, state.version, n): png_bytes(rgb) for n, rgb in images.items()}
+        return self._png_cache.get(key)
+
+    def file_path(self, name: str) -> Path | None:
+        for summary in self.finished:
+            if name in summary.get("files", []):
+                path = self.out_dir / name
+                return path if path.is_file() else None
+        return None

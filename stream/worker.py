@@ -1,0 +1,176 @@
+"""Inference worker: ask for pages, index them, send result pages to the sink.
+
+Stateless apart from the indexers it has prepared (one per scan geometry, the last few
+kept). Preparing an indexer for a new geometry may build a dictionary, so it runs in a
+background thread while the main loop keeps heartbeating; the scan's pages wait locally.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+import numpy as np
+import zmq
+
+from .errors import LiveIndexError, ProtocolError, TransportError
+from .geometry import DetectorGeometry
+from .indexer import IndexResult
+from .metrics import WorkerMetrics
+from .protocol import METHOD_CODE, Message, check_frames, encode
+from .scan_indexer import ScanIndexer
+from .transport import Receiver, open_socket
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+KEEP_SCANS = 4
+
+
+class Worker:
+    def __init__(self, *, dispatcher: str, sink: str, name: str | None = None, context: zmq.Context | None = None,
+                 prefetch: int = 2, resolution: float = 3.0, providers: str = "auto", threads: int = 1,
+                 connect_timeout: float = 60.0, stop_event: threading.Event | None = None,
+                 metrics: WorkerMetrics | None = None):
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.context = context or zmq.Context.instance()
+        self.dispatcher_address, self.sink_address = dispatcher, sink
+        self.prefetch = prefetch
+        self.resolution = resolution
+        self.providers = providers
+        self.threads = threads
+        self.connect_timeout = connect_timeout
+        self.stop_event = stop_event or threading.Event()
+        self.metrics = metrics or WorkerMetrics()
+        self.receiver = Receiver(self.metrics.bad_messages, role=f"worker {self.name}")
+        self.scans: collections.OrderedDict[str, dict] = collections.OrderedDict()  # scan -> scan_start header
+        self.indexers: dict[str, concurrent.futures.Future] = {}  # geometry key -> Future[ScanIndexer]
+        self.waiting: collections.deque[Message] = collections.deque()  # pages whose indexer is not ready
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare")
+        self.frames_done = 0
+
+    def run(self) -> None:
+        dealer = open_socket(self.context, zmq.DEALER, connect=self.dispatcher_address,
+                             send_timeout=self.connect_timeout or None, immediate=True)
+        dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        results = open_socket(self.context, zmq.PUSH, connect=self.sink_address,
+                              send_timeout=self.connect_timeout or None, immediate=True)
+        try:
+            self._send(dealer, encode("credit", {"worker": self.name, "pages": self.prefetch, "done": []}),
+                       f"the dispatcher at {self.dispatcher_address}")
+            log.info("worker %s ready: dispatcher %s, sink %s", self.name, self.dispatcher_address, self.sink_address)
+            last_beat = time.monotonic()
+            while not self.stop_event.is_set():
+                if dealer.poll(50):
+                    frames = dealer.recv_multipart(copy=False)
+                    message = self.receiver.decode(frames)
+                    if message is not None:
+                        self._handle(message)
+                self._work(dealer, results)
+                if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
+                    last_beat = time.monotonic()
+                    state = "preparing" if self.waiting else "idle"
+                    free = max(0, self.prefetch - len(self.waiting))
+                    dealer.send_multipart(encode("heartbeat", {"sender": self.name, "state": state, "free": free}))
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            dealer.close(linger=0)
+            results.close(linger=5000)  # let queued results reach the sink
+            log.info("worker %s stopped after %d frames", self.name, self.frames_done)
+
+    def _send(self, sock: zmq.Socket, frames: list, peer: str) -> None:
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise TransportError(
+                f"cannot reach {peer} within {self.connect_timeout:.0f} s; check the address, that the process "
+                "there is running, and the firewall (or raise --connect-timeout)"
+            ) from None
+
+    def _handle(self, message: Message) -> None:
+        if message.kind == "scan_start":
+            self._prepare(message.header)
+        elif message.kind == "frames":
+            self.waiting.append(message)
+        else:
+            self.receiver.reject(ValueError(f"worker does not take {message.kind!r} messages"))
+
+    def _prepare(self, header: dict) -> None:
+        scan = header["scan"]
+        self.scans[scan] = header
+        while len(self.scans) > KEEP_SCANS:
+            self.scans.popitem(last=False)
+        try:
+            geometry = DetectorGeometry.from_wire(header["detector"]).with_shape(header["pattern_shape"])
+        except LiveIndexError as exc:
+            header["error"] = str(exc)
+            log.error("scan %s cannot be indexed: %s", scan, exc)
+            return
+        key = f"{geometry.cache_key()}-{','.join(header['phases'])}"
+        header["indexer_key"] = key
+        if key not in self.indexers:
+            reason = f"scan {scan} has geometry {geometry.cache_key()}"
+            self.indexers[key] = self.pool.submit(
+                ScanIndexer, geometry, header["phases"], resolution=self.resolution, providers=self.providers,
+                threads=self.threads, reason=reason,
+            )
+
+    def _work(self, dealer: zmq.Socket, results: zmq.Socket) -> None:
+        """Index every waiting page whose indexer is ready, oldest first."""
+        for _ in range(len(self.waiting)):
+            message = self.waiting.popleft()
+            scan = message.header["scan"]
+            start = self.scans.get(scan)
+            future = self.indexers.get(start.get("indexer_key")) if start else None
+            if future is not None and not future.done():
+                self.waiting.append(message)
+                continue
+            result = self._index(message, start, future)
+            if result is not None:
+                self._send(results, result, f"the sink at {self.sink_address}")
+            done = [[scan, message.header["first"]]]
+            dealer.send_multipart(encode("credit", {"worker": self.name, "pages": 1, "done": done}))
+
+    def _index(self, message: Message, start: dict | None, future) -> list | None:
+        header = message.header
+        t_received = time.time()
+        patterns = message.arrays["patterns"]
+        count = header["count"]
+        try:
+            if start is None:
+                raise ProtocolError("frames for a scan this worker never got a scan_start for", header)
+            check_frames(message, start)
+            if "error" in start:
+                result = IndexResult.empty(count)  # reported once at scan_start; points stay unindexed
+            else:
+                try:
+                    indexer = future.result()
+                except LiveIndexError as exc:
+                    start["error"] = str(exc)
+                    log.error("scan %s cannot be indexed: %s", header["scan"], exc)
+                    result = IndexResult.empty(count)
+                else:
+                    t0 = time.perf_counter()
+                    result = indexer.index(patterns)
+                    self.metrics.page_seconds.observe(time.perf_counter() - t0)
+        except ProtocolError as exc:
+            self.receiver.reject(exc)
+            return None
+        bad = int(np.count_nonzero(result.method == METHOD_CODE["none"]))
+        if bad and "error" not in start:
+            log.warning("scan %s frames %d..%d: %d pattern(s) with NaN/inf or no contrast left unindexed",
+                        header["scan"], header["first"], header["first"] + count - 1, bad)
+        self.frames_done += count
+        self.metrics.frames.inc(count)
+        self.metrics.pages.inc()
+        timings = {"t_sent": header["t_sent"], "t_received": t_received, "t_done": time.time()}
+        indices = np.arange(header["first"], header["first"] + count, dtype=np.int64)
+        return encode("results", {"scan": header["scan"], "count": count, "worker": self.name, "timings": timings},
+                      {"indices": indices, "phase_id": result.phase_id, "quaternion": result.quaternion,
+                       "confidence": result.confidence, "method": result.method})
