@@ -97,7 +97,8 @@ def cmd_publish(args) -> int:
         source = SimulatedSource(SimulatedScan(parse_nav_shape(args.simulate), noise=args.noise, seed=args.seed,
                                                geometry=_geometry(args)))
     publisher = Publisher(bind=args.bind, sink=args.sink, page_size=args.page_size, rate=args.rate,
-                          wait_for_workers=args.wait_for_workers, stop_event=_stop_on_signals())
+                          wait_for_workers=args.wait_for_workers, sink_timeout=args.sink_timeout,
+                          stop_event=_stop_on_signals())
     try:
         report = publisher.run(source, scan_id=args.scan_id)
     finally:
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, help="frames/s (default: as fast as workers take them)")
     p.add_argument("--scan-id")
     p.add_argument("--wait-for-workers", type=float, default=60.0, help="seconds to wait for a first worker")
+    p.add_argument("--sink-timeout", type=float, default=10.0, help="seconds to reach the sink")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("worker", help="index pages from a dispatcher, send results to a sink")

@@ -77,7 +77,7 @@ class Worker:
                     last_beat = time.monotonic()
                     state = "preparing" if self.waiting else "idle"
                     free = max(0, self.prefetch - len(self.waiting))
-                    dealer.send_multipart(encode("heartbeat", {"sender": self.name, "state": state, "free": free}))
+                    self._tell_dispatcher(dealer, encode("heartbeat", {"sender": self.name, "state": state, "free": free}))
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             dealer.close(linger=0)
@@ -92,6 +92,16 @@ class Worker:
                 f"cannot reach {peer} within {self.connect_timeout:.0f} s; check the address, that the process "
                 "there is running, and the firewall (or raise --connect-timeout)"
             ) from None
+
+    @staticmethod
+    def _tell_dispatcher(dealer: zmq.Socket, frames: list) -> None:
+        """Credit and heartbeats never block: with no dispatcher connected (between scans,
+        or while it restarts) they are dropped, and the next dispatcher learns this
+        worker's free slots from its next heartbeat."""
+        try:
+            dealer.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def _handle(self, message: Message) -> None:
         if message.kind == "scan_start":
@@ -135,7 +145,7 @@ class Worker:
             if result is not None:
                 self._send(results, result, f"the sink at {self.sink_address}")
             done = [[scan, message.header["first"]]]
-            dealer.send_multipart(encode("credit", {"worker": self.name, "pages": 1, "done": done}))
+            self._tell_dispatcher(dealer, encode("credit", {"worker": self.name, "pages": 1, "done": done}))
 
     def _index(self, message: Message, start: dict | None, future) -> list | None:
         header = message.header

@@ -1,0 +1,116 @@
+"""`liveindex index` on saved scans, and clear one-line errors for bad input."""
+
+import time
+
+import numpy as np
+import pytest
+from orix import io as orix_io
+
+from ..conftest import disorientation, error_lines, run_cli
+
+
+@pytest.mark.slow
+def test_index_npy_file_is_accurate(tmp_path, moderate_scan):
+    path = tmp_path / "scan.npy"
+    np.save(path, moderate_scan.render(0, moderate_scan.size).reshape(20, 20, 60, 60))
+    proc = run_cli("index", path, "--out", tmp_path / "result.h5")
+    assert proc.returncode == 0, proc.stderr
+    xmap = orix_io.load(tmp_path / "result.h5")
+    assert xmap.shape == (20, 20)
+    assert np.median(disorientation(xmap.rotations.data, moderate_scan.truth)) < 2.5
+    assert (tmp_path / "result.ang").exists() and (tmp_path / "result_ipf.png").exists()
+
+
+@pytest.mark.slow
+def test_index_kikuchipy_written_file(tmp_path):
+    import kikuchipy as kp
+
+    signal = kp.data.nickel_ebsd_small()
+    path = tmp_path / "ni_small.h5"
+    signal.save(path)
+    proc = run_cli("index", path, "--out", tmp_path / "ni.ang")
+    assert proc.returncode == 0, proc.stderr
+    xmap = orix_io.load(tmp_path / "ni.ang")
+    assert xmap.shape == (3, 3)
+    assert (xmap.phase_id >= 0).all()
+    # On real patterns, liveindex must pick what kikuchipy's own dictionary indexing picks
+    # from the same 3 deg sampling.
+    reference = _kikuchipy_dictionary_indexing(signal)
+    assert np.median(disorientation(xmap.rotations.data, reference)) < 0.5
+
+
+def _kikuchipy_dictionary_indexing(signal):
+    import kikuchipy as kp
+    from orix.sampling import get_sample_fundamental
+
+    mp = kp.data.nickel_ebsd_master_pattern_small(projection="lambert", hemisphere="upper")
+    rotations = get_sample_fundamental(resolution=3, point_group=mp.phase.point_group, method="cubochoric")
+    detector = kp.detectors.EBSDDetector(shape=(60, 60), pc=signal.detector.pc_average, sample_tilt=70)
+    simulated = mp.get_patterns(rotations, detector, energy=20)
+    corrected = signal.deepcopy()
+    corrected.remove_static_background(show_progressbar=False)
+    corrected.remove_dynamic_background(show_progressbar=False)
+    return corrected.dictionary_indexing(simulated, keep_n=1).rotations.data.reshape(-1, 4)
+
+
+def _assert_one_line_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_npy_of_wrong_rank(tmp_path):
+    path = tmp_path / "flat.npy"
+    np.save(path, np.zeros((10, 3600), np.uint8))
+    _assert_one_line_error(run_cli("index", path), "rank 2", "(N, H, W) or (ny, nx, H, W)", "reshape")
+
+
+def test_npy_with_nans(tmp_path):
+    path = tmp_path / "nan.npy"
+    a = np.ones((4, 60, 60), np.float32)
+    a[1, 2, 3] = np.nan
+    np.save(path, a)
+    _assert_one_line_error(run_cli("index", path), "1 NaN or infinite", "nan_to_num")
+
+
+def test_pc_outside_unit_interval(tmp_path):
+    path = tmp_path / "ok.npy"
+    np.save(path, np.ones((4, 60, 60), np.uint8))
+    _assert_one_line_error(run_cli("index", path, "--pc", "0.4", "1.3", "0.5"), "outside (0, 1)", "--pc-convention")
+
+
+def test_missing_file(tmp_path):
+    _assert_one_line_error(run_cli("index", tmp_path / "nope.npy"), "does not exist")
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "junk.h5"
+    path.write_bytes(b"not a pattern file")
+    _assert_one_line_error(run_cli("index", path), "cannot read", "kikuchipy reads")
+
+
+def test_publisher_with_unreachable_sink_says_so_and_exits():
+    t0 = time.monotonic()
+    proc = run_cli("publish", "--simulate", "4x4", "--bind", "tcp://127.0.0.1:0", "--sink", "tcp://127.0.0.1:9",
+                   "--sink-timeout", "1", timeout=60)
+    _assert_one_line_error(proc, "sink at tcp://127.0.0.1:9", "liveindex sink")
+    assert time.monotonic() - t0 < 50
+
+
+def test_worker_with_unreachable_dispatcher_says_so_and_exits():
+    proc = run_cli("worker", "--dispatcher", "tcp://127.0.0.1:9", "--sink", "tcp://127.0.0.1:10",
+                   "--connect-timeout", "1", timeout=60)
+    _assert_one_line_error(proc, "cannot reach the dispatcher at tcp://127.0.0.1:9")
+
+
+def test_malformed_address():
+    proc = run_cli("worker", "--dispatcher", "tcp://no-port-here", "--connect-timeout", "1", timeout=60)
+    _assert_one_line_error(proc, "tcp://no-port-here", "tcp://127.0.0.1:5555")
+
+
+def test_unknown_phase():
+    proc = run_cli("publish", "--simulate", "4x4", "--phases", "unobtainium", timeout=60)
+    _assert_one_line_error(proc, "unknown phase", "unobtainium")

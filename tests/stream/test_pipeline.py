@@ -1,0 +1,62 @@
+"""The whole data path with real processes on loopback."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from orix import io as orix_io
+
+from liveindex.stream.demo import run_demo
+
+from ..conftest import disorientation
+
+pytestmark = pytest.mark.slow
+
+
+def test_publisher_two_workers_sink_complete_map_and_accurate(tmp_path):
+    summary = run_demo(nav_shape=(40, 40), workers=2, noise="moderate", out_dir=tmp_path, http_port=0,
+                       open_browser=False)
+    assert summary["missing"] == 0 and summary["points"] == 1600
+    assert summary["median_error_deg"] < 2.5
+    scan = summary["scan"]
+    xmap = orix_io.load(tmp_path / f"{scan}.h5")
+    assert xmap.shape == (40, 40)
+    assert xmap.phases[0].name == "ni" and xmap.phases[0].point_group.name == "m-3m"
+    assert (xmap.phase_id == 0).all()
+    ang = orix_io.load(tmp_path / f"{scan}.ang")
+    assert ang.shape == (40, 40)
+    # The .ang round trip keeps the orientations (up to crystal symmetry).
+    assert np.median(disorientation(ang.rotations.data, xmap.rotations.data)) < 0.1
+    for name in ("ipf", "confidence", "phase", "method"):
+        assert (tmp_path / f"{scan}_{name}.png").stat().st_size > 100
+    written = json.loads((tmp_path / f"{scan}.json").read_text())
+    assert written["missing"] == 0
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, "-m", "liveindex.stream", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_separate_commands_over_ipc(tmp_path):
+    sink_addr, disp_addr = f"ipc://{tmp_path}/sink.sock", f"ipc://{tmp_path}/dispatch.sock"
+    sink = _start("sink", "--bind", sink_addr, "--out", tmp_path / "out", "--http-port", "0", "--once")
+    workers = [_start("worker", "--dispatcher", disp_addr, "--sink", sink_addr, "--name", f"w{i}") for i in range(2)]
+    try:
+        publish = subprocess.run([sys.executable, "-m", "liveindex.stream", "publish", "--simulate", "16x12",
+                                  "--bind", disp_addr, "--sink", sink_addr, "--page-size", "32", "--scan-id", "cli"],
+                                 capture_output=True, text=True, timeout=180)
+        assert publish.returncode == 0, publish.stderr
+        out, err = sink.communicate(timeout=120)
+        assert sink.returncode == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["scan"] == "cli" and summary["missing"] == 0 and summary["median_error_deg"] < 2.5
+        assert orix_io.load(tmp_path / "out" / "cli.h5").shape == (12, 16)
+    finally:
+        for p in [sink, *workers]:
+            p.terminate()
+        for p in [sink, *workers]:
+            p.wait(20)
+    assert all(p.returncode is not None for p in workers)

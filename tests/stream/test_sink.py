@@ -1,0 +1,99 @@
+"""The sink on a real loopback socket: out-of-order, duplicate, early and bad results."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+from orix import io as orix_io
+
+from liveindex.stream.protocol import METHOD_CODE, encode
+from liveindex.stream.sink import Sink
+
+NAV = (3, 4)
+
+
+def _start(scan="s1"):
+    return encode("scan_start", {"scan": scan, "nav_shape": list(NAV), "step": [0.5, 0.5], "pattern_shape": [60, 60],
+                                 "dtype": "uint8", "detector": {"pc": [0.4, 0.2, 0.5]}, "phases": ["ni"],
+                                 "metadata": {}})
+
+
+def _results(indices, scan="s1"):
+    indices = np.asarray(indices, np.int64)
+    n = len(indices)
+    q = np.zeros((n, 4), np.float32)
+    q[:, 0] = 1.0
+    return encode("results", {"scan": scan, "count": n, "worker": "w", "timings": {"t_sent": 0.0}},
+                  {"indices": indices, "phase_id": np.zeros(n, np.int16), "quaternion": q,
+                   "confidence": np.full(n, 0.7, np.float32), "method": np.full(n, METHOD_CODE["tm"], np.uint8)})
+
+
+@pytest.fixture
+def sink(tmp_path):
+    sink = Sink(out_dir=tmp_path, http_port=0, once=True, finish_timeout=1.0)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(sink.endpoint)
+    yield sink, push, thread
+    sink.stop_event.set()
+    thread.join(5)
+    push.close(linger=0)
+    sink.close()
+
+
+def test_results_early_out_of_order_duplicated_and_bad_still_fill_the_map_once(sink, tmp_path):
+    sink, push, thread = sink
+    push.send_multipart(_results([5, 4]))  # before the scan_start
+    push.send_multipart(_start())
+    push.send_multipart([b"garbage"])
+    push.send_multipart(_results([11, 0, 1]))
+    push.send_multipart(_results([4, 5, 6]))  # 4 and 5 again
+    push.send_multipart(_results([99]))  # outside the scan
+    push.send_multipart(_results([2, 3, 7, 8, 9, 10, 3]))  # 3 twice within the page
+    thread.join(20)
+    assert not thread.is_alive(), "sink did not finish the complete scan"
+    summary = sink.finished[0]
+    assert summary["missing"] == 0 and summary["received"] == 12
+    assert summary["duplicates"] == 3
+    assert sink.receiver.bad_total == 2
+    xmap = orix_io.load(tmp_path / "s1.h5")
+    assert xmap.shape == NAV and np.allclose(xmap.prop["confidence"], 0.7)
+
+
+def test_scan_end_with_missing_points_writes_them_as_not_indexed(sink, tmp_path):
+    sink, push, thread = sink
+    push.send_multipart(_start())
+    push.send_multipart(_results(range(10)))
+    push.send_multipart(encode("scan_end", {"scan": "s1", "frames_sent": 12, "status": "success"}))
+    thread.join(20)
+    assert sink.finished[0]["missing"] == 2
+    xmap = orix_io.load(tmp_path / "s1.h5")
+    assert (xmap.get_map_data("phase_id").ravel()[10:] == -1).all()
+
+
+def test_http_is_read_only_and_serves_status_metrics_and_maps(sink):
+    sink, push, thread = sink
+    push.send_multipart(_start())
+    push.send_multipart(_results(range(12)))
+    thread.join(20)
+    base = sink.http.url
+    status = json.loads(urllib.request.urlopen(base + "status.json").read())
+    assert status["received"] == 12 and status["scan"] == "s1"
+    metrics = urllib.request.urlopen(base + "metrics").read().decode()
+    for name in ("liveindex_frames_received_total 12.0", "liveindex_frame_latency_seconds_bucket",
+                 "liveindex_bad_messages_total", "liveindex_queue_depth_frames", "liveindex_workers_up"):
+        assert name in metrics
+    png = urllib.request.urlopen(base + "maps/ipf.png").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert urllib.request.urlopen(base + "files/s1.ang").read().startswith(b"#")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(base + "status.json", data=b"x", method="POST"))
+    assert info.value.code == 405
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(base + "files/..%2F..%2Fetc%2Fpasswd")
