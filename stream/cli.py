@@ -122,7 +122,7 @@ def cmd_sink(args) -> int:
 
     finished = run_sink(report=lambda **info: log.info("sink ready: %s", info), stop_event=_stop_on_signals(),
                         bind=args.bind, out_dir=args.out, http_host=args.http_host, http_port=args.http_port,
-                        once=args.once, finish_timeout=args.finish_timeout)
+                        max_scans=1 if args.once else None, finish_timeout=args.finish_timeout)
     for summary in finished:
         print(json.dumps(summary))
     return 0

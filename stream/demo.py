@@ -32,7 +32,7 @@ def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", o
     source = SimulatedSource(SimulatedScan(nav_shape, geometry=geometry, noise=noise, seed=seed))
 
     sink = ChildProcess("sink", run_sink, bind="tcp://127.0.0.1:0", out_dir=str(out_dir), http_port=http_port,
-                        once=True).start()
+                        max_scans=1).start()
     children = [sink]
     publisher = None
     try:

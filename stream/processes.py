@@ -84,6 +84,18 @@ class ChildProcess:
             self._poll(0.2)
         return self.info
 
+    def wait_for(self, predicate, timeout: float = 120.0) -> dict:
+        """Wait until the child's latest report satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while self.info is None or not predicate(self.info):
+            self.maybe_raise()
+            if not self.process.is_alive() and self.reports.empty():
+                raise LiveIndexError(f"{self.name} exited (code {self.process.exitcode})")
+            if time.monotonic() > deadline:
+                raise TransportError(f"{self.name} did not report in {timeout:.0f} s")
+            self._poll(0.2)
+        return self.info
+
     def maybe_raise(self) -> None:
         self._poll()
         if self.error:

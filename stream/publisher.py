@@ -48,6 +48,7 @@ class PublishReport:
     pages_sent: int
     pages_resent: int
     seconds: float
+    t_first_sent: float | None  # wall clock, comparable with the sink's on one host
 
     @property
     def frames_per_second(self) -> float:
@@ -93,6 +94,7 @@ class Publisher:
         next_first = 0
         sent = resent = 0
         t0 = time.perf_counter()
+        t_first_sent = None
         last_status = 0.0
         log.info("scan %s: %d frames of %s %s, pages of %d", scan, total, source.dtype,
                  tuple(source.geometry.pattern_shape), self.page_size)
@@ -119,6 +121,7 @@ class Publisher:
                         break
                     if not self._send_page(identity, scan, worker_start, source, first, count):
                         continue  # that worker is gone; its pages are pending again
+                    t_first_sent = t_first_sent or time.time()
                     if pending:
                         pending.popleft()
                         resent += 1
@@ -139,7 +142,7 @@ class Publisher:
             elapsed = time.perf_counter() - t0
             self._send_status(scan, next_first, pending, total)
             self._send_sink(encode("scan_end", {"scan": scan, "frames_sent": int(next_first), "status": status}))
-        report = PublishReport(scan, total, sent, resent, elapsed)
+        report = PublishReport(scan, total, sent, resent, elapsed, t_first_sent)
         log.info("scan %s published: %d frames in %.2f s (%.0f frames/s), %d pages re-sent",
                  scan, total, elapsed, report.frames_per_second, resent)
         return report

@@ -12,11 +12,11 @@ from .worker import Worker
 
 def run_sink(*, report, stop_event, **options) -> list[dict]:
     sink = Sink(stop_event=stop_event, **options)
-    report(endpoint=sink.endpoint, url=sink.http.url if sink.http else None)
+    where = {"endpoint": sink.endpoint, "url": sink.http.url if sink.http else None}
+    sink.on_finished = lambda finished: report(**where, finished=finished)
+    report(**where, finished=[])
     try:
-        finished = sink.run()
-        report(endpoint=sink.endpoint, url=sink.http.url if sink.http else None, finished=finished)
-        return finished
+        return sink.run()
     finally:
         sink.close()
 

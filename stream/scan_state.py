@@ -116,6 +116,7 @@ class ScanState:
             "frames_per_second": round(self.frames_per_second, 1),
             "median_error_deg": None if err is None else round(err, 3),
             "status": (self.end or {}).get("status", "running"),
+            "last_result_time": self.t_last_result,
         }
         if self.error_deg is not None:
             e = self.error_deg[self.received & (self.phase_id >= 0)]

@@ -29,13 +29,15 @@ MAX_ORPHAN_PAGES = 10_000  # result pages held for a scan whose scan_start has n
 
 class Sink:
     def __init__(self, *, bind: str = "tcp://127.0.0.1:0", out_dir="liveindex-out", http_host: str = "127.0.0.1",
-                 http_port: int | None = 8080, once: bool = False, finish_timeout: float = 30.0,
-                 context: zmq.Context | None = None, stop_event: threading.Event | None = None):
+                 http_port: int | None = 8080, max_scans: int | None = None, finish_timeout: float = 30.0,
+                 context: zmq.Context | None = None, stop_event: threading.Event | None = None,
+                 on_finished=None):
         self.context = context or zmq.Context.instance()
         self.socket = open_socket(self.context, zmq.PULL, bind=bind)
         self.endpoint = bound_endpoint(self.socket)
         self.out_dir = Path(out_dir)
-        self.once = once
+        self.max_scans = max_scans
+        self.on_finished = on_finished  # called with the summaries so far after each scan is written
         self.finish_timeout = finish_timeout
         self.stop_event = stop_event or threading.Event()
         self.metrics = SinkMetrics()
@@ -54,14 +56,14 @@ class Sink:
 
     # -- loop ----------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        """Receive until stopped (or, with ``once``, until the first scan is written)."""
+        """Receive until stopped, or until ``max_scans`` scans are written."""
         try:
             while not self.stop_event.is_set():
                 if self.socket.poll(100):
                     self._drain()
                 self._check_deadlines()
                 self._update_rate()
-                if self.once and self.finished:
+                if self.max_scans is not None and len(self.finished) >= self.max_scans:
                     break
         finally:
             self.socket.close(linger=0)
@@ -185,6 +187,8 @@ class Sink:
             summary["error"] = str(exc)
         state.status = summary
         self.finished.append(summary)
+        if self.on_finished is not None:
+            self.on_finished(list(self.finished))
         log.info("scan %s done: %d points, %.0f frames/s%s", state.scan, state.size, summary["frames_per_second"],
                  "" if err is None else f", median error {err:.2f} deg")
 

@@ -34,7 +34,7 @@ def _results(indices, scan="s1"):
 
 @pytest.fixture
 def sink(tmp_path):
-    sink = Sink(out_dir=tmp_path, http_port=0, once=True, finish_timeout=1.0)
+    sink = Sink(out_dir=tmp_path, http_port=0, max_scans=1, finish_timeout=1.0)
     thread = threading.Thread(target=sink.run, daemon=True)
     thread.start()
     ctx = zmq.Context.instance()
