@@ -74,15 +74,8 @@ class ChildProcess:
                 self.done = True
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while self.info is None:
-            self.maybe_raise()
-            if not self.process.is_alive() and self.reports.empty():
-                raise LiveIndexError(f"{self.name} exited (code {self.process.exitcode}) before it was ready")
-            if time.monotonic() > deadline:
-                raise TransportError(f"{self.name} was not ready within {timeout:.0f} s")
-            self._poll(0.2)
-        return self.info
+        """Wait for the child's first report (it is listening); returns what it reported."""
+        return self.wait_for(lambda info: True, timeout)
 
     def wait_for(self, predicate, timeout: float = 120.0) -> dict:
         """Wait until the child's latest report satisfies ``predicate``."""
@@ -90,7 +83,7 @@ class ChildProcess:
         while self.info is None or not predicate(self.info):
             self.maybe_raise()
             if not self.process.is_alive() and self.reports.empty():
-                raise LiveIndexError(f"{self.name} exited (code {self.process.exitcode})")
+                raise LiveIndexError(f"{self.name} exited (code {self.process.exitcode}) before reporting")
             if time.monotonic() > deadline:
                 raise TransportError(f"{self.name} did not report in {timeout:.0f} s")
             self._poll(0.2)
