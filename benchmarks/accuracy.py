@@ -22,22 +22,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=11)
     args = parser.parse_args()
 
-    from orix.quaternion import Orientation
-
-    from liveindex.models.phases import point_group
+    from liveindex.models.phases import disorientation_degrees
     from liveindex.stream.offline import index_source
     from liveindex.stream.processes import setup_logging
     from liveindex.stream.simulator import NOISE_LEVELS, SimulatedScan, parse_nav_shape
     from liveindex.stream.sources import SimulatedSource
 
     setup_logging(logging.WARNING)
-    pg = point_group("ni")
     print(f"{'noise':9s} {'patterns/s':>10s} {'median':>8s} {'p95':>8s} {'<3 deg':>8s}")
     for noise in NOISE_LEVELS:
         scan = SimulatedScan(parse_nav_shape(args.scan), noise=noise, seed=args.seed)
         source = SimulatedSource(scan)
         result, seconds = index_source(source, progress=False)
-        err = Orientation(result.quaternion, pg).angle_with(Orientation(scan.truth, pg), degrees=True)
+        err = disorientation_degrees(result.quaternion, scan.truth)
         print(f"{noise:9s} {scan.size / seconds:10.0f} {np.median(err):7.2f}° {np.percentile(err, 95):7.2f}° "
               f"{100 * np.mean(err < 3):7.1f}%")
     return 0

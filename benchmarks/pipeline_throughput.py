@@ -12,12 +12,15 @@ correctness check (median error) stands beside each timing.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from liveindex.stream.sources import ArraySource
 
 
 def main() -> int:
@@ -29,16 +32,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
+    from liveindex.models.phases import disorientation_degrees
     from liveindex.stream.geometry import DetectorGeometry
     from liveindex.stream.processes import ChildProcess, setup_logging
     from liveindex.stream.publisher import Publisher
     from liveindex.stream.roles import run_sink, run_worker
     from liveindex.stream.scan_indexer import ScanIndexer
     from liveindex.stream.simulator import SimulatedScan, parse_nav_shape
-    from liveindex.stream.sources import ArraySource
-
-    import logging
-
     setup_logging(logging.WARNING)
     scan = SimulatedScan(parse_nav_shape(args.scan), noise="moderate", seed=7)
     frames = scan.render(0, scan.size)
@@ -56,7 +56,7 @@ def main() -> int:
                                 for i in range(0, n, args.page_size)])
         bare_times.append(time.perf_counter() - t0)
     bare = n / min(bare_times)
-    bare_error = float(np.median(_disorientation(quats, scan.truth)))
+    bare_error = float(np.median(disorientation_degrees(quats, scan.truth)))
     del indexer
 
     # Pipeline: publisher -> N workers -> sink, real processes on loopback. Workers are
@@ -97,19 +97,8 @@ def main() -> int:
 
 def _warm(publisher, source) -> None:
     """Index a small scan first so each worker has its session loaded and warm."""
-    from liveindex.stream.sources import ArraySource
-
     warm = ArraySource(source.read(0, 256), geometry=source.geometry, name="warm")
     publisher.run(warm, scan_id="warm-up")
-
-
-def _disorientation(q, truth):
-    from orix.quaternion import Orientation
-
-    from liveindex.models.phases import point_group
-
-    pg = point_group("ni")
-    return Orientation(q, pg).angle_with(Orientation(truth, pg), degrees=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ def point_group(name: str):
     return master_pattern(name).phase.point_group
 
 
+def disorientation_degrees(q, truth, phase: str = "ni"):
+    """Angle between orientations and ground truth, reduced by the phase's symmetry."""
+    import numpy as np
+    from orix.quaternion import Orientation
+
+    pg = point_group(phase)
+    return Orientation(np.asarray(q), pg).angle_with(Orientation(np.asarray(truth), pg), degrees=True)
+
+
 def orix_phase(name: str):
     """The orix Phase (structure and symmetry) for a phase name."""
     phase = master_pattern(name).phase.deepcopy()

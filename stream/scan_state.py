@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from liveindex.models.phases import disorientation_degrees
+
 from .errors import ProtocolError
 from .protocol import METHOD_CODE, Message
 
@@ -34,7 +36,6 @@ class ScanState:
         if self.truth is not None and self.truth.shape != (n, 4):
             raise ProtocolError(f"truth_quaternion has shape {self.truth.shape}, expected {(n, 4)}", header)
         self.error_deg = np.full(n, np.nan, np.float32) if self.truth is not None else None
-        self._symmetry = None
         self.n_received = 0
         self.duplicates = 0
         self.t_start = time.time()
@@ -66,7 +67,8 @@ class ScanState:
             self.method[idx] = a["method"][fresh]
             self.received[idx] = True
             if self.error_deg is not None and len(idx):
-                self.error_deg[idx] = self._disorientation(a["quaternion"][fresh], self.truth[idx])
+                self.error_deg[idx] = disorientation_degrees(a["quaternion"][fresh], self.truth[idx],
+                                                             self.header["phases"][0])
             self.version += 1
         new = int(fresh.sum())
         self.n_received += new
@@ -75,15 +77,6 @@ class ScanState:
         self.t_first_result = self.t_first_result or now
         self.t_last_result = now
         return new, len(indices) - new
-
-    def _disorientation(self, q, truth) -> np.ndarray:
-        from orix.quaternion import Orientation
-
-        from liveindex.models.phases import point_group
-
-        if self._symmetry is None:
-            self._symmetry = point_group(self.header["phases"][0])
-        return Orientation(q, self._symmetry).angle_with(Orientation(truth, self._symmetry), degrees=True)
 
     @property
     def complete(self) -> bool:

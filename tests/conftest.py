@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+from liveindex.models.phases import disorientation_degrees as disorientation  # noqa: F401 (tests import it from here)
 from liveindex.stream.processes import setup_logging
 
 setup_logging(logging.INFO)
@@ -26,11 +27,3 @@ def moderate_scan():
 
     return SimulatedScan((20, 20), noise="moderate", seed=3)
 
-
-def disorientation(q, truth):
-    from orix.quaternion import Orientation
-
-    from liveindex.models.phases import point_group
-
-    pg = point_group("ni")
-    return Orientation(np.asarray(q), pg).angle_with(Orientation(np.asarray(truth), pg), degrees=True)
