@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .protocol import METHODS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -18,6 +20,16 @@ class SinkMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.frames_per_second = Gauge("liveindex_frames_per_second", "Frames received per second, last 2 s", registry=r)
         self.queue_depth = Gauge("liveindex_queue_depth_frames", "Frames published but not yet indexed", registry=r)
+        self.frames_by_method = Counter("liveindex_frames_by_method", "Frames received, by the method that answered "
+                                        "(nn, tm = template-matching fallback, refined, none)", ["method"], registry=r)
+        for method in METHODS:  # export every label from the start, so dashboards see zeros, not gaps
+            self.frames_by_method.labels(method)
+        self.backlog = Gauge("liveindex_backlog_frames", "Frames acquired but not yet sent to a worker (memory and disk)",
+                             registry=r)
+        self.backlog_spilled = Gauge("liveindex_backlog_spilled_frames", "Frames of the backlog spilled to disk",
+                                     registry=r)
+        self.frames_dropped = Gauge("liveindex_frames_dropped", "Frames dropped by the dispatcher in preview-only mode "
+                                    "(current scan)", registry=r)
         self.workers_up = Gauge("liveindex_workers_up", "Workers the dispatcher heard from recently", registry=r)
         self.progress = Gauge("liveindex_scan_progress_ratio", "Fraction of the current scan's points received", registry=r)
         self.error_median = Gauge("liveindex_disorientation_median_degrees",

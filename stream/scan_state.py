@@ -47,8 +47,8 @@ class ScanState:
         self.lock = threading.Lock()  # the web thread reads while the loop writes
         self.version = 0
 
-    def add(self, message: Message) -> tuple[int, int]:
-        """Fill the points of a result page; returns (new, duplicates)."""
+    def add(self, message: Message) -> np.ndarray:
+        """Fill the points of a result page; returns the mask of the page's new points."""
         a = message.arrays
         indices = a["indices"]
         if len(indices) and (indices.min() < 0 or indices.max() >= self.size):
@@ -76,7 +76,7 @@ class ScanState:
         now = time.time()
         self.t_first_result = self.t_first_result or now
         self.t_last_result = now
-        return new, len(indices) - new
+        return fresh
 
     @property
     def complete(self) -> bool:

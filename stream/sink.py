@@ -12,12 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import zmq
 
 from .errors import LiveIndexError, ProtocolError
 from .http import LiveHttpServer
 from .metrics import SinkMetrics
-from .protocol import Message
+from .protocol import METHODS, Message
 from .scan_state import ScanState
 from .transport import Receiver, bound_endpoint, open_socket
 from .writers import map_images, png_bytes, write_outputs
@@ -134,10 +135,14 @@ class Sink:
         if state.finished:
             self.metrics.duplicates.inc(message.header["count"])
             return
-        new, dup = state.add(message)
+        fresh = state.add(message)
+        new = int(fresh.sum())
         self.metrics.frames_received.inc(new)
-        self.metrics.duplicates.inc(dup)
-        self.metrics.frames_indexed.inc(int((message.arrays["phase_id"] >= 0).sum()) if new else 0)
+        self.metrics.duplicates.inc(len(fresh) - new)
+        self.metrics.frames_indexed.inc(int((message.arrays["phase_id"][fresh] >= 0).sum()))
+        for code, n in enumerate(np.bincount(message.arrays["method"][fresh], minlength=len(METHODS))):
+            if n:
+                self.metrics.frames_by_method.labels(METHODS[code]).inc(int(n))
         t_sent = message.header["timings"].get("t_sent")
         if isinstance(t_sent, (int, float)) and new:
             latency = max(0.0, time.time() - t_sent)
