@@ -1,4 +1,4 @@
-"""The ``liveindex`` command: demo, index, publish, worker, sink."""
+"""The ``liveindex`` command: demo, index, publish, worker, sink, keys."""
 
 from __future__ import annotations
 
@@ -96,36 +96,61 @@ def cmd_publish(args) -> int:
     else:
         source = SimulatedSource(SimulatedScan(parse_nav_shape(args.simulate), noise=args.noise, seed=args.seed,
                                                geometry=_geometry(args)))
+    from .security import CurveKeys
+
     publisher = Publisher(bind=args.bind, sink=args.sink, page_size=args.page_size, rate=args.rate,
                           wait_for_workers=args.wait_for_workers, sink_timeout=args.sink_timeout,
-                          stop_event=_stop_on_signals())
+                          worker_timeout=args.worker_timeout, store_timeout=args.store_timeout,
+                          memory_limit=int(args.memory_limit * 1e6), spill_dir=args.spill_dir, preview=args.preview,
+                          keys=CurveKeys.load(args.keys), stop_event=_stop_on_signals())
     try:
         report = publisher.run(source, scan_id=args.scan_id)
     finally:
         publisher.close()
     print(f"liveindex publish: scan {report.scan}, {report.frames} frames in {report.seconds:.2f} s "
-          f"({report.frames_per_second:.0f} frames/s)")
+          f"({report.frames_per_second:.0f} frames/s), {report.pages_resent} pages re-sent, "
+          f"{report.frames_spilled} frames spilled to disk, peak page memory {report.peak_memory_bytes / 1e6:.1f} MB"
+          + (f", {report.frames_dropped} frames dropped (preview mode)" if report.frames_dropped else ""))
     return 0
 
 
 def cmd_worker(args) -> int:
     from .roles import run_worker
+    from .security import CurveKeys
 
     run_worker(report=lambda **_: None, stop_event=_stop_on_signals(), dispatcher=args.dispatcher, sink=args.sink,
                name=args.name, prefetch=args.prefetch, resolution=args.resolution, providers=args.providers,
-               threads=args.threads, connect_timeout=args.connect_timeout, metrics_port=args.metrics_port)
+               threads=args.threads, connect_timeout=args.connect_timeout, metrics_port=args.metrics_port,
+               metrics_host=args.metrics_host, keys=CurveKeys.load(args.keys))
     return 0
 
 
 def cmd_sink(args) -> int:
     from .roles import run_sink
+    from .security import CurveKeys
 
     finished = run_sink(report=lambda **info: log.info("sink ready: %s", info), stop_event=_stop_on_signals(),
                         bind=args.bind, out_dir=args.out, http_host=args.http_host, http_port=args.http_port,
-                        max_scans=1 if args.once else None, finish_timeout=args.finish_timeout)
+                        max_scans=1 if args.once else None, finish_timeout=args.finish_timeout,
+                        keys=CurveKeys.load(args.keys))
     for summary in finished:
         print(json.dumps(summary))
     return 0
+
+
+def cmd_keys(args) -> int:
+    from .security import make_keys
+
+    written = make_keys(args.folder)
+    print(f"liveindex keys: wrote {', '.join(p.name for p in written)} in {args.folder}. "
+          "Give server.key_secret to the publisher and sink hosts, client.key_secret to worker hosts, "
+          "the public *.key files to all; pass --keys FOLDER everywhere.")
+    return 0
+
+
+def _add_keys_option(p):
+    p.add_argument("--keys", metavar="FOLDER", help="CurveZMQ keys made by `liveindex keys` (encrypt and authenticate "
+                                                    "traffic between hosts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-id")
     p.add_argument("--wait-for-workers", type=float, default=60.0, help="seconds to wait for a first worker")
     p.add_argument("--sink-timeout", type=float, default=10.0, help="seconds to reach the sink")
+    p.add_argument("--worker-timeout", type=float, default=10.0,
+                   help="seconds of silence after which a worker's pages go to the others")
+    p.add_argument("--store-timeout", type=float, default=10.0,
+                   help="seconds a finished page may wait for the sink to store it before it is sent again")
+    p.add_argument("--memory-limit", type=float, default=512.0, metavar="MB",
+                   help="memory for pages waiting for workers; beyond it they spill to --spill-dir (default 512)")
+    p.add_argument("--spill-dir", help="where waiting pages spill (default: the system's temporary folder)")
+    p.add_argument("--preview", action="store_true",
+                   help="preview-only mode: drop frames the workers cannot keep up with instead of spilling them")
+    _add_keys_option(p)
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("worker", help="index pages from a dispatcher, send results to a sink")
@@ -181,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for inference")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to reach the dispatcher (0: forever)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for /metrics (default 127.0.0.1)")
+    _add_keys_option(p)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("sink", help="collect results, serve the live page and metrics, write outputs")
@@ -190,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--once", action="store_true", help="exit after the first scan is written")
     p.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for late results after scan_end")
+    _add_keys_option(p)
     p.set_defaults(func=cmd_sink)
+
+    p = sub.add_parser("keys", help="make CurveZMQ key pairs for traffic between hosts")
+    p.add_argument("folder", help="a new or empty folder")
+    p.set_defaults(func=cmd_keys)
     return parser
 
 

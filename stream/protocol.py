@@ -39,9 +39,10 @@ HEADER_FIELDS: dict[str, dict[str, tuple]] = {
         "metadata": _DICT,
     },
     "frames": {"scan": _STR, "first": _INT, "count": _INT, "t_sent": _NUM},
-    "results": {"scan": _STR, "count": _INT, "worker": _STR, "timings": _DICT},
+    "results": {"scan": _STR, "first": _INT, "count": _INT, "worker": _STR, "timings": _DICT},
     "scan_end": {"scan": _STR, "frames_sent": _INT, "status": _STR},
     "credit": {"worker": _STR, "pages": _INT, "done": _LIST},
+    "stored": {"scan": _STR, "pages": _LIST},
     "heartbeat": {"sender": _STR},
 }
 # Buffers each kind must carry (name -> dtypes allowed).

@@ -1,15 +1,20 @@
-"""Publisher and credit-based dispatcher.
+"""Publisher and credit-based dispatcher: every frame acquired reaches the sink's store.
 
 Workers connect a DEALER to the dispatcher's ROUTER and ask for work with ``credit``
 messages; the dispatcher sends a page only to a worker holding credit, so a slow or new
-worker never hoards frames and a fast publisher cannot flood anyone. Every page sent is
-kept in an in-flight ledger until its worker reports it done; the pages of a worker that
-goes silent (no heartbeat within ``worker_timeout``) or unreachable are sent again to the
-others. The sink de-duplicates by (scan, index), so a page indexed twice costs time, not
-correctness.
+worker never hoards frames. Every page acquired stays in the dispatcher's page store and
+in its ledger until the sink says (``stored``) that the page's results are in its
+journal. A page comes back to the queue when
 
-The scan's ``scan_start`` and ``scan_end`` go to the sink directly; each worker gets the
-``scan_start`` just before its first page of that scan.
+- its worker goes silent (no heartbeat within ``worker_timeout``) or unreachable, or
+- its worker reported it done but the sink has not stored it within ``store_timeout``
+  (results lost in transit or with a sink that died); the scan_start is sent to the sink
+  again first, so a sink that restarted without it learns the scan.
+
+The sink de-duplicates by (scan, index), so a page indexed twice costs time, not
+correctness. With ``rate`` set, pages are acquired on the detector's clock whether or not
+workers keep up (the backlog is the page store: memory, then disk); without it, a page is
+acquired when a worker has room for it.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import numpy as np
 import zmq
 
 from .errors import TransportError
-from .protocol import encode
+from .page_store import PageStore
+from .protocol import METHOD_CODE, encode
 from .sources import ScanSource
 from .transport import Receiver, bound_endpoint, open_socket
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_LIMIT = 512_000_000  # bytes of pages held in memory before spilling to disk
+MAX_ACQUIRE_PER_LOOP = 32  # pages, so a fast detector clock cannot starve the sockets
 
 
 @dataclass
@@ -42,6 +51,18 @@ class WorkerState:
 
 
 @dataclass
+class Page:
+    """A page in the ledger, from acquisition until the sink has stored its results."""
+
+    first: int
+    count: int
+    worker: bytes | None = None  # None: waiting to be sent
+    t_sent: float = 0.0
+    t_done: float | None = None  # its worker reported it indexed
+    sends: int = 0
+
+
+@dataclass
 class PublishReport:
     scan: str
     frames: int
@@ -49,6 +70,9 @@ class PublishReport:
     pages_resent: int
     seconds: float
     t_first_sent: float | None  # wall clock, comparable with the sink's on one host
+    frames_spilled: int = 0
+    frames_dropped: int = 0
+    peak_memory_bytes: int = 0
 
     @property
     def frames_per_second(self) -> float:
@@ -58,45 +82,57 @@ class PublishReport:
 class Publisher:
     def __init__(self, *, bind: str = "tcp://127.0.0.1:0", sink: str, context: zmq.Context | None = None,
                  page_size: int = 128, rate: float | None = None, worker_timeout: float = 10.0,
-                 wait_for_workers: float = 60.0, sink_timeout: float = 10.0,
+                 store_timeout: float = 10.0, wait_for_workers: float = 60.0, sink_timeout: float = 10.0,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT, spill_dir=None, preview: bool = False, keys=None,
                  stop_event: threading.Event | None = None):
         self.context = context or zmq.Context.instance()
         self.page_size = int(page_size)
         self.rate = rate
         self.worker_timeout = worker_timeout
+        self.store_timeout = store_timeout
         self.wait_for_workers = wait_for_workers
+        self.memory_limit, self.spill_dir, self.preview = memory_limit, spill_dir, preview
         self.stop_event = stop_event or threading.Event()
-        self.router = open_socket(self.context, zmq.ROUTER, bind=bind)
+        self.router = open_socket(self.context, zmq.ROUTER, bind=bind, keys=keys)
         # Sends to a worker that has gone raise instead of vanishing silently.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = bound_endpoint(self.router)
         self.sink_address = sink
-        self.sink = open_socket(self.context, zmq.PUSH, connect=sink, send_timeout=sink_timeout, immediate=True)
+        self.sink = open_socket(self.context, zmq.DEALER, connect=sink, send_timeout=sink_timeout, immediate=True,
+                                keys=keys)
         self.sink_timeout = sink_timeout
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.sink, zmq.POLLIN)
         self.receiver = Receiver(role="dispatcher")
         self.workers: dict[bytes, WorkerState] = {}
-        self.ledger: dict[tuple[str, int], tuple[bytes, int, float]] = {}  # (scan, first) -> (worker, count, t)
+        self.scan: str | None = None
+        self.ledger: dict[int, Page] = {}  # first index -> page, for the scan being published
+        self.queue: collections.deque[int] = collections.deque()  # pages waiting for a worker
+        self.store: PageStore | None = None
         log.info("dispatcher listening on %s; results go to the sink at %s", self.endpoint, sink)
 
     def close(self) -> None:
         self.router.close(linger=0)
-        self.sink.close()
+        self.sink.close(linger=2000)
 
     # -- the scan ------------------------------------------------------------------------
     def run(self, source: ScanSource, *, scan_id: str | None = None) -> PublishReport:
-        scan = scan_id or f"scan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        scan = self.scan = scan_id or f"scan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         start = {"scan": scan, **source.scan_start_fields()}
         arrays = {"truth_quaternion": source.truth.astype(np.float32)} if source.truth is not None else {}
-        self._send_sink(encode("scan_start", start, arrays))
-        worker_start = encode("scan_start", start)  # workers need no ground truth
-        total = source.size
-        pending: collections.deque[tuple[int, int]] = collections.deque()
-        next_first = 0
-        sent = resent = 0
-        t0 = time.perf_counter()
-        t_first_sent = None
+        self.sink_start = encode("scan_start", start, arrays)
+        self.worker_start = encode("scan_start", start)  # workers need no ground truth
+        self._send_sink(self.sink_start)
+        self.ledger.clear()
+        self.queue.clear()
+        self.store = PageStore(memory_limit=self.memory_limit, spill_dir=self.spill_dir, preview=self.preview)
+        self.source, self.total, self.next_first = source, source.size, 0
+        self.pages_sent = self.pages_resent = 0
+        self.t0 = time.perf_counter()
+        self.t_first_sent = None
         last_status = 0.0
-        log.info("scan %s: %d frames of %s %s, pages of %d", scan, total, source.dtype,
+        log.info("scan %s: %d frames of %s %s, pages of %d", scan, self.total, source.dtype,
                  tuple(source.geometry.pattern_shape), self.page_size)
         status = "success"
         try:
@@ -104,143 +140,209 @@ class Publisher:
                 if self.stop_event.is_set():
                     status = "abort"
                     break
-                self._receive(timeout_ms=20)
+                self._receive(timeout_ms=0 if self._can_send() else 20)
                 now = time.perf_counter()
-                pending.extend(self._expire_workers(now))
-                while True:
-                    if pending:
-                        first, count = pending[0]
-                    elif next_first < total:
-                        first, count = next_first, min(self.page_size, total - next_first)
-                        if self.rate and now < t0 + (first + count) / self.rate:
-                            break
-                    else:
-                        break
-                    identity = self._worker_with_credit()
-                    if identity is None:
-                        break
-                    if not self._send_page(identity, scan, worker_start, source, first, count):
-                        continue  # that worker is gone; its pages are pending again
-                    t_first_sent = t_first_sent or time.time()
-                    if pending:
-                        pending.popleft()
-                        resent += 1
-                    else:
-                        next_first += count
-                        sent += 1
-                if next_first >= total and not pending and not self._in_flight(scan):
+                self._acquire(now)
+                self._requeue_lost(now)
+                self._dispatch()
+                if self.next_first >= self.total and not self.ledger:
                     break
-                if not self.workers and now - t0 > self.wait_for_workers:
+                if not self.workers and now - self.t0 > self.wait_for_workers:
                     raise TransportError(
                         f"no worker connected to {self.endpoint} within {self.wait_for_workers:.0f} s; start one with "
                         f"`liveindex worker --dispatcher {self.endpoint} --sink {self.sink_address}`"
                     )
                 if now - last_status > 0.5:
                     last_status = now
-                    self._send_status(scan, next_first, pending, total)
+                    self._send_status()
         finally:
-            elapsed = time.perf_counter() - t0
-            self._send_status(scan, next_first, pending, total)
-            self._send_sink(encode("scan_end", {"scan": scan, "frames_sent": int(next_first), "status": status}))
-        report = PublishReport(scan, total, sent, resent, elapsed, t_first_sent)
-        log.info("scan %s published: %d frames in %.2f s (%.0f frames/s), %d pages re-sent",
-                 scan, total, elapsed, report.frames_per_second, resent)
+            elapsed = time.perf_counter() - self.t0
+            self._send_status()
+            try:
+                self._send_sink(encode("scan_end", {"scan": scan, "frames_sent": int(self.next_first),
+                                                    "status": status}))
+            except TransportError as exc:  # every page is already stored; the sink finishes without it
+                log.warning("scan_end not delivered: %s", exc)
+            store = self.store
+            report = PublishReport(scan, self.total, self.pages_sent, self.pages_resent, elapsed, self.t_first_sent,
+                                   store.spilled_total, store.dropped_frames, store.peak_memory_bytes)
+            store.close()
+        log.info("scan %s published: %d frames in %.2f s (%.0f frames/s), %d pages re-sent, %d frames spilled to "
+                 "disk, peak page memory %.1f MB", scan, self.total, elapsed, report.frames_per_second,
+                 self.pages_resent, report.frames_spilled, report.peak_memory_bytes / 1e6)
+        if report.frames_dropped:
+            log.warning("preview mode dropped %d frames the workers could not keep up with", report.frames_dropped)
         return report
 
-    # -- messages ------------------------------------------------------------------------
-    def _receive(self, timeout_ms: int) -> None:
-        if not self.router.poll(timeout_ms):
-            return
-        while True:
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+    # -- acquisition and dispatch ------------------------------------------------------------
+    def _acquire(self, now: float) -> None:
+        """Take pages from the source: on the detector's clock with ``rate``, else on demand."""
+        for _ in range(MAX_ACQUIRE_PER_LOOP):
+            if self.next_first >= self.total:
                 return
-            identity = frames[0].bytes
-            message = self.receiver.decode(frames[1:])
-            if message is None:
-                continue
-            now = time.perf_counter()
-            worker = self.workers.get(identity)
-            if worker is None:
-                worker = self.workers[identity] = WorkerState(name=message.header.get("worker") or message.header.get("sender", "?"))
-                log.info("worker %s connected", worker.name)
-                if message.kind == "heartbeat":
-                    # First contact with a running worker: its free slots are its credit here.
-                    worker.credit = int(message.header.get("free", 0))
-            worker.last_seen = now
-            if message.kind == "credit":
-                worker.credit += message.header["pages"]
-                for scan, first in message.header["done"]:
-                    entry = self.ledger.get((scan, first))
-                    if entry is not None and entry[0] == identity:
-                        del self.ledger[(scan, first)]
-            elif message.kind == "heartbeat":
-                worker.state = str(message.header.get("state", worker.state))
+            first = self.next_first
+            count = min(self.page_size, self.total - first)
+            if self.rate:
+                if now < self.t0 + (first + count) / self.rate:
+                    return
+            elif len(self.queue) >= sum(max(w.credit, 0) for w in self.workers.values()):
+                return
+            self.next_first += count
+            if self.store.add(first, self.source.read(first, count)):
+                self.ledger[first] = Page(first, count)
+                self.queue.append(first)
             else:
-                self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages"))
+                self._send_dropped(first, count)
 
-    def _worker_with_credit(self) -> bytes | None:
-        best = max(self.workers.items(), key=lambda kv: kv[1].credit, default=None)
-        return best[0] if best is not None and best[1].credit > 0 else None
+    def _can_send(self) -> bool:
+        if self._worker_with_credit() is None:
+            return False
+        return bool(self.queue) or (not self.rate and self.next_first < self.total)
 
-    def _send_page(self, identity: bytes, scan: str, worker_start: list, source: ScanSource, first: int,
-                   count: int) -> bool:
+    def _dispatch(self) -> None:
+        while self.queue:
+            page = self.ledger.get(self.queue[0])
+            if page is None or page.worker is not None:  # stored meanwhile, or already out again
+                self.queue.popleft()
+                continue
+            identity = self._worker_with_credit()
+            if identity is None:
+                return
+            if self._send_page(identity, page):
+                self.queue.popleft()
+
+    def _send_page(self, identity: bytes, page: Page) -> bool:
         worker = self.workers[identity]
-        patterns = source.read(first, count)
-        page = encode("frames", {"scan": scan, "first": first, "count": count, "t_sent": time.time()},
-                      {"patterns": patterns})
+        frames = encode("frames", {"scan": self.scan, "first": page.first, "count": page.count, "t_sent": time.time()},
+                        {"patterns": self.store.get(page.first)})
         try:
-            if scan not in worker.scans:
-                self.router.send_multipart([identity, *worker_start])
-                worker.scans.add(scan)
-            self.router.send_multipart([identity, *page], copy=False)
+            if self.scan not in worker.scans:
+                self.router.send_multipart([identity, *self.worker_start])
+                worker.scans.add(self.scan)
+            self.router.send_multipart([identity, *frames], copy=False)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker disconnected
             log.warning("worker %s unreachable (%s); its pages go to the others", worker.name, exc)
             self._drop_worker(identity)
             return False
         worker.credit -= 1
-        self.ledger[(scan, first)] = (identity, count, time.perf_counter())
+        page.worker, page.t_sent, page.t_done = identity, time.perf_counter(), None
+        page.sends += 1
+        self.pages_sent += page.sends == 1
+        self.pages_resent += page.sends > 1
+        self.t_first_sent = self.t_first_sent or time.time()
         return True
 
-    def _expire_workers(self, now: float) -> list[tuple[int, int]]:
-        requeue = []
+    def _send_dropped(self, first: int, count: int) -> None:
+        """Preview mode: tell the sink these points were skipped, so its map is complete."""
+        q = np.zeros((count, 4), np.float32)
+        q[:, 0] = 1.0
+        frames = encode("results", {"scan": self.scan, "first": first, "count": count, "worker": "dispatcher",
+                                    "timings": {}},
+                        {"indices": np.arange(first, first + count, dtype=np.int64),
+                         "phase_id": np.full(count, -1, np.int16), "quaternion": q,
+                         "confidence": np.zeros(count, np.float32),
+                         "method": np.full(count, METHOD_CODE["none"], np.uint8)})
+        self._send_sink(frames)
+
+    def _requeue_lost(self, now: float) -> None:
         for identity, worker in list(self.workers.items()):
             if now - worker.last_seen > self.worker_timeout:
                 log.warning("worker %s silent for %.0f s; re-dispatching its pages", worker.name, now - worker.last_seen)
-                requeue += self._drop_worker(identity)
-        return requeue
+                self._drop_worker(identity)
+        unstored = [page for page in self.ledger.values()
+                    if page.t_done is not None and now - page.t_done > self.store_timeout]
+        if unstored:
+            log.warning("the sink has not stored %d page(s) %.0f s after their workers finished them; sending them "
+                        "again", len(unstored), self.store_timeout)
+            self._send_sink(self.sink_start, block=False)  # a restarted sink may not know the scan
+            self._requeue(unstored)
 
-    def _drop_worker(self, identity: bytes) -> list[tuple[int, int]]:
+    def _drop_worker(self, identity: bytes) -> None:
         self.workers.pop(identity, None)
-        lost = [(key, entry) for key, entry in self.ledger.items() if entry[0] == identity]
-        for key, _ in lost:
-            del self.ledger[key]
-        return sorted((key[1], entry[1]) for key, entry in lost)
+        self._requeue([page for page in self.ledger.values() if page.worker == identity and page.t_done is None])
 
-    def _in_flight(self, scan: str) -> int:
-        return sum(1 for key in self.ledger if key[0] == scan)
+    def _requeue(self, pages: list[Page]) -> None:
+        for page in sorted(pages, key=lambda p: p.first, reverse=True):
+            page.worker, page.t_done = None, None
+            self.queue.appendleft(page.first)
 
-    def _send_sink(self, frames: list) -> None:
+    # -- messages ------------------------------------------------------------------------
+    def _receive(self, timeout_ms: int) -> None:
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.router in ready:
+            self._drain(self.router, self._from_worker)
+        if self.sink in ready:
+            self._drain(self.sink, self._from_sink)
+
+    def _drain(self, sock: zmq.Socket, handle) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _from_worker(self, frames) -> None:
+        identity = frames[0].bytes
+        message = self.receiver.decode(frames[1:])
+        if message is None:
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            worker = self.workers[identity] = WorkerState(name=message.header.get("worker") or message.header.get("sender", "?"))
+            log.info("worker %s connected", worker.name)
+            if message.kind == "heartbeat":
+                # First contact with a running worker: its free slots are its credit here.
+                worker.credit = int(message.header.get("free", 0))
+        worker.last_seen = time.perf_counter()
+        if message.kind == "credit":
+            worker.credit += message.header["pages"]
+            for scan, first in message.header["done"]:
+                page = self.ledger.get(first) if scan == self.scan else None
+                if page is not None and page.worker == identity:
+                    page.t_done = worker.last_seen
+        elif message.kind == "heartbeat":
+            worker.state = str(message.header.get("state", worker.state))
+        else:
+            self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages from workers"))
+
+    def _from_sink(self, frames) -> None:
+        message = self.receiver.decode(frames)
+        if message is None:
+            return
+        if message.kind != "stored":
+            self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages from the sink"))
+        elif message.header["scan"] == self.scan:
+            for first in message.header["pages"]:
+                if self.ledger.pop(first, None) is not None:
+                    self.store.release(first)
+
+    def _worker_with_credit(self) -> bytes | None:
+        best = max(self.workers.items(), key=lambda kv: kv[1].credit, default=None)
+        return best[0] if best is not None and best[1].credit > 0 else None
+
+    def _send_sink(self, frames: list, *, block: bool = True) -> None:
         try:
-            self.sink.send_multipart(frames, copy=False)
+            self.sink.send_multipart(frames, copy=False, flags=0 if block else zmq.NOBLOCK)
         except zmq.Again:
-            raise TransportError(
-                f"the sink at {self.sink_address} did not accept a connection within {self.sink_timeout:.0f} s; "
-                f"start `liveindex sink` there or fix --sink"
-            ) from None
+            if block:
+                raise TransportError(
+                    f"the sink at {self.sink_address} did not accept a connection within {self.sink_timeout:.0f} s; "
+                    f"start `liveindex sink` there or fix --sink"
+                ) from None
 
-    def _send_status(self, scan: str, next_first: int, pending, total: int) -> None:
-        in_flight = sum(entry[1] for key, entry in self.ledger.items() if key[0] == scan)
-        waiting = total - next_first + sum(count for _, count in pending)
+    def _send_status(self) -> None:
+        store = self.store
+        waiting = sum(self.ledger[f].count for f in self.queue if f in self.ledger)
         status = {
             "sender": "dispatcher",
-            "scan": scan,
-            "frames_sent": int(next_first),
-            "queue_depth": int(in_flight + waiting),
+            "scan": self.scan,
+            "frames_sent": int(self.next_first),
+            "queue_depth": int(self.total - self.next_first + sum(p.count for p in self.ledger.values())),
+            "backlog_frames": int(waiting),
+            "spilled_frames": int(store.spilled_frames),
+            "dropped_frames": int(store.dropped_frames),
+            "memory_bytes": int(store.memory_bytes),
             "workers": [{"name": w.name, "state": w.state, "credit": w.credit} for w in self.workers.values()],
         }
-        try:
-            self.sink.send_multipart(encode("heartbeat", status), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # status is advisory; the next one follows in half a second
+        self._send_sink(encode("heartbeat", status), block=False)

@@ -21,10 +21,11 @@ def run_sink(*, report, stop_event, **options) -> list[dict]:
         sink.close()
 
 
-def run_worker(*, report, stop_event, metrics_port: int | None = None, **options) -> None:
+def run_worker(*, report, stop_event, metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+               **options) -> None:
     metrics = WorkerMetrics()
     if metrics_port is not None:
-        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
     worker = Worker(stop_event=stop_event, metrics=metrics, **options)
     report(name=worker.name)
     worker.run()

@@ -1,7 +1,10 @@
 """Sink: assembles live maps from result pages, serves them, writes the finished scan.
 
-One PULL socket takes everything addressed to the sink: scan_start / scan_end and
-dispatcher status from the publisher, result pages from any number of workers.
+One ROUTER socket takes everything addressed to the sink: scan_start / scan_end and
+dispatcher status from the publisher, result pages from any number of workers. Every
+message accepted for a scan goes to the scan's journal in the output folder before the
+sink tells the dispatcher (``stored``) that a page is safe; a sink killed mid-scan
+replays its journals when it starts again and finishes the same maps.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import zmq
 
 from .errors import LiveIndexError, ProtocolError
 from .http import LiveHttpServer
+from .journal import SUFFIX as JOURNAL_SUFFIX
+from .journal import Journal, replay
 from .metrics import SinkMetrics
-from .protocol import METHODS, Message
+from .protocol import METHODS, Message, encode
 from .scan_state import ScanState
 from .transport import Receiver, bound_endpoint, open_socket
 from .writers import map_images, png_bytes, write_outputs
@@ -26,15 +31,18 @@ from .writers import map_images, png_bytes, write_outputs
 log = logging.getLogger(__name__)
 
 MAX_ORPHAN_PAGES = 10_000  # result pages held for a scan whose scan_start has not arrived
+SYNC_SECONDS = 1.0  # fsync journals this often (a kill loses nothing written; power loss at most this)
 
 
 class Sink:
     def __init__(self, *, bind: str = "tcp://127.0.0.1:0", out_dir="liveindex-out", http_host: str = "127.0.0.1",
                  http_port: int | None = 8080, max_scans: int | None = None, finish_timeout: float = 30.0,
                  context: zmq.Context | None = None, stop_event: threading.Event | None = None,
-                 on_finished=None):
+                 on_finished=None, keys=None):
         self.context = context or zmq.Context.instance()
-        self.socket = open_socket(self.context, zmq.PULL, bind=bind)
+        self.socket = open_socket(self.context, zmq.ROUTER, bind=bind, keys=keys)
+        # An acknowledgement to a dispatcher that has gone raises, so it is kept for its successor.
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = bound_endpoint(self.socket)
         self.out_dir = Path(out_dir)
         self.max_scans = max_scans
@@ -46,12 +54,19 @@ class Sink:
         self.receiver = Receiver(self.metrics.bad_messages, role="sink")
         self.scans: dict[str, ScanState] = {}
         self.current: ScanState | None = None
-        self.orphans: collections.defaultdict[str, list[Message]] = collections.defaultdict(list)
+        self.orphans: collections.defaultdict[str, list[tuple[Message, list]]] = collections.defaultdict(list)
+        self.journals: dict[str, Journal] = {}
+        self.dispatchers: dict[str, bytes] = {}  # scan -> routing id of the dispatcher publishing it
+        self.acks: collections.defaultdict[str, list[int]] = collections.defaultdict(list)  # stored, not yet told
+        self.done_scans: set[str] = set()  # finished before this process started (their .json exists)
+        self._journal_error_logged = False
+        self._last_sync = time.monotonic()
         self.deadlines: dict[str, float] = {}
         self.dispatcher_status: dict = {}
         self.finished: list[dict] = []
         self._png_cache: dict[tuple, bytes] = {}
         self._rate_window: collections.deque = collections.deque()
+        self._recover()
         self.http = LiveHttpServer(self, host=http_host, port=http_port).start() if http_port is not None else None
         log.info("sink listening on %s, writing to %s", self.endpoint, self.out_dir)
 
@@ -62,17 +77,95 @@ class Sink:
             while not self.stop_event.is_set():
                 if self.socket.poll(100):
                     self._drain()
+                self._send_acks()
+                self._sync_journals()
                 self._check_deadlines()
                 self._update_rate()
                 if self.max_scans is not None and len(self.finished) >= self.max_scans:
                     break
         finally:
-            self.socket.close(linger=0)
+            self._send_acks()
+            self.socket.close(linger=500)
+            for journal in self.journals.values():
+                journal.close()
+            self.journals.clear()
         return self.finished
 
     def close(self) -> None:
         if self.http is not None:
             self.http.stop()
+
+    # -- persistence ------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Replay the journals of scans that were not finished when the last sink stopped."""
+        if not self.out_dir.is_dir():
+            return
+        for path in sorted(self.out_dir.glob(f"*{JOURNAL_SUFFIX}")):
+            scan = path.name[: -len(JOURNAL_SUFFIX)]
+            if (self.out_dir / f"{scan}.json").exists():
+                self.done_scans.add(scan)
+                continue
+            replayed = 0
+            for frames in replay(path):
+                message = self.receiver.decode(frames)
+                if message is not None:
+                    try:
+                        self._handle(message, None, None)
+                        replayed += 1
+                    except ProtocolError as exc:
+                        self.receiver.reject(exc)
+            state = self.scans.get(scan)
+            if state is None:
+                log.warning("journal %s holds no scan_start; ignoring it", path)
+                continue
+            if not state.finished:
+                self.journals[scan] = Journal(path, append=True)
+            log.info("recovered scan %s from its journal: %d of %d points (%d messages)", scan, state.n_received,
+                     state.size, replayed)
+            if state.end is not None and not state.finished:
+                self.deadlines[scan] = time.monotonic() + self.finish_timeout
+
+    def _journal(self, scan: str, raw: list | None) -> bool:
+        """Append an accepted message to its scan's journal; False if the disk refused it."""
+        if raw is None:  # replaying
+            return True
+        journal = self.journals.get(scan)
+        if journal is None:
+            return False
+        try:
+            journal.append(raw)
+        except OSError as exc:
+            if not self._journal_error_logged:
+                self._journal_error_logged = True
+                log.error("cannot write the journal %s (%s): results stay in memory and on the live page, but the "
+                          "publisher keeps its copies until there is room; free space in %s", journal.path,
+                          exc.strerror or exc, self.out_dir)
+            return False
+        self._journal_error_logged = False
+        return True
+
+    def _sync_journals(self) -> None:
+        now = time.monotonic()
+        if now - self._last_sync > SYNC_SECONDS:
+            self._last_sync = now
+            for journal in self.journals.values():
+                try:
+                    journal.sync()
+                except OSError:
+                    pass  # reported by the next append
+
+    def _send_acks(self) -> None:
+        for scan, pages in list(self.acks.items()):
+            identity = self.dispatchers.get(scan)
+            if identity is None or not pages:
+                continue
+            try:
+                self.socket.send_multipart([identity, *encode("stored", {"scan": scan, "pages": pages})],
+                                           flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # that dispatcher is gone; keep them for the next one to say hello
+                self.dispatchers.pop(scan, None)
+                continue
+            del self.acks[scan]
 
     def _drain(self) -> None:
         for _ in range(1000):  # bounded so deadlines and stop are checked under load
@@ -80,30 +173,41 @@ class Sink:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            message = self.receiver.decode(frames)
+            identity, raw = frames[0].bytes, frames[1:]
+            message = self.receiver.decode(raw)
             if message is None:
                 continue
             try:
-                self._handle(message)
+                self._handle(message, identity, raw)
             except ProtocolError as exc:
                 self.receiver.reject(exc)
 
-    def _handle(self, message: Message) -> None:
+    def _handle(self, message: Message, identity: bytes | None, raw: list | None) -> None:
+        """``identity`` and ``raw`` are None when replaying a journal."""
         kind, header = message.kind, message.header
+        scan = header.get("scan")
+        if kind in ("scan_start", "scan_end", "heartbeat") and identity is not None and isinstance(scan, str):
+            self.dispatchers[scan] = identity  # where this scan's acknowledgements go
+        if scan in self.done_scans:  # finished by an earlier sink: acknowledge, change nothing
+            if kind == "results":
+                self.acks[scan].append(header["first"])
+            return
         if kind == "scan_start":
-            self._start(message)
+            self._start(message, raw)
         elif kind == "results":
-            state = self.scans.get(header["scan"])
+            state = self.scans.get(scan)
             if state is None:
                 if sum(len(v) for v in self.orphans.values()) >= MAX_ORPHAN_PAGES:
                     raise ProtocolError("results for a scan that never started (orphan buffer full)", header)
-                self.orphans[header["scan"]].append(message)
+                self.orphans[scan].append((message, raw))
             else:
-                self._add(state, message)
+                self._add(state, message, raw)
         elif kind == "scan_end":
-            state = self.scans.get(header["scan"])
+            state = self.scans.get(scan)
             if state is None:
                 raise ProtocolError("scan_end for a scan the sink never saw start", header)
+            if state.end is None and not state.finished:
+                self._journal(scan, raw)
             state.end = header
             if state.complete:
                 self._finish(state)
@@ -116,27 +220,38 @@ class Sink:
                 self.dispatcher_status = header
                 self.metrics.queue_depth.set(header.get("queue_depth", 0))
                 self.metrics.workers_up.set(len(header.get("workers", [])))
+                self.metrics.backlog.set(header.get("backlog_frames", 0))
+                self.metrics.backlog_spilled.set(header.get("spilled_frames", 0))
+                self.metrics.frames_dropped.set(header.get("dropped_frames", 0))
         else:
             raise ProtocolError(f"the sink does not take {kind!r} messages", header)
 
-    def _start(self, message: Message) -> None:
+    def _start(self, message: Message, raw: list | None) -> None:
         scan = message.header["scan"]
         if scan in self.scans:
             log.info("scan %s started again; keeping the results already in", scan)
             return
         state = self.scans[scan] = ScanState(message)
         self.current = state
+        if raw is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.journals[scan] = Journal(self.out_dir / f"{scan}{JOURNAL_SUFFIX}")
+            self._journal(scan, raw)
         log.info("scan %s started: %s points, phases %s", scan, "x".join(map(str, state.nav_shape[::-1])),
                  message.header["phases"])
-        for orphan in self.orphans.pop(scan, []):
-            self._add(state, orphan)
+        for orphan, orphan_raw in self.orphans.pop(scan, []):
+            self._add(state, orphan, orphan_raw)
 
-    def _add(self, state: ScanState, message: Message) -> None:
+    def _add(self, state: ScanState, message: Message, raw: list | None) -> None:
+        first = message.header["first"]
         if state.finished:
             self.metrics.duplicates.inc(message.header["count"])
+            self.acks[state.scan].append(first)
             return
         fresh = state.add(message)
         new = int(fresh.sum())
+        if not new or self._journal(state.scan, raw):
+            self.acks[state.scan].append(first)
         self.metrics.frames_received.inc(new)
         self.metrics.duplicates.inc(len(fresh) - new)
         self.metrics.frames_indexed.inc(int((message.arrays["phase_id"][fresh] >= 0).sum()))
@@ -176,6 +291,9 @@ class Sink:
             return
         state.finished = True
         self.deadlines.pop(state.scan, None)
+        journal = self.journals.pop(state.scan, None)
+        if journal is not None:
+            journal.close()
         summary = state.summary()
         if state.end is None:
             summary["status"] = "success"

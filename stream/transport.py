@@ -14,9 +14,15 @@ log = logging.getLogger(__name__)
 
 
 def open_socket(context: zmq.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
-                send_timeout: float | None = None, immediate: bool = False) -> zmq.Socket:
-    """A socket bound or connected, with ZeroMQ's errors turned into one-line fixes."""
+                send_timeout: float | None = None, immediate: bool = False, keys=None) -> zmq.Socket:
+    """A socket bound or connected, with ZeroMQ's errors turned into one-line fixes.
+
+    With ``keys`` (security.CurveKeys) the socket speaks CurveZMQ: a bound socket is the
+    server and accepts only the clients whose keys it knows.
+    """
     sock = context.socket(kind)
+    if keys is not None:
+        keys.as_server(context, sock) if bind else keys.as_client(sock)
     sock.setsockopt(zmq.LINGER, 2000)
     if immediate:
         # Queue only to completed connections, so a send to a peer that is not there

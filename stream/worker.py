@@ -1,7 +1,9 @@
 """Inference worker: ask for pages, index them, send result pages to the sink.
 
 Stateless apart from the indexers it has prepared (one per scan geometry, the last few
-kept). Preparing an indexer for a new geometry may build a dictionary, so it runs in a
+kept). A page counts as done (and its credit goes back to the dispatcher) only once its
+results are handed to the sink's socket; while the sink is unreachable the worker holds
+its finished pages, indexes nothing new, and keeps heartbeating. Preparing an indexer for a new geometry may build a dictionary, so it runs in a
 background thread while the main loop keeps heartbeating; the scan's pages wait locally.
 """
 
@@ -37,7 +39,7 @@ class Worker:
     def __init__(self, *, dispatcher: str, sink: str, name: str | None = None, context: zmq.Context | None = None,
                  prefetch: int = 2, resolution: float = 3.0, providers: str = "auto", threads: int = 1,
                  connect_timeout: float = 60.0, stop_event: threading.Event | None = None,
-                 metrics: WorkerMetrics | None = None):
+                 metrics: WorkerMetrics | None = None, keys=None):
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.context = context or zmq.Context.instance()
         self.dispatcher_address, self.sink_address = dispatcher, sink
@@ -54,13 +56,16 @@ class Worker:
         self.waiting: collections.deque[Message] = collections.deque()  # pages whose indexer is not ready
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self.frames_done = 0
+        self.keys = keys
+        self.outbox: collections.deque[tuple[list, list]] = collections.deque()  # (results, done entry)
+        self._sink_blocked_since: float | None = None
+        self._sink_blocked_logged = False
 
     def run(self) -> None:
         dealer = open_socket(self.context, zmq.DEALER, connect=self.dispatcher_address,
-                             send_timeout=self.connect_timeout or None, immediate=True)
+                             send_timeout=self.connect_timeout or None, immediate=True, keys=self.keys)
         dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())
-        results = open_socket(self.context, zmq.PUSH, connect=self.sink_address,
-                              send_timeout=self.connect_timeout or None, immediate=True)
+        results = open_socket(self.context, zmq.DEALER, connect=self.sink_address, immediate=True, keys=self.keys)
         try:
             self._send(dealer, encode("credit", {"worker": self.name, "pages": self.prefetch, "done": []}),
                        f"the dispatcher at {self.dispatcher_address}")
@@ -72,11 +77,13 @@ class Worker:
                     message = self.receiver.decode(frames)
                     if message is not None:
                         self._handle(message)
-                self._work(dealer, results)
+                self._flush(dealer, results)
+                if not self.outbox:
+                    self._work(dealer, results)
                 if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
                     last_beat = time.monotonic()
-                    state = "preparing" if self.waiting else "idle"
-                    free = max(0, self.prefetch - len(self.waiting))
+                    state = "waiting for sink" if self.outbox else "preparing" if self.waiting else "idle"
+                    free = max(0, self.prefetch - len(self.waiting) - len(self.outbox))
                     self._tell_dispatcher(dealer, encode("heartbeat", {"sender": self.name, "state": state, "free": free}))
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -142,10 +149,35 @@ class Worker:
                 self.waiting.append(message)
                 continue
             result = self._index(message, start, future)
-            if result is not None:
-                self._send(results, result, f"the sink at {self.sink_address}")
-            done = [[scan, message.header["first"]]]
+            self.outbox.append((result or [], [[scan, message.header["first"]]]))
+            self._flush(dealer, results)
+            if self.outbox:
+                return
+
+    def _flush(self, dealer: zmq.Socket, results: zmq.Socket) -> None:
+        """Hand finished pages to the sink; only then is a page done at the dispatcher."""
+        while self.outbox:
+            frames, done = self.outbox[0]
+            if frames:
+                try:
+                    results.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    self._note_sink_blocked()
+                    return
+            self.outbox.popleft()
             self._tell_dispatcher(dealer, encode("credit", {"worker": self.name, "pages": 1, "done": done}))
+        if self._sink_blocked_since is not None:
+            log.info("worker %s: the sink at %s takes results again", self.name, self.sink_address)
+            self._sink_blocked_since, self._sink_blocked_logged = None, False
+
+    def _note_sink_blocked(self) -> None:
+        now = time.monotonic()
+        if self._sink_blocked_since is None:
+            self._sink_blocked_since = now
+        elif now - self._sink_blocked_since > 5.0 and not self._sink_blocked_logged:
+            self._sink_blocked_logged = True
+            log.warning("worker %s cannot reach the sink at %s; holding %d finished page(s) until it is back",
+                        self.name, self.sink_address, len(self.outbox))
 
     def _index(self, message: Message, start: dict | None, future) -> list | None:
         header = message.header
@@ -181,6 +213,7 @@ class Worker:
         self.metrics.pages.inc()
         timings = {"t_sent": header["t_sent"], "t_received": t_received, "t_done": time.time()}
         indices = np.arange(header["first"], header["first"] + count, dtype=np.int64)
-        return encode("results", {"scan": header["scan"], "count": count, "worker": self.name, "timings": timings},
+        return encode("results", {"scan": header["scan"], "first": header["first"], "count": count,
+                                   "worker": self.name, "timings": timings},
                       {"indices": indices, "phase_id": result.phase_id, "quaternion": result.quaternion,
                        "confidence": result.confidence, "method": result.method})

@@ -27,7 +27,7 @@ def test_results_round_trip():
     arrays = {"indices": np.arange(n, dtype=np.int64), "phase_id": np.zeros(n, np.int16),
               "quaternion": np.tile(np.float32([1, 0, 0, 0]), (n, 1)), "confidence": np.full(n, 0.5, np.float32),
               "method": np.full(n, METHOD_CODE["tm"], np.uint8)}
-    msg = decode(_bytes(encode("results", {"scan": "s", "count": n, "worker": "w", "timings": {"t_sent": 1.0}}, arrays)))
+    msg = decode(_bytes(encode("results", {"scan": "s", "first": 0, "count": n, "worker": "w", "timings": {"t_sent": 1.0}}, arrays)))
     for name, value in arrays.items():
         np.testing.assert_array_equal(msg.arrays[name], value)
 
@@ -81,7 +81,7 @@ def test_unknown_method_code_is_rejected():
               "quaternion": np.zeros((1, 4), np.float32), "confidence": np.zeros(1, np.float32),
               "method": np.full(1, 42, np.uint8)}
     with pytest.raises(ProtocolError, match="unknown method code"):
-        decode(_bytes(encode("results", {"scan": "s", "count": 1, "worker": "w", "timings": {}}, arrays)))
+        decode(_bytes(encode("results", {"scan": "s", "first": 0, "count": 1, "worker": "w", "timings": {}}, arrays)))
 
 
 def test_frames_are_checked_against_their_scan():

@@ -27,7 +27,8 @@ def _results(indices, scan="s1"):
     n = len(indices)
     q = np.zeros((n, 4), np.float32)
     q[:, 0] = 1.0
-    return encode("results", {"scan": scan, "count": n, "worker": "w", "timings": {"t_sent": 0.0}},
+    first = int(indices[0]) if n else 0
+    return encode("results", {"scan": scan, "first": first, "count": n, "worker": "w", "timings": {"t_sent": 0.0}},
                   {"indices": indices, "phase_id": np.zeros(n, np.int16), "quaternion": q,
                    "confidence": np.full(n, 0.7, np.float32), "method": np.full(n, METHOD_CODE["tm"], np.uint8)})
 
@@ -38,7 +39,7 @@ def sink(tmp_path):
     thread = threading.Thread(target=sink.run, daemon=True)
     thread.start()
     ctx = zmq.Context.instance()
-    push = ctx.socket(zmq.PUSH)
+    push = ctx.socket(zmq.DEALER)
     push.connect(sink.endpoint)
     yield sink, push, thread
     sink.stop_event.set()
