@@ -38,8 +38,17 @@ def master_pattern(name: str):
     return mp
 
 
+# Laue/point group per phase, so symmetry is known without loading a master pattern
+# (the sink needs it at scan_start, on its hot loop).
+POINT_GROUPS = {"ni": "m-3m"}
+
+
+@functools.lru_cache(maxsize=8)
 def point_group(name: str):
-    return master_pattern(name).phase.point_group
+    from orix.quaternion import symmetry
+
+    check_phases([name])
+    return {"m-3m": symmetry.Oh}[POINT_GROUPS[name]]
 
 
 def disorientation_degrees(q, truth, phase: str = "ni"):

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-timeout", type=float, default=10.0, help="seconds to reach the sink")
     p.add_argument("--worker-timeout", type=float, default=10.0,
                    help="seconds of silence after which a worker's pages go to the others")
-    p.add_argument("--store-timeout", type=float, default=10.0,
+    p.add_argument("--store-timeout", type=float, default=30.0,
                    help="seconds a finished page may wait for the sink to store it before it is sent again")
     p.add_argument("--memory-limit", type=float, default=512.0, metavar="MB",
                    help="memory for pages waiting for workers; beyond it they spill to --spill-dir (default 512)")

@@ -7,9 +7,10 @@ in its ledger until the sink says (``stored``) that the page's results are in it
 journal. A page comes back to the queue when
 
 - its worker goes silent (no heartbeat within ``worker_timeout``) or unreachable, or
-- its worker reported it done but the sink has not stored it within ``store_timeout``
-  (results lost in transit or with a sink that died); the scan_start is sent to the sink
-  again first, so a sink that restarted without it learns the scan.
+- its worker reported it done but the sink has stored a page that worker finished later
+  (each worker's results travel in order, so this one was lost in transit or with a
+  sink that died), or has not stored it within ``store_timeout``; the scan_start is sent
+  to the sink again first, so a sink that restarted without it learns the scan.
 
 The sink de-duplicates by (scan, index), so a page indexed twice costs time, not
 correctness. With ``rate`` set, pages are acquired on the detector's clock whether or not
@@ -48,6 +49,7 @@ class WorkerState:
     last_seen: float = 0.0
     state: str = "idle"
     scans: set = field(default_factory=set)
+    pages_done: int = 0  # numbers the pages it reports done, in the order it sent their results
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Page:
     worker: bytes | None = None  # None: waiting to be sent
     t_sent: float = 0.0
     t_done: float | None = None  # its worker reported it indexed
+    done_seq: int = -1  # the worker's count of pages done when this one was
     sends: int = 0
 
 
@@ -82,7 +85,7 @@ class PublishReport:
 class Publisher:
     def __init__(self, *, bind: str = "tcp://127.0.0.1:0", sink: str, context: zmq.Context | None = None,
                  page_size: int = 128, rate: float | None = None, worker_timeout: float = 10.0,
-                 store_timeout: float = 10.0, wait_for_workers: float = 60.0, sink_timeout: float = 10.0,
+                 store_timeout: float = 30.0, wait_for_workers: float = 60.0, sink_timeout: float = 10.0,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT, spill_dir=None, preview: bool = False, keys=None,
                  stop_event: threading.Event | None = None):
         self.context = context or zmq.Context.instance()
@@ -254,6 +257,8 @@ class Publisher:
         if unstored:
             log.warning("the sink has not stored %d page(s) %.0f s after their workers finished them; sending them "
                         "again", len(unstored), self.store_timeout)
+            log.debug("unstored pages: %s", [(p.first, self.workers.get(p.worker, WorkerState("gone")).name)
+                                             for p in unstored])
             self._send_sink(self.sink_start, block=False)  # a restarted sink may not know the scan
             self._requeue(unstored)
 
@@ -300,7 +305,8 @@ class Publisher:
             for scan, first in message.header["done"]:
                 page = self.ledger.get(first) if scan == self.scan else None
                 if page is not None and page.worker == identity:
-                    page.t_done = worker.last_seen
+                    page.t_done, page.done_seq = worker.last_seen, worker.pages_done
+                    worker.pages_done += 1
         elif message.kind == "heartbeat":
             worker.state = str(message.header.get("state", worker.state))
         else:
@@ -313,9 +319,21 @@ class Publisher:
         if message.kind != "stored":
             self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages from the sink"))
         elif message.header["scan"] == self.scan:
+            newest: dict[bytes, int] = {}  # worker -> its latest page now stored
             for first in message.header["pages"]:
-                if self.ledger.pop(first, None) is not None:
+                page = self.ledger.pop(first, None)
+                if page is not None:
                     self.store.release(first)
+                    if page.t_done is not None:
+                        newest[page.worker] = max(newest.get(page.worker, -1), page.done_seq)
+            # A worker sends its results in order on one connection, and the sink stores them
+            # in that order: its earlier pages still not stored were lost on the way.
+            lost = [page for page in self.ledger.values()
+                    if page.t_done is not None and page.done_seq < newest.get(page.worker, -1)]
+            if lost:
+                log.warning("%d page(s) finished by workers never reached the sink's store; sending them again",
+                            len(lost))
+                self._requeue(lost)
 
     def _worker_with_credit(self) -> bytes | None:
         best = max(self.workers.items(), key=lambda kv: kv[1].credit, default=None)

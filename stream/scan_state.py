@@ -37,6 +37,7 @@ class ScanState:
             raise ProtocolError(f"truth_quaternion has shape {self.truth.shape}, expected {(n, 4)}", header)
         self.error_deg = np.full(n, np.nan, np.float32) if self.truth is not None else None
         self.n_received = 0
+        self.frames_by_worker: dict[str, int] = {}  # new points each worker filled
         self.duplicates = 0
         self.t_start = time.time()
         self.t_first_result: float | None = None
@@ -71,6 +72,8 @@ class ScanState:
                                                              self.header["phases"][0])
             self.version += 1
         new = int(fresh.sum())
+        worker = message.header["worker"]
+        self.frames_by_worker[worker] = self.frames_by_worker.get(worker, 0) + new
         self.n_received += new
         self.duplicates += len(indices) - new
         now = time.time()
@@ -110,6 +113,7 @@ class ScanState:
             "median_error_deg": None if err is None else round(err, 3),
             "status": (self.end or {}).get("status", "running"),
             "last_result_time": self.t_last_result,
+            "frames_by_worker": dict(self.frames_by_worker),
         }
         if self.error_deg is not None:
             e = self.error_deg[self.received & (self.phase_id >= 0)]

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from liveindex.models.phases import KNOWN_PHASES, disorientation_degrees
+
 from .errors import LiveIndexError, ProtocolError
 from .http import LiveHttpServer
 from .journal import SUFFIX as JOURNAL_SUFFIX
@@ -32,6 +34,13 @@ log = logging.getLogger(__name__)
 
 MAX_ORPHAN_PAGES = 10_000  # result pages held for a scan whose scan_start has not arrived
 SYNC_SECONDS = 1.0  # fsync journals this often (a kill loses nothing written; power loss at most this)
+
+
+def _warm_up() -> None:
+    """Import orix and build the symmetry tables now, not on the first result page: the
+    loop must keep acknowledging pages while a scan starts."""
+    for phase in KNOWN_PHASES:
+        disorientation_degrees(np.array([[1.0, 0, 0, 0]]), np.array([[1.0, 0, 0, 0]]), phase)
 
 
 class Sink:
@@ -66,6 +75,7 @@ class Sink:
         self.finished: list[dict] = []
         self._png_cache: dict[tuple, bytes] = {}
         self._rate_window: collections.deque = collections.deque()
+        _warm_up()
         self._recover()
         self.http = LiveHttpServer(self, host=http_host, port=http_port).start() if http_port is not None else None
         log.info("sink listening on %s, writing to %s", self.endpoint, self.out_dir)
@@ -165,6 +175,7 @@ class Sink:
             except zmq.ZMQError:  # that dispatcher is gone; keep them for the next one to say hello
                 self.dispatchers.pop(scan, None)
                 continue
+            log.debug("told the dispatcher of scan %s: pages %s stored", scan, pages)
             del self.acks[scan]
 
     def _drain(self) -> None:

@@ -97,7 +97,7 @@ class Worker:
         except zmq.Again:
             raise TransportError(
                 f"cannot reach {peer} within {self.connect_timeout:.0f} s; check the address, that the process "
-                "there is running, and the firewall (or raise --connect-timeout)"
+                "there is running, the firewall, and that --keys matches theirs (or raise --connect-timeout)"
             ) from None
 
     @staticmethod

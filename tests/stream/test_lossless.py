@@ -1,0 +1,202 @@
+"""Never lose a frame: real processes on loopback, killed and throttled mid-scan."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+from orix import io as orix_io
+
+from liveindex.stream.protocol import METHOD_CODE, encode
+from liveindex.stream.simulator import SimulatedScan
+
+pytestmark = pytest.mark.slow
+
+STATUS_POLL = 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "liveindex.stream", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _status(http_port: int) -> dict:
+    try:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/status.json", timeout=2).read())
+    except OSError:
+        return {}
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(STATUS_POLL)  # polling a real process's state, not synchronising on time
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Cluster:
+    """Sink, workers and publisher as separate `liveindex` processes on loopback."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.sink_addr = f"tcp://127.0.0.1:{_free_port()}"
+        self.disp_addr = f"tcp://127.0.0.1:{_free_port()}"
+        self.http_port = _free_port()
+        self.out = tmp_path / "out"
+        self.procs: list[subprocess.Popen] = []
+
+    def sink(self, *extra):
+        return self._keep(_start("sink", "--bind", self.sink_addr, "--out", self.out, "--http-port", self.http_port,
+                                 "--once", "--finish-timeout", "20", *extra))
+
+    def worker(self, name, *extra):
+        return self._keep(_start("worker", "--dispatcher", self.disp_addr, "--sink", self.sink_addr, "--name", name,
+                                 *extra))
+
+    def publish(self, *extra):
+        return self._keep(_start("publish", "--bind", self.disp_addr, "--sink", self.sink_addr, "--scan-id", "scan",
+                                 "--worker-timeout", "2", "--store-timeout", "10", *extra))
+
+    def _keep(self, proc):
+        self.procs.append(proc)
+        return proc
+
+    def received(self) -> int:
+        return _status(self.http_port).get("received", 0)
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def _finish(sink, publisher, timeout=180):
+    out, err = publisher.communicate(timeout=timeout)
+    assert publisher.returncode == 0, err
+    sink_out, sink_err = sink.communicate(timeout=timeout)
+    assert sink.returncode == 0, sink_err
+    return out, json.loads(sink_out.strip().splitlines()[-1]), sink_err
+
+
+def _check_map(out_dir, nav=(40, 40)):
+    xmap = orix_io.load(out_dir / "scan.h5")
+    assert xmap.shape == nav
+    assert (xmap.phase_id == 0).all(), "every point indexed exactly once into the map"
+    return xmap
+
+
+def test_kill_9_one_of_two_workers_mid_scan_completes_with_nothing_missing(cluster):
+    sink = cluster.sink()
+    workers = [cluster.worker("w0"), cluster.worker("w1")]
+    publisher = cluster.publish("--simulate", "40x40", "--rate", "400", "--page-size", "32")
+    _wait_for(lambda: cluster.received() >= 300, 120, "a quarter of the scan at the sink")
+    os.kill(workers[0].pid, signal.SIGKILL)
+    out, summary, _ = _finish(sink, publisher)
+    assert summary["missing"] == 0 and summary["received"] == 1600
+    assert summary["frames_by_worker"]["w1"] > 0
+    assert sum(summary["frames_by_worker"].values()) == 1600  # no point filled twice
+    assert summary["median_error_deg"] < 2.5
+    _check_map(cluster.out)
+
+
+def test_sink_killed_mid_scan_restarts_from_its_journal_and_completes(cluster):
+    sink = cluster.sink()
+    cluster.worker("w0")
+    cluster.worker("w1")
+    publisher = cluster.publish("--simulate", "40x40", "--rate", "300", "--page-size", "32")
+    _wait_for(lambda: cluster.received() >= 400, 120, "a quarter of the scan at the sink")
+    os.kill(sink.pid, signal.SIGKILL)
+    sink.wait(10)
+    assert (cluster.out / "scan.journal").stat().st_size > 0
+    sink = cluster.sink()
+    out, summary, sink_err = _finish(sink, publisher)
+    assert "recovered scan scan from its journal" in sink_err
+    assert summary["missing"] == 0 and summary["received"] == 1600
+    assert summary["median_error_deg"] < 2.5
+    _check_map(cluster.out)
+
+
+def test_workers_slower_than_the_detector_spill_to_disk_and_every_frame_is_indexed(cluster, tmp_path):
+    scan = SimulatedScan((40, 40), noise="moderate", seed=5)
+    patterns = scan.render(0, scan.size)
+    np.save(tmp_path / "scan.npy", patterns.reshape(40, 40, *patterns.shape[1:]))
+    page_bytes = 64 * patterns[0].nbytes
+    spill = tmp_path / "spill"
+    sink = cluster.sink()
+    cluster.worker("w0")  # one worker, about 700 frames/s here, against a 20000 frames/s detector
+    publisher = cluster.publish("--file", tmp_path / "scan.npy", "--rate", "20000", "--page-size", "64",
+                                "--memory-limit", "0.5", "--spill-dir", spill)
+    out, summary, _ = _finish(sink, publisher)
+    assert summary["missing"] == 0 and summary["indexed"] == 1600
+    line = out.strip().splitlines()[-1]
+    spilled = int(line.split(" frames spilled")[0].rsplit(" ", 1)[1])
+    peak_mb = float(line.split("peak page memory ")[1].split(" MB")[0])
+    assert spilled > 800, line  # most of the scan waited on disk
+    assert peak_mb * 1e6 <= 0.5e6 + page_bytes + 1e5, line  # the memory bound held (MB printed to 0.1)
+    assert not any(spill.glob("*/*.npy")), "spill files are removed once stored"
+    _check_map(cluster.out)
+
+
+def _keys(cluster, name):
+    folder = cluster.tmp / name
+    proc = subprocess.run([sys.executable, "-m", "liveindex.stream", "keys", folder], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return folder
+
+
+def test_curve_keys_keep_out_a_worker_and_a_sender_without_the_right_key(cluster):
+    good = _keys(cluster, "keys")
+    other = _keys(cluster, "other")
+    # The intruder knows the servers' public key but holds a client key nobody accepted.
+    os.remove(other / "server.key_secret")
+    shutil.copy(good / "server.key", other / "server.key")
+    sink = cluster.sink("--keys", good)
+    intruder = cluster.worker("intruder", "--keys", other, "--connect-timeout", "5")
+    cluster.worker("w0", "--keys", good)
+    publisher = cluster.publish("--simulate", "20x20", "--page-size", "32", "--keys", good)
+    # A plain socket without CURVE tries to push a forged result page straight to the sink.
+    forger = zmq.Context.instance().socket(zmq.DEALER)
+    forger.setsockopt(zmq.IMMEDIATE, 1)
+    forger.setsockopt(zmq.SNDTIMEO, 3000)
+    forger.connect(cluster.sink_addr)
+    q = np.tile(np.float32([0, 1, 0, 0]), (4, 1))
+    with pytest.raises(zmq.Again):  # no handshake completes, so there is no peer to queue to
+        forger.send_multipart(encode("results", {"scan": "scan", "first": 0, "count": 4, "worker": "forger",
+                                                 "timings": {}},
+                                     {"indices": np.arange(4, dtype=np.int64), "phase_id": np.zeros(4, np.int16),
+                                      "quaternion": q, "confidence": np.ones(4, np.float32),
+                                      "method": np.full(4, METHOD_CODE["tm"], np.uint8)}))
+    forger.close(linger=0)
+    out, summary, _ = _finish(sink, publisher)
+    assert summary["missing"] == 0 and set(summary["frames_by_worker"]) == {"w0"}
+    _, err = intruder.communicate(timeout=60)
+    assert intruder.returncode == 2 and "cannot reach the dispatcher" in err and "--keys" in err
