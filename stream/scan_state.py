@@ -38,6 +38,7 @@ class ScanState:
         self.error_deg = np.full(n, np.nan, np.float32) if self.truth is not None else None
         self.n_received = 0
         self.frames_by_worker: dict[str, int] = {}  # new points each worker filled
+        self.broken_quaternions = 0  # points that arrived with a NaN or non-unit quaternion
         self.duplicates = 0
         self.t_start = time.time()
         self.t_first_result: float | None = None
@@ -60,15 +61,27 @@ class ScanState:
         keep = np.zeros(len(indices), bool)
         keep[first_pos] = True
         fresh &= keep
+        phase_id = a["phase_id"]
+        if len(phase_id) and (phase_id.min() < -1 or phase_id.max() >= len(self.header["phases"])):
+            raise ProtocolError(f"result phase ids run outside -1..{len(self.header['phases']) - 1} "
+                                f"(the scan's phases {self.header['phases']})", message.header)
+        quaternion = a["quaternion"]
+        # A point whose orientation is not a unit quaternion is not indexed, whatever it claims.
+        broken = ~(np.abs(np.linalg.norm(np.nan_to_num(quaternion, nan=9.0, posinf=9.0, neginf=9.0), axis=1) - 1)
+                   < 1e-2)
+        if broken.any():
+            phase_id = np.where(broken, -1, phase_id).astype(np.int16)
+            quaternion = np.where(broken[:, None], np.float32([1, 0, 0, 0]), quaternion).astype(np.float32)
+            self.broken_quaternions += int(broken[fresh].sum())
         idx = indices[fresh]
         with self.lock:
-            self.phase_id[idx] = a["phase_id"][fresh]
-            self.quaternion[idx] = a["quaternion"][fresh]
+            self.phase_id[idx] = phase_id[fresh]
+            self.quaternion[idx] = quaternion[fresh]
             self.confidence[idx] = np.clip(np.nan_to_num(a["confidence"][fresh]), 0.0, 1.0)
-            self.method[idx] = a["method"][fresh]
+            self.method[idx] = np.where(broken[fresh], METHOD_CODE["none"], a["method"][fresh])
             self.received[idx] = True
             if self.error_deg is not None and len(idx):
-                self.error_deg[idx] = disorientation_degrees(a["quaternion"][fresh], self.truth[idx],
+                self.error_deg[idx] = disorientation_degrees(quaternion[fresh], self.truth[idx],
                                                              self.header["phases"][0])
             self.version += 1
         new = int(fresh.sum())
@@ -114,6 +127,7 @@ class ScanState:
             "status": (self.end or {}).get("status", "running"),
             "last_result_time": self.t_last_result,
             "frames_by_worker": dict(self.frames_by_worker),
+            "broken_quaternions": self.broken_quaternions,
         }
         if self.error_deg is not None:
             e = self.error_deg[self.received & (self.phase_id >= 0)]

@@ -124,8 +124,9 @@ def load_file(path, *, geometry: DetectorGeometry | None = None, phases=("ni",))
     if path.suffix.lower() == ".npy":
         try:
             patterns = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{path} is not a plain numpy array ({exc}); save patterns with np.save") from None
+        except Exception as exc:  # a damaged header raises ValueError, EOFError, SyntaxError, OSError...
+            raise InputError(f"{path} is not a readable numpy array ({type(exc).__name__}: {exc}); "
+                             "save patterns with np.save, or check the file was copied completely") from None
         return ArraySource(patterns, geometry=geometry or DetectorGeometry(), phases=phases, name=str(path))
     return _load_with_kikuchipy(path, geometry=geometry, phases=phases)
 
@@ -144,7 +145,11 @@ def _load_with_kikuchipy(path: Path, *, geometry, phases) -> ArraySource:
         signal = signal[0]
     if not hasattr(signal, "detector"):
         raise InputError(f"{path} holds {type(signal).__name__}, not EBSD patterns")
-    patterns = np.asarray(signal.data)
+    try:
+        patterns = np.asarray(signal.data)
+    except Exception as exc:  # lazy readers fail here on truncated files
+        raise InputError(f"cannot read the patterns in {path} ({type(exc).__name__}: {exc}); the file may be "
+                         "truncated: copy it again") from None
     if patterns.ndim == 3 and signal.axes_manager.navigation_dimension == 1:
         patterns = patterns[None]
     if patterns.dtype.name not in PATTERN_DTYPES:

@@ -1,0 +1,205 @@
+"""Fuzzing the protocol decoder, the sink and the file readers (bounded in count and time).
+
+Whatever arrives, the only outcomes allowed are a valid message or a ProtocolError
+(decoder), a counted rejection with the loop still running (sink), and a valid source or
+an InputError (file readers).
+"""
+
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from liveindex.stream.errors import InputError, LiveIndexError, ProtocolError
+from liveindex.stream.protocol import HEADER_FIELDS, METHOD_CODE, decode, encode
+from liveindex.stream.sink import Sink
+from liveindex.stream.sources import load_file
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+NAV = (4, 5)
+
+
+def _start(scan="s"):
+    return encode("scan_start", {"scan": scan, "nav_shape": list(NAV), "step": [1.0, 1.0], "pattern_shape": [8, 8],
+                                 "dtype": "uint8", "detector": {"pc": [0.4, 0.2, 0.5]}, "phases": ["ni"],
+                                 "metadata": {}})
+
+
+def _results(indices, scan="s", quaternion=None, phase_id=0, confidence=0.8, first=None):
+    indices = np.asarray(indices, np.int64)
+    n = len(indices)
+    if quaternion is None:
+        quaternion = np.tile(np.float32([1, 0, 0, 0]), (n, 1))
+    return encode("results", {"scan": scan, "first": int(indices[0]) if first is None else first, "count": n,
+                              "worker": "w", "timings": {}},
+                  {"indices": indices, "phase_id": np.full(n, phase_id, np.int16),
+                   "quaternion": np.asarray(quaternion, np.float32), "confidence": np.full(n, confidence, np.float32),
+                   "method": np.full(n, METHOD_CODE["tm"], np.uint8)})
+
+
+def _valid_messages():
+    patterns = np.zeros((2, 8, 8), np.uint8)
+    return [
+        _start(),
+        _results([0, 1, 2]),
+        encode("frames", {"scan": "s", "first": 0, "count": 2, "t_sent": 1.0}, {"patterns": patterns}),
+        encode("scan_end", {"scan": "s", "frames_sent": 20, "status": "success"}),
+        encode("credit", {"worker": "w", "pages": 1, "done": [["s", 0]]}),
+        encode("heartbeat", {"sender": "dispatcher", "workers": []}),
+    ]
+
+
+def _bytes(frames):
+    return [bytes(f) for f in frames]
+
+
+def _decode_or_protocol_error(frames):
+    try:
+        decode(frames)
+    except ProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=200), max_size=6))
+def test_decoder_survives_arbitrary_frames(frames):
+    _decode_or_protocol_error(frames)
+
+
+@FUZZ
+@given(st.sampled_from(range(6)), st.integers(0, 10_000), st.binary(min_size=1, max_size=8), st.booleans(),
+       st.integers(0, 7))
+def test_decoder_survives_damaged_valid_messages(which, position, patch, truncate, frame_no):
+    frames = _bytes(_valid_messages()[which])
+    frame_no %= len(frames)
+    data = bytearray(frames[frame_no])
+    pos = position % max(len(data), 1)
+    data[pos:pos + len(patch)] = patch
+    frames[frame_no] = bytes(data[:pos]) if truncate else bytes(data)
+    _decode_or_protocol_error(frames)
+
+
+_values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=8)
+                       | st.binary(max_size=8), lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+
+
+@FUZZ
+@given(st.sampled_from([*HEADER_FIELDS, "bogus"]), st.sampled_from([1, 2, 0, "1", None]),
+       st.dictionaries(st.sampled_from(["scan", "first", "count", "nav_shape", "pattern_shape", "dtype", "buffers",
+                                        "phases", "status", "frames_sent", "pages", "done", "worker", "timings"]),
+                       _values, max_size=8))
+def test_decoder_survives_well_formed_msgpack_with_wrong_fields(kind, version, fields):
+    header = {"v": version, "kind": kind, **fields}
+    _decode_or_protocol_error([msgpack.packb(header, use_bin_type=True)])
+
+
+# -- the sink: the loop survives everything, and still finishes a good scan afterwards -------
+_bad_results = st.one_of(
+    st.lists(st.integers(-5, 40), min_size=1, max_size=6).map(lambda idx: ("indices", idx)),
+    st.sampled_from([np.nan, np.inf, 0.0, 2.0]).map(lambda v: ("quaternion", v)),
+    st.integers(-3, 3).map(lambda p: ("phase_id", p)),
+    st.sampled_from([np.nan, -1.0, 5.0]).map(lambda c: ("confidence", c)),
+    st.just(("scan_end_early", None)),
+    st.just(("unknown_scan", None)),
+    st.binary(max_size=40).map(lambda b: ("garbage", b)),
+)
+
+
+def _bad_message(item):
+    what, value = item
+    if what == "indices":
+        return _results(value, scan="fuzz")
+    if what == "quaternion":
+        return _results([0, 1], scan="fuzz", quaternion=np.full((2, 4), value, np.float32))
+    if what == "phase_id":
+        return _results([2], scan="fuzz", phase_id=value)
+    if what == "confidence":
+        return _results([3], scan="fuzz", confidence=value)
+    if what == "scan_end_early":
+        return encode("scan_end", {"scan": "fuzz", "frames_sent": 20, "status": "success"})
+    if what == "unknown_scan":
+        return _results([0], scan="never-started")
+    return [value]
+
+
+@pytest.fixture(scope="module")
+def running_sink(tmp_path_factory):
+    sink = Sink(out_dir=tmp_path_factory.mktemp("fuzz-sink"), http_port=None, finish_timeout=0.5)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(sink.endpoint)
+    yield sink, sock, thread
+    sink.stop_event.set()
+    thread.join(10)
+    sock.close(linger=0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_bad_results, min_size=1, max_size=25))
+def test_sink_loop_survives_a_stream_of_bad_and_odd_messages(running_sink, items):
+    sink, sock, thread = running_sink
+    sock.send_multipart(_start("fuzz"))
+    for item in items:
+        sock.send_multipart(_bad_message(item))
+    assert thread.is_alive()
+
+
+def test_sink_after_fuzzing_still_completes_a_good_scan(running_sink):
+    sink, sock, thread = running_sink
+    n_finished = len(sink.finished)
+    sock.send_multipart(_start("good"))
+    sock.send_multipart(_results(range(20), scan="good"))
+    pause = threading.Event()
+    for _ in range(200):  # polling the sink's state, not synchronising on time
+        if len(sink.finished) > n_finished and any(s["scan"] == "good" for s in sink.finished):
+            break
+        pause.wait(0.05)
+    good = next(s for s in sink.finished if s["scan"] == "good")
+    assert good["missing"] == 0 and good["indexed"] == 20
+    assert sink.receiver.bad_total > 0, "the fuzzing reached the sink and was counted"
+    assert thread.is_alive()
+
+
+def test_sink_marks_nan_quaternions_not_indexed(tmp_path):
+    from liveindex.stream.protocol import decode as dec
+    from liveindex.stream.scan_state import ScanState
+
+    state = ScanState(dec(_start()))
+    q = np.float32([[np.nan, 0, 0, 0], [1, 0, 0, 0], [0.2, 0.2, 0, 0]])
+    state.add(dec(_results([0, 1, 2], quaternion=q)))
+    assert state.phase_id[:3].tolist() == [-1, 0, -1]
+    assert state.broken_quaternions == 2
+    with pytest.raises(ProtocolError, match="phase ids"):
+        state.add(dec(_results([3], phase_id=4)))
+
+
+# -- file readers ------------------------------------------------------------------------------
+def _valid_npy(tmp_path):
+    path = tmp_path / "ok.npy"
+    np.save(path, np.zeros((2, 3, 8, 8), np.uint8))
+    return path.read_bytes()
+
+
+@FUZZ
+@given(st.integers(0, 10_000), st.binary(min_size=1, max_size=16), st.booleans(),
+       st.sampled_from([".npy", ".h5", ".up1", ".dat"]))
+def test_file_readers_raise_input_errors_only(tmp_path_factory, position, patch, truncate, suffix):
+    tmp = tmp_path_factory.mktemp("files")
+    data = bytearray(_valid_npy(tmp))
+    pos = position % len(data)
+    data[pos:pos + len(patch)] = patch
+    path = tmp / f"damaged{suffix}"
+    path.write_bytes(bytes(data[:pos]) if truncate else bytes(data))
+    try:
+        source = load_file(path)
+    except LiveIndexError as exc:
+        assert isinstance(exc, InputError) or "PC" in str(exc)
+        return
+    assert source.patterns.ndim == 3  # the damage left a readable array
