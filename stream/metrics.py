@@ -16,7 +16,7 @@ class SinkMetrics:
         self.frames_indexed = Counter("liveindex_frames_indexed", "Frames indexed with a phase (not -1)", registry=r)
         self.duplicates = Counter("liveindex_duplicate_results", "Results for points already filled, ignored", registry=r)
         self.bad_messages = Counter("liveindex_bad_messages", "Messages that failed to parse or validate", registry=r)
-        self.latency = Histogram("liveindex_frame_latency_seconds", "Publish-to-sink latency per frame",
+        self.latency = Histogram("liveindex_frame_latency_seconds", "Latency per frame from acquisition at the detector to the sink",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.frames_per_second = Gauge("liveindex_frames_per_second", "Frames received per second, last 2 s", registry=r)
         self.queue_depth = Gauge("liveindex_queue_depth_frames", "Frames published but not yet indexed", registry=r)

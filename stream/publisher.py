@@ -60,6 +60,7 @@ class Page:
     count: int
     worker: bytes | None = None  # None: waiting to be sent
     t_sent: float = 0.0
+    t_acquired: float = 0.0  # wall clock when the detector delivered it: latency runs from here
     t_done: float | None = None  # its worker reported it indexed
     done_seq: int = -1  # the worker's count of pages done when this one was
     sends: int = 0
@@ -192,7 +193,7 @@ class Publisher:
                 return
             self.next_first += count
             if self.store.add(first, self.source.read(first, count)):
-                self.ledger[first] = Page(first, count)
+                self.ledger[first] = Page(first, count, t_acquired=time.time())
                 self.queue.append(first)
             else:
                 self._send_dropped(first, count)
@@ -216,8 +217,8 @@ class Publisher:
 
     def _send_page(self, identity: bytes, page: Page) -> bool:
         worker = self.workers[identity]
-        frames = encode("frames", {"scan": self.scan, "first": page.first, "count": page.count, "t_sent": time.time()},
-                        {"patterns": self.store.get(page.first)})
+        frames = encode("frames", {"scan": self.scan, "first": page.first, "count": page.count, "t_sent": time.time(),
+                                   "t_acquired": page.t_acquired}, {"patterns": self.store.get(page.first)})
         try:
             if self.scan not in worker.scans:
                 self.router.send_multipart([identity, *self.worker_start])

@@ -32,6 +32,7 @@ class ScanState:
         self.confidence = np.zeros(n, np.float32)
         self.method = np.full(n, METHOD_CODE["none"], np.uint8)
         self.received = np.zeros(n, bool)
+        self.latency_s = np.full(n, np.nan, np.float32)  # detector (acquisition) to sink, per point
         self.truth = start.arrays.get("truth_quaternion")
         if self.truth is not None and self.truth.shape != (n, 4):
             raise ProtocolError(f"truth_quaternion has shape {self.truth.shape}, expected {(n, 4)}", header)
@@ -80,6 +81,9 @@ class ScanState:
             self.confidence[idx] = np.clip(np.nan_to_num(a["confidence"][fresh]), 0.0, 1.0)
             self.method[idx] = np.where(broken[fresh], METHOD_CODE["none"], a["method"][fresh])
             self.received[idx] = True
+            t_acquired = message.header["timings"].get("t_acquired")
+            if isinstance(t_acquired, (int, float)) and not isinstance(t_acquired, bool):
+                self.latency_s[idx] = max(0.0, time.time() - t_acquired)
             if self.error_deg is not None and len(idx):
                 self.error_deg[idx] = disorientation_degrees(quaternion[fresh], self.truth[idx],
                                                              self.header["phases"][0])
@@ -129,6 +133,11 @@ class ScanState:
             "frames_by_worker": dict(self.frames_by_worker),
             "broken_quaternions": self.broken_quaternions,
         }
+        latency = self.latency_s[self.received]
+        latency = latency[latency == latency]
+        if len(latency):
+            summary["latency_p50_s"] = round(float(np.percentile(latency, 50)), 4)
+            summary["latency_p99_s"] = round(float(np.percentile(latency, 99)), 4)
         if self.error_deg is not None:
             e = self.error_deg[self.received & (self.phase_id >= 0)]
             summary["within_3deg"] = round(float((e < 3).mean()), 4) if len(e) else None

@@ -269,11 +269,9 @@ class Sink:
         for code, n in enumerate(np.bincount(message.arrays["method"][fresh], minlength=len(METHODS))):
             if n:
                 self.metrics.frames_by_method.labels(METHODS[code]).inc(int(n))
-        t_sent = message.header["timings"].get("t_sent")
-        if isinstance(t_sent, (int, float)) and new:
-            latency = max(0.0, time.time() - t_sent)
-            for _ in range(new):
-                self.metrics.latency.observe(latency)
+        for latency in state.latency_s[message.arrays["indices"][fresh]]:
+            if latency == latency:  # not NaN: the page carried its acquisition time
+                self.metrics.latency.observe(float(latency))
         self._rate_window.append((time.monotonic(), new))
         self.metrics.progress.set(state.n_received / state.size)
         if state.complete:

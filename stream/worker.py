@@ -211,7 +211,8 @@ class Worker:
         self.frames_done += count
         self.metrics.frames.inc(count)
         self.metrics.pages.inc()
-        timings = {"t_sent": header["t_sent"], "t_received": t_received, "t_done": time.time()}
+        timings = {"t_acquired": header.get("t_acquired", header["t_sent"]), "t_sent": header["t_sent"],
+                   "t_received": t_received, "t_done": time.time()}
         indices = np.arange(header["first"], header["first"] + count, dtype=np.int64)
         return encode("results", {"scan": header["scan"], "first": header["first"], "count": count,
                                    "worker": self.name, "timings": timings},
