@@ -55,14 +55,20 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     from .simulator import parse_nav_shape
 
+    def report(summary):
+        err = summary.get("median_error_deg")
+        print(f"liveindex demo: {summary['points']} frames, {summary['workers']} workers, "
+              f"{summary['frames_per_second']:.0f} frames/s, median error "
+              f"{'n/a' if err is None else f'{err:.2f} deg'}, missing {summary['missing']}, "
+              f"outputs in {summary['out_dir']}", flush=True)
+        if not args.exit_when_done and summary.get("url"):
+            print(f"liveindex demo: the finished scan stays on {summary['url']}; press Ctrl-C to stop", flush=True)
+
+    stop = _stop_on_signals()
     summary = run_demo(nav_shape=parse_nav_shape(args.scan), workers=args.workers, noise=args.noise,
                        out_dir=args.out, http_port=args.http_port, open_browser=not args.no_browser,
                        page_size=args.page_size, rate=args.rate, seed=args.seed, resolution=args.resolution,
-                       stop_event=_stop_on_signals())
-    err = summary.get("median_error_deg")
-    print(f"liveindex demo: {summary['points']} frames, {summary['workers']} workers, "
-          f"{summary['frames_per_second']:.0f} frames/s, median error "
-          f"{'n/a' if err is None else f'{err:.2f} deg'}, missing {summary['missing']}, outputs in {summary['out_dir']}")
+                       stop_event=stop, on_done=report, linger=None if args.exit_when_done else stop)
     return 0 if summary["missing"] == 0 else 1
 
 
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"])
     p.add_argument("--out", default="liveindex-demo", help="output folder (default ./liveindex-demo)")
     p.add_argument("--no-browser", action="store_true", help="do not open the live page")
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="stop once the scan is written (default: keep serving the page until Ctrl-C)")
     p.add_argument("--http-port", type=int, default=8080, help="live page port (0: any free port)")
     p.add_argument("--page-size", type=int, default=64, help="frames per page")
     p.add_argument("--rate", type=float, help="detector rate in frames/s (default: as fast as workers take them)")

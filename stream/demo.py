@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", out_dir="liveindex-demo",
              http_port: int = 8080, open_browser: bool = True, page_size: int = 64, rate: float | None = None,
              resolution: float = DEFAULT_RESOLUTION, seed: int = 0, threads_per_worker: int = 1,
-             stop_event: threading.Event | None = None) -> dict:
+             stop_event: threading.Event | None = None, on_ready=None, on_done=None,
+             linger: threading.Event | None = None) -> dict:
+    """``on_ready(url)`` is called once every part is up, before the scan starts, and
+    ``on_done(summary)`` once the scan is written. With ``linger``, the sink keeps serving
+    the finished scan's page until that event is set."""
     geometry = DetectorGeometry()
     # Build (or find) the dictionary here, once, with a progress bar the user sees,
     # rather than in every worker.
@@ -32,7 +36,7 @@ def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", o
     source = SimulatedSource(SimulatedScan(nav_shape, geometry=geometry, noise=noise, seed=seed))
 
     sink = ChildProcess("sink", run_sink, bind="tcp://127.0.0.1:0", out_dir=str(out_dir), http_port=http_port,
-                        max_scans=1).start()
+                        max_scans=None if linger is not None else 1).start()
     children = [sink]
     publisher = None
     try:
@@ -49,13 +53,19 @@ def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", o
             log.info("live display: %s", sink_info["url"])
             if open_browser:
                 webbrowser.open(sink_info["url"])
+        if on_ready is not None:
+            on_ready(sink_info.get("url"))
         report = publisher.run(source)
-        sink.wait()
-        finished = (sink.info or {}).get("finished") or []
-        if not finished:
-            raise RuntimeError("the sink stopped without writing the scan")
+        finished = sink.wait_for(lambda info: bool(info.get("finished")), timeout=600)["finished"]
         summary = {**finished[0], "workers": workers, "publish_seconds": round(report.seconds, 3),
                    "out_dir": str(out_dir), "url": sink_info.get("url")}
+        if on_done is not None:
+            on_done(summary)
+        if linger is not None:
+            for child in children[1:]:
+                child.terminate()
+            while not linger.wait(0.5):
+                sink.maybe_raise()
         return summary
     finally:
         if publisher is not None:

@@ -1,4 +1,5 @@
-"""The sink's read-only HTTP server: the live page, map images, status, metrics, files."""
+"""The sink's read-only HTTP server: the live page and its event stream, point details,
+map images, status, metrics, files."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -17,6 +18,7 @@ from .errors import TransportError
 log = logging.getLogger(__name__)
 
 PAGE = resources.files("liveindex.stream").joinpath("web/index.html")
+EVENT_SECONDS = 0.25  # the page updates at 4 Hz
 
 
 class LiveHttpServer:
@@ -29,6 +31,8 @@ class LiveHttpServer:
         except OSError as exc:
             raise TransportError(f"cannot serve http on {host}:{port} ({exc.strerror}); choose another --http-port") from None
         self.server.daemon_threads = True
+        self.closing = threading.Event()  # ends the event streams
+        handler.closing = self.closing
         self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 
     @property
@@ -42,21 +46,41 @@ class LiveHttpServer:
         return self
 
     def stop(self) -> None:
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
-    provider = None  # set per server: an object with status(), map_png(name), metrics_registry, file_path(name)
+    provider = None  # set per server: the Sink (status, map_update, point_details, pattern_png, ipf_key_png,
+    # map_png, metrics_registry, file_path)
+    closing = None
 
     def log_message(self, fmt, *args):  # keep the operator's console for pipeline news
         log.debug("http: " + fmt, *args)
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
-        path = urlparse(self.path).path
+        url = urlparse(self.path)
+        path = url.path
         try:
             if path in ("/", "/index.html"):
                 self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            elif path == "/events":
+                self._events()
+            elif path in ("/point.json", "/pattern.png"):
+                index = _int_arg(url.query, "i")
+                if index is None:
+                    self._send(400, b"give the point as ?i=INDEX", "text/plain")
+                elif path == "/point.json":
+                    details = self.provider.point_details(index)
+                    self._send(200, json.dumps(details).encode(), "application/json") if details else \
+                        self._send(404, b"no such point", "text/plain")
+                else:
+                    png = self.provider.pattern_png(index)
+                    self._send(200, png, "image/png") if png else self._send(404, b"no pattern kept", "text/plain")
+            elif path.startswith("/keys/ipf-") and path.endswith(".png"):
+                png = self.provider.ipf_key_png(path[len("/keys/ipf-"):-len(".png")])
+                self._send(200, png, "image/png") if png else self._send(404, b"no such phase", "text/plain")
             elif path == "/status.json":
                 self._send(200, json.dumps(self.provider.status()).encode(), "application/json")
             elif path == "/metrics":
@@ -76,6 +100,24 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    def _events(self) -> None:
+        """Server-sent events: ``map`` with the points that changed, ``status`` every tick."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        scan, version = None, -1
+        while not self.closing.is_set():
+            update, scan, version = self.provider.map_update(scan, version)
+            if update is not None:
+                self._event("map", update)
+            self._event("status", self.provider.status())
+            self.wfile.flush()
+            self.closing.wait(EVENT_SECONDS)
+
+    def _event(self, name: str, data: dict) -> None:
+        self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
     def do_POST(self):  # noqa: N802
         self._send(405, b"read-only", "text/plain")
 
@@ -90,3 +132,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
+
+
+def _int_arg(query: str, name: str) -> int | None:
+    try:
+        return int(parse_qs(query)[name][0])
+    except (KeyError, ValueError, IndexError):
+        return None

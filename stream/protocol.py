@@ -205,8 +205,21 @@ def _check_arrays(message: Message) -> None:
         for name, shape in expected.items():
             if arrays[name].shape != shape:
                 raise ProtocolError(f"results buffer {name!r} has shape {arrays[name].shape}, expected {shape}", header)
+        preview = arrays.get("preview")  # optional: small uint8 copies of the patterns for the live page
+        if preview is not None and (preview.dtype != np.uint8 or preview.ndim != 3 or preview.shape[0] != n
+                                    or min(preview.shape[1:]) < 2 or max(preview.shape[1:]) > 128):
+            raise ProtocolError(f"results preview must be uint8 (count, h, w) with 2 <= h, w <= 128, got "
+                                f"{preview.dtype}{preview.shape}", header)
         if n and (arrays["method"].max() >= len(METHODS)):
             raise ProtocolError(f"results carry an unknown method code; known: {METHODS}", header)
+
+
+def without(message: Message, *names: str) -> list:
+    """The message encoded again without some of its arrays (the sink journals results
+    without their previews, which it keeps in a file of their own)."""
+    header = {k: v for k, v in message.header.items() if k not in ("v", "kind", "buffers")}
+    arrays = {k: v for k, v in message.arrays.items() if k not in names}
+    return encode(message.kind, header, arrays)
 
 
 def check_frames(message: Message, scan_start: dict) -> None:

@@ -38,6 +38,11 @@ class ScanIndexer:
     def provider(self) -> str:
         return self.indexers[0].provider
 
+    @property
+    def model_name(self) -> str:
+        """What answers, for the live page: the matchers and where they run."""
+        return f"template matching {'+'.join(i.dictionary.spec.key for i in self.indexers)} on {self.provider}"
+
     def index(self, patterns: np.ndarray) -> IndexResult:
         """(B, H, W) raw patterns -> results; NaN/inf or blank patterns come back not indexed."""
         flat, valid = self.preprocess(patterns)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .protocol import METHOD_CODE, Message
 
 
 class ScanState:
-    def __init__(self, start: Message):
+    def __init__(self, start: Message, *, preview_path: Path | None = None):
         header = start.header
         self.header = header
         self.scan = header["scan"]
@@ -49,6 +50,12 @@ class ScanState:
         self.status: dict = {}
         self.lock = threading.Lock()  # the web thread reads while the loop writes
         self.version = 0
+        self.changes: list[np.ndarray] = []  # indices filled by each accepted page; the live page's deltas
+        self.ipf_rgb = np.zeros((n, 3), np.uint8)  # IPF-Z colours, filled lazily for the live page
+        self.coloured = 0  # entries of ``changes`` already coloured
+        self.models: set[str] = set()  # what the workers answered with
+        self.preview_path = preview_path
+        self.previews: np.ndarray | None = None  # (n, h, w) uint8 memory map beside the outputs
 
     def add(self, message: Message) -> np.ndarray:
         """Fill the points of a result page; returns the mask of the page's new points."""
@@ -81,6 +88,12 @@ class ScanState:
             self.confidence[idx] = np.clip(np.nan_to_num(a["confidence"][fresh]), 0.0, 1.0)
             self.method[idx] = np.where(broken[fresh], METHOD_CODE["none"], a["method"][fresh])
             self.received[idx] = True
+            self.changes.append(idx)
+            preview = a.get("preview")
+            if preview is not None and len(idx):
+                self._keep_previews(idx, preview[fresh])
+            if "model" in message.header:
+                self.models.add(str(message.header["model"]))
             t_acquired = message.header["timings"].get("t_acquired")
             if isinstance(t_acquired, (int, float)) and not isinstance(t_acquired, bool):
                 self.latency_s[idx] = max(0.0, time.time() - t_acquired)
@@ -97,6 +110,39 @@ class ScanState:
         self.t_first_result = self.t_first_result or now
         self.t_last_result = now
         return fresh
+
+    def _keep_previews(self, idx: np.ndarray, preview: np.ndarray) -> None:
+        if self.previews is None and self.preview_path is not None:
+            shape = (self.size, *preview.shape[1:])
+            path = self.preview_path
+            if path.exists():  # a restarted sink: keep what the last one stored
+                old = np.load(path, mmap_mode="r+")
+                self.previews = old if old.shape == shape and old.dtype == np.uint8 else None
+            if self.previews is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.previews = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        if self.previews is not None and preview.shape[1:] == self.previews.shape[1:]:
+            self.previews[idx] = preview
+
+    def pattern_preview(self, index: int) -> np.ndarray | None:
+        if self.previews is None or not self.received[index]:
+            return None
+        return np.array(self.previews[index])
+
+    def refresh_colours(self) -> None:
+        """Colour the points that arrived since the last call (the live page's IPF map)."""
+        from .writers import ipf_colours
+
+        with self.lock:
+            upto = len(self.changes)
+            if upto == self.coloured:
+                return
+            idx = np.concatenate(self.changes[self.coloured:upto])
+            q, pid = self.quaternion[idx].copy(), self.phase_id[idx].copy()
+        rgb = ipf_colours(q, pid, self.header["phases"])
+        with self.lock:
+            self.ipf_rgb[idx] = rgb
+            self.coloured = upto
 
     @property
     def complete(self) -> bool:

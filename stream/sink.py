@@ -24,8 +24,9 @@ from .errors import LiveIndexError, ProtocolError
 from .http import LiveHttpServer
 from .journal import SUFFIX as JOURNAL_SUFFIX
 from .journal import Journal, replay
+from .live_view import ipf_key_png, map_update, point_details
 from .metrics import SinkMetrics
-from .protocol import METHODS, Message, encode
+from .protocol import METHODS, Message, encode, without
 from .scan_state import ScanState
 from .transport import Receiver, bound_endpoint, open_socket
 from .writers import map_images, png_bytes, write_outputs
@@ -75,6 +76,8 @@ class Sink:
         self.finished: list[dict] = []
         self._png_cache: dict[tuple, bytes] = {}
         self._rate_window: collections.deque = collections.deque()
+        self._latency_window: collections.deque = collections.deque()  # (time, page median latency)
+        self.rate_now = 0.0
         _warm_up()
         self._recover()
         self.http = LiveHttpServer(self, host=http_host, port=http_port).start() if http_port is not None else None
@@ -242,7 +245,7 @@ class Sink:
         if scan in self.scans:
             log.info("scan %s started again; keeping the results already in", scan)
             return
-        state = self.scans[scan] = ScanState(message)
+        state = self.scans[scan] = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy")
         self.current = state
         if raw is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,6 +264,8 @@ class Sink:
             return
         fresh = state.add(message)
         new = int(fresh.sum())
+        if raw is not None and "preview" in message.arrays:
+            raw = without(message, "preview")  # previews live in their own file, not the journal
         if not new or self._journal(state.scan, raw):
             self.acks[state.scan].append(first)
         self.metrics.frames_received.inc(new)
@@ -269,9 +274,12 @@ class Sink:
         for code, n in enumerate(np.bincount(message.arrays["method"][fresh], minlength=len(METHODS))):
             if n:
                 self.metrics.frames_by_method.labels(METHODS[code]).inc(int(n))
-        for latency in state.latency_s[message.arrays["indices"][fresh]]:
-            if latency == latency:  # not NaN: the page carried its acquisition time
-                self.metrics.latency.observe(float(latency))
+        latencies = state.latency_s[message.arrays["indices"][fresh]]
+        latencies = latencies[latencies == latencies]  # NaN: the page carried no acquisition time
+        for latency in latencies:
+            self.metrics.latency.observe(float(latency))
+        if len(latencies):
+            self._latency_window.append((time.monotonic(), float(np.median(latencies))))
         self._rate_window.append((time.monotonic(), new))
         self.metrics.progress.set(state.n_received / state.size)
         if state.complete:
@@ -281,7 +289,10 @@ class Sink:
         now = time.monotonic()
         while self._rate_window and now - self._rate_window[0][0] > 2.0:
             self._rate_window.popleft()
-        self.metrics.frames_per_second.set(sum(n for _, n in self._rate_window) / 2.0)
+        while self._latency_window and now - self._latency_window[0][0] > 2.0:
+            self._latency_window.popleft()
+        self.rate_now = sum(n for _, n in self._rate_window) / 2.0
+        self.metrics.frames_per_second.set(self.rate_now)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -300,6 +311,8 @@ class Sink:
             return
         state.finished = True
         self.deadlines.pop(state.scan, None)
+        if state.previews is not None:
+            state.previews.flush()
         journal = self.journals.pop(state.scan, None)
         if journal is not None:
             journal.close()
@@ -314,6 +327,8 @@ class Sink:
             files = write_outputs(self.out_dir, state.scan, arrays=self._arrays(state), nav_shape=state.nav_shape,
                                   step=header["step"], phases=header["phases"], summary=summary)
             summary["files"] = [p.name for p in files] + [f"{state.scan}.json"]
+            if state.previews is not None:
+                summary["files"].append(state.preview_path.name)
         except LiveIndexError as exc:
             log.error("scan %s: %s (the maps stay in memory and on the live page)", state.scan, exc)
             summary["error"] = str(exc)
@@ -334,12 +349,48 @@ class Sink:
         state = self.current
         if state is None:
             return {"scan": None}
-        status = state.status if state.finished else state.summary()
-        return {**status, "version": state.version, "workers_up": len(self.dispatcher_status.get("workers", [])),
-                "workers": self.dispatcher_status.get("workers", []),
-                "queue_depth": self.dispatcher_status.get("queue_depth"),
-                "detector": state.header["detector"], "phases": state.header["phases"],
-                "nav_shape": list(state.nav_shape), "bad_messages": self.receiver.bad_total}
+        status = dict(state.status if state.finished else state.summary())
+        dispatcher = self.dispatcher_status if self.dispatcher_status.get("scan") == state.scan else {}
+        rate = 0.0 if state.finished else self.rate_now
+        latency = [v for _, v in self._latency_window]
+        status.update({
+            "version": state.version, "frames_per_second_now": rate,
+            "latency_now_s": float(np.median(latency)) if latency else None,
+            "seconds_left": (state.size - state.n_received) / rate if rate > 0 else None,
+            "workers_up": len(dispatcher.get("workers", [])), "workers": dispatcher.get("workers", []),
+            "queue_depth": dispatcher.get("queue_depth"), "backlog_frames": dispatcher.get("backlog_frames"),
+            "spilled_frames": dispatcher.get("spilled_frames"), "dropped_frames": dispatcher.get("dropped_frames"),
+            "detector": state.header["detector"], "phases": state.header["phases"],
+            "pattern_shape": state.header["pattern_shape"], "metadata": state.header.get("metadata", {}),
+            "nav_shape": list(state.nav_shape), "bad_messages": self.receiver.bad_total,
+            "models": sorted(state.models),
+        })
+        return status
+
+    def map_update(self, scan: str | None, since: int) -> tuple[dict | None, str | None, int]:
+        """For the live page's event stream: what changed in the current scan since ``since``."""
+        state = self.current
+        if state is None:
+            return None, None, -1
+        update, version = map_update(state, since if state.scan == scan else -1)
+        return update, state.scan, version
+
+    def point_details(self, index: int) -> dict | None:
+        state = self.current
+        if state is None or not 0 <= index < state.size:
+            return None
+        return point_details(state, index)
+
+    def pattern_png(self, index: int) -> bytes | None:
+        state = self.current
+        if state is None or not 0 <= index < state.size:
+            return None
+        preview = state.pattern_preview(index)
+        return None if preview is None else png_bytes(np.repeat(preview[..., None], 3, axis=2), min_width=1)
+
+    def ipf_key_png(self, phase: str) -> bytes | None:
+        state = self.current
+        return ipf_key_png(phase) if state is not None and phase in state.header["phases"] else None
 
     def map_png(self, name: str) -> bytes | None:
         state = self.current

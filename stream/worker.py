@@ -32,6 +32,7 @@ from .transport import Receiver, open_socket
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
+PREVIEW_PIXELS = 32
 KEEP_SCANS = 4
 
 
@@ -214,7 +215,25 @@ class Worker:
         timings = {"t_acquired": header.get("t_acquired", header["t_sent"]), "t_sent": header["t_sent"],
                    "t_received": t_received, "t_done": time.time()}
         indices = np.arange(header["first"], header["first"] + count, dtype=np.int64)
+        arrays = {"indices": indices, "phase_id": result.phase_id, "quaternion": result.quaternion,
+                  "confidence": result.confidence, "method": result.method, "preview": pattern_previews(patterns)}
         return encode("results", {"scan": header["scan"], "first": header["first"], "count": count,
-                                   "worker": self.name, "timings": timings},
-                      {"indices": indices, "phase_id": result.phase_id, "quaternion": result.quaternion,
-                       "confidence": result.confidence, "method": result.method})
+                                   "worker": self.name, "model": self._model_name(start), "timings": timings}, arrays)
+
+    def _model_name(self, start: dict) -> str:
+        future = self.indexers.get(start.get("indexer_key"))
+        if future is None or not future.done() or future.exception() is not None:
+            return "none"
+        return future.result().model_name
+
+
+def pattern_previews(patterns: np.ndarray, most: int = PREVIEW_PIXELS) -> np.ndarray:
+    """Small uint8 copies (binned to at most ``most`` px a side, stretched per pattern) that
+    the sink keeps so the live page can show the pattern behind any point. About 1 kB each."""
+    n, h, w = patterns.shape
+    f = max(1, -(-max(h, w) // most))
+    binned = patterns[:, : h - h % f, : w - w % f].reshape(n, h // f, f, w // f, f).mean(axis=(2, 4), dtype=np.float32)
+    binned = np.nan_to_num(binned, nan=0.0, posinf=0.0, neginf=0.0)
+    lo = binned.min(axis=(1, 2), keepdims=True)
+    span = np.maximum(binned.max(axis=(1, 2), keepdims=True) - lo, 1e-6)
+    return ((binned - lo) * (255.0 / span)).astype(np.uint8)

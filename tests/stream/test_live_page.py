@@ -1,0 +1,77 @@
+"""The live page in a real headless Chromium during a running demo scan.
+
+Needs Debian's chromium (``apt-get install chromium``; .ci/run installs it) and the
+``playwright`` package, which drives it over the DevTools protocol. The screenshot is
+kept in ``test-artifacts/`` (or $LIVEINDEX_ARTIFACTS).
+"""
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from liveindex.stream.demo import run_demo
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(os.environ.get("LIVEINDEX_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install chromium")
+def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    ready = threading.Event()
+    close_page = threading.Event()  # the finished scan stays served until the test is done with it
+    outcome = {}
+
+    def demo():
+        try:
+            outcome["summary"] = run_demo(nav_shape=(40, 30), workers=2, noise="moderate", out_dir=tmp_path,
+                                          http_port=0, open_browser=False, rate=250, page_size=16,
+                                          on_ready=lambda url: (outcome.update(url=url), ready.set()),
+                                          linger=close_page)
+        except Exception as exc:  # surfaced below
+            outcome["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=demo, daemon=True)
+    thread.start()
+    assert ready.wait(180) and "error" not in outcome, outcome.get("error")
+
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(outcome["url"])
+
+            def ipf_pixels():
+                return page.evaluate("document.getElementById('map-ipf').toDataURL()")
+
+            page.wait_for_function("+document.body.dataset.progress > 0.05", timeout=120_000)
+            early = ipf_pixels()
+            page.wait_for_function("+document.body.dataset.progress > 0.5", timeout=120_000)
+            assert ipf_pixels() != early, "the orientation map did not change while the scan ran"
+            page.wait_for_function("document.body.dataset.progress === '1.0000'", timeout=120_000)
+            page.wait_for_function("document.getElementById('badge').textContent === 'success'", timeout=120_000)
+            assert "1,200 / 1,200 points (100.0%)" in page.inner_text("#progress-text")
+
+            box = page.locator("#map-ipf").bounding_box()
+            page.mouse.click(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.35)
+            page.wait_for_function("document.body.dataset.selected !== undefined", timeout=10_000)
+            details = page.inner_text("#details-list")
+            assert "ni" in details and "confidence" in details and "Euler" in details
+            page.wait_for_function("document.getElementById('pattern').naturalWidth > 0", timeout=10_000)
+            assert page.evaluate("document.getElementById('pattern').naturalWidth") == 30
+            assert page.locator("#downloads a").count() >= 5
+            assert page.evaluate("document.getElementById('ipf-key').naturalWidth") > 50
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "live-page.png"), full_page=True)
+            browser.close()
+    finally:
+        close_page.set()
+    thread.join(60)
+    assert outcome["summary"]["missing"] == 0
