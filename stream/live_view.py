@@ -17,6 +17,7 @@ import numpy as np
 
 from .protocol import METHODS
 from .scan_state import ScanState
+from .writers import ORIX_LOCK
 
 
 def _b64(array: np.ndarray) -> str:
@@ -71,7 +72,9 @@ def point_details(state: ScanState, index: int) -> dict:
         error = state.error_deg[index] if state.error_deg is not None else np.nan
     if received and phase_id >= 0:
         details["quaternion"] = [round(v, 5) for v in q]
-        details["euler_deg"] = [round(float(v), 2) for v in Rotation(q).to_euler(degrees=True)[0]]
+        with ORIX_LOCK:
+            euler = Rotation(q).to_euler(degrees=True)[0]
+        details["euler_deg"] = [round(float(v), 2) for v in euler]
     if error == error:
         details["error_deg"] = round(float(error), 3)
     details["pattern"] = state.pattern_preview(index) is not None

@@ -162,6 +162,12 @@ class ScanState:
         return float(np.median(errors)) if len(errors) else None
 
     def summary(self) -> dict:
+        # Under the lock: boolean-mask indexing while the sink's loop sets points corrupted
+        # the heap once (numpy sizes the result, then the mask grows under it).
+        with self.lock:
+            return self._summary()
+
+    def _summary(self) -> dict:
         err = self.median_error()
         indexed = int(np.count_nonzero(self.phase_id >= 0))
         summary = {

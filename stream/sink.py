@@ -40,8 +40,12 @@ SYNC_SECONDS = 1.0  # fsync journals this often (a kill loses nothing written; p
 def _warm_up() -> None:
     """Import orix and build the symmetry tables now, not on the first result page: the
     loop must keep acknowledging pages while a scan starts."""
+    from .writers import ipf_colours
+
     for phase in KNOWN_PHASES:
-        disorientation_degrees(np.array([[1.0, 0, 0, 0]]), np.array([[1.0, 0, 0, 0]]), phase)
+        identity = np.array([[1.0, 0, 0, 0]], np.float32)
+        disorientation_degrees(identity, identity, phase)
+        ipf_colours(identity, np.zeros(1, np.int16), [phase])
 
 
 class Sink:

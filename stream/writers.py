@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,20 @@ def crystal_map(*, phase_id, quaternion, confidence, method, nav_shape, step, ph
     )
 
 
+# orix compiles numba kernels on first use; two threads compiling at once (the sink's loop
+# writing outputs, the live page colouring points) crashed the process once in a 1000x1000
+# benchmark run (malloc: invalid size). The sink warms these up at start, and this lock
+# keeps orix work (colouring, Euler angles, writing the outputs) to one thread at a time.
+ORIX_LOCK = threading.RLock()
+
+
 def ipf_colours(quaternion, phase_id, phases) -> np.ndarray:
     """(N, 3) uint8 IPF-Z colours from orix's TSL key; not-indexed points black."""
+    with ORIX_LOCK:
+        return _ipf_colours(quaternion, phase_id, phases)
+
+
+def _ipf_colours(quaternion, phase_id, phases) -> np.ndarray:
     from orix.plot import IPFColorKeyTSL
     from orix.quaternion import Orientation
     from orix.vector import Vector3d
@@ -97,6 +110,14 @@ def write_outputs(out_dir, name: str, *, arrays: dict, nav_shape, step, phases, 
     Each file is written under a temporary name and renamed, so a full disk leaves no
     half-written file behind that looks complete; the error says which file and why.
     """
+    from orix import io as orix_io
+
+    with ORIX_LOCK:
+        return _write_outputs(out_dir, name, arrays=arrays, nav_shape=nav_shape, step=step, phases=phases,
+                              summary=summary)
+
+
+def _write_outputs(out_dir, name: str, *, arrays: dict, nav_shape, step, phases, summary: dict) -> list[Path]:
     from orix import io as orix_io
 
     out = Path(out_dir)
