@@ -80,14 +80,15 @@ class ChildProcess:
     def wait_for(self, predicate, timeout: float = 120.0) -> dict:
         """Wait until the child's latest report satisfies ``predicate``."""
         deadline = time.monotonic() + timeout
-        while self.info is None or not predicate(self.info):
-            self.maybe_raise()
+        while True:
+            self.maybe_raise()  # takes every report waiting
+            if self.info is not None and predicate(self.info):
+                return self.info
             if not self.process.is_alive() and self.reports.empty():
                 raise LiveIndexError(f"{self.name} exited (code {self.process.exitcode}) before reporting")
             if time.monotonic() > deadline:
                 raise TransportError(f"{self.name} did not report in {timeout:.0f} s")
             self._poll(0.2)
-        return self.info
 
     def maybe_raise(self) -> None:
         self._poll()
