@@ -123,7 +123,8 @@ class Publisher:
     # -- the scan ------------------------------------------------------------------------
     def run(self, source: ScanSource, *, scan_id: str | None = None) -> PublishReport:
         scan = self.scan = scan_id or f"scan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        start = {"scan": scan, **source.scan_start_fields()}
+        # ``run`` tells a sink a new scan under a reused id from this one's scan_start sent again.
+        start = {"scan": scan, "run": uuid.uuid4().hex, **source.scan_start_fields()}
         arrays = {"truth_quaternion": source.truth.astype(np.float32)} if source.truth is not None else {}
         self.sink_start = encode("scan_start", start, arrays)
         self.worker_start = encode("scan_start", start)  # workers need no ground truth
@@ -162,11 +163,10 @@ class Publisher:
         finally:
             elapsed = time.perf_counter() - self.t0
             self._send_status()
-            try:
-                self._send_sink(encode("scan_end", {"scan": scan, "frames_sent": int(self.next_first),
-                                                    "status": status}))
-            except TransportError as exc:  # every page is already stored; the sink finishes without it
-                log.warning("scan_end not delivered: %s", exc)
+            # Every page is stored by now (or the scan was stopped): a sink that has already
+            # gone (``--once``) finishes without the scan_end, so never wait for it here.
+            self._send_sink(encode("scan_end", {"scan": scan, "frames_sent": int(self.next_first), "status": status}),
+                            block=False)
             store = self.store
             report = PublishReport(scan, self.total, self.pages_sent, self.pages_resent, elapsed, self.t_first_sent,
                                    store.spilled_total, store.dropped_frames, store.peak_memory_bytes)

@@ -172,6 +172,7 @@ class ScanState:
         indexed = int(np.count_nonzero(self.phase_id >= 0))
         summary = {
             "scan": self.scan,
+            "run": self.header.get("run"),
             "points": self.size,
             "received": self.n_received,
             "indexed": indexed,

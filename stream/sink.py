@@ -10,6 +10,7 @@ replays its journals when it starts again and finishes the same maps.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
@@ -72,7 +73,7 @@ class Sink:
         self.journals: dict[str, Journal] = {}
         self.dispatchers: dict[str, bytes] = {}  # scan -> routing id of the dispatcher publishing it
         self.acks: collections.defaultdict[str, list[int]] = collections.defaultdict(list)  # stored, not yet told
-        self.done_scans: set[str] = set()  # finished before this process started (their .json exists)
+        self.done_scans: dict[str, str | None] = {}  # scan -> run, finished before this process started
         self._journal_error_logged = False
         self._last_sync = time.monotonic()
         self.deadlines: dict[str, float] = {}
@@ -119,8 +120,12 @@ class Sink:
             return
         for path in sorted(self.out_dir.glob(f"*{JOURNAL_SUFFIX}")):
             scan = path.name[: -len(JOURNAL_SUFFIX)]
-            if (self.out_dir / f"{scan}.json").exists():
-                self.done_scans.add(scan)
+            summary_path = self.out_dir / f"{scan}.json"
+            if summary_path.exists():
+                try:
+                    self.done_scans[scan] = json.loads(summary_path.read_text()).get("run")
+                except (OSError, ValueError):
+                    self.done_scans[scan] = None
                 continue
             replayed = 0
             for frames in replay(path):
@@ -206,6 +211,9 @@ class Sink:
         scan = header.get("scan")
         if kind in ("scan_start", "scan_end", "heartbeat") and identity is not None and isinstance(scan, str):
             self.dispatchers[scan] = identity  # where this scan's acknowledgements go
+        if kind == "scan_start" and scan in self.done_scans and header.get("run") != self.done_scans[scan]:
+            log.info("scan %s starts again as a new run; its earlier outputs will be replaced", scan)
+            del self.done_scans[scan]
         if scan in self.done_scans:  # finished by an earlier sink: acknowledge, change nothing
             if kind == "results":
                 self.acks[scan].append(header["first"])
@@ -246,9 +254,15 @@ class Sink:
 
     def _start(self, message: Message, raw: list | None) -> None:
         scan = message.header["scan"]
-        if scan in self.scans:
+        if scan in self.scans and self.scans[scan].header.get("run") == message.header.get("run"):
             log.info("scan %s started again; keeping the results already in", scan)
             return
+        if scan in self.scans:
+            log.info("scan %s starts again as a new run; starting a new map", scan)
+            self.deadlines.pop(scan, None)
+            old = self.journals.pop(scan, None)
+            if old is not None:
+                old.close()
         state = self.scans[scan] = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy")
         self.current = state
         if raw is not None:

@@ -98,3 +98,35 @@ def test_http_is_read_only_and_serves_status_metrics_and_maps(sink):
     assert info.value.code == 405
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(base + "files/..%2F..%2Fetc%2Fpasswd")
+
+
+def test_a_restarted_sink_resumes_from_its_journal_and_a_new_run_under_the_same_id_starts_afresh(tmp_path):
+    def start(run):
+        return encode("scan_start", {"scan": "s1", "run": run, "nav_shape": list(NAV), "step": [0.5, 0.5],
+                                     "pattern_shape": [60, 60], "dtype": "uint8", "detector": {"pc": [0.4, 0.2, 0.5]},
+                                     "phases": ["ni"], "metadata": {}})
+
+    def run_sink(messages, max_scans):
+        sink = Sink(out_dir=tmp_path, http_port=None, max_scans=max_scans, finish_timeout=30)
+        push = zmq.Context.instance().socket(zmq.DEALER)
+        push.connect(sink.endpoint)
+        for m in messages:
+            push.send_multipart(m)
+        thread = threading.Thread(target=sink.run, daemon=True)
+        thread.start()
+        return sink, push, thread
+
+    sink, push, thread = run_sink([start("a"), _results(range(6))], max_scans=None)
+    for _ in range(100):  # until the sink has journaled the page
+        if sink.scans.get("s1") is not None and sink.scans["s1"].n_received == 6:
+            break
+        threading.Event().wait(0.05)
+    sink.stop_event.set()
+    thread.join(10)
+    push.close(linger=0)
+    # A new sink process on the same folder: resumes run "a" and finishes it; then run "b" starts afresh.
+    sink, push, thread = run_sink([_results(range(6, 12)), start("b"), _results(range(12))], max_scans=2)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert [(s["run"], s["received"]) for s in sink.finished] == [("a", 12), ("b", 12)]
+    push.close(linger=0)
