@@ -149,8 +149,8 @@ def cmd_keys(args) -> int:
 
     written = make_keys(args.folder)
     print(f"liveindex keys: wrote {', '.join(p.name for p in written)} in {args.folder}. "
-          "Give server.key_secret to the publisher and sink hosts, client.key_secret to worker hosts, "
-          "the public *.key files to all; pass --keys FOLDER everywhere.")
+          "The sink needs server.key_secret and client.key; workers client.key_secret and server.key; "
+          "the publisher all four. Keep *.key_secret private; pass --keys FOLDER to every part.")
     return 0
 
 
