@@ -160,6 +160,7 @@ class Publisher:
                 if now - last_status > 0.5:
                     last_status = now
                     self._send_status()
+                    self._beat_workers()
         finally:
             elapsed = time.perf_counter() - self.t0
             self._send_status()
@@ -349,6 +350,19 @@ class Publisher:
                     f"the sink at {self.sink_address} did not accept a connection within {self.sink_timeout:.0f} s; "
                     f"start `liveindex sink` there or fix --sink"
                 ) from None
+
+    def _beat_workers(self) -> None:
+        """Heartbeats to the workers too: a worker killed without a word is found at the next
+        beat (the send fails), not only after ``worker_timeout``, and workers know we live."""
+        beat = encode("heartbeat", {"sender": "dispatcher", "scan": self.scan})
+        for identity in list(self.workers):
+            try:
+                self.router.send_multipart([identity, *beat], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # its queue is full: it is alive, just busy
+            except zmq.ZMQError as exc:
+                log.warning("worker %s unreachable (%s); its pages go to the others", self.workers[identity].name, exc)
+                self._drop_worker(identity)
 
     def _send_status(self) -> None:
         store = self.store

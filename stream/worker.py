@@ -3,7 +3,9 @@
 Stateless apart from the indexers it has prepared (one per scan geometry, the last few
 kept). A page counts as done (and its credit goes back to the dispatcher) only once its
 results are handed to the sink's socket; while the sink is unreachable the worker holds
-its finished pages, indexes nothing new, and keeps heartbeating. Preparing an indexer for a new geometry may build a dictionary, so it runs in a
+its finished pages, indexes nothing new, and keeps heartbeating.
+
+Preparing an indexer for a new geometry may build a dictionary, so it runs in a
 background thread while the main loop keeps heartbeating; the scan's pages wait locally.
 """
 
@@ -116,6 +118,8 @@ class Worker:
             self._prepare(message.header)
         elif message.kind == "frames":
             self.waiting.append(message)
+        elif message.kind == "heartbeat":
+            pass  # the dispatcher is alive; nothing to answer (our own beats go on regardless)
         else:
             self.receiver.reject(ValueError(f"worker does not take {message.kind!r} messages"))
 
