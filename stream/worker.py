@@ -63,6 +63,7 @@ class Worker:
         self.outbox: collections.deque[tuple[list, list]] = collections.deque()  # (results, done entry)
         self._sink_blocked_since: float | None = None
         self._sink_blocked_logged = False
+        self._last_work = float("-inf")  # monotonic time of the last page indexed
 
     def run(self) -> None:
         dealer = open_socket(self.context, zmq.DEALER, connect=self.dispatcher_address,
@@ -85,7 +86,7 @@ class Worker:
                     self._work(dealer, results)
                 if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
                     last_beat = time.monotonic()
-                    state = "waiting for sink" if self.outbox else "preparing" if self.waiting else "idle"
+                    state = self._state()
                     free = max(0, self.prefetch - len(self.waiting) - len(self.outbox))
                     self._tell_dispatcher(dealer, encode("heartbeat", {"sender": self.name, "state": state, "free": free}))
         finally:
@@ -93,6 +94,14 @@ class Worker:
             dealer.close(linger=0)
             results.close(linger=5000)  # let queued results reach the sink
             log.info("worker %s stopped after %d frames", self.name, self.frames_done)
+
+    def _state(self) -> str:
+        """What the live page's worker list shows."""
+        if self.outbox:
+            return "waiting for sink"
+        if any(not f.done() for f in self.indexers.values()):
+            return "preparing"
+        return "indexing" if self.waiting or time.monotonic() - self._last_work < 2 * HEARTBEAT_SECONDS else "idle"
 
     def _send(self, sock: zmq.Socket, frames: list, peer: str) -> None:
         try:
@@ -154,6 +163,7 @@ class Worker:
                 self.waiting.append(message)
                 continue
             result = self._index(message, start, future)
+            self._last_work = time.monotonic()
             self.outbox.append((result or [], [[scan, message.header["first"]]]))
             self._flush(dealer, results)
             if self.outbox:
