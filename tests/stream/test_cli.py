@@ -114,3 +114,15 @@ def test_malformed_address():
 def test_unknown_phase():
     proc = run_cli("publish", "--simulate", "4x4", "--phases", "unobtainium", timeout=60)
     _assert_one_line_error(proc, "unknown phase", "unobtainium")
+
+
+def test_keys_are_made_once_and_never_overwritten_and_a_missing_key_folder_is_named(tmp_path):
+    first = run_cli("keys", tmp_path / "k", timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == [
+        "client.key", "client.key_secret", "server.key", "server.key_secret"]
+    assert oct((tmp_path / "k" / "server.key_secret").stat().st_mode)[-3:] == "600"
+    again = run_cli("keys", tmp_path / "k", timeout=60)
+    _assert_one_line_error(again, "never overwritten")
+    missing = run_cli("sink", "--keys", tmp_path / "nowhere", "--http-port", "0", "--once", timeout=60)
+    _assert_one_line_error(missing, "does not exist", "liveindex keys")
