@@ -76,7 +76,9 @@ def cmd_index(args) -> int:
     from .offline import index_file
     from .sources import load_file
 
-    phases = args.phases.split(",")
+    from liveindex.models.phases import check_phases
+
+    phases = check_phases(args.phases.split(","))
     source = load_file(args.file, geometry=_geometry(args), phases=phases)
     if args.pc is not None or args.tilt is not None:  # the file's pattern shape with the user's geometry
         source.geometry = source.geometry.with_shape(source.patterns.shape[-2:])
@@ -93,10 +95,9 @@ def cmd_publish(args) -> int:
     from .simulator import SimulatedScan, parse_nav_shape
     from .sources import SimulatedSource, load_file
 
-    phases = args.phases.split(",")
     from liveindex.models.phases import check_phases
 
-    check_phases(phases)
+    phases = check_phases(args.phases.split(","))
     if args.file:
         source = load_file(args.file, geometry=_geometry(args), phases=phases)
     else:

@@ -30,7 +30,8 @@ class Journal:
     def __init__(self, path: str | Path, *, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        # Always O_APPEND: after a torn record is cut off, the next record starts at the new end.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
         self._fd = os.open(self.path, flags, 0o644)
         self._dirty = False
 
@@ -41,9 +42,19 @@ class Journal:
             buffer = frame.buffer if hasattr(frame, "buffer") else frame
             parts += [_LENGTH.pack(len(buffer)), buffer]
         expected = sum(len(p) for p in parts)
-        written = os.writev(self._fd, parts)
-        if written != expected:  # a short write: the disk filled up mid-record
-            raise OSError(28, f"short write to {self.path} ({written} of {expected} bytes)")
+        end = os.fstat(self._fd).st_size  # the journal's one writer is this process
+        try:
+            written = os.writev(self._fd, parts)
+            if written != expected:  # a short write: the disk filled up mid-record
+                raise OSError(28, f"short write to {self.path} ({written} of {expected} bytes)")
+        except OSError:
+            # Cut the torn record off now, so later records are not appended after garbage
+            # (replay stops at the first torn record).
+            try:
+                os.ftruncate(self._fd, end)
+            except OSError:
+                pass
+            raise
         self._dirty = True
 
     def sync(self) -> None:

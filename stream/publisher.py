@@ -124,7 +124,8 @@ class Publisher:
     def run(self, source: ScanSource, *, scan_id: str | None = None) -> PublishReport:
         scan = self.scan = scan_id or f"scan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         # ``run`` tells a sink a new scan under a reused id from this one's scan_start sent again.
-        start = {"scan": scan, "run": uuid.uuid4().hex, **source.scan_start_fields()}
+        self.run_id = uuid.uuid4().hex
+        start = {"scan": scan, "run": self.run_id, **source.scan_start_fields()}
         arrays = {"truth_quaternion": source.truth.astype(np.float32)} if source.truth is not None else {}
         self.sink_start = encode("scan_start", start, arrays)
         self.worker_start = encode("scan_start", start)  # workers need no ground truth
@@ -134,7 +135,7 @@ class Publisher:
         self.store = PageStore(memory_limit=self.memory_limit, spill_dir=self.spill_dir, preview=self.preview)
         self.source, self.total, self.next_first = source, source.size, 0
         self.pages_sent = self.pages_resent = 0
-        self.t0 = time.perf_counter()
+        self.t0 = self.last_worker_seen = time.perf_counter()
         self.t_first_sent = None
         last_status = 0.0
         log.info("scan %s: %d frames of %s %s, pages of %d", scan, self.total, source.dtype,
@@ -152,7 +153,9 @@ class Publisher:
                 self._dispatch()
                 if self.next_first >= self.total and not self.ledger:
                     break
-                if not self.workers and now - self.t0 > self.wait_for_workers:
+                if self.workers:
+                    self.last_worker_seen = now
+                elif now - self.last_worker_seen > self.wait_for_workers:
                     raise TransportError(
                         f"no worker connected to {self.endpoint} within {self.wait_for_workers:.0f} s; start one with "
                         f"`liveindex worker --dispatcher {self.endpoint} --sink {self.sink_address}`"
@@ -161,6 +164,9 @@ class Publisher:
                     last_status = now
                     self._send_status()
                     self._beat_workers()
+        except BaseException:
+            status = "fail"
+            raise
         finally:
             elapsed = time.perf_counter() - self.t0
             self._send_status()
@@ -218,8 +224,9 @@ class Publisher:
 
     def _send_page(self, identity: bytes, page: Page) -> bool:
         worker = self.workers[identity]
-        frames = encode("frames", {"scan": self.scan, "first": page.first, "count": page.count, "t_sent": time.time(),
-                                   "t_acquired": page.t_acquired}, {"patterns": self.store.get(page.first)})
+        frames = encode("frames", {"scan": self.scan, "run": self.run_id, "first": page.first, "count": page.count,
+                                   "t_sent": time.time(), "t_acquired": page.t_acquired},
+                        {"patterns": self.store.get(page.first)})
         try:
             if self.scan not in worker.scans:
                 self.router.send_multipart([identity, *self.worker_start])
@@ -287,7 +294,10 @@ class Publisher:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            handle(frames)
+            try:
+                handle(frames)
+            except (TypeError, ValueError, KeyError, IndexError) as exc:  # a field of the wrong kind
+                self.receiver.reject(ValueError(f"message with a malformed field ({type(exc).__name__}: {exc})"))
 
     def _from_worker(self, frames) -> None:
         identity = frames[0].bytes
@@ -298,9 +308,7 @@ class Publisher:
         if worker is None:
             worker = self.workers[identity] = WorkerState(name=message.header.get("worker") or message.header.get("sender", "?"))
             log.info("worker %s connected", worker.name)
-            if message.kind == "heartbeat":
-                # First contact with a running worker: its free slots are its credit here.
-                worker.credit = int(message.header.get("free", 0))
+
         worker.last_seen = time.perf_counter()
         if message.kind == "credit":
             worker.credit += message.header["pages"]
@@ -311,6 +319,12 @@ class Publisher:
                     worker.pages_done += 1
         elif message.kind == "heartbeat":
             worker.state = str(message.header.get("state", worker.state))
+            if "prefetch" in message.header:
+                # Credit is re-derived every beat from the worker's slots and the pages it
+                # holds by our ledger, so a credit message lost on the way costs a second,
+                # not a worker (and a new dispatcher learns a running worker's slots).
+                held = sum(1 for p in self.ledger.values() if p.worker == identity and p.t_done is None)
+                worker.credit = max(0, int(message.header["prefetch"]) - held)
         else:
             self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages from workers"))
 
@@ -320,7 +334,7 @@ class Publisher:
             return
         if message.kind != "stored":
             self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages from the sink"))
-        elif message.header["scan"] == self.scan:
+        elif message.header["scan"] == self.scan and message.header.get("run") in (None, self.run_id):
             newest: dict[bytes, int] = {}  # worker -> its latest page now stored
             for first in message.header["pages"]:
                 page = self.ledger.pop(first, None)

@@ -7,6 +7,8 @@ counted as duplicates.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ from liveindex.models.phases import disorientation_degrees
 
 from .errors import ProtocolError
 from .protocol import METHOD_CODE, Message
+
+log = logging.getLogger(__name__)
 
 
 class ScanState:
@@ -40,7 +44,8 @@ class ScanState:
         self.error_deg = np.full(n, np.nan, np.float32) if self.truth is not None else None
         self.n_received = 0
         self.frames_by_worker: dict[str, int] = {}  # new points each worker filled
-        self.broken_quaternions = 0  # points that arrived with a NaN or non-unit quaternion
+        self.broken_quaternions = 0
+        self._summary_cache: tuple | None = None  # points that arrived with a NaN or non-unit quaternion
         self.duplicates = 0
         self.t_start = time.time()
         self.t_first_result: float | None = None
@@ -53,6 +58,7 @@ class ScanState:
         self.changes: list[np.ndarray] = []  # indices filled by each accepted page; the live page's deltas
         self.ipf_rgb = np.zeros((n, 3), np.uint8)  # IPF-Z colours, filled lazily for the live page
         self.coloured = 0  # entries of ``changes`` already coloured
+        self._colour_lock = threading.Lock()
         self.models: set[str] = set()  # what the workers answered with
         self.preview_path = preview_path
         self.previews: np.ndarray | None = None  # (n, h, w) uint8 memory map beside the outputs
@@ -119,8 +125,17 @@ class ScanState:
                 old = np.load(path, mmap_mode="r+")
                 self.previews = old if old.shape == shape and old.dtype == np.uint8 else None
             if self.previews is None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.previews = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self.previews = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+                    # Reserve the space now: a sparse map written on a full disk dies of SIGBUS.
+                    with open(path, "r+b") as f:
+                        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+                except OSError as exc:
+                    log.error("no pattern previews for scan %s: cannot reserve %s (%s); results are unaffected",
+                              self.scan, path, exc.strerror or exc)
+                    self.previews, self.preview_path = None, None
+                    return
         if self.previews is not None and preview.shape[1:] == self.previews.shape[1:]:
             self.previews[idx] = preview
 
@@ -133,16 +148,23 @@ class ScanState:
         """Colour the points that arrived since the last call (the live page's IPF map)."""
         from .writers import ipf_colours
 
-        with self.lock:
+        with self._colour_lock, self.lock:
             upto = len(self.changes)
             if upto == self.coloured:
                 return
             idx = np.concatenate(self.changes[self.coloured:upto])
             q, pid = self.quaternion[idx].copy(), self.phase_id[idx].copy()
-        rgb = ipf_colours(q, pid, self.header["phases"])
-        with self.lock:
-            self.ipf_rgb[idx] = rgb
-            self.coloured = upto
+        with self._colour_lock:  # one colourer at a time, so ``coloured`` only moves forward
+            if upto <= self.coloured:
+                return
+            rgb = ipf_colours(q, pid, self.header["phases"])
+            with self.lock:
+                self.ipf_rgb[idx] = rgb
+                self.coloured = upto
+
+    def page_received(self, first: int, count: int) -> bool:
+        """Every point of the page first..first+count-1 is in (so it may be acknowledged)."""
+        return bool(self.received[max(first, 0):first + count].all()) if 0 <= first < self.size else False
 
     @property
     def complete(self) -> bool:
@@ -165,7 +187,10 @@ class ScanState:
         # Under the lock: boolean-mask indexing while the sink's loop sets points corrupted
         # the heap once (numpy sizes the result, then the mask grows under it).
         with self.lock:
-            return self._summary()
+            key = (self.version, self.end is not None)
+            if self._summary_cache is None or self._summary_cache[0] != key:
+                self._summary_cache = (key, self._summary())  # O(points): once per change, not per viewer
+            return dict(self._summary_cache[1])
 
     def _summary(self) -> dict:
         err = self.median_error()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from liveindex.models.phases import KNOWN_PHASES, disorientation_degrees
+from liveindex.models.phases import KNOWN_PHASES, check_phases, disorientation_degrees
 
 from .errors import LiveIndexError, ProtocolError
 from .http import LiveHttpServer
@@ -76,6 +76,8 @@ class Sink:
         self.done_scans: dict[str, str | None] = {}  # scan -> run, finished before this process started
         self._journal_error_logged = False
         self._last_sync = time.monotonic()
+        self.unjournaled: collections.defaultdict[str, set[int]] = collections.defaultdict(set)  # pages to write
+        self.messages_seen = 0
         self.deadlines: dict[str, float] = {}
         self.dispatcher_status: dict = {}
         self.finished: list[dict] = []
@@ -182,7 +184,9 @@ class Sink:
             if identity is None or not pages:
                 continue
             try:
-                self.socket.send_multipart([identity, *encode("stored", {"scan": scan, "pages": pages})],
+                state = self.scans.get(scan)
+                run = state.header.get("run") if state is not None else self.done_scans.get(scan)
+                self.socket.send_multipart([identity, *encode("stored", {"scan": scan, "run": run, "pages": pages})],
                                            flags=zmq.NOBLOCK)
             except zmq.ZMQError:  # that dispatcher is gone; keep them for the next one to say hello
                 self.dispatchers.pop(scan, None)
@@ -197,6 +201,7 @@ class Sink:
             except zmq.Again:
                 return
             identity, raw = frames[0].bytes, frames[1:]
+            self.messages_seen += 1
             message = self.receiver.decode(raw)
             if message is None:
                 continue
@@ -204,6 +209,9 @@ class Sink:
                 self._handle(message, identity, raw)
             except ProtocolError as exc:
                 self.receiver.reject(exc)
+            except (TypeError, ValueError, KeyError, IndexError) as exc:  # a field of the wrong kind
+                self.receiver.reject(ProtocolError(f"{message.kind} message with a malformed field "
+                                                   f"({type(exc).__name__}: {exc})", message.header))
 
     def _handle(self, message: Message, identity: bytes | None, raw: list | None) -> None:
         """``identity`` and ``raw`` are None when replaying a journal."""
@@ -254,11 +262,21 @@ class Sink:
 
     def _start(self, message: Message, raw: list | None) -> None:
         scan = message.header["scan"]
+        try:
+            check_phases(message.header["phases"])
+        except LiveIndexError as exc:
+            raise ProtocolError(f"scan_start names a phase this sink does not know: {exc}", message.header) from None
         if scan in self.scans and self.scans[scan].header.get("run") == message.header.get("run"):
             log.info("scan %s started again; keeping the results already in", scan)
             return
-        if scan in self.scans:
+        if scan in self.scans or (self.out_dir / f"{scan}.json").exists():
             log.info("scan %s starts again as a new run; starting a new map", scan)
+            # Nothing of the old run may answer for the new one: its pending acknowledgements,
+            # early results, and the summary that marks it finished on restart.
+            self.acks.pop(scan, None)
+            self.orphans.pop(scan, None)
+            self.unjournaled.pop(scan, None)
+            (self.out_dir / f"{scan}.json").unlink(missing_ok=True)
             self.deadlines.pop(scan, None)
             old = self.journals.pop(scan, None)
             if old is not None:
@@ -276,6 +294,10 @@ class Sink:
 
     def _add(self, state: ScanState, message: Message, raw: list | None) -> None:
         first = message.header["first"]
+        run = message.header.get("run")
+        if run is not None and state.header.get("run") is not None and run != state.header["run"]:
+            raise ProtocolError(f"results from another run of scan {state.scan} (a publisher restarted under the "
+                                "same scan id); dropped", message.header)
         if state.finished:
             self.metrics.duplicates.inc(message.header["count"])
             self.acks[state.scan].append(first)
@@ -284,7 +306,15 @@ class Sink:
         new = int(fresh.sum())
         if raw is not None and "preview" in message.arrays:
             raw = without(message, "preview")  # previews live in their own file, not the journal
-        if not new or self._journal(state.scan, raw):
+        # Acknowledge a page only once its results are in the journal: a page whose write
+        # failed is written when it comes again, whatever the map already holds.
+        pending = self.unjournaled[state.scan]
+        if new or first in pending:
+            if self._journal(state.scan, raw):
+                pending.discard(first)
+            else:
+                pending.add(first)
+        if first not in pending and state.page_received(first, message.header["count"]):
             self.acks[state.scan].append(first)
         self.metrics.frames_received.inc(new)
         self.metrics.duplicates.inc(len(fresh) - new)
@@ -347,8 +377,9 @@ class Sink:
             summary["files"] = [p.name for p in files] + [f"{state.scan}.json"]
             if state.previews is not None:
                 summary["files"].append(state.preview_path.name)
-        except LiveIndexError as exc:
-            log.error("scan %s: %s (the maps stay in memory and on the live page)", state.scan, exc)
+        except Exception as exc:  # never lose the loop (or the journal replay) to a writer's failure
+            log.error("scan %s: writing the outputs failed: %s (the maps stay in memory and on the live page; the "
+                      "journal keeps the results)", state.scan, exc, exc_info=not isinstance(exc, LiveIndexError))
             summary["error"] = str(exc)
         state.status = summary
         self.finished.append(summary)
@@ -367,10 +398,10 @@ class Sink:
         state = self.current
         if state is None:
             return {"scan": None}
-        status = dict(state.status if state.finished else state.summary())
+        status = dict(state.status if state.finished and state.status else state.summary())
         dispatcher = self.dispatcher_status if self.dispatcher_status.get("scan") == state.scan else {}
         rate = 0.0 if state.finished else self.rate_now
-        latency = [v for _, v in self._latency_window]
+        latency = [v for _, v in tuple(self._latency_window)]  # one C-level copy: the loop appends meanwhile
         status.update({
             "version": state.version, "frames_per_second_now": rate,
             "latency_now_s": float(np.median(latency)) if latency else None,

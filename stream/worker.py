@@ -88,7 +88,8 @@ class Worker:
                     last_beat = time.monotonic()
                     state = self._state()
                     free = max(0, self.prefetch - len(self.waiting) - len(self.outbox))
-                    self._tell_dispatcher(dealer, encode("heartbeat", {"sender": self.name, "state": state, "free": free}))
+                    self._tell_dispatcher(dealer, encode("heartbeat", {"sender": self.name, "state": state, "free": free,
+                                                                       "prefetch": self.prefetch}))
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
             dealer.close(linger=0)
@@ -231,7 +232,8 @@ class Worker:
         indices = np.arange(header["first"], header["first"] + count, dtype=np.int64)
         arrays = {"indices": indices, "phase_id": result.phase_id, "quaternion": result.quaternion,
                   "confidence": result.confidence, "method": result.method, "preview": pattern_previews(patterns)}
-        return encode("results", {"scan": header["scan"], "first": header["first"], "count": count,
+        return encode("results", {"scan": header["scan"], "run": header.get("run"), "first": header["first"],
+                                   "count": count,
                                    "worker": self.name, "model": self._model_name(start), "timings": timings}, arrays)
 
     def _model_name(self, start: dict) -> str:

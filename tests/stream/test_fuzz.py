@@ -111,18 +111,18 @@ _bad_results = st.one_of(
 )
 
 
-def _bad_message(item):
+def _bad_message(item, scan):
     what, value = item
     if what == "indices":
-        return _results(value, scan="fuzz")
+        return _results(value, scan=scan)
     if what == "quaternion":
-        return _results([0, 1], scan="fuzz", quaternion=np.full((2, 4), value, np.float32))
+        return _results([0, 1], scan=scan, quaternion=np.full((2, 4), value, np.float32))
     if what == "phase_id":
-        return _results([2], scan="fuzz", phase_id=value)
+        return _results([2], scan=scan, phase_id=value)
     if what == "confidence":
-        return _results([3], scan="fuzz", confidence=value)
+        return _results([3], scan=scan, confidence=value)
     if what == "scan_end_early":
-        return encode("scan_end", {"scan": "fuzz", "frames_sent": 20, "status": "success"})
+        return encode("scan_end", {"scan": scan, "frames_sent": 20, "status": "success"})
     if what == "unknown_scan":
         return _results([0], scan="never-started")
     return [value]
@@ -141,14 +141,28 @@ def running_sink(tmp_path_factory):
     sock.close(linger=0)
 
 
+_heartbeats = st.dictionaries(st.sampled_from(["queue_depth", "workers", "backlog_frames", "spilled_frames", "scan"]),
+                              _values, max_size=4).map(lambda f: ("heartbeat", f))
+_examples = iter(range(10**9))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(_bad_results, min_size=1, max_size=25))
+@given(st.lists(_bad_results | _heartbeats, min_size=1, max_size=25))
 def test_sink_loop_survives_a_stream_of_bad_and_odd_messages(running_sink, items):
     sink, sock, thread = running_sink
-    sock.send_multipart(_start("fuzz"))
-    for item in items:
-        sock.send_multipart(_bad_message(item))
-    assert thread.is_alive()
+    scan = f"fuzz-{next(_examples)}"  # a scan of its own, so every example reaches ScanState's checks
+    messages = [_start(scan)] + [
+        encode("heartbeat", {"sender": "dispatcher", **item[1]}) if item[0] == "heartbeat" else _bad_message(item, scan)
+        for item in items]
+    seen = sink.messages_seen
+    for m in messages:
+        sock.send_multipart(m)
+    pause = threading.Event()
+    for _ in range(400):  # until the sink has taken every message (polling its state)
+        if sink.messages_seen >= seen + len(messages) or not thread.is_alive():
+            break
+        pause.wait(0.01)
+    assert thread.is_alive() and sink.messages_seen >= seen + len(messages)
 
 
 def test_sink_after_fuzzing_still_completes_a_good_scan(running_sink):

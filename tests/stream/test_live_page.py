@@ -26,13 +26,15 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path)
 
     ready = threading.Event()
     close_page = threading.Event()  # the finished scan stays served until the test is done with it
+    page_open = threading.Event()  # the scan starts only once the browser is watching
     outcome = {}
 
     def demo():
         try:
             outcome["summary"] = run_demo(nav_shape=(40, 30), workers=2, noise="moderate", out_dir=tmp_path,
                                           http_port=0, open_browser=False, rate=250, page_size=16,
-                                          on_ready=lambda url: (outcome.update(url=url), ready.set()),
+                                          on_ready=lambda url: (outcome.update(url=url), ready.set(),
+                                                                page_open.wait(120)),
                                           linger=close_page)
         except Exception as exc:  # surfaced below
             outcome["error"] = exc
@@ -47,6 +49,8 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path)
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(outcome["url"])
+            page.wait_for_function("document.body.dataset.connected === '1'", timeout=60_000)
+            page_open.set()
 
             def ipf_pixels():
                 return page.evaluate("document.getElementById('map-ipf').toDataURL()")
@@ -72,6 +76,7 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path)
             page.screenshot(path=str(ARTIFACTS / "live-page.png"), full_page=True)
             browser.close()
     finally:
+        page_open.set()
         close_page.set()
     thread.join(60)
     assert outcome["summary"]["missing"] == 0

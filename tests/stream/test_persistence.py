@@ -64,3 +64,28 @@ def test_page_store_in_preview_mode_drops_instead_of_spilling(tmp_path):
     kept = [store.add(first, _page(first)) for first in range(0, 50, 10)]
     assert kept == [True, True, False, False, False]
     assert store.dropped_frames == 30 and store.spilled_frames == 0
+
+
+def test_a_failed_append_leaves_no_torn_record_before_later_ones(tmp_path, monkeypatch):
+    import os as os_module
+
+    path = tmp_path / "s.journal"
+    journal = Journal(path)
+    m = [encode("scan_end", {"scan": f"s{i}", "frames_sent": i, "status": "success"}) for i in range(3)]
+    journal.append(m[0])
+    real_writev = os_module.writev
+
+    def short_writev(fd, parts):  # the disk fills after a few bytes
+        return real_writev(fd, [bytes(parts[0])[:3]])
+
+    monkeypatch.setattr(os_module, "writev", short_writev)
+    try:
+        journal.append(m[1])
+    except OSError as exc:
+        assert exc.errno == 28
+    else:
+        raise AssertionError("a short write must raise")
+    monkeypatch.setattr(os_module, "writev", real_writev)
+    journal.append(m[2])  # space is back
+    journal.close()
+    assert [decode(f).header["scan"] for f in replay(path)] == ["s0", "s2"]
