@@ -139,6 +139,7 @@ def cmd_sink(args) -> int:
     finished = run_sink(report=lambda **info: log.info("sink ready: %s", info), stop_event=_stop_on_signals(),
                         bind=args.bind, out_dir=args.out, http_host=args.http_host, http_port=args.http_port,
                         max_scans=1 if args.once else None, finish_timeout=args.finish_timeout,
+                        idle_timeout=args.idle_timeout,
                         keys=CurveKeys.load(args.keys))
     for summary in finished:
         print(json.dumps(summary))
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--once", action="store_true", help="exit after the first scan is written")
     p.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for late results after scan_end")
+    p.add_argument("--idle-timeout", type=float, default=600.0,
+                   help="finish a scan that got nothing for this long and no scan_end (its publisher died)")
     _add_keys_option(p)
     p.set_defaults(func=cmd_sink)
 

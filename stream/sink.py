@@ -52,6 +52,7 @@ def _warm_up() -> None:
 class Sink:
     def __init__(self, *, bind: str = "tcp://127.0.0.1:0", out_dir="liveindex-out", http_host: str = "127.0.0.1",
                  http_port: int | None = 8080, max_scans: int | None = None, finish_timeout: float = 30.0,
+                 idle_timeout: float = 600.0,
                  context: zmq.Context | None = None, stop_event: threading.Event | None = None,
                  on_finished=None, keys=None):
         self.context = context or zmq.Context.instance()
@@ -63,6 +64,7 @@ class Sink:
         self.max_scans = max_scans
         self.on_finished = on_finished  # called with the summaries so far after each scan is written
         self.finish_timeout = finish_timeout
+        self.idle_timeout = idle_timeout
         self.stop_event = stop_event or threading.Event()
         self.metrics = SinkMetrics()
         self.metrics_registry = self.metrics.registry
@@ -344,6 +346,14 @@ class Sink:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        for state in list(self.scans.values()):
+            # A scan whose publisher died sends no scan_end: finish it once it has been quiet
+            # for ``idle_timeout``, so its journal closes and its memory can go.
+            quiet = time.time() - (state.t_last_result or state.t_start)
+            if not state.finished and state.scan not in self.deadlines and quiet > self.idle_timeout:
+                log.error("scan %s: nothing for %.0f s and no scan_end; finishing it with %d of %d points",
+                          state.scan, quiet, state.n_received, state.size)
+                self._finish(state)
         for scan, deadline in list(self.deadlines.items()):
             state = self.scans[scan]
             if state.finished:
@@ -382,11 +392,20 @@ class Sink:
                       "journal keeps the results)", state.scan, exc, exc_info=not isinstance(exc, LiveIndexError))
             summary["error"] = str(exc)
         state.status = summary
+        self._forget_finished_except(state)
         self.finished.append(summary)
         if self.on_finished is not None:
             self.on_finished(list(self.finished))
         log.info("scan %s done: %d points, %.0f frames/s%s", state.scan, state.size, summary["frames_per_second"],
                  "" if err is None else f", median error {err:.2f} deg")
+
+    def _forget_finished_except(self, keep: ScanState) -> None:
+        """Hold the maps of the scan just finished (still on the page) and of running scans
+        only; older finished scans are remembered by id and run, for late duplicates."""
+        for scan, state in list(self.scans.items()):
+            if state.finished and state is not keep and state is not self.current:
+                self.done_scans[scan] = state.header.get("run")
+                del self.scans[scan]
 
     @staticmethod
     def _arrays(state: ScanState) -> dict:

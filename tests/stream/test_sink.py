@@ -130,3 +130,18 @@ def test_a_restarted_sink_resumes_from_its_journal_and_a_new_run_under_the_same_
     assert not thread.is_alive()
     assert [(s["run"], s["received"]) for s in sink.finished] == [("a", 12), ("b", 12)]
     push.close(linger=0)
+
+
+def test_a_scan_whose_publisher_died_is_finished_after_the_idle_timeout(tmp_path):
+    sink = Sink(out_dir=tmp_path, http_port=None, max_scans=1, idle_timeout=1.0)
+    push = zmq.Context.instance().socket(zmq.DEALER)
+    push.connect(sink.endpoint)
+    push.send_multipart(_start())
+    push.send_multipart(_results(range(5)))  # and then nothing, not even a scan_end
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    thread.join(30)
+    push.close(linger=0)
+    assert not thread.is_alive()
+    assert sink.finished[0]["received"] == 5 and sink.finished[0]["missing"] == 7
+    assert (tmp_path / "s1.h5").exists()
