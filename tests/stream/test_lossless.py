@@ -201,3 +201,17 @@ def test_curve_keys_keep_out_a_worker_and_a_sender_without_the_right_key(cluster
     assert intruder.returncode == 2 and "cannot reach the dispatcher" in err and "--keys" in err
     out, summary, _ = _finish(sink, publisher)
     assert summary["missing"] == 0 and set(summary["frames_by_worker"]) == {"w0"}
+
+
+def test_losing_the_last_worker_fails_the_scan_after_the_wait_and_says_so(cluster):
+    sink = cluster.sink()
+    worker = cluster.worker("only")
+    publisher = cluster.publish("--simulate", "40x40", "--rate", "300", "--page-size", "32",
+                                "--wait-for-workers", "4")
+    _wait_for(lambda: cluster.received() >= 200, 120, "the scan under way")
+    os.kill(worker.pid, signal.SIGKILL)
+    _, err = publisher.communicate(timeout=120)
+    assert publisher.returncode == 2 and "no worker connected" in err and "liveindex worker" in err
+    out, err = sink.communicate(timeout=120)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "fail" and 0 < summary["missing"] < 1600  # what arrived is kept and written
