@@ -33,6 +33,12 @@ class IndexResult:
         return cls(np.full(n, -1, np.int16), q, np.zeros(n, np.float32),
                    np.full(n, METHOD_CODE["none"], np.uint8), np.zeros(n, np.float32))
 
+    def wire_arrays(self, first: int) -> dict[str, np.ndarray]:
+        """The buffers of a ``results`` message for points first, first+1, ..."""
+        n = len(self.phase_id)
+        return {"indices": np.arange(first, first + n, dtype=np.int64), "phase_id": self.phase_id,
+                "quaternion": self.quaternion, "confidence": self.confidence, "method": self.method}
+
 
 def choose_providers(requested: str = "auto") -> list[str]:
     """ONNX Runtime providers: CUDA where present (unless told 'cpu'), CPU otherwise."""

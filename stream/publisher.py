@@ -32,7 +32,8 @@ import zmq
 
 from .errors import TransportError
 from .page_store import PageStore
-from .protocol import METHOD_CODE, encode
+from .indexer import IndexResult
+from .protocol import encode
 from .sources import ScanSource
 from .transport import Receiver, bound_endpoint, open_socket
 
@@ -59,7 +60,6 @@ class Page:
     first: int
     count: int
     worker: bytes | None = None  # None: waiting to be sent
-    t_sent: float = 0.0
     t_acquired: float = 0.0  # wall clock when the detector delivered it: latency runs from here
     t_done: float | None = None  # its worker reported it indexed
     done_seq: int = -1  # the worker's count of pages done when this one was
@@ -233,11 +233,10 @@ class Publisher:
                 worker.scans.add(self.scan)
             self.router.send_multipart([identity, *frames], copy=False)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker disconnected
-            log.warning("worker %s unreachable (%s); its pages go to the others", worker.name, exc)
-            self._drop_worker(identity)
+            self._drop_worker(identity, f"unreachable ({exc})")
             return False
         worker.credit -= 1
-        page.worker, page.t_sent, page.t_done = identity, time.perf_counter(), None
+        page.worker, page.t_done = identity, None
         page.sends += 1
         self.pages_sent += page.sends == 1
         self.pages_resent += page.sends > 1
@@ -246,21 +245,14 @@ class Publisher:
 
     def _send_dropped(self, first: int, count: int) -> None:
         """Preview mode: tell the sink these points were skipped, so its map is complete."""
-        q = np.zeros((count, 4), np.float32)
-        q[:, 0] = 1.0
-        frames = encode("results", {"scan": self.scan, "first": first, "count": count, "worker": "dispatcher",
-                                    "timings": {}},
-                        {"indices": np.arange(first, first + count, dtype=np.int64),
-                         "phase_id": np.full(count, -1, np.int16), "quaternion": q,
-                         "confidence": np.zeros(count, np.float32),
-                         "method": np.full(count, METHOD_CODE["none"], np.uint8)})
-        self._send_sink(frames)
+        self._send_sink(encode("results", {"scan": self.scan, "run": self.run_id, "first": first, "count": count,
+                                           "worker": "dispatcher", "timings": {}},
+                               IndexResult.empty(count).wire_arrays(first)))
 
     def _requeue_lost(self, now: float) -> None:
         for identity, worker in list(self.workers.items()):
             if now - worker.last_seen > self.worker_timeout:
-                log.warning("worker %s silent for %.0f s; re-dispatching its pages", worker.name, now - worker.last_seen)
-                self._drop_worker(identity)
+                self._drop_worker(identity, f"silent for {now - worker.last_seen:.0f} s")
         unstored = [page for page in self.ledger.values()
                     if page.t_done is not None and now - page.t_done > self.store_timeout]
         if unstored:
@@ -271,8 +263,10 @@ class Publisher:
             self._send_sink(self.sink_start, block=False)  # a restarted sink may not know the scan
             self._requeue(unstored)
 
-    def _drop_worker(self, identity: bytes) -> None:
-        self.workers.pop(identity, None)
+    def _drop_worker(self, identity: bytes, why: str) -> None:
+        worker = self.workers.pop(identity, None)
+        if worker is not None:
+            log.warning("worker %s %s; its pages go to the others", worker.name, why)
         self._requeue([page for page in self.ledger.values() if page.worker == identity and page.t_done is None])
 
     def _requeue(self, pages: list[Page]) -> None:
@@ -308,7 +302,6 @@ class Publisher:
         if worker is None:
             worker = self.workers[identity] = WorkerState(name=message.header.get("worker") or message.header.get("sender", "?"))
             log.info("worker %s connected", worker.name)
-
         worker.last_seen = time.perf_counter()
         if message.kind == "credit":
             worker.credit += message.header["pages"]
@@ -375,8 +368,7 @@ class Publisher:
             except zmq.Again:
                 pass  # its queue is full: it is alive, just busy
             except zmq.ZMQError as exc:
-                log.warning("worker %s unreachable (%s); its pages go to the others", self.workers[identity].name, exc)
-                self._drop_worker(identity)
+                self._drop_worker(identity, f"unreachable ({exc})")
 
     def _send_status(self) -> None:
         store = self.store

@@ -54,7 +54,6 @@ class ScanState:
         self.finished = False
         self.status: dict = {}
         self.lock = threading.Lock()  # the web thread reads while the loop writes
-        self.version = 0
         self.changes: list[np.ndarray] = []  # indices filled by each accepted page; the live page's deltas
         self.ipf_rgb = np.zeros((n, 3), np.uint8)  # IPF-Z colours, filled lazily for the live page
         self.coloured = 0  # entries of ``changes`` already coloured
@@ -106,7 +105,6 @@ class ScanState:
             if self.error_deg is not None and len(idx):
                 self.error_deg[idx] = disorientation_degrees(quaternion[fresh], self.truth[idx],
                                                              self.header["phases"][0])
-            self.version += 1
         new = int(fresh.sum())
         worker = message.header["worker"]
         self.frames_by_worker[worker] = self.frames_by_worker.get(worker, 0) + new
@@ -161,6 +159,11 @@ class ScanState:
             with self.lock:
                 self.ipf_rgb[idx] = rgb
                 self.coloured = upto
+
+    @property
+    def version(self) -> int:
+        """How many result pages filled points: the live page's and the caches' clock."""
+        return len(self.changes)
 
     def page_received(self, first: int, count: int) -> bool:
         """Every point of the page first..first+count-1 is in (so it may be acknowledged)."""

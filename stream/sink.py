@@ -131,15 +131,7 @@ class Sink:
                 except (OSError, ValueError):
                     self.done_scans[scan] = None
                 continue
-            replayed = 0
-            for frames in replay(path):
-                message = self.receiver.decode(frames)
-                if message is not None:
-                    try:
-                        self._handle(message, None, None)
-                        replayed += 1
-                    except ProtocolError as exc:
-                        self.receiver.reject(exc)
+            replayed = sum(self._accept(frames) for frames in replay(path))
             state = self.scans.get(scan)
             if state is None:
                 log.warning("journal %s holds no scan_start; ignoring it", path)
@@ -202,18 +194,24 @@ class Sink:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            identity, raw = frames[0].bytes, frames[1:]
             self.messages_seen += 1
-            message = self.receiver.decode(raw)
-            if message is None:
-                continue
-            try:
-                self._handle(message, identity, raw)
-            except ProtocolError as exc:
-                self.receiver.reject(exc)
-            except (TypeError, ValueError, KeyError, IndexError) as exc:  # a field of the wrong kind
-                self.receiver.reject(ProtocolError(f"{message.kind} message with a malformed field "
-                                                   f"({type(exc).__name__}: {exc})", message.header))
+            self._accept(frames[1:], identity=frames[0].bytes)
+
+    def _accept(self, raw: list, identity: bytes | None = None) -> bool:
+        """Decode and handle one message, live (from ``identity``) or replayed from a
+        journal (no identity); a bad one is counted and dropped. True if it was taken."""
+        message = self.receiver.decode(raw)
+        if message is None:
+            return False
+        try:
+            self._handle(message, identity, raw if identity is not None else None)
+            return True
+        except ProtocolError as exc:
+            self.receiver.reject(exc)
+        except (TypeError, ValueError, KeyError, IndexError) as exc:  # a field of the wrong kind
+            self.receiver.reject(ProtocolError(f"{message.kind} message with a malformed field "
+                                               f"({type(exc).__name__}: {exc})", message.header))
+        return False
 
     def _handle(self, message: Message, identity: bytes | None, raw: list | None) -> None:
         """``identity`` and ``raw`` are None when replaying a journal."""

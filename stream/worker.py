@@ -87,8 +87,7 @@ class Worker:
                 if time.monotonic() - last_beat > HEARTBEAT_SECONDS:
                     last_beat = time.monotonic()
                     state = self._state()
-                    free = max(0, self.prefetch - len(self.waiting) - len(self.outbox))
-                    self._tell_dispatcher(dealer, encode("heartbeat", {"sender": self.name, "state": state, "free": free,
+                    self._tell_dispatcher(dealer, encode("heartbeat", {"sender": self.name, "state": state,
                                                                        "prefetch": self.prefetch}))
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -116,8 +115,8 @@ class Worker:
     @staticmethod
     def _tell_dispatcher(dealer: zmq.Socket, frames: list) -> None:
         """Credit and heartbeats never block: with no dispatcher connected (between scans,
-        or while it restarts) they are dropped, and the next dispatcher learns this
-        worker's free slots from its next heartbeat."""
+        or while it restarts) they are dropped; the dispatcher re-derives this worker's
+        credit from the ``prefetch`` in its next heartbeat."""
         try:
             dealer.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -229,12 +228,10 @@ class Worker:
         self.metrics.pages.inc()
         timings = {"t_acquired": header.get("t_acquired", header["t_sent"]), "t_sent": header["t_sent"],
                    "t_received": t_received, "t_done": time.time()}
-        indices = np.arange(header["first"], header["first"] + count, dtype=np.int64)
-        arrays = {"indices": indices, "phase_id": result.phase_id, "quaternion": result.quaternion,
-                  "confidence": result.confidence, "method": result.method, "preview": pattern_previews(patterns)}
         return encode("results", {"scan": header["scan"], "run": header.get("run"), "first": header["first"],
-                                   "count": count,
-                                   "worker": self.name, "model": self._model_name(start), "timings": timings}, arrays)
+                                   "count": count, "worker": self.name, "model": self._model_name(start),
+                                   "timings": timings},
+                      {**result.wire_arrays(header["first"]), "preview": pattern_previews(patterns)})
 
     def _model_name(self, start: dict) -> str:
         future = self.indexers.get(start.get("indexer_key"))
