@@ -105,14 +105,16 @@ class ScanState:
             if self.error_deg is not None and len(idx):
                 self.error_deg[idx] = disorientation_degrees(quaternion[fresh], self.truth[idx],
                                                              self.header["phases"][0])
-        new = int(fresh.sum())
-        worker = message.header["worker"]
-        self.frames_by_worker[worker] = self.frames_by_worker.get(worker, 0) + new
-        self.n_received += new
-        self.duplicates += len(indices) - new
-        now = time.time()
-        self.t_first_result = self.t_first_result or now
-        self.t_last_result = now
+            # Counters change under the same lock as the maps: ``summary`` caches by version,
+            # and must never see the page's points without its counts.
+            new = int(fresh.sum())
+            worker = message.header["worker"]
+            self.frames_by_worker[worker] = self.frames_by_worker.get(worker, 0) + new
+            self.n_received += new
+            self.duplicates += len(indices) - new
+            now = time.time()
+            self.t_first_result = self.t_first_result or now
+            self.t_last_result = now
         return fresh
 
     def _keep_previews(self, idx: np.ndarray, preview: np.ndarray) -> None:
