@@ -110,8 +110,6 @@ def write_outputs(out_dir, name: str, *, arrays: dict, nav_shape, step, phases, 
     Each file is written under a temporary name and renamed, so a full disk leaves no
     half-written file behind that looks complete; the error says which file and why.
     """
-    from orix import io as orix_io
-
     with ORIX_LOCK:
         return _write_outputs(out_dir, name, arrays=arrays, nav_shape=nav_shape, step=step, phases=phases,
                               summary=summary)

@@ -15,9 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from liveindex.stream.errors import InputError, LiveIndexError, ProtocolError
-from liveindex.stream.protocol import HEADER_FIELDS, METHOD_CODE, decode, encode
+from liveindex.stream.protocol import HEADER_FIELDS, decode, encode
 from liveindex.stream.sink import Sink
 from liveindex.stream.sources import load_file
+
+from ..conftest import results_message, scan_start_message
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -25,21 +27,11 @@ NAV = (4, 5)
 
 
 def _start(scan="s"):
-    return encode("scan_start", {"scan": scan, "nav_shape": list(NAV), "step": [1.0, 1.0], "pattern_shape": [8, 8],
-                                 "dtype": "uint8", "detector": {"pc": [0.4, 0.2, 0.5]}, "phases": ["ni"],
-                                 "metadata": {}})
+    return scan_start_message(scan, NAV, pattern_shape=(8, 8))
 
 
-def _results(indices, scan="s", quaternion=None, phase_id=0, confidence=0.8, first=None):
-    indices = np.asarray(indices, np.int64)
-    n = len(indices)
-    if quaternion is None:
-        quaternion = np.tile(np.float32([1, 0, 0, 0]), (n, 1))
-    return encode("results", {"scan": scan, "first": int(indices[0]) if first is None else first, "count": n,
-                              "worker": "w", "timings": {}},
-                  {"indices": indices, "phase_id": np.full(n, phase_id, np.int16),
-                   "quaternion": np.asarray(quaternion, np.float32), "confidence": np.full(n, confidence, np.float32),
-                   "method": np.full(n, METHOD_CODE["tm"], np.uint8)})
+def _results(indices, scan="s", **options):
+    return results_message(indices, scan, **options)
 
 
 def _valid_messages():

@@ -6,7 +6,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -15,8 +14,9 @@ import pytest
 import zmq
 from orix import io as orix_io
 
-from liveindex.stream.protocol import METHOD_CODE, encode
 from liveindex.stream.simulator import SimulatedScan
+
+from ..conftest import results_message, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _start(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "liveindex.stream", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def _status(http_port: int) -> dict:
@@ -63,15 +58,15 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
 
     def sink(self, *extra):
-        return self._keep(_start("sink", "--bind", self.sink_addr, "--out", self.out, "--http-port", self.http_port,
+        return self._keep(start_cli("sink", "--bind", self.sink_addr, "--out", self.out, "--http-port", self.http_port,
                                  "--once", "--finish-timeout", "20", *extra))
 
     def worker(self, name, *extra):
-        return self._keep(_start("worker", "--dispatcher", self.disp_addr, "--sink", self.sink_addr, "--name", name,
+        return self._keep(start_cli("worker", "--dispatcher", self.disp_addr, "--sink", self.sink_addr, "--name", name,
                                  *extra))
 
     def publish(self, *extra):
-        return self._keep(_start("publish", "--bind", self.disp_addr, "--sink", self.sink_addr, "--scan-id", "scan",
+        return self._keep(start_cli("publish", "--bind", self.disp_addr, "--sink", self.sink_addr, "--scan-id", "scan",
                                  "--worker-timeout", "2", "--store-timeout", "10", *extra))
 
     def _keep(self, proc):
@@ -166,7 +161,7 @@ def test_workers_slower_than_the_detector_spill_to_disk_and_every_frame_is_index
 
 def _keys(cluster, name):
     folder = cluster.tmp / name
-    proc = subprocess.run([sys.executable, "-m", "liveindex.stream", "keys", folder], capture_output=True, text=True)
+    proc = run_cli("keys", folder, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return folder
 
@@ -190,11 +185,7 @@ def test_curve_keys_keep_out_a_worker_and_a_sender_without_the_right_key(cluster
     forger.connect(cluster.sink_addr)
     q = np.tile(np.float32([0, 1, 0, 0]), (4, 1))
     with pytest.raises(zmq.Again):  # no handshake completes, so there is no peer to queue to
-        forger.send_multipart(encode("results", {"scan": "scan", "first": 0, "count": 4, "worker": "forger",
-                                                 "timings": {}},
-                                     {"indices": np.arange(4, dtype=np.int64), "phase_id": np.zeros(4, np.int16),
-                                      "quaternion": q, "confidence": np.ones(4, np.float32),
-                                      "method": np.full(4, METHOD_CODE["tm"], np.uint8)}))
+        forger.send_multipart(results_message(range(4), "scan", quaternion=q, confidence=1.0))
     forger.close(linger=0)
     _, err = intruder.communicate(timeout=60)
     assert publisher.poll() is None, "the dispatcher was still serving while the intruder was refused"

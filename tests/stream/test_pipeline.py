@@ -1,8 +1,6 @@
 """The whole data path with real processes on loopback."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from orix import io as orix_io
 
 from liveindex.stream.demo import run_demo
 
-from ..conftest import disorientation
+from ..conftest import disorientation, run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -35,19 +33,13 @@ def test_publisher_two_workers_sink_complete_map_and_accurate(tmp_path):
     assert written["missing"] == 0
 
 
-def _start(*args):
-    return subprocess.Popen([sys.executable, "-m", "liveindex.stream", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
 def test_separate_commands_over_ipc(tmp_path):
     sink_addr, disp_addr = f"ipc://{tmp_path}/sink.sock", f"ipc://{tmp_path}/dispatch.sock"
-    sink = _start("sink", "--bind", sink_addr, "--out", tmp_path / "out", "--http-port", "0", "--once")
-    workers = [_start("worker", "--dispatcher", disp_addr, "--sink", sink_addr, "--name", f"w{i}") for i in range(2)]
+    sink = start_cli("sink", "--bind", sink_addr, "--out", tmp_path / "out", "--http-port", "0", "--once")
+    workers = [start_cli("worker", "--dispatcher", disp_addr, "--sink", sink_addr, "--name", f"w{i}") for i in range(2)]
     try:
-        publish = subprocess.run([sys.executable, "-m", "liveindex.stream", "publish", "--simulate", "16x12",
-                                  "--bind", disp_addr, "--sink", sink_addr, "--page-size", "32", "--scan-id", "cli"],
-                                 capture_output=True, text=True, timeout=180)
+        publish = run_cli("publish", "--simulate", "16x12", "--bind", disp_addr, "--sink", sink_addr, "--page-size", "32",
+                          "--scan-id", "cli", timeout=180)
         assert publish.returncode == 0, publish.stderr
         out, err = sink.communicate(timeout=120)
         assert sink.returncode == 0, err

@@ -10,27 +10,20 @@ import pytest
 import zmq
 from orix import io as orix_io
 
-from liveindex.stream.protocol import METHOD_CODE, encode
+from liveindex.stream.protocol import encode
 from liveindex.stream.sink import Sink
+
+from ..conftest import results_message, scan_start_message
 
 NAV = (3, 4)
 
 
-def _start(scan="s1"):
-    return encode("scan_start", {"scan": scan, "nav_shape": list(NAV), "step": [0.5, 0.5], "pattern_shape": [60, 60],
-                                 "dtype": "uint8", "detector": {"pc": [0.4, 0.2, 0.5]}, "phases": ["ni"],
-                                 "metadata": {}})
+def _start(scan="s1", run=None):
+    return scan_start_message(scan, NAV, run=run)
 
 
 def _results(indices, scan="s1"):
-    indices = np.asarray(indices, np.int64)
-    n = len(indices)
-    q = np.zeros((n, 4), np.float32)
-    q[:, 0] = 1.0
-    first = int(indices[0]) if n else 0
-    return encode("results", {"scan": scan, "first": first, "count": n, "worker": "w", "timings": {"t_sent": 0.0}},
-                  {"indices": indices, "phase_id": np.zeros(n, np.int16), "quaternion": q,
-                   "confidence": np.full(n, 0.7, np.float32), "method": np.full(n, METHOD_CODE["tm"], np.uint8)})
+    return results_message(indices, scan, confidence=0.7)
 
 
 @pytest.fixture
@@ -102,9 +95,7 @@ def test_http_is_read_only_and_serves_status_metrics_and_maps(sink):
 
 def test_a_restarted_sink_resumes_from_its_journal_and_a_new_run_under_the_same_id_starts_afresh(tmp_path):
     def start(run):
-        return encode("scan_start", {"scan": "s1", "run": run, "nav_shape": list(NAV), "step": [0.5, 0.5],
-                                     "pattern_shape": [60, 60], "dtype": "uint8", "detector": {"pc": [0.4, 0.2, 0.5]},
-                                     "phases": ["ni"], "metadata": {}})
+        return _start(run=run)
 
     def run_sink(messages, max_scans):
         sink = Sink(out_dir=tmp_path, http_port=None, max_scans=max_scans, finish_timeout=30)
