@@ -149,7 +149,6 @@ class Publisher:
                 self._receive(timeout_ms=0 if self._can_send() else 20)
                 now = time.perf_counter()
                 self._acquire(now)
-                self._requeue_lost(now)
                 self._dispatch()
                 if self.next_first >= self.total and not self.ledger:
                     break
@@ -161,7 +160,10 @@ class Publisher:
                         f"`liveindex worker --dispatcher {self.endpoint} --sink {self.sink_address}`"
                     )
                 if now - last_status > 0.5:
+                    # Twice a second, not every loop: these walk the whole ledger, which holds
+                    # the entire backlog when workers are behind; the timeouts are seconds long.
                     last_status = now
+                    self._requeue_lost(now)
                     self._send_status()
                     self._beat_workers()
         except BaseException:
