@@ -94,8 +94,9 @@ class CurveKeys:
         sock.curve_serverkey = server_public
 
 
-def stop_authenticators() -> None:
+def stop_authenticator(context: zmq.Context) -> None:
+    """Stop the context's authenticator, if it has one (before ``context.term()``)."""
     with _auth_lock:
-        for auth in _authenticators.values():
-            auth.stop()
-        _authenticators.clear()
+        auth = _authenticators.pop(id(context), None)
+    if auth is not None:
+        auth.stop()

@@ -28,6 +28,7 @@ from .journal import Journal, replay
 from .live_view import ipf_key_png, map_update, point_details
 from .metrics import SinkMetrics
 from .protocol import METHODS, Message, encode, without
+from .security import stop_authenticator
 from .scan_state import ScanState
 from .transport import Receiver, bound_endpoint, open_socket
 from .writers import map_images, png_bytes, write_outputs
@@ -55,7 +56,11 @@ class Sink:
                  idle_timeout: float = 600.0,
                  context: zmq.Context | None = None, stop_event: threading.Event | None = None,
                  on_finished=None, keys=None):
-        self.context = context or zmq.Context.instance()
+        # A context of its own unless given one: ending it in ``run`` is what delivers the
+        # last acknowledgements. A process that exits right after (``--once``, a child
+        # process) otherwise drops them, and its publisher waits for pages it never hears of.
+        self._own_context = context is None
+        self.context = context or zmq.Context()
         self.socket = open_socket(self.context, zmq.ROUTER, bind=bind, keys=keys)
         # An acknowledgement to a dispatcher that has gone raises, so it is kept for its successor.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -107,10 +112,13 @@ class Sink:
                     break
         finally:
             self._send_acks()
-            self.socket.close(linger=500)
+            self.socket.close(linger=2000)
             for journal in self.journals.values():
                 journal.close()
             self.journals.clear()
+            if self._own_context:
+                stop_authenticator(self.context)
+                self.context.term()  # waits (up to the linger) until queued messages are out
         return self.finished
 
     def close(self) -> None:
