@@ -34,6 +34,7 @@ from .errors import TransportError
 from .page_store import PageStore
 from .indexer import IndexResult
 from .protocol import encode
+from .security import stop_authenticator
 from .sources import ScanSource
 from .transport import Receiver, bound_endpoint, open_socket
 
@@ -89,7 +90,8 @@ class Publisher:
                  store_timeout: float = 30.0, wait_for_workers: float = 60.0, sink_timeout: float = 10.0,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT, spill_dir=None, preview: bool = False, keys=None,
                  stop_event: threading.Event | None = None):
-        self.context = context or zmq.Context.instance()
+        self._own_context = context is None  # ended in close(), which is what delivers the scan_end
+        self.context = context or zmq.Context()
         self.page_size = int(page_size)
         self.rate = rate
         self.worker_timeout = worker_timeout
@@ -119,6 +121,9 @@ class Publisher:
     def close(self) -> None:
         self.router.close(linger=0)
         self.sink.close(linger=2000)
+        if self._own_context:
+            stop_authenticator(self.context)
+            self.context.term()
 
     # -- the scan ------------------------------------------------------------------------
     def run(self, source: ScanSource, *, scan_id: str | None = None) -> PublishReport:
