@@ -45,10 +45,15 @@ class DictionarySpec:
     phase: str
     geometry: DetectorGeometry  # at the working pattern size
     resolution: float = DEFAULT_RESOLUTION
+    # Templates are rendered this many times finer and bin-averaged down to the working size,
+    # as binned live frames are: a point-sampled 30x30 render correlates with a 2x2-binned
+    # frame at 0.90, a supersampled one at 1.0.
+    supersample: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.phase}-{self.geometry.cache_key()}-r{self.resolution:g}-v{FORMAT_VERSION}"
+        finer = f"-s{self.supersample}" if self.supersample > 1 else ""
+        return f"{self.phase}-{self.geometry.cache_key()}-r{self.resolution:g}{finer}-v{FORMAT_VERSION}"
 
     def folder(self, root: Path | None = None) -> Path:
         return (root or cache_dir()) / "dictionaries" / self.key
@@ -100,7 +105,8 @@ def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     rotations = sample_rotations(spec.phase, spec.resolution)
-    templates = simulate_templates(spec.phase, spec.geometry, rotations, progress=progress, tqdm=tqdm)
+    templates = simulate_templates(spec.phase, spec.geometry, rotations, progress=progress, tqdm=tqdm,
+                                   supersample=spec.supersample)
     np.save(tmp / "rotations.npy", rotations)
     # Stored transposed (P, N) so the graph is a plain MatMul(patterns, templates).
     np.ascontiguousarray(templates.T).tofile(tmp / "templates.bin")
@@ -121,13 +127,14 @@ def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:
 
 
 def simulate_templates(phase: str, geometry: DetectorGeometry, rotations: np.ndarray, *, progress: bool = False,
-                       tqdm=None) -> np.ndarray:
+                       tqdm=None, supersample: int = 1) -> np.ndarray:
     """Simulate and preprocess templates: (N, P) float32, rows zero-mean and unit-norm."""
     from orix.quaternion import Rotation
 
     mp = master_pattern(phase)
-    detector = geometry.kikuchipy_detector()
-    prep = Preprocessor.for_shape(geometry.pattern_shape)
+    working = geometry.pattern_shape
+    detector = geometry.with_shape((working[0] * supersample, working[1] * supersample)).kikuchipy_detector()
+    prep = Preprocessor(detector.shape, working, sigma=Preprocessor.for_shape(working).sigma)
     out = np.empty((len(rotations), prep.n_pixels), dtype=np.float32)
     chunks = range(0, len(rotations), SIMULATION_CHUNK)
     if progress and tqdm is not None:

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter, zoom
 
-# Patterns are binned so that their longer side is at most this; 60x60 keeps the
-# dictionary of a 3 deg sampling of m-3m (30k templates) at 440 MB and the match at
-# about 1 ms per pattern per core.
-MAX_WORKING_SIDE = 64
+# Patterns are binned so that their longer side is at most this: 60x60 frames are matched
+# and refined at 30x30. The refinement brings the accuracy (0.05 deg on clean frames),
+# so the match only has to land in the right basin, which 30x30 does as well as 60x60 at
+# a quarter of the cost (docs/research/refine-spike/NOTE.md); the 3 deg dictionary of
+# m-3m (30k templates) takes 110 MB.
+MAX_WORKING_SIDE = 32
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,20 @@
-"""Index one scan's frames: preprocessing plus one template indexer per expected phase.
+"""Index one scan's frames: preprocess, match templates, refine, and say how sure we are.
 
 Workers and ``liveindex index`` both go through this class, so live and offline results
-are the same for the same frames.
+are the same for the same frames. For each page:
+
+1. preprocess to the working size (30x30 for 60x60 frames);
+2. match every expected phase's template dictionary; the best score picks the phase and
+   the starting orientation (top ``CANDIDATES`` templates are kept);
+3. refine that orientation with Gauss-Newton against patterns rendered from the master
+   pattern (stream/refiner.py); the refined NCC is the evidence;
+4. rescue: where the refined NCC is below the confidence threshold, the match probably
+   landed in the wrong basin, so up to ``RESCUE_CANDIDATES`` more templates that are
+   distinct orientations (more than ``DISTINCT_DEG`` apart) are refined too and the best
+   refined NCC wins. On good frames almost no point needs it;
+5. confidence = sigmoid((NCC - threshold) / width), calibrated so that points above 0.5
+   are within 3 deg of the truth at least 99% of the time (benchmarks/calibrate_confidence.py);
+   points below ``min_confidence`` get phase -1.
 """
 
 from __future__ import annotations
@@ -11,28 +24,53 @@ import logging
 import numpy as np
 
 from liveindex.models.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build
-from liveindex.models.phases import check_phases
+from liveindex.models.phases import check_phases, point_group
 
 from .geometry import DetectorGeometry
-from .indexer import IndexResult, TemplateIndexer
+from .indexer import IndexResult, TemplateIndexer, choose_providers
 from .preprocess import Preprocessor
+from .protocol import METHOD_CODE
+from .refiner import Refiner, quaternion_multiply
 
 log = logging.getLogger(__name__)
+
+CANDIDATES = 16  # templates kept per pattern by the matcher
+RESCUE_CANDIDATES = 3  # distinct extra starts refined for a point whose first refinement looks wrong
+DISTINCT_DEG = 6.0
+# Refined NCC at 30x30 -> confidence; fitted by benchmarks/calibrate_confidence.py.
+CONFIDENCE_THRESHOLD = 0.17
+CONFIDENCE_WIDTH = 0.02
+DEFAULT_MIN_CONFIDENCE = 0.0
+
+
+def confidence_from_ncc(ncc: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-(np.asarray(ncc, np.float64) - CONFIDENCE_THRESHOLD) / CONFIDENCE_WIDTH))).astype(
+        np.float32)
 
 
 class ScanIndexer:
     def __init__(self, geometry: DetectorGeometry, phases, *, resolution: float = DEFAULT_RESOLUTION,
-                 providers: str = "auto", threads: int = 0, progress: bool = True, reason: str = ""):
+                 providers: str = "auto", threads: int = 0, progress: bool = True, reason: str = "",
+                 refine: bool = True, min_confidence: float = DEFAULT_MIN_CONFIDENCE):
         self.geometry = geometry
         self.phases = check_phases(phases)
         self.preprocess = Preprocessor.for_shape(geometry.pattern_shape)
+        self.min_confidence = float(min_confidence)
         working = geometry.with_shape(self.preprocess.working_shape)
-        self.indexers = []
+        binned = min(geometry.pattern_shape[0] // working.pattern_shape[0],
+                     geometry.pattern_shape[1] // working.pattern_shape[1])
+        supersample = 2 if binned >= 2 else 1
+        self.indexers, self.refiners = [], []
         for phase_id, phase in enumerate(self.phases):
-            dictionary = load_or_build(DictionarySpec(phase, working, resolution), reason=reason, progress=progress)
+            dictionary = load_or_build(DictionarySpec(phase, working, resolution, supersample), top_k=CANDIDATES,
+                                       reason=reason, progress=progress)
             indexer = TemplateIndexer(dictionary, phase_id=phase_id, providers=providers, threads=threads)
             indexer.warm_up(self.preprocess.n_pixels)
             self.indexers.append(indexer)
+            if refine:
+                self.refiners.append(Refiner(phase, geometry, self.preprocess.working_shape, self.preprocess.sigma,
+                                             providers=choose_providers(providers), threads=threads))
+        self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
 
     @property
     def provider(self) -> str:
@@ -40,19 +78,73 @@ class ScanIndexer:
 
     @property
     def model_name(self) -> str:
-        """What answers, for the live page: the matchers and where they run."""
-        return f"template matching {'+'.join(i.dictionary.spec.key for i in self.indexers)} on {self.provider}"
+        """What answers, for the live page: the matchers, refinement, and where they run."""
+        refined = " + Gauss-Newton refinement" if self.refiners else ""
+        return f"template matching {'+'.join(i.dictionary.spec.key for i in self.indexers)}{refined} on {self.provider}"
 
     def index(self, patterns: np.ndarray) -> IndexResult:
         """(B, H, W) raw patterns -> results; NaN/inf or blank patterns come back not indexed."""
         flat, valid = self.preprocess(patterns)
-        best = None
-        for indexer in self.indexers:
-            result = indexer.index(flat, valid)
-            if best is None:
-                best = result
-            else:  # the phase whose best template correlates most wins
-                better = result.score > best.score
-                for name in ("phase_id", "quaternion", "confidence", "method", "score"):
-                    getattr(best, name)[better] = getattr(result, name)[better]
-        return best if best is not None else IndexResult.empty(len(patterns))
+        scores, indices = zip(*(indexer.match(flat) for indexer in self.indexers))
+        phase = np.argmax(np.stack([s[:, 0] for s in scores]), axis=0)
+        rows = np.arange(len(flat))
+        top_score = np.stack([s[:, 0] for s in scores])[phase, rows]
+        quaternion = np.empty((len(flat), 4), np.float32)
+        for p, indexer in enumerate(self.indexers):
+            mine = phase == p
+            quaternion[mine] = indexer.dictionary.rotations[indices[p][mine, 0]]
+        result = IndexResult(
+            phase_id=phase.astype(np.int16), quaternion=quaternion,
+            confidence=np.clip(top_score, 0.0, 1.0).astype(np.float32),
+            method=np.full(len(flat), METHOD_CODE["tm"], np.uint8), score=top_score.astype(np.float32))
+        if self.refiners:
+            for p in range(len(self.phases)):
+                mine = np.flatnonzero((phase == p) & valid)
+                if len(mine):
+                    self._refine(p, flat[mine], indices[p][mine], result, mine)
+            result.confidence = confidence_from_ncc(result.score)
+            result.method[:] = METHOD_CODE["refined"]
+        unsure = result.confidence < self.min_confidence
+        result.phase_id[~valid | unsure] = -1
+        result.confidence[~valid] = 0.0
+        result.method[~valid] = METHOD_CODE["none"]
+        return result
+
+    def _refine(self, p: int, flat: np.ndarray, candidates: np.ndarray, result: IndexResult, rows: np.ndarray) -> None:
+        refiner, rotations = self.refiners[p], self.indexers[p].dictionary.rotations
+        q, ncc = refiner.refine(flat, rotations[candidates[:, 0]])
+        doubtful = np.flatnonzero(ncc < CONFIDENCE_THRESHOLD)
+        if len(doubtful):
+            starts = self._distinct_starts(p, rotations[candidates[doubtful]])  # (D, R, 4)
+            r = starts.shape[1]
+            q_more, ncc_more = refiner.refine(np.repeat(flat[doubtful], r, axis=0), starts.reshape(-1, 4))
+            ncc_more = ncc_more.reshape(-1, r)
+            best = ncc_more.argmax(axis=1)
+            better = ncc_more[np.arange(len(doubtful)), best] > ncc[doubtful]
+            pick = doubtful[better]
+            q[pick] = q_more.reshape(-1, r, 4)[np.flatnonzero(better), best[better]]
+            ncc[pick] = ncc_more[np.flatnonzero(better), best[better]]
+        result.quaternion[rows] = q
+        result.score[rows] = ncc
+
+    def _distinct_starts(self, p: int, candidates: np.ndarray) -> np.ndarray:
+        """(D, K, 4) ranked templates -> (D, R, 4): the next best templates that are more than
+        DISTINCT_DEG from the first and from each other (a repeat of the last where too few)."""
+        symmetry = self._symmetry[p]
+        # |<a, b·s>| over the proper symmetry operators s: cos of half the disorientation.
+        equivalents = quaternion_multiply(candidates[:, :, None, None, :].astype(np.float64),
+                                          symmetry[None, None, None, :, :])  # (D, K, 1, S, 4)
+        dots = np.abs(np.einsum("dkc,dlsc->dkls", candidates.astype(np.float64), equivalents[:, :, 0]))
+        close = dots.max(axis=3) > np.cos(np.radians(DISTINCT_DEG) / 2)  # (D, K, K)
+        out = np.empty((len(candidates), RESCUE_CANDIDATES, 4), np.float32)
+        for d in range(len(candidates)):
+            chosen = [0]
+            for k in range(1, candidates.shape[1]):
+                if not close[d, k, chosen].any():
+                    chosen.append(k)
+                    if len(chosen) > RESCUE_CANDIDATES:
+                        break
+            extra = chosen[1:] or [1]
+            extra += [extra[-1]] * (RESCUE_CANDIDATES - len(extra))
+            out[d] = candidates[d, extra]
+        return out

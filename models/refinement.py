@@ -1,0 +1,243 @@
+"""ONNX graphs that refine orientations against patterns rendered from the master pattern.
+
+Two graphs per (phase, working geometry), built in memory in about a second:
+
+- ``score``: quaternions (B, K, 4) and preprocessed patterns (B, P) -> NCC (B, K) of each
+  candidate's rendered pattern against its pattern.
+- ``gauss_newton``: quaternions (B, 4) and patterns (B, P) -> NCC (B,), JᵀJ (B, 3, 3) and
+  Jᵀr (B, 3) of the residual n(L·render(exp(θ)·q)) − e with respect to θ, a small rotation
+  vector in the sample frame. The caller solves the 3x3 systems (numpy) and steps.
+
+Rendering follows kikuchipy's ``EBSDMasterPattern.get_patterns`` exactly (verified to NCC
+≥ 0.9999999 in ``docs/research/refine-spike``): the detector's direction cosines in the
+sample frame, rotated into the crystal by the active rotation R(q), projected onto the
+square Lambert plane of the master pattern, sampled bilinearly (GridSample,
+align_corners=1, border). The rendered pattern then goes through the same linear
+preprocessing as the live frames (subtract a Gaussian blur, zero mean, unit norm), written
+as two small MatMuls. The master pattern is blurred a little first: at the 30x30 working
+size the live patterns are 2x2 bin averages, and a point-sampled render of the sharp master
+correlates with them at 0.90, a blurred one at 0.96.
+
+The Jacobian comes from gradient images of the master pattern sampled by the same
+GridSample, chained with the Lambert map's derivative along the three infinitesimal
+rotations (a forward difference of the elementwise map, within a few percent of exact).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+from onnx import ModelProto, TensorProto, checker, helper, numpy_helper
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
+
+from liveindex.stream.errors import LiveIndexError
+from liveindex.stream.geometry import DetectorGeometry
+
+from .phases import master_pattern
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+IR_VERSION = 9
+LAMBERT_C = 2 * np.sqrt(2) / np.pi
+# Master-pattern blur (in master pixels) that makes a point-sampled render match 2x2-binned
+# frames best, measured for the default detector at 30x30; other detectors scale it by the
+# angle one working pixel spans.
+REFERENCE_BLUR = 1.75
+REFERENCE_WORKING = DetectorGeometry().with_shape((30, 30))
+FD_STEP = 1e-4  # radians, forward difference of the Lambert map
+
+
+def master_array(phase: str, energy_kv: float, blur: float = 0.0) -> np.ndarray:
+    """The upper-hemisphere Lambert master pattern (n, n) float32, optionally blurred.
+
+    Refinement samples one hemisphere with |z|: right for every centrosymmetric phase, whose
+    lower hemisphere mirrors the upper; a phase without an inversion centre is refused.
+    """
+    mp = master_pattern(phase)
+    upper, lower = mp._get_master_pattern_arrays_from_energy(energy_kv)
+    if upper is not lower and not np.allclose(upper, lower, atol=1e-5 * float(np.abs(upper).max())):
+        raise LiveIndexError(f"phase {phase}: the master pattern's hemispheres differ (no inversion centre); "
+                             "refinement supports centrosymmetric phases only; index it with --no-refine")
+    array = np.asarray(upper, dtype=np.float32)
+    if blur > 0:
+        array = gaussian_filter(array, blur, mode="nearest")
+    return np.ascontiguousarray(array)
+
+
+def direction_cosines(geometry: DetectorGeometry) -> np.ndarray:
+    """(P, 3) unit vectors from the source point to each detector pixel, sample frame, row-major."""
+    from kikuchipy.signals.util._master_pattern import _get_direction_cosines_from_detector
+
+    return _get_direction_cosines_from_detector(geometry.kikuchipy_detector()).astype(np.float32)
+
+
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """scipy's ``gaussian_filter1d(truncate=2, mode='reflect')`` along one axis, as an (n, n) matrix,
+    the same filter the Preprocessor applies to live frames."""
+    return gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=2.0).astype(np.float32)
+
+
+class _Graph:
+    """A tiny builder: each op returns its output's name."""
+
+    def __init__(self):
+        self.nodes, self.initializers, self._ids = [], [], itertools.count()
+
+    def const(self, array, dtype=np.float32) -> str:
+        name = f"c{next(self._ids)}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        return name
+
+    def op(self, kind: str, *inputs: str, outputs: int | list[str] = 1, **attrs):
+        names = outputs if isinstance(outputs, list) else [f"t{next(self._ids)}" for _ in range(outputs)]
+        self.nodes.append(helper.make_node(kind, list(inputs), names, **attrs))
+        return names[0] if len(names) == 1 else names
+
+    def reshape(self, x: str, shape) -> str:
+        return self.op("Reshape", x, self.const(shape, np.int64))
+
+    def split(self, x: str, sizes, axis: int):
+        return self.op("Split", x, self.const(sizes, np.int64), outputs=len(sizes), axis=axis)
+
+    def model(self, inputs, outputs) -> ModelProto:
+        graph = helper.make_graph(self.nodes, "refinement", inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+        checker.check_model(model)
+        return model
+
+
+def _rotation_matrices_t(g: _Graph, q: str) -> str:
+    """q (N, 4) -> R(q)ᵀ (N, 3, 3), so that directions (P, 3) @ Rᵀ are the rotated (N, P, 3)."""
+    a, b, c, d = g.split(q, [1, 1, 1, 1], axis=1)
+    mul, add, sub = (lambda x, y: g.op("Mul", x, y)), (lambda x, y: g.op("Add", x, y)), (lambda x, y: g.op("Sub", x, y))
+    aa, bb, cc, dd = mul(a, a), mul(b, b), mul(c, c), mul(d, d)
+    two = g.const(2.0)
+    ab, ac, ad, bc, bd, cd = (mul(two, mul(x, y)) for x, y in ((a, b), (a, c), (a, d), (b, c), (b, d), (c, d)))
+    r00, r11, r22 = sub(add(aa, bb), add(cc, dd)), sub(add(aa, cc), add(bb, dd)), sub(add(aa, dd), add(bb, cc))
+    r01, r10, r02, r20, r12, r21 = sub(bc, ad), add(bc, ad), add(ac, bd), sub(bd, ac), sub(cd, ab), add(cd, ab)
+    return g.reshape(g.op("Concat", r00, r10, r20, r01, r11, r21, r02, r12, r22, axis=1), [-1, 3, 3])
+
+
+def _lambert(g: _Graph, x: str, y: str, z: str) -> tuple[str, str]:
+    """Unit vectors -> square Lambert coordinates in [-1, 1] (gx: master column, gy: row), branch free."""
+    ax, ay, az = g.op("Abs", x), g.op("Abs", y), g.op("Abs", z)
+    s = g.op("Sqrt", g.op("Relu", g.op("Sub", g.const(2.0), g.op("Add", az, az))))
+    tiny, one = g.const(1e-30), g.const(1.0)
+    # Clip, not Min/Max against a scalar: measured 35% of the graph's time with Min/Max.
+    rx = g.op("Clip", g.op("Div", ax, g.op("Clip", ay, tiny, "")), "", one)
+    ry = g.op("Clip", g.op("Div", ay, g.op("Clip", ax, tiny, "")), "", one)
+    scale = g.op("Mul", s, g.const(LAMBERT_C))
+    gx = g.op("Mul", g.op("Mul", g.op("Sign", x), scale), g.op("Atan", rx))
+    gy = g.op("Mul", g.op("Mul", g.op("Sign", y), scale), g.op("Atan", ry))
+    return gx, gy
+
+
+def _high_pass(g: _Graph, images: str, shape: tuple[int, int], sigma: float) -> str:
+    """images (..., h, w) -> images minus their Gaussian blur, the Preprocessor's background removal."""
+    h, w = shape
+    blurred = g.op("MatMul", g.const(blur_matrix(h, sigma)), g.op("MatMul", images, g.const(blur_matrix(w, sigma).T)))
+    return g.op("Sub", images, blurred)
+
+
+def _unit_rows(g: _Graph, u: str, axis: int) -> tuple[str, str]:
+    """Zero-mean along ``axis`` and divide by the norm: (normalised, norm)."""
+    u = g.op("Sub", u, g.op("ReduceMean", u, axes=[axis], keepdims=1))
+    norm = g.op("Clip", g.op("Sqrt", g.op("ReduceSumSquare", u, axes=[axis], keepdims=1)), g.const(1e-12), "")
+    return g.op("Div", u, norm), norm
+
+
+def build_score_graph(directions: np.ndarray, master: np.ndarray, shape: tuple[int, int], sigma: float) -> ModelProto:
+    g = _Graph()
+    p = shape[0] * shape[1]
+    q = g.reshape("quats", [-1, 4])
+    rotated = g.op("MatMul", g.const(directions), _rotation_matrices_t(g, q))  # (N, P, 3)
+    x, y, z = g.split(rotated, [1, 1, 1], axis=2)
+    gx, gy = _lambert(g, x, y, z)
+    # GridSample wants the image batch equal to the grid batch: all candidates in one grid.
+    grid = g.reshape(g.op("Concat", gx, gy, axis=2), [1, -1, p, 2])
+    rendered = g.op("GridSample", g.const(master[None, None]), grid, mode="bilinear", padding_mode="border",
+                    align_corners=1)  # (1, 1, N, P)
+    u = g.reshape(_high_pass(g, g.reshape(rendered, [-1, *shape]), shape, sigma), [-1, p])
+    n, _ = _unit_rows(g, u, axis=1)
+    batch_k = g.op("Slice", g.op("Shape", "quats"), g.const([0], np.int64), g.const([2], np.int64))
+    n = g.op("Reshape", n, g.op("Concat", batch_k, g.const([p], np.int64), axis=0))  # (B, K, P)
+    scores = g.op("MatMul", n, g.op("Unsqueeze", "patterns", g.const([2], np.int64)))  # (B, K, 1)
+    g.op("Squeeze", scores, g.const([2], np.int64), outputs=["scores"])
+    return g.model([helper.make_tensor_value_info("quats", TensorProto.FLOAT, ["B", "K", 4]),
+                    helper.make_tensor_value_info("patterns", TensorProto.FLOAT, ["B", p])],
+                   [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "K"])])
+
+
+def _master_with_gradients(master: np.ndarray) -> np.ndarray:
+    """(3, n, n): the master and its derivatives along normalised Lambert x (columns) and y (rows)."""
+    d_row, d_col = np.gradient(master.astype(np.float64))
+    per_unit = (master.shape[0] - 1) / 2  # d/d(normalised coordinate) = this * d/d(pixel)
+    return np.stack([master, d_col * per_unit, d_row * per_unit]).astype(np.float32)
+
+
+def build_gauss_newton_graph(directions: np.ndarray, master: np.ndarray, shape: tuple[int, int],
+                             sigma: float) -> ModelProto:
+    g = _Graph()
+    p = shape[0] * shape[1]
+    rotated = g.op("MatMul", g.const(directions), _rotation_matrices_t(g, "quats"))  # (B, P, 3)
+    x, y, z = g.split(rotated, [1, 1, 1], axis=2)
+    gx, gy = _lambert(g, x, y, z)
+    # d(gx, gy)/dθ_k along the infinitesimal rotations w -> w + ε (e_k × w).
+    eps = g.const(FD_STEP)
+    neg = lambda v: g.op("Neg", v)  # noqa: E731
+    tangents = ((None, neg(z), y), (z, None, neg(x)), (neg(y), x, None))
+    dgx, dgy = [], []
+    for tangent in tangents:
+        moved = [v if dv is None else g.op("Add", v, g.op("Mul", eps, dv)) for v, dv in zip((x, y, z), tangent)]
+        hx, hy = _lambert(g, *moved)
+        dgx.append(g.op("Div", g.op("Sub", hx, gx), eps))
+        dgy.append(g.op("Div", g.op("Sub", hy, gy), eps))
+    grid = g.reshape(g.op("Concat", gx, gy, axis=2), [1, -1, p, 2])
+    samples = g.op("GridSample", g.const(_master_with_gradients(master)[None]), grid, mode="bilinear",
+                   padding_mode="border", align_corners=1)  # (1, 3, B, P)
+    value, d_x, d_y = g.split(g.reshape(samples, [3, -1, p]), [1, 1, 1], axis=0)
+    d_x, d_y = g.reshape(d_x, [-1, p, 1]), g.reshape(d_y, [-1, p, 1])
+    derivatives = [g.op("Add", g.op("Mul", d_x, a), g.op("Mul", d_y, b)) for a, b in zip(dgx, dgy)]  # (B, P, 1)
+    derivatives = g.op("Transpose", g.op("Concat", *derivatives, axis=2), perm=[0, 2, 1])  # (B, 3, P)
+    stack = g.reshape(g.op("Concat", g.reshape(value, [-1, 1, p]), derivatives, axis=1), [-1, 4, *shape])
+    u_all = g.reshape(_high_pass(g, stack, shape, sigma), [-1, 4, p])
+    u_all = g.op("Sub", u_all, g.op("ReduceMean", u_all, axes=[2], keepdims=1))
+    u, du = g.split(u_all, [1, 3], axis=1)  # (B, 1, P), (B, 3, P)
+    norm = g.op("Clip", g.op("Sqrt", g.op("ReduceSumSquare", u, axes=[2], keepdims=1)), g.const(1e-12), "")
+    n = g.op("Div", u, norm)
+    e = g.op("Unsqueeze", "patterns", g.const([1], np.int64))  # (B, 1, P)
+    g.op("ReduceSum", g.op("Mul", n, e), g.const([1, 2], np.int64), keepdims=0, outputs=["ncc"])
+    # d n/dθ = (du − (n·du) n) / |u|
+    n_du = g.op("ReduceSum", g.op("Mul", du, n), g.const([2], np.int64), keepdims=1)
+    jacobian = g.op("Div", g.op("Sub", du, g.op("Mul", n_du, n)), norm)  # (B, 3, P)
+    g.op("MatMul", jacobian, g.op("Transpose", jacobian, perm=[0, 2, 1]), outputs=["jtj"])
+    g.op("ReduceSum", g.op("Mul", jacobian, g.op("Sub", n, e)), g.const([2], np.int64), keepdims=0, outputs=["jtr"])
+    return g.model([helper.make_tensor_value_info("quats", TensorProto.FLOAT, ["B", 4]),
+                    helper.make_tensor_value_info("patterns", TensorProto.FLOAT, ["B", p])],
+                   [helper.make_tensor_value_info("ncc", TensorProto.FLOAT, ["B"]),
+                    helper.make_tensor_value_info("jtj", TensorProto.FLOAT, ["B", 3, 3]),
+                    helper.make_tensor_value_info("jtr", TensorProto.FLOAT, ["B", 3])])
+
+
+def build_graphs(phase: str, geometry: DetectorGeometry, working_shape: tuple[int, int],
+                 sigma: float) -> tuple[ModelProto, ModelProto]:
+    """(score, gauss_newton) graphs for a phase and a scan geometry at the working size."""
+    working = geometry.with_shape(working_shape)
+    directions = direction_cosines(working)
+    binned = geometry.pattern_shape[0] > working_shape[0] * 1.01 or geometry.pattern_shape[1] > working_shape[1] * 1.01
+    # The blur stands in for the bin average, so only where the live frames are binned.
+    blur = REFERENCE_BLUR * _pixel_angle(directions, working_shape) / _pixel_angle(
+        direction_cosines(REFERENCE_WORKING), REFERENCE_WORKING.pattern_shape) if binned else 0.0
+    master = master_array(phase, geometry.energy_kv, blur)
+    return (build_score_graph(directions, master, tuple(working_shape), sigma),
+            build_gauss_newton_graph(directions, master, tuple(working_shape), sigma))
+
+
+def _pixel_angle(directions: np.ndarray, shape) -> float:
+    """Median angle (radians) between horizontally neighbouring pixels."""
+    grid = directions.reshape(*shape, 3)
+    cosines = np.clip((grid[:, 1:] * grid[:, :-1]).sum(-1), -1.0, 1.0)
+    return float(np.median(np.arccos(cosines)))
