@@ -12,8 +12,10 @@ journal. A page comes back to the queue when
   sink that died), or has not stored it within ``store_timeout``; the scan_start is sent
   to the sink again first, so a sink that restarted without it learns the scan.
 
-The sink de-duplicates by (scan, index), so a page indexed twice costs time, not
-correctness. With ``rate`` set, pages are acquired on the detector's clock whether or not
+A sink that has every point of the scan says so (``stored`` with ``complete``), which
+releases every page still held: an acknowledgement lost as the scan ends cannot leave the
+publisher waiting on a sink that has finished. The sink de-duplicates by (scan, index), so
+a page indexed twice costs time, not correctness. With ``rate`` set, pages are acquired on the detector's clock whether or not
 workers keep up (the backlog is the page store: memory, then disk); without it, a page is
 acquired when a worker has room for it.
 """
@@ -335,8 +337,11 @@ class Publisher:
         if message.kind != "stored":
             self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages from the sink"))
         elif message.header["scan"] == self.scan and message.header.get("run") in (None, self.run_id):
+            # "complete": the sink has every point of the scan, so every page is stored, whatever
+            # acknowledgement went missing; pages still out are duplicates nobody needs.
+            pages = list(self.ledger) if message.header.get("complete") else message.header["pages"]
             newest: dict[bytes, int] = {}  # worker -> its latest page now stored
-            for first in message.header["pages"]:
+            for first in pages:
                 page = self.ledger.pop(first, None)
                 if page is not None:
                     self.store.release(first)

@@ -80,6 +80,10 @@ class Sink:
         self.journals: dict[str, Journal] = {}
         self.dispatchers: dict[str, bytes] = {}  # scan -> routing id of the dispatcher publishing it
         self.acks: collections.defaultdict[str, list[int]] = collections.defaultdict(list)  # stored, not yet told
+        # Scans finished with every point in, not yet told: "stored ... complete" releases every
+        # page the dispatcher still holds, so one acknowledgement lost at the end of a scan
+        # (or a page re-sent after it) cannot keep a publisher waiting on a sink that is done.
+        self.completed: set[str] = set()
         self.done_scans: dict[str, str | None] = {}  # scan -> run, finished before this process started
         self._journal_error_logged = False
         self._last_sync = time.monotonic()
@@ -181,20 +185,22 @@ class Sink:
                     pass  # reported by the next append
 
     def _send_acks(self) -> None:
-        for scan, pages in list(self.acks.items()):
+        for scan in set(self.acks) | self.completed:
+            pages, complete = self.acks.get(scan, []), scan in self.completed
             identity = self.dispatchers.get(scan)
-            if identity is None or not pages:
+            if identity is None or not (pages or complete):
                 continue
+            state = self.scans.get(scan)
+            run = state.header.get("run") if state is not None else self.done_scans.get(scan)
+            header = {"scan": scan, "run": run, "pages": pages, **({"complete": True} if complete else {})}
             try:
-                state = self.scans.get(scan)
-                run = state.header.get("run") if state is not None else self.done_scans.get(scan)
-                self.socket.send_multipart([identity, *encode("stored", {"scan": scan, "run": run, "pages": pages})],
-                                           flags=zmq.NOBLOCK)
+                self.socket.send_multipart([identity, *encode("stored", header)], flags=zmq.NOBLOCK)
             except zmq.ZMQError:  # that dispatcher is gone; keep them for the next one to say hello
                 self.dispatchers.pop(scan, None)
                 continue
-            log.debug("told the dispatcher of scan %s: pages %s stored", scan, pages)
-            del self.acks[scan]
+            log.debug("told the dispatcher of scan %s: pages %s stored%s", scan, pages, ", scan complete" * complete)
+            self.acks.pop(scan, None)
+            self.completed.discard(scan)
 
     def _drain(self) -> None:
         for _ in range(1000):  # bounded so deadlines and stop are checked under load
@@ -309,6 +315,8 @@ class Sink:
         if state.finished:
             self.metrics.duplicates.inc(message.header["count"])
             self.acks[state.scan].append(first)
+            if state.complete:
+                self.completed.add(state.scan)
             return
         fresh = state.add(message)
         new = int(fresh.sum())
@@ -374,6 +382,8 @@ class Sink:
         if state.finished:
             return
         state.finished = True
+        if state.complete:
+            self.completed.add(state.scan)
         self.deadlines.pop(state.scan, None)
         if state.previews is not None:
             state.previews.flush()

@@ -82,9 +82,14 @@ class Cluster:
                 p.terminate()
         for p in self.procs:
             try:
-                p.wait(20)
+                _, err = p.communicate(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+                _, err = p.communicate()
+            except ValueError:  # its output was read already (a finished publisher)
+                continue
+            # Shown by pytest only when the test fails: what every process said, to diagnose it.
+            print(f"--- {' '.join(map(str, p.args[3:5]))} (exit {p.returncode}), last of its log:\n{(err or '')[-4000:]}")
 
 
 @pytest.fixture
@@ -95,7 +100,12 @@ def cluster(tmp_path):
 
 
 def _finish(sink, publisher, timeout=180):
-    out, err = publisher.communicate(timeout=timeout)
+    try:
+        out, err = publisher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        publisher.kill()
+        out, err = publisher.communicate()
+        raise AssertionError(f"the publisher did not finish within {timeout} s; its log:\n{err[-6000:]}") from exc
     assert publisher.returncode == 0, err
     sink_out, sink_err = sink.communicate(timeout=timeout)
     assert sink.returncode == 0, sink_err

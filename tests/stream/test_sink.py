@@ -10,7 +10,7 @@ import pytest
 import zmq
 from orix import io as orix_io
 
-from liveindex.stream.protocol import encode
+from liveindex.stream.protocol import decode, encode
 from liveindex.stream.sink import Sink
 
 from ..conftest import results_message, scan_start_message
@@ -136,3 +136,31 @@ def test_a_scan_whose_publisher_died_is_finished_after_the_idle_timeout(tmp_path
     assert not thread.is_alive()
     assert sink.finished[0]["received"] == 5 and sink.finished[0]["missing"] == 7
     assert (tmp_path / "s1.h5").exists()
+
+
+def test_a_finished_scan_tells_its_dispatcher_every_page_is_stored(tmp_path):
+    """One 'stored' lost at the end of a scan must not keep the publisher waiting on a sink
+    that has finished (and, with --once, exited): the sink says the scan is complete."""
+    sink = Sink(out_dir=tmp_path, http_port=None, finish_timeout=1.0)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    dispatcher = zmq.Context.instance().socket(zmq.DEALER)
+    dispatcher.connect(sink.endpoint)
+    try:
+        dispatcher.send_multipart(_start())
+        dispatcher.send_multipart(_results(range(0, 6)))
+        dispatcher.send_multipart(_results(range(6, 12)))
+        told = []
+        while not any(h.get("complete") for h in told):
+            assert dispatcher.poll(10_000), f"no word from the sink after {told}"
+            told.append(decode(dispatcher.recv_multipart()).header)
+        assert sorted(p for h in told for p in h["pages"]) == [0, 6]
+        dispatcher.send_multipart(_results(range(0, 6)))  # a page re-sent after the scan finished
+        assert dispatcher.poll(10_000)
+        again = decode(dispatcher.recv_multipart()).header
+        assert again["pages"] == [0] and again["complete"] is True
+    finally:
+        sink.stop_event.set()
+        thread.join(5)
+        dispatcher.close(linger=0)
+        sink.close()
