@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .indexer import IndexResult
+from .preprocess import StaticBackground
 from .scan_indexer import ScanIndexer
 from .sources import ScanSource
 from .writers import write_outputs
@@ -25,11 +26,12 @@ def index_source(source: ScanSource, *, resolution: float = 3.0, threads: int = 
     indexer = ScanIndexer(source.geometry, source.phases, resolution=resolution, threads=threads, providers=providers,
                           progress=progress, reason=f"the geometry of {source.metadata.get('source', 'this scan')}")
     out = IndexResult.empty(source.size)
+    background = StaticBackground()
     t0 = time.perf_counter()
     pages = range(0, source.size, page_size)
     for first in tqdm(pages, desc="indexing", unit="page", disable=not progress):
         count = min(page_size, source.size - first)
-        result = indexer.index(source.read(first, count))
+        result = indexer.index(source.read(first, count), background)
         for name in ("phase_id", "quaternion", "confidence", "method", "score"):
             getattr(out, name)[first:first + count] = getattr(result, name)
     return out, time.perf_counter() - t0

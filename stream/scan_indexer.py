@@ -28,7 +28,7 @@ from liveindex.models.phases import check_phases, point_group
 
 from .geometry import DetectorGeometry
 from .indexer import IndexResult, TemplateIndexer, choose_providers
-from .preprocess import Preprocessor
+from .preprocess import Preprocessor, StaticBackground
 from .protocol import METHOD_CODE
 from .refiner import Refiner, quaternion_multiply
 
@@ -38,8 +38,8 @@ CANDIDATES = 16  # templates kept per pattern by the matcher
 RESCUE_CANDIDATES = 3  # distinct extra starts refined for a point whose first refinement looks wrong
 DISTINCT_DEG = 6.0
 # Refined NCC at 30x30 -> confidence; fitted by benchmarks/calibrate_confidence.py.
-CONFIDENCE_THRESHOLD = 0.17
-CONFIDENCE_WIDTH = 0.02
+CONFIDENCE_THRESHOLD = 0.18
+CONFIDENCE_WIDTH = 0.014
 DEFAULT_MIN_CONFIDENCE = 0.0
 
 
@@ -82,9 +82,11 @@ class ScanIndexer:
         refined = " + Gauss-Newton refinement" if self.refiners else ""
         return f"template matching {'+'.join(i.dictionary.spec.key for i in self.indexers)}{refined} on {self.provider}"
 
-    def index(self, patterns: np.ndarray) -> IndexResult:
-        """(B, H, W) raw patterns -> results; NaN/inf or blank patterns come back not indexed."""
-        flat, valid = self.preprocess(patterns)
+    def index(self, patterns: np.ndarray, background: StaticBackground | None = None) -> IndexResult:
+        """(B, H, W) raw patterns -> results; NaN/inf or blank patterns come back not indexed.
+
+        ``background``: the scan's static background (one per scan, kept by the caller)."""
+        flat, valid = self.preprocess(patterns, background)
         scores, indices = zip(*(indexer.match(flat) for indexer in self.indexers))
         phase = np.argmax(np.stack([s[:, 0] for s in scores]), axis=0)
         rows = np.arange(len(flat))

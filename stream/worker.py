@@ -28,6 +28,7 @@ from .geometry import DetectorGeometry
 from .indexer import IndexResult
 from .metrics import WorkerMetrics
 from .protocol import METHOD_CODE, Message, check_frames, encode
+from .preprocess import StaticBackground
 from .scan_indexer import ScanIndexer
 from .transport import Receiver, open_socket
 
@@ -134,6 +135,10 @@ class Worker:
 
     def _prepare(self, header: dict) -> None:
         scan = header["scan"]
+        # The static background is the scan's own: a running mean of the frames this worker
+        # indexes, kept when the dispatcher sends the scan_start again.
+        earlier = self.scans.get(scan)
+        header["background"] = earlier["background"] if earlier is not None else StaticBackground()
         self.scans[scan] = header
         while len(self.scans) > KEEP_SCANS:
             self.scans.popitem(last=False)
@@ -214,7 +219,7 @@ class Worker:
                     result = IndexResult.empty(count)
                 else:
                     t0 = time.perf_counter()
-                    result = indexer.index(patterns)
+                    result = indexer.index(patterns, start["background"])
                     self.metrics.page_seconds.observe(time.perf_counter() - t0)
         except ProtocolError as exc:
             self.receiver.reject(exc)

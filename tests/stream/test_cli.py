@@ -33,13 +33,13 @@ def test_index_kikuchipy_written_file(tmp_path):
     xmap = orix_io.load(tmp_path / "ni.ang")
     assert xmap.shape == (3, 3)
     assert (xmap.phase_id >= 0).all()
-    # On real patterns, liveindex must pick what kikuchipy's own dictionary indexing picks
-    # from the same 3 deg sampling.
-    reference = _kikuchipy_dictionary_indexing(signal)
+    # On real patterns, liveindex (matching at 30x30, then refining) must land where
+    # kikuchipy's dictionary indexing at 60x60 followed by its own refinement lands.
+    reference = _kikuchipy_refined_indexing(signal)
     assert np.median(disorientation(xmap.rotations.data, reference)) < 0.5
 
 
-def _kikuchipy_dictionary_indexing(signal):
+def _kikuchipy_refined_indexing(signal):
     import kikuchipy as kp
     from orix.sampling import get_sample_fundamental
 
@@ -50,7 +50,9 @@ def _kikuchipy_dictionary_indexing(signal):
     corrected = signal.deepcopy()
     corrected.remove_static_background(show_progressbar=False)
     corrected.remove_dynamic_background(show_progressbar=False)
-    return corrected.dictionary_indexing(simulated, keep_n=1).rotations.data.reshape(-1, 4)
+    xmap = corrected.dictionary_indexing(simulated, keep_n=20)  # keep_n=1 trips refine_orientation (kikuchipy 0.11)
+    refined = corrected.refine_orientation(xmap, detector, mp, energy=20)
+    return refined.rotations.data.reshape(-1, 4)
 
 
 def _assert_one_line_error(proc, *words):
