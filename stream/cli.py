@@ -10,7 +10,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import LiveIndexError
+import numpy as np
+
+from .errors import InputError, LiveIndexError
 
 log = logging.getLogger("liveindex")
 
@@ -72,6 +74,34 @@ def cmd_demo(args) -> int:
     return 0 if summary["missing"] == 0 else 1
 
 
+def _add_indexing_options(p) -> None:
+    p.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
+    p.add_argument("--no-refine", action="store_true",
+                   help="template matching only (faster, about 1.4 deg median instead of 0.05-0.5 deg)")
+    p.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
+                   help="points with confidence below C (0..1) get phase -1; confidence above 0.5 means right "
+                        "(within 3 deg) at least 99%% of the time (default 0: keep every point)")
+    p.add_argument("--static-background", metavar="FILE.npy",
+                   help="the detector's static background (default: each scan's running mean frame)")
+
+
+def _indexing_options(args) -> dict:
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise InputError(f"--min-confidence {args.min_confidence} is outside 0..1; confidence 0.5 is the point "
+                         "above which at least 99% of points are right")
+    background = None
+    if args.static_background:
+        try:
+            background = np.load(args.static_background).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the static background {args.static_background}: {exc}; give a "
+                             ".npy of one (H, W) frame") from None
+        if background.ndim != 2:
+            raise InputError(f"the static background {args.static_background} has shape {background.shape}; "
+                             "give one (H, W) frame")
+    return {"refine": not args.no_refine, "min_confidence": args.min_confidence, "static_background": background}
+
+
 def cmd_index(args) -> int:
     from .offline import index_file
     from .sources import load_file
@@ -84,7 +114,7 @@ def cmd_index(args) -> int:
         source.geometry = source.geometry.with_shape(source.patterns.shape[-2:])
     out = args.out or Path(args.file).with_suffix(".h5")
     summary = index_file(source, Path(out), resolution=args.resolution, threads=args.threads,
-                         providers=args.providers)
+                         providers=args.providers, **_indexing_options(args))
     print(f"liveindex index: {summary['points']} patterns, {summary['indexed']} indexed, "
           f"{summary['frames_per_second']} patterns/s; wrote {', '.join(summary['files'])}")
     return 0
@@ -128,6 +158,7 @@ def cmd_worker(args) -> int:
     run_worker(report=lambda **_: None, stop_event=_stop_on_signals(), dispatcher=args.dispatcher, sink=args.sink,
                name=args.name, prefetch=args.prefetch, resolution=args.resolution, providers=args.providers,
                threads=args.threads, connect_timeout=args.connect_timeout, metrics_port=args.metrics_port,
+               **_indexing_options(args),
                metrics_host=args.metrics_host, keys=CurveKeys.load(args.keys))
     return 0
 
@@ -185,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     _add_geometry_options(p)
     p.add_argument("--out", help="OUT.h5 or OUT.ang (the other outputs go beside it) or a folder")
-    p.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
+    _add_indexing_options(p)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_index)
@@ -221,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", default=DEFAULT_SINK)
     p.add_argument("--name")
     p.add_argument("--prefetch", type=int, default=2, help="pages asked for ahead")
-    p.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
+    _add_indexing_options(p)
     p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="CPU threads for inference")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to reach the dispatcher (0: forever)")

@@ -6,13 +6,13 @@ import logging
 import threading
 import webbrowser
 
-from liveindex.models.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build
+from liveindex.models.dictionary import DEFAULT_RESOLUTION, load_or_build
 
 from .geometry import DetectorGeometry
-from .preprocess import Preprocessor
 from .processes import ChildProcess
 from .publisher import Publisher
 from .roles import run_sink, run_worker
+from .scan_indexer import CANDIDATES, dictionary_spec
 from .simulator import SimulatedScan
 from .sources import SimulatedSource
 
@@ -30,8 +30,8 @@ def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", o
     geometry = DetectorGeometry()
     # Build (or find) the dictionary here, once, with a progress bar the user sees,
     # rather than in every worker.
-    working = geometry.with_shape(Preprocessor.for_shape(geometry.pattern_shape).working_shape)
-    load_or_build(DictionarySpec("ni", working, resolution), reason="first run of the demo geometry")
+    load_or_build(dictionary_spec("ni", geometry, resolution), top_k=CANDIDATES,
+                  reason="first run of the demo geometry")
     log.info("simulating a %dx%d Ni polycrystal at %s noise", nav_shape[1], nav_shape[0], noise)
     source = SimulatedSource(SimulatedScan(nav_shape, geometry=geometry, noise=noise, seed=seed))
 

@@ -10,7 +10,6 @@ import numpy as np
 from tqdm import tqdm
 
 from .indexer import IndexResult
-from .preprocess import StaticBackground
 from .scan_indexer import ScanIndexer
 from .sources import ScanSource
 from .writers import write_outputs
@@ -21,12 +20,13 @@ OUTPUT_SUFFIXES = (".h5", ".ang")
 
 
 def index_source(source: ScanSource, *, resolution: float = 3.0, threads: int = 0, providers: str = "auto",
-                 page_size: int = 256, progress: bool = True) -> tuple[IndexResult, float]:
+                 page_size: int = 256, progress: bool = True, **indexing) -> tuple[IndexResult, float]:
     """Index every frame of a source; returns the results and the indexing seconds."""
     indexer = ScanIndexer(source.geometry, source.phases, resolution=resolution, threads=threads, providers=providers,
-                          progress=progress, reason=f"the geometry of {source.metadata.get('source', 'this scan')}")
+                          progress=progress, reason=f"the geometry of {source.metadata.get('source', 'this scan')}",
+                          **indexing)
     out = IndexResult.empty(source.size)
-    background = StaticBackground()
+    background = indexer.new_background()
     t0 = time.perf_counter()
     pages = range(0, source.size, page_size)
     for first in tqdm(pages, desc="indexing", unit="page", disable=not progress):

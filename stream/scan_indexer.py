@@ -26,6 +26,7 @@ import numpy as np
 from liveindex.models.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build
 from liveindex.models.phases import check_phases, point_group
 
+from .errors import InputError
 from .geometry import DetectorGeometry
 from .indexer import IndexResult, TemplateIndexer, choose_providers
 from .preprocess import Preprocessor, StaticBackground
@@ -35,11 +36,11 @@ from .refiner import Refiner, quaternion_multiply
 log = logging.getLogger(__name__)
 
 CANDIDATES = 16  # templates kept per pattern by the matcher
-RESCUE_CANDIDATES = 3  # distinct extra starts refined for a point whose first refinement looks wrong
+RESCUE_CANDIDATES = 5  # distinct extra starts refined for a point whose first refinement looks wrong
 DISTINCT_DEG = 6.0
 # Refined NCC at 30x30 -> confidence; fitted by benchmarks/calibrate_confidence.py.
-CONFIDENCE_THRESHOLD = 0.18
-CONFIDENCE_WIDTH = 0.014
+CONFIDENCE_THRESHOLD = 0.19
+CONFIDENCE_WIDTH = 0.015
 DEFAULT_MIN_CONFIDENCE = 0.0
 
 
@@ -48,21 +49,33 @@ def confidence_from_ncc(ncc: np.ndarray) -> np.ndarray:
         np.float32)
 
 
+def dictionary_spec(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION) -> DictionarySpec:
+    """The template dictionary a scan with this geometry is matched against."""
+    working = geometry.with_shape(Preprocessor.for_shape(geometry.pattern_shape).working_shape)
+    binned = min(geometry.pattern_shape[0] // working.pattern_shape[0],
+                 geometry.pattern_shape[1] // working.pattern_shape[1])
+    return DictionarySpec(phase, working, resolution, supersample=2 if binned >= 2 else 1)
+
+
 class ScanIndexer:
     def __init__(self, geometry: DetectorGeometry, phases, *, resolution: float = DEFAULT_RESOLUTION,
                  providers: str = "auto", threads: int = 0, progress: bool = True, reason: str = "",
-                 refine: bool = True, min_confidence: float = DEFAULT_MIN_CONFIDENCE):
+                 refine: bool = True, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+                 static_background: np.ndarray | None = None):
         self.geometry = geometry
         self.phases = check_phases(phases)
         self.preprocess = Preprocessor.for_shape(geometry.pattern_shape)
         self.min_confidence = float(min_confidence)
-        working = geometry.with_shape(self.preprocess.working_shape)
-        binned = min(geometry.pattern_shape[0] // working.pattern_shape[0],
-                     geometry.pattern_shape[1] // working.pattern_shape[1])
-        supersample = 2 if binned >= 2 else 1
+        self._background = None
+        if static_background is not None:
+            if tuple(static_background.shape) != tuple(geometry.pattern_shape):
+                raise InputError(f"the static background is {static_background.shape[0]}x{static_background.shape[1]} "
+                                 f"but the scan's patterns are {geometry.pattern_shape[0]}x{geometry.pattern_shape[1]}; "
+                                 "record it with the same detector binning")
+            self._background = self.preprocess._to_working(static_background[None].astype(np.float32))[0]
         self.indexers, self.refiners = [], []
         for phase_id, phase in enumerate(self.phases):
-            dictionary = load_or_build(DictionarySpec(phase, working, resolution, supersample), top_k=CANDIDATES,
+            dictionary = load_or_build(dictionary_spec(phase, geometry, resolution), top_k=CANDIDATES,
                                        reason=reason, progress=progress)
             indexer = TemplateIndexer(dictionary, phase_id=phase_id, providers=providers, threads=threads)
             indexer.warm_up(self.preprocess.n_pixels)
@@ -71,6 +84,10 @@ class ScanIndexer:
                 self.refiners.append(Refiner(phase, geometry, self.preprocess.working_shape, self.preprocess.sigma,
                                              providers=choose_providers(providers), threads=threads))
         self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
+
+    def new_background(self) -> StaticBackground:
+        """A scan's static background: the supplied frame, or else the scan's running mean."""
+        return StaticBackground(self._background)
 
     @property
     def provider(self) -> str:

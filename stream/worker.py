@@ -28,7 +28,6 @@ from .geometry import DetectorGeometry
 from .indexer import IndexResult
 from .metrics import WorkerMetrics
 from .protocol import METHOD_CODE, Message, check_frames, encode
-from .preprocess import StaticBackground
 from .scan_indexer import ScanIndexer
 from .transport import Receiver, open_socket
 
@@ -43,7 +42,7 @@ class Worker:
     def __init__(self, *, dispatcher: str, sink: str, name: str | None = None, context: zmq.Context | None = None,
                  prefetch: int = 2, resolution: float = 3.0, providers: str = "auto", threads: int = 1,
                  connect_timeout: float = 60.0, stop_event: threading.Event | None = None,
-                 metrics: WorkerMetrics | None = None, keys=None):
+                 metrics: WorkerMetrics | None = None, keys=None, **indexing):
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.context = context or zmq.Context.instance()
         self.dispatcher_address, self.sink_address = dispatcher, sink
@@ -61,6 +60,7 @@ class Worker:
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self.frames_done = 0
         self.keys = keys
+        self.indexing = indexing  # refine, min_confidence, static_background: ScanIndexer's options
         self.outbox: collections.deque[tuple[list, list]] = collections.deque()  # (results, done entry)
         self._sink_blocked_since: float | None = None
         self._sink_blocked_logged = False
@@ -135,10 +135,11 @@ class Worker:
 
     def _prepare(self, header: dict) -> None:
         scan = header["scan"]
-        # The static background is the scan's own: a running mean of the frames this worker
-        # indexes, kept when the dispatcher sends the scan_start again.
+        # The static background (made with the scan's first page) is kept when the dispatcher
+        # sends the scan_start again: it may be a running mean of the frames indexed so far.
         earlier = self.scans.get(scan)
-        header["background"] = earlier["background"] if earlier is not None else StaticBackground()
+        if earlier is not None and "background" in earlier:
+            header["background"] = earlier["background"]
         self.scans[scan] = header
         while len(self.scans) > KEEP_SCANS:
             self.scans.popitem(last=False)
@@ -154,7 +155,7 @@ class Worker:
             reason = f"scan {scan} has geometry {geometry.cache_key()}"
             self.indexers[key] = self.pool.submit(
                 ScanIndexer, geometry, header["phases"], resolution=self.resolution, providers=self.providers,
-                threads=self.threads, reason=reason,
+                threads=self.threads, reason=reason, **self.indexing,
             )
 
     def _work(self, dealer: zmq.Socket, results: zmq.Socket) -> None:
@@ -219,6 +220,8 @@ class Worker:
                     result = IndexResult.empty(count)
                 else:
                     t0 = time.perf_counter()
+                    if "background" not in start:
+                        start["background"] = indexer.new_background()
                     result = indexer.index(patterns, start["background"])
                     self.metrics.page_seconds.observe(time.perf_counter() - t0)
         except ProtocolError as exc:
