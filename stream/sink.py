@@ -50,6 +50,9 @@ def _warm_up() -> None:
         ipf_colours(identity, np.zeros(1, np.int16), [phase])
 
 
+FINAL_ACK_SECONDS = 3.0
+
+
 class Sink:
     def __init__(self, *, bind: str = "tcp://127.0.0.1:0", out_dir="liveindex-out", http_host: str = "127.0.0.1",
                  http_port: int | None = 8080, max_scans: int | None = None, finish_timeout: float = 30.0,
@@ -115,7 +118,15 @@ class Sink:
                 if self.max_scans is not None and len(self.finished) >= self.max_scans:
                     break
         finally:
-            self._send_acks()
+            # Acknowledgements still owed leave with us: retry briefly, so a dispatcher that
+            # was busy or between reconnects still hears that its pages are safe.
+            deadline = time.monotonic() + FINAL_ACK_SECONDS
+            while not self._send_acks() and time.monotonic() < deadline:
+                if self.socket.poll(50):
+                    self._drain()
+            if any(self.acks.values()) or self.completed:
+                log.warning("stopping with acknowledgements untold for scans %s; their publisher re-sends those "
+                            "pages to the next sink, which has the journal", sorted(set(self.acks) | self.completed))
             self.socket.close(linger=2000)
             for journal in self.journals.values():
                 journal.close()
@@ -184,7 +195,8 @@ class Sink:
                 except OSError:
                     pass  # reported by the next append
 
-    def _send_acks(self) -> None:
+    def _send_acks(self) -> bool:
+        """Tell dispatchers what is stored; True if nothing is left to tell."""
         for scan in set(self.acks) | self.completed:
             pages, complete = self.acks.get(scan, []), scan in self.completed
             identity = self.dispatchers.get(scan)
@@ -195,12 +207,17 @@ class Sink:
             header = {"scan": scan, "run": run, "pages": pages, **({"complete": True} if complete else {})}
             try:
                 self.socket.send_multipart([identity, *encode("stored", header)], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:  # that dispatcher is gone; keep them for the next one to say hello
+            except zmq.Again:  # that dispatcher's queue is full: it is there, so try again later
+                log.debug("the dispatcher of scan %s is busy; acknowledgements wait", scan)
+                continue
+            except zmq.ZMQError as exc:  # that dispatcher is gone; keep them for the next one to say hello
+                log.info("the dispatcher of scan %s is unreachable (%s); acknowledgements wait for it", scan, exc)
                 self.dispatchers.pop(scan, None)
                 continue
             log.debug("told the dispatcher of scan %s: pages %s stored%s", scan, pages, ", scan complete" * complete)
             self.acks.pop(scan, None)
             self.completed.discard(scan)
+        return not any(self.acks.values()) and not self.completed
 
     def _drain(self) -> None:
         for _ in range(1000):  # bounded so deadlines and stop are checked under load
