@@ -77,6 +77,9 @@ class Preprocessor:
         return zoom(patterns.astype(np.float32), (1, wh / h, ww / w), order=1)
 
 
+RUNNING_BACKGROUND_SMOOTHING = 30  # Gaussian sigma = working width / this
+
+
 class StaticBackground:
     """The static background of one scan: the mean of its frames, at the working size.
 
@@ -107,4 +110,9 @@ class StaticBackground:
             self.count += int(valid.sum())
         if self.total is None:
             return np.zeros(working.shape[1:], np.float32)
-        return (self.total / self.count).astype(np.float32)
+        # Smoothed by about one working pixel: a scan of few large grains leaves their
+        # Kikuchi bands in the mean, and subtracting them sharp hurt (hard noise, 40x40 of
+        # ~25 grains: 95.8% within 3 deg, 96.9% with no static background, 97.1% smoothed);
+        # smoothing more (2 px) undid the gain on kikuchipy's real Ni scan.
+        mean = (self.total / self.count).astype(np.float32)
+        return gaussian_filter(mean, working.shape[2] / RUNNING_BACKGROUND_SMOOTHING, truncate=2.0)
