@@ -6,13 +6,13 @@ import logging
 import threading
 import webbrowser
 
-from liveindex.models.dictionary import DEFAULT_RESOLUTION, load_or_build
+from liveindex.models.dictionary import DEFAULT_RESOLUTION
 
 from .geometry import DetectorGeometry
 from .processes import ChildProcess
 from .publisher import Publisher
 from .roles import run_sink, run_worker
-from .scan_indexer import CANDIDATES, dictionary_spec
+from .scan_indexer import load_dictionary
 from .simulator import SimulatedScan
 from .sources import SimulatedSource
 
@@ -30,8 +30,7 @@ def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", o
     geometry = DetectorGeometry()
     # Build (or find) the dictionary here, once, with a progress bar the user sees,
     # rather than in every worker.
-    load_or_build(dictionary_spec("ni", geometry, resolution), top_k=CANDIDATES,
-                  reason="first run of the demo geometry")
+    load_dictionary("ni", geometry, resolution, reason="first run of the demo geometry")
     log.info("simulating a %dx%d Ni polycrystal at %s noise", nav_shape[1], nav_shape[0], noise)
     source = SimulatedSource(SimulatedScan(nav_shape, geometry=geometry, noise=noise, seed=seed))
 

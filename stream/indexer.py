@@ -75,11 +75,10 @@ class TemplateIndexer:
     gives_phase = True
     batch_hint = 256  # pages of this size keep MatMul efficient
 
-    def __init__(self, dictionary, *, phase_id: int = 0, providers: str = "auto", threads: int = 0):
+    def __init__(self, dictionary, *, providers: str = "auto", threads: int = 0):
         import onnxruntime as ort
 
         self.dictionary = dictionary
-        self.phase_id = phase_id
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
@@ -97,16 +96,3 @@ class TemplateIndexer:
         if scores.shape[0] != patterns.shape[0]:
             raise LiveIndexError(f"matcher returned {scores.shape[0]} rows for a batch of {patterns.shape[0]}")
         return scores, indices
-
-    def index(self, patterns: np.ndarray, valid: np.ndarray) -> IndexResult:
-        scores, indices = self.match(patterns)
-        best = indices[:, 0]
-        result = IndexResult(
-            phase_id=np.where(valid, self.phase_id, -1).astype(np.int16),
-            quaternion=self.dictionary.rotations[best],
-            confidence=np.clip(scores[:, 0], 0.0, 1.0).astype(np.float32),
-            method=np.where(valid, METHOD_CODE[self.method], METHOD_CODE["none"]).astype(np.uint8),
-            score=scores[:, 0].astype(np.float32),
-        )
-        result.confidence[~valid] = 0.0
-        return result

@@ -93,7 +93,7 @@ class StaticBackground:
     """
 
     def __init__(self, supplied: np.ndarray | None = None):
-        self.supplied = None if supplied is None else np.asarray(supplied, np.float64)
+        self.supplied = None if supplied is None else np.asarray(supplied, np.float32)
         self.total: np.ndarray | None = None
         self.count = 0
 
@@ -103,7 +103,7 @@ class StaticBackground:
             if self.supplied.shape != working.shape[1:]:
                 raise ValueError(f"the supplied static background has shape {self.supplied.shape}; frames at the "
                                  f"working size are {working.shape[1:]}: supply it binned to that size")
-            return self.supplied.astype(np.float32)
+            return self.supplied
         if valid.any():
             page_sum = working[valid].sum(axis=0, dtype=np.float64)
             self.total = page_sum if self.total is None else self.total + page_sum

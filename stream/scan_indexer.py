@@ -57,6 +57,11 @@ def dictionary_spec(phase: str, geometry: DetectorGeometry, resolution: float = 
     return DictionarySpec(phase, working, resolution, supersample=2 if binned >= 2 else 1)
 
 
+def load_dictionary(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION, **options):
+    """The scan's dictionary with the matcher ScanIndexer uses, from the cache or built now."""
+    return load_or_build(dictionary_spec(phase, geometry, resolution), top_k=CANDIDATES, **options)
+
+
 class ScanIndexer:
     def __init__(self, geometry: DetectorGeometry, phases, *, resolution: float = DEFAULT_RESOLUTION,
                  providers: str = "auto", threads: int = 0, progress: bool = True, reason: str = "",
@@ -74,10 +79,9 @@ class ScanIndexer:
                                  "record it with the same detector binning")
             self._background = self.preprocess._to_working(static_background[None].astype(np.float32))[0]
         self.indexers, self.refiners = [], []
-        for phase_id, phase in enumerate(self.phases):
-            dictionary = load_or_build(dictionary_spec(phase, geometry, resolution), top_k=CANDIDATES,
-                                       reason=reason, progress=progress)
-            indexer = TemplateIndexer(dictionary, phase_id=phase_id, providers=providers, threads=threads)
+        for phase in self.phases:
+            dictionary = load_dictionary(phase, geometry, resolution, reason=reason, progress=progress)
+            indexer = TemplateIndexer(dictionary, providers=providers, threads=threads)
             indexer.warm_up(self.preprocess.n_pixels)
             self.indexers.append(indexer)
             if refine:
@@ -105,9 +109,9 @@ class ScanIndexer:
         ``background``: the scan's static background (one per scan, kept by the caller)."""
         flat, valid = self.preprocess(patterns, background)
         scores, indices = zip(*(indexer.match(flat) for indexer in self.indexers))
-        phase = np.argmax(np.stack([s[:, 0] for s in scores]), axis=0)
-        rows = np.arange(len(flat))
-        top_score = np.stack([s[:, 0] for s in scores])[phase, rows]
+        best_scores = np.stack([s[:, 0] for s in scores])  # (phases, B)
+        phase = np.argmax(best_scores, axis=0)
+        top_score = best_scores[phase, np.arange(len(flat))]
         quaternion = np.empty((len(flat), 4), np.float32)
         for p, indexer in enumerate(self.indexers):
             mine = phase == p
@@ -151,9 +155,9 @@ class ScanIndexer:
         DISTINCT_DEG from the first and from each other (a repeat of the last where too few)."""
         symmetry = self._symmetry[p]
         # |<a, b·s>| over the proper symmetry operators s: cos of half the disorientation.
-        equivalents = quaternion_multiply(candidates[:, :, None, None, :].astype(np.float64),
-                                          symmetry[None, None, None, :, :])  # (D, K, 1, S, 4)
-        dots = np.abs(np.einsum("dkc,dlsc->dkls", candidates.astype(np.float64), equivalents[:, :, 0]))
+        candidates64 = candidates.astype(np.float64)
+        equivalents = quaternion_multiply(candidates64[:, :, None, :], symmetry[None, None])  # (D, K, S, 4)
+        dots = np.abs(np.einsum("dkc,dlsc->dkls", candidates64, equivalents))
         close = dots.max(axis=3) > np.cos(np.radians(DISTINCT_DEG) / 2)  # (D, K, K)
         out = np.empty((len(candidates), RESCUE_CANDIDATES, 4), np.float32)
         for d in range(len(candidates)):
