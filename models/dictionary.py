@@ -121,11 +121,14 @@ def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:
 
 
 def simulate_templates(phase: str, geometry: DetectorGeometry, rotations: np.ndarray, *, progress: bool = False,
-                       tqdm=None) -> np.ndarray:
-    """Simulate and preprocess templates: (N, P) float32, rows zero-mean and unit-norm."""
+                       tqdm=None, kind: str = "best") -> np.ndarray:
+    """Simulate and preprocess templates: (N, P) float32, rows zero-mean and unit-norm.
+
+    ``kind`` picks the master pattern (phases.master_pattern: best, dynamical, kinematical).
+    """
     from orix.quaternion import Rotation
 
-    mp = master_pattern(phase)
+    mp = master_pattern(phase, kind)
     detector = geometry.kikuchipy_detector()
     prep = Preprocessor.for_shape(geometry.pattern_shape)
     out = np.empty((len(rotations), prep.n_pixels), dtype=np.float32)
