@@ -108,7 +108,10 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
 def cache_path(bundle_folder: Path, resolution: float) -> Path:
     from .dictionary import cache_dir
 
-    digest = hashlib.sha1((bundle_folder / "network.onnx").read_bytes()).hexdigest()[:12]
+    h = hashlib.sha1()
+    for name in ("network.onnx", "embedding.npy"):  # the codes are the embedding of templates
+        h.update((bundle_folder / name).read_bytes())
+    digest = h.hexdigest()[:12]
     return cache_dir() / "network_codebooks" / f"{digest}-r{resolution:g}-v{FORMAT}.npz"
 
 
