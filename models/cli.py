@@ -89,7 +89,7 @@ def add_commands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--n-train", type=int, default=90_000, help="simulated training patterns (default 90000)")
     t.add_argument("--n-val", type=int, default=2_000, help="validation patterns watched during training")
-    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--epochs", type=int, default=7)
     t.add_argument("--width", type=int, default=16, help="channels of the phase CNN's first convolution")
     t.set_defaults(func=cmd_train)
 

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 N_NEIGHBOURS = 27
 # One code book per band geometry, rendered at the nominal geometry of the bundle's range.
-CODEBOOK_SOURCES = (("ni", "dynamical"), ("fe", "kinematical"))
+# Ni's kinematical one serves kinematical fcc patterns (Ni3Al's): its correlation with them is
+# 0.99, against 0.6 for the dynamical one.
+CODEBOOK_SOURCES = (("ni", "dynamical"), ("fe", "kinematical"), ("ni", "kinematical"))
 T_WEIGHTS = (1, 1, 1, 4, 4, 4, 4, 4, 4, 6, 6, 6, 12, 12, 12)  # multinomial counts: |T1 - T2| is Frobenius
 FORMAT = 1
 

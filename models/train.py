@@ -8,8 +8,8 @@ One ONNX-exportable module, trained on simulated patterns (models/training_data.
   zone is cut into cells (a 3 deg cubochoric sampling, 30 443 cells). A linear embedding
   (the 64 leading principal components of simulated patterns: fitted, then frozen, since the
   codes are made with it) maps a pattern to 64 numbers; their cosine with one code per cell
-  and band geometry (fcc: Ni's dynamical master pattern; bcc: Fe's kinematical one; both at
-  the nominal geometry) classifies the cell. The quaternion is then the softmax-weighted mean
+  and code book (Ni's dynamical master pattern, Fe's kinematical one, Ni's kinematical one for
+  kinematical fcc patterns such as Ni3Al's; all at the nominal geometry) classifies the cell. The quaternion is then the softmax-weighted mean
   of the best cell and its 26 nearest cells, each taken in the symmetric equivalent next to
   it, with a learned temperature: sub-cell precision from the neighbours' scores. The
   symmetry-aware loss is min over the 24 cubic rotations s (and sign) of |q - s q_true|.
@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     n_train: int = 90_000
     n_val: int = 2_000
-    epochs: int = 8
+    epochs: int = 7
     batch: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -144,7 +144,8 @@ def build_network(n_phases: int, width: int = 16, hidden: int = 128, *, embed):
             scores = per_geometry.max(dim=1).values  # (B, K): best band geometry
             best = scores.argmax(dim=1)
             nb = neighbours[best]  # (B, n)
-            weights = torch.softmax(torch.gather(scores, 1, nb) / self.log_temperature.exp(), dim=1)
+            temperature = self.log_temperature.clamp(float(np.log(1e-3)), 0.0).exp()
+            weights = torch.softmax(torch.gather(scores, 1, nb) / temperature, dim=1)
             q = (weights[..., None] * aligned[best]).sum(1)
             q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(1e-8)
             q = q * torch.where(q[:, :1] < 0, -1.0, 1.0)  # w >= 0, as the simulator's truth
@@ -180,6 +181,12 @@ def quat_multiply(a, b):
     bw, bx, by, bz = b.unbind(-1)
     return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
                         aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
+
+
+def symmetric_dot(q_pred, q_true, ops):
+    """max over the 24 equivalents s * q_true of |<q_pred, s q_true>| (cos of half the disorientation)."""
+    equivalents = quat_multiply(ops[None, :, :], q_true[:, None, :])  # (B, 24, 4)
+    return (equivalents * q_pred[:, None, :]).sum(-1).abs().max(dim=1).values.clamp(max=1.0)
 
 
 def symmetric_angle_deg(q_pred, q_true, ops):
@@ -236,13 +243,17 @@ def train(config: TrainConfig, out: Path, *, command: str = "") -> Path:
         for step in range(steps_per_epoch):
             idx = order[step * config.batch:(step + 1) * config.batch]
             logits, q, conf = net(x_all[idx], *book)
-            angle = symmetric_angle_deg(q, rot_t[idx], ops)
-            dist = torch.sqrt((1.0 - torch.cos(torch.deg2rad(angle) / 2)).clamp_min(1e-10) * 2)  # |q - s q_true|
+            dot = symmetric_dot(q, rot_t[idx], ops)
+            # |q - s q_true| for the nearest equivalent and sign; the clamp keeps the gradient finite
+            # (through acos it is infinite at zero error: epoch 2 of the first full run went NaN).
+            dist = torch.sqrt((2.0 - 2.0 * dot).clamp_min(1e-8))
+            angle = torch.rad2deg(2.0 * torch.acos(dot.detach().clamp(max=1.0)))
             ce = torch.nn.functional.cross_entropy(logits, phase_t[idx])
             bce = torch.nn.functional.binary_cross_entropy_with_logits(conf, (angle.detach() <= CONFIDENT_DEG).float())
             loss = ce + config.orientation_weight * dist.mean() + config.confidence_weight * bce
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             opt.step()
             sched.step()
             sums += [loss.item(), ce.item(), float(angle.detach().median()), bce.item()]
@@ -255,7 +266,7 @@ def train(config: TrainConfig, out: Path, *, command: str = "") -> Path:
                                                                          for k, v in row.items()}))
     path = out / "checkpoint.pt"
     torch.save({"state_dict": net.state_dict(), "config": asdict(config), "phases": list(td.PHASES),
-                "temperature": float(net.log_temperature.exp())}, path)
+                "temperature": float(net.log_temperature.clamp(float(np.log(1e-3)), 0.0).exp())}, path)
     (out / "train.json").write_text(json.dumps({
         "config": asdict(config), "history": history, "render_seconds": round(render_s, 1),
         "train_seconds": round(time.perf_counter() - t0, 1), "command": command,
