@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, train
 
     config = TrainConfig(seed=args.seed, n_train=args.n_train, n_val=args.n_val, epochs=args.epochs,
-                         width=args.width)
+                         width=args.width, embed_dim=args.embed_dim)
     path = train(config, Path(args.out), command=_command_line())
     print(f"liveindex models train: checkpoint {path}")
     return 0
@@ -89,7 +89,8 @@ def add_commands(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--n-train", type=int, default=90_000, help="simulated training patterns (default 90000)")
     t.add_argument("--n-val", type=int, default=2_000, help="validation patterns watched during training")
-    t.add_argument("--epochs", type=int, default=7)
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--embed-dim", type=int, default=128, help="size of the orientation embedding")
     t.add_argument("--width", type=int, default=16, help="channels of the phase CNN's first convolution")
     t.set_defaults(func=cmd_train)
 

@@ -37,11 +37,11 @@ INPUTS = ("patterns", "codes", "neighbours", "aligned")
 
 def dummy_codebook(embed_dim: int, n_cells: int = 40, seed: int = 0) -> dict:
     """A small random code book with the real one's shapes and dtypes (for export and tests)."""
-    from .codebook import N_NEIGHBOURS, normalise_rows
+    from .codebook import CODEBOOK_SOURCES, N_NEIGHBOURS, normalise_rows
 
     rng = np.random.default_rng(seed)
     aligned = rng.standard_normal((n_cells, N_NEIGHBOURS, 4)).astype(np.float32)
-    return {"codes": normalise_rows(rng.standard_normal((2, n_cells, embed_dim)).astype(np.float32)),
+    return {"codes": normalise_rows(rng.standard_normal((len(CODEBOOK_SOURCES), n_cells, embed_dim)).astype(np.float32)),
             "neighbours": rng.integers(0, n_cells, (n_cells, N_NEIGHBOURS)).astype(np.int64),
             "aligned": aligned / np.linalg.norm(aligned, axis=-1, keepdims=True)}
 
@@ -114,14 +114,15 @@ def export(checkpoint: Path, out: Path, *, eval_n: int = DEFAULT_EVAL_N, command
         "name": out.name,
         "network": NETWORK_FILE,
         "orientation": {
-            "method": "classification over orientation cells, then regression: cosine similarity of a 64-d "
-                      "embedding (PCA of simulated patterns, embedding.npy) against one code per cell and band "
+            "method": "classification over orientation cells, then regression: cosine similarity of an "
+                      "embedding (PCA of simulated patterns, embedding.npy; embedding_dim) against one code per cell and band "
                       "geometry, then the softmax-weighted mean (learned temperature) of the best cell and its 26 "
                       "nearest cells, each in the symmetric equivalent next to it",
             "cell_resolution_deg": config["cell_resolution"],
             "codebook_sources": [list(s) for s in CODEBOOK_SOURCES],
             "codebook_geometry": "the nominal geometry of geometry_range (pc_centre, sample tilt 70, detector tilt 0)",
             "temperature": ckpt.get("temperature"),
+            "embedding_dim": config["embed_dim"],
             "embedding": EMBEDDING_FILE,
         },
         "phases": [{"name": p, "space_group": STRUCTURES[p][0], "point_group": POINT_GROUPS[p],

@@ -6,8 +6,10 @@ One ONNX-exportable module, trained on simulated patterns (models/training_data.
   in each band geometry's code book (below); softmax over the bundle's phases, cross-entropy;
 - orientation: classification over orientation cells, then regression. The m-3m fundamental
   zone is cut into cells (a 3 deg cubochoric sampling, 30 443 cells). A linear embedding
-  (the 64 leading principal components of simulated patterns: fitted, then frozen, since the
-  codes are made with it) maps a pattern to 64 numbers; their cosine with one code per cell
+  (the 128 leading principal components of simulated patterns: fitted, then frozen, since the
+  codes are made with it) maps a pattern to 128 numbers (64 kept too little of dynamical Ni
+  patterns: 72% of them within 3 deg at moderate noise, against 89% with 128 and 92% with
+  full-size NCC on the same cells); their cosine with one code per cell
   and code book (Ni's dynamical master pattern, Fe's kinematical one, Ni's kinematical one for
   kinematical fcc patterns such as Ni3Al's; all at the nominal geometry) classifies the cell. The quaternion is then the softmax-weighted mean
   of the best cell and its 26 nearest cells, each taken in the symmetric equivalent next to
@@ -51,7 +53,7 @@ class TrainConfig:
     seed: int = 0
     n_train: int = 90_000
     n_val: int = 2_000
-    epochs: int = 7
+    epochs: int = 5
     batch: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -59,7 +61,7 @@ class TrainConfig:
     confidence_weight: float = 0.1
     width: int = 16  # channels of the phase CNN's first convolution; the others scale with it
     hidden: int = 128  # the phase CNN's fully connected layer
-    embed_dim: int = 64
+    embed_dim: int = 128
     cell_resolution: float = 3.0
 
 
