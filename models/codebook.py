@@ -110,9 +110,9 @@ def normalise_rows(x: np.ndarray) -> np.ndarray:
 def cache_path(bundle_folder: Path, resolution: float) -> Path:
     from .dictionary import cache_dir
 
-    h = hashlib.sha1()
-    for name in ("network.onnx", "embedding.npy"):  # the codes are the embedding of templates
-        h.update((bundle_folder / name).read_bytes())
+    # The codes are the bundle's embedding of templates: nothing else of the bundle matters.
+    h = hashlib.sha1((bundle_folder / "embedding.npy").read_bytes())
+    h.update(repr(CODEBOOK_SOURCES).encode())
     digest = h.hexdigest()[:12]
     return cache_dir() / "network_codebooks" / f"{digest}-r{resolution:g}-v{FORMAT}.npz"
 

@@ -301,4 +301,7 @@ def load_checkpoint(path: Path):
     net = build_network(len(ckpt["phases"]), ckpt["config"]["width"], ckpt["config"]["hidden"],
                         embed=ckpt["state_dict"]["embed"])
     net.load_state_dict(ckpt["state_dict"])
-    return build_inference_model(net), ckpt
+    net.net_config = ckpt["config"]
+    model = build_inference_model(net)
+    model.net_config = ckpt["config"]
+    return model, ckpt
