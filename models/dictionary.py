@@ -127,11 +127,15 @@ def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:
 
 
 def simulate_templates(phase: str, geometry: DetectorGeometry, rotations: np.ndarray, *, progress: bool = False,
-                       tqdm=None, supersample: int = 1) -> np.ndarray:
-    """Simulate and preprocess templates: (N, P) float32, rows zero-mean and unit-norm."""
+                       tqdm=None, supersample: int = 1, kind: str = "best") -> np.ndarray:
+    """Simulate and preprocess templates: (N, P) float32, rows zero-mean and unit-norm.
+
+    ``kind`` picks the master pattern (phases.master_pattern: best, dynamical, kinematical);
+    ``supersample`` renders at that multiple of the working size and bins down, as a detector does.
+    """
     from orix.quaternion import Rotation
 
-    mp = master_pattern(phase)
+    mp = master_pattern(phase, kind)
     working = geometry.pattern_shape
     detector = geometry.with_shape((working[0] * supersample, working[1] * supersample)).kikuchipy_detector()
     prep = Preprocessor(detector.shape, working, sigma=Preprocessor.for_shape(working).sigma)

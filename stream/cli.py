@@ -1,4 +1,4 @@
-"""The ``liveindex`` command: demo, index, publish, worker, sink, keys."""
+"""The ``liveindex`` command: demo, index, publish, worker, sink, keys, models."""
 
 from __future__ import annotations
 
@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="make CurveZMQ key pairs for traffic between hosts")
     p.add_argument("folder", help="a new or empty folder")
     p.set_defaults(func=cmd_keys)
+
+    from liveindex.models.cli import add_commands as add_models_commands
+
+    add_models_commands(sub)  # models train|export|eval
     return parser
 
 
