@@ -54,8 +54,8 @@ def cmd_export(args) -> int:
 
     print(format_figures(bundle["validation"]))
     cost = bundle["inference_cost"]
-    print(f"inference: {cost['per_pattern_ms_best']} ms per pattern at batch {cost['batch']} "
-          f"({cost['provider']}, 1 thread)")
+    print(f"inference: {cost['per_pattern_ms_best']} ms per pattern at batch {cost['batch']}, "
+          f"{cost['one_phase_ms_best']} ms for a one-phase ({cost['one_phase']}) scan ({cost['provider']}, 1 thread)")
     print(f"liveindex models export: bundle {args.out}")
     return 0
 
@@ -72,7 +72,8 @@ def cmd_eval(args) -> int:
     cost = inference_cost(model)
     print(format_figures(figures, recorded))
     rec_cost = model.bundle.get("inference_cost", {}).get("per_pattern_ms_best")
-    print(f"inference: {cost['per_pattern_ms_best']} ms per pattern at batch {cost['batch']} ({cost['provider']}, "
+    print(f"inference: {cost['per_pattern_ms_best']} ms per pattern at batch {cost['batch']}, "
+          f"{cost['one_phase_ms_best']} ms for a one-phase ({cost['one_phase']}) scan ({cost['provider']}, "
           f"1 thread; bundle: {rec_cost})")
     if args.json:
         Path(args.json).write_text(json.dumps({"figures": figures, "inference_cost": cost}, indent=1))

@@ -29,8 +29,13 @@ N_NEIGHBOURS = 27
 # Ni's kinematical one serves kinematical fcc patterns (Ni3Al's): its correlation with them is
 # 0.99, against 0.6 for the dynamical one.
 CODEBOOK_SOURCES = (("ni", "dynamical"), ("fe", "kinematical"), ("ni", "kinematical"))
+# Which band geometries (indices into CODEBOOK_SOURCES) a scan of each phase is read from
+# when the worker knows the scan's phases. Ni's kinematical code book is for training's
+# kinematical Ni patterns (so that "kinematical look" does not tell phases apart) and for
+# Ni3Al, whose patterns are kinematical fcc ones; real Ni patterns look dynamical.
+CODEBOOK_SERVES = {"ni": (0,), "fe": (1,), "ni3al": (2,)}
 T_WEIGHTS = (1, 1, 1, 4, 4, 4, 4, 4, 4, 6, 6, 6, 12, 12, 12)  # multinomial counts: |T1 - T2| is Frobenius
-FORMAT = 1
+FORMAT = 2  # 2: codes stored (G, D, K), templates at the working size
 
 
 def cubic_operators() -> np.ndarray:
@@ -94,13 +99,21 @@ def cells_and_neighbours(resolution: float) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def nominal_templates(cells: np.ndarray, geometry) -> np.ndarray:
-    """(G, K, P) preprocessed templates of every code-book source at ``geometry``."""
+    """(G, K, P) preprocessed templates of every code-book source for frames of ``geometry``,
+    made as the scan's template dictionary is (working size, supersampled)."""
     import dask
 
-    from .dictionary import simulate_templates
+    from .dictionary import simulate_templates, working_geometry
 
+    working, supersample = working_geometry(geometry)
     with dask.config.set(scheduler="synchronous"):  # one core
-        return np.stack([simulate_templates(name, geometry, cells, kind=kind) for name, kind in CODEBOOK_SOURCES])
+        return np.stack([simulate_templates(name, working, cells, kind=kind, supersample=supersample)
+                         for name, kind in CODEBOOK_SOURCES])
+
+
+def code_matrix(embedded: np.ndarray) -> np.ndarray:
+    """(K, D) embedded templates -> (D, K) unit columns: the graph scores a batch with one MatMul."""
+    return np.ascontiguousarray(normalise_rows(embedded).T)
 
 
 def normalise_rows(x: np.ndarray) -> np.ndarray:
@@ -127,7 +140,7 @@ def load_or_build(bundle_folder: Path, resolution: float, geometry, embed) -> di
     log.info("building the network's orientation code book (%g deg cells; one-off, cached in %s)", resolution, path)
     cells, neighbours, aligned = cells_and_neighbours(resolution)
     templates = nominal_templates(cells, geometry)
-    codes = np.stack([normalise_rows(embed(t)) for t in templates])
+    codes = np.stack([code_matrix(embed(t)) for t in templates])
     book = {"codes": codes, "neighbours": neighbours, "aligned": aligned, "cells": cells}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")

@@ -40,6 +40,15 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def working_geometry(geometry: DetectorGeometry) -> tuple[DetectorGeometry, int]:
+    """The geometry templates are made at for frames of ``geometry``: the worker's working size
+    (Preprocessor.for_shape), and the supersampling that makes them look binned as the frames do."""
+    working = geometry.with_shape(Preprocessor.for_shape(geometry.pattern_shape).working_shape)
+    binned = min(geometry.pattern_shape[0] // working.pattern_shape[0],
+                 geometry.pattern_shape[1] // working.pattern_shape[1])
+    return working, (2 if binned >= 2 else 1)
+
+
 @dataclass(frozen=True)
 class DictionarySpec:
     phase: str

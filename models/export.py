@@ -19,7 +19,9 @@ import numpy as np
 
 from . import training_data as td
 from .network import BUNDLE_FORMAT, EMBEDDING_FILE, NETWORK_FILE, NetworkModel
-from .codebook import CODEBOOK_SOURCES
+from liveindex.stream.preprocess import MAX_WORKING_SIDE
+
+from .codebook import CODEBOOK_SERVES, CODEBOOK_SOURCES
 from .phases import KNOWN_PHASES, POINT_GROUPS, STRUCTURES
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ OUTPUTS = ("phase_probabilities", "quaternion", "orientation_confidence")
 DEFAULT_EVAL_N = 1000
 
 
-INPUTS = ("patterns", "codes", "neighbours", "aligned")
+INPUTS = ("patterns", "codes", "neighbours", "aligned", "geometry_index")
 
 
 def dummy_codebook(embed_dim: int, n_cells: int = 40, seed: int = 0) -> dict:
@@ -41,9 +43,11 @@ def dummy_codebook(embed_dim: int, n_cells: int = 40, seed: int = 0) -> dict:
 
     rng = np.random.default_rng(seed)
     aligned = rng.standard_normal((n_cells, N_NEIGHBOURS, 4)).astype(np.float32)
-    return {"codes": normalise_rows(rng.standard_normal((len(CODEBOOK_SOURCES), n_cells, embed_dim)).astype(np.float32)),
+    codes = normalise_rows(rng.standard_normal((len(CODEBOOK_SOURCES), n_cells, embed_dim)).astype(np.float32))
+    return {"codes": np.ascontiguousarray(codes.transpose(0, 2, 1)),
             "neighbours": rng.integers(0, n_cells, (n_cells, N_NEIGHBOURS)).astype(np.int64),
-            "aligned": aligned / np.linalg.norm(aligned, axis=-1, keepdims=True)}
+            "aligned": aligned / np.linalg.norm(aligned, axis=-1, keepdims=True),
+            "geometry_index": np.arange(len(CODEBOOK_SOURCES), dtype=np.int64)}
 
 
 def export_onnx(model, path: Path) -> None:
@@ -56,7 +60,7 @@ def export_onnx(model, path: Path) -> None:
              *(torch.from_numpy(book[k]) for k in INPUTS[1:]))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(model, dummy, str(path), input_names=list(INPUTS), output_names=list(OUTPUTS),
-                      dynamic_axes={"patterns": {0: "batch"}, "codes": {1: "cells"}, "neighbours": {0: "cells"},
+                      dynamic_axes={"patterns": {0: "batch"}, "codes": {0: "geometries", 2: "cells"}, "geometry_index": {0: "geometries"}, "neighbours": {0: "cells"},
                                     "aligned": {0: "cells"}, **{o: {0: "batch"} for o in OUTPUTS}},
                       opset_version=OPSET, dynamo=False, do_constant_folding=True)
 
@@ -101,10 +105,10 @@ def calibrate_confidence(model, folder: Path) -> dict:
     flat = torch.from_numpy(td.preprocess(np.concatenate(frames)))
     truth = np.concatenate([clean.rotations] * len(frames))
     shell = NetworkModel.__new__(NetworkModel)  # only the code book is needed, from this folder
-    shell._book, shell.folder = None, folder
+    shell._book, shell._codes, shell.folder = None, {}, folder
     shell.bundle = {"orientation": {"embedding": EMBEDDING_FILE, "cell_resolution_deg": model.net_config["cell_resolution"]}}
-    shell.geometry_range = td.GeometryRange()
-    book = [torch.from_numpy(shell.codebook()[k]) for k in INPUTS[1:]]
+    shell.geometry_range, shell.frame_shape = td.GeometryRange(), td.FRAME_SHAPE
+    book = [torch.from_numpy(v) for v in shell.codebook_inputs().values()]
     captured = []
     hook = model.net.confidence.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach()))
     with torch.no_grad():
@@ -180,6 +184,7 @@ def export(checkpoint: Path, out: Path, *, eval_n: int = DEFAULT_EVAL_N, command
                       "nearest cells, each in the symmetric equivalent next to it",
             "cell_resolution_deg": config["cell_resolution"],
             "codebook_sources": [list(s) for s in CODEBOOK_SOURCES],
+            "codebook_serves": {p: list(g) for p, g in CODEBOOK_SERVES.items()},
             "codebook_geometry": "the nominal geometry of geometry_range (pc_centre, sample tilt 70, detector tilt 0)",
             "temperature": ckpt.get("temperature"),
             "embedding_dim": config["embed_dim"],
@@ -191,9 +196,9 @@ def export(checkpoint: Path, out: Path, *, eval_n: int = DEFAULT_EVAL_N, command
                    for p in ckpt["phases"]],
         "input": {
             "name": "patterns", "shape": ["batch", td.WORKING_SHAPE[0] * td.WORKING_SHAPE[1]], "dtype": "float32",
-            "working_shape": list(td.WORKING_SHAPE),
-            "preprocessing": "liveindex.stream.preprocess.Preprocessor: bin to the working shape (longer side <= 64 "
-                             "px), subtract a Gaussian-blurred background (sigma = width/8, truncate 2), then each "
+            "working_shape": list(td.WORKING_SHAPE), "trained_frame_shape": list(td.FRAME_SHAPE),
+            "preprocessing": f"liveindex.stream.preprocess.Preprocessor: bin to the working shape (longer side <= "
+                             f"{MAX_WORKING_SIDE} px), subtract a Gaussian-blurred background (sigma = width/8, truncate 2), then each "
                              "row zero-mean and unit-norm",
         },
         "outputs": {

@@ -56,12 +56,15 @@ class NetworkModel:
         from .training_data import GeometryRange
 
         self._book = None  # the orientation code book: built or loaded on first use
+        self._codes = {}  # code-book subsets by band geometries
         self.folder = folder
         self.bundle = bundle
         self.session = session
         self.provider = provider
         self.phases: list[str] = [p["name"] for p in bundle["phases"]]
         self.working_shape: tuple[int, int] = tuple(bundle["input"]["working_shape"])
+        # The camera frame size the codes are made for (binned to working_shape as a worker does).
+        self.frame_shape: tuple[int, int] = tuple(bundle["input"].get("trained_frame_shape", self.working_shape))
         self.n_pixels = int(self.working_shape[0] * self.working_shape[1])
         self.geometry_range = GeometryRange.from_json(bundle["geometry_range"])
 
@@ -111,11 +114,32 @@ class NetworkModel:
             from . import codebook
 
             embed = np.load(self.folder / self.bundle["orientation"]["embedding"])
-            nominal = DetectorGeometry(pc=self.geometry_range.pc_centre, energy_kv=self.geometry_range.energy_kv)
+            nominal = DetectorGeometry(pc=self.geometry_range.pc_centre, energy_kv=self.geometry_range.energy_kv,
+                                       pattern_shape=self.frame_shape)
             book = codebook.load_or_build(self.folder, self.bundle["orientation"]["cell_resolution_deg"], nominal,
                                           lambda t: t @ embed)
             self._book = {k: np.ascontiguousarray(book[k]) for k in ("codes", "neighbours", "aligned")}
         return self._book
+
+    def codebook_inputs(self, allowed=None) -> dict:
+        """The graph's code-book inputs. With one ``allowed`` phase, only the band geometries that
+        serve it (codebook.CODEBOOK_SERVES): a one-phase scan scores a third of the codes. Two or
+        more phases need every geometry's best score, the phase evidence that tells them apart."""
+        from .codebook import CODEBOOK_SERVES, CODEBOOK_SOURCES
+
+        book = self.codebook()
+        geometries = list(range(len(CODEBOOK_SOURCES)))
+        if allowed is not None and len(set(allowed)) == 1:
+            geometries = list(CODEBOOK_SERVES[self.phases[allowed[0]]])
+        if len(geometries) < len(CODEBOOK_SOURCES):
+            key = tuple(geometries)
+            if key not in self._codes:  # a contiguous copy per choice, made once
+                self._codes[key] = np.ascontiguousarray(book["codes"][geometries])
+            codes = self._codes[key]
+        else:
+            codes = book["codes"]
+        return {"codes": codes, "neighbours": book["neighbours"], "aligned": book["aligned"],
+                "geometry_index": np.asarray(geometries, np.int64)}
 
     def warm_up(self) -> None:
         self.predict(np.zeros((2, self.n_pixels), np.float32))
@@ -137,11 +161,14 @@ class NetworkModel:
                              f"(working shape {self.working_shape})")
         if flat.dtype != np.float32:
             flat = flat.astype(np.float32)
-        probs, quat, oconf = self.session.run(None, {"patterns": np.ascontiguousarray(flat), **self.codebook()})
+        idx = None
+        if allowed is not None:
+            idx = [a if isinstance(a, (int, np.integer)) else self.phase_indices([a])[0] for a in allowed]
+        probs, quat, oconf = self.session.run(None, {"patterns": np.ascontiguousarray(flat),
+                                                     **self.codebook_inputs(idx)})
         if probs.shape[0] != flat.shape[0] or quat.shape != (flat.shape[0], 4):
             raise LiveIndexError(f"network returned {probs.shape[0]} rows for a batch of {flat.shape[0]}")
-        if allowed is not None:
-            idx = [a if isinstance(a, (int, np.integer)) else self.phases.index(str(a).lower()) for a in allowed]
+        if idx is not None:
             mask = np.zeros(probs.shape[1], bool)
             mask[idx] = True
             probs = np.where(mask, probs, 0.0)

@@ -81,7 +81,8 @@ def cubic_operators() -> np.ndarray:
 
 
 def build_codebook(cell_resolution: float, embed_dim: int) -> dict:
-    """Cells, neighbours, the PCA embedding of simulated templates, and the codes (torch tensors)."""
+    """Cells, neighbours, the PCA embedding of simulated templates, the codes (G, D, K) and a
+    zero geometry bias (torch tensors)."""
     import torch
 
     from liveindex.stream.geometry import DetectorGeometry
@@ -96,34 +97,44 @@ def build_codebook(cell_resolution: float, embed_dim: int) -> dict:
     sub = flat[::3]
     _, _, v = torch.svd_lowrank(sub, q=embed_dim + 16, niter=4, M=sub.mean(0, keepdim=True))
     embed = v[:, :embed_dim].contiguous()
-    codes = np.stack([cb.normalise_rows((torch.from_numpy(t) @ embed).numpy()) for t in templates])
+    codes = np.stack([cb.code_matrix((torch.from_numpy(t) @ embed).numpy()) for t in templates])
     log.info("code book: %d cells x %d band geometries, %d-d embedding, in %.0f s", len(cells), len(templates),
              embed_dim, time.perf_counter() - t0)
     return {"cells": torch.from_numpy(cells), "neighbours": torch.from_numpy(neighbours),
-            "aligned": torch.from_numpy(aligned), "embed": embed, "codes": torch.from_numpy(codes)}
+            "aligned": torch.from_numpy(aligned), "embed": embed, "codes": torch.from_numpy(codes),
+            "geometry_index": torch.arange(len(codes))}
 
 
 def build_network(n_phases: int, width: int = 16, hidden: int = 128, *, embed):
-    """The exported module. Inputs: patterns (B, P), and the code book: codes (G, K, D) unit rows,
-    neighbours (K, 27) int64, aligned neighbour quaternions (K, 27, 4)."""
+    """The exported module. Inputs: patterns (B, P), and the code book: codes (G', D, K) unit
+    columns of G' of the G band geometries, geometry_index (G',) int64 saying which,
+    neighbours (K, 27) int64, aligned neighbour quaternions (K, 27, 4). Training passes every
+    geometry; a worker that knows its scan's phases passes only theirs (a Ni scan: one of
+    three, a third of the work), and a geometry not passed counts as no evidence (score 0)
+    for its phase."""
     import torch
     from torch import nn
 
     def block(i, o, k=3, s=2):
         return nn.Sequential(nn.Conv2d(i, o, k, s, k // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
 
+    h, w_ = td.WORKING_SHAPE
+    side = h
+    for _ in range(4):  # the four stride-2 blocks below
+        side = (side + 1) // 2
+
     class PhaseOrientationNet(nn.Module):
         def __init__(self):
             super().__init__()
             w = width
             self.phase_net = nn.Sequential(
-                block(1, w, 5, 2),  # 30x30
-                block(w, 2 * w),  # 15x15
+                block(1, w, 5, 2),  # 15x15 from 30x30
+                block(w, 2 * w),  # 8x8
                 block(2 * w, 2 * w, 3, 1),
-                block(2 * w, 4 * w),  # 8x8
-                block(4 * w, 8 * w),  # 4x4
+                block(2 * w, 4 * w),  # 4x4
+                block(4 * w, 8 * w),  # 2x2
                 nn.Flatten(),
-                nn.Linear(8 * w * 16, hidden),
+                nn.Linear(8 * w * side * side, hidden),
                 nn.ReLU(inplace=True),
                 nn.Linear(hidden, n_phases),
             )
@@ -135,24 +146,35 @@ def build_network(n_phases: int, width: int = 16, hidden: int = 128, *, embed):
             # The best score in each band geometry's code book is phase evidence too (fcc vs bcc).
             self.score_to_phase = nn.Linear(len(CODEBOOK_SOURCES), n_phases)
 
-        def forward(self, flat, codes, neighbours, aligned):
-            h, w_ = td.WORKING_SHAPE
+        def forward(self, flat, codes, neighbours, aligned, geometry_index):
             # Inputs are unit-norm rows: x sqrt(P) gives unit variance per pixel.
             logits = self.phase_net(flat.reshape(-1, 1, h, w_) * float(np.sqrt(h * w_)))
             e = flat @ self.embed
             e = e / torch.linalg.vector_norm(e, dim=1, keepdim=True).clamp_min(1e-8)
-            per_geometry = torch.einsum("bd,gkd->bgk", e, codes)  # (B, G, K)
-            logits = logits + self.score_to_phase(per_geometry.max(dim=2).values * 10)
-            scores = per_geometry.max(dim=1).values  # (B, K): best band geometry
-            best = scores.argmax(dim=1)
-            nb = neighbours[best]  # (B, n)
+            # One MatMul per band geometry: (B, D) @ (G, D, K) -> (G, B, K). Gathers below index
+            # the flattened tensor so the graph never copies it.
+            per_geometry = torch.matmul(e, codes)
+            g_count, batch, k_count = per_geometry.shape
+            # TopK, not max/ArgMax: ONNX Runtime's ArgMax is scalar code, 6x slower than the MatMul here.
+            top_values, top_cells = torch.topk(per_geometry, 1, dim=2)
+            top_values, top_cells = top_values[..., 0], top_cells[..., 0]  # (G, B)
+            every_geometry = torch.zeros(len(CODEBOOK_SOURCES), batch, dtype=top_values.dtype).scatter(
+                0, geometry_index[:, None].expand(-1, batch), top_values)  # (G, B)
+            logits = logits + self.score_to_phase(every_geometry.transpose(0, 1) * 10)
+            geometry = top_values.argmax(dim=0)  # (B,) the pattern's band geometry, of those given
+            row = geometry * batch + torch.arange(batch)  # (B,) row of (G*B, K)
+            best = top_cells.reshape(-1).index_select(0, row)  # (B,) best cell
+            top = top_values.reshape(-1).index_select(0, row)
+            # The mean score over cells is the score of the mean code: no pass over (G, B, K).
+            mean = (e[None] * codes.mean(dim=2)[:, None, :]).sum(-1).reshape(-1).index_select(0, row)
+            nb = neighbours.index_select(0, best)  # (B, n)
+            nb_scores = per_geometry.reshape(-1).index_select(0, (row[:, None] * k_count + nb).reshape(-1))
             temperature = self.log_temperature.clamp(float(np.log(1e-3)), 0.0).exp()
-            weights = torch.softmax(torch.gather(scores, 1, nb) / temperature, dim=1)
-            q = (weights[..., None] * aligned[best]).sum(1)
+            weights = torch.softmax(nb_scores.reshape(nb.shape) / temperature, dim=1)
+            q = (weights[..., None] * aligned.index_select(0, best)).sum(1)
             q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min(1e-8)
             q = q * torch.where(q[:, :1] < 0, -1.0, 1.0)  # w >= 0, as the simulator's truth
-            top = scores.max(dim=1).values
-            feats = torch.stack([top * 10, (top - scores.mean(dim=1)) * 10, torch.softmax(logits, 1).max(dim=1).values], 1)
+            feats = torch.stack([top * 10, (top - mean) * 10, torch.softmax(logits, 1).max(dim=1).values], 1)
             return logits, q, self.confidence(feats)[:, 0]
 
     return PhaseOrientationNet()
@@ -168,8 +190,8 @@ def build_inference_model(net):
             super().__init__()
             self.net = net
 
-        def forward(self, flat, codes, neighbours, aligned):
-            logits, q, conf = self.net(flat, codes, neighbours, aligned)
+        def forward(self, flat, codes, neighbours, aligned, geometry_index):
+            logits, q, conf = self.net(flat, codes, neighbours, aligned, geometry_index)
             return torch.softmax(logits, dim=1), q, torch.sigmoid(conf)
 
     return Inference().eval()
@@ -226,7 +248,7 @@ def train(config: TrainConfig, out: Path, *, command: str = "") -> Path:
     codebook = build_codebook(config.cell_resolution, config.embed_dim)
 
     net = build_network(len(td.PHASES), config.width, config.hidden, embed=codebook["embed"])
-    book = (codebook["codes"], codebook["neighbours"], codebook["aligned"])
+    book = (codebook["codes"], codebook["neighbours"], codebook["aligned"], codebook["geometry_index"])
     ops = torch.from_numpy(cubic_operators())
     steps_per_epoch = len(clean) // config.batch
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -268,7 +290,7 @@ def train(config: TrainConfig, out: Path, *, command: str = "") -> Path:
                                                                          for k, v in row.items()}))
     path = out / "checkpoint.pt"
     torch.save({"state_dict": net.state_dict(), "config": asdict(config), "phases": list(td.PHASES),
-                "temperature": float(net.log_temperature.clamp(float(np.log(1e-3)), 0.0).exp())}, path)
+                "temperature": float(net.log_temperature.detach().clamp(float(np.log(1e-3)), 0.0).exp())}, path)
     (out / "train.json").write_text(json.dumps({
         "config": asdict(config), "history": history, "render_seconds": round(render_s, 1),
         "train_seconds": round(time.perf_counter() - t0, 1), "command": command,

@@ -4,7 +4,8 @@ Patterns are rendered from master patterns with kikuchipy's ``EBSDMasterPattern.
 (the renderer the dictionary and the simulated detector use, so the truth quaternions are in
 the same orix convention), then corrupted as a camera would (background shape, contrast,
 Poisson noise, saturation, hot pixels) and preprocessed by ``stream.preprocess.Preprocessor``,
-so the network sees exactly what a worker gives it: (B, 3600) float32, zero-mean, unit-norm.
+so the network sees exactly what a worker gives it: 60x60 camera frames (FRAME_SHAPE) binned to
+the worker's working size, (B, 900) float32, zero-mean, unit-norm.
 
 Rendering is the slow part, so clean patterns are rendered once (uint8, min-max scaled) and
 each training epoch draws fresh backgrounds and noise for them.
@@ -26,7 +27,8 @@ from liveindex.stream.simulator import NOISE_LEVELS, _background_shape
 
 log = logging.getLogger(__name__)
 
-WORKING_SHAPE = (60, 60)
+FRAME_SHAPE = (60, 60)  # camera frames, as the simulated detector and kikuchipy's Ni scan
+WORKING_SHAPE = Preprocessor.for_shape(FRAME_SHAPE).working_shape  # what workers match at: 30x30
 # (phase, master pattern kind, share of the training set). Ni is rendered from both its
 # dynamical (EMsoft) and a kinematical master pattern so that "kinematical look" cannot be
 # what tells Ni from Fe or Ni3Al, whose master patterns are kinematical only.
@@ -41,8 +43,9 @@ class GeometryRange:
     """Detector geometries the network is trained on: jitter around one nominal geometry.
 
     The network is not told the PC: a PC shift moves the pattern as an orientation change
-    would, so the PC range bounds the orientation error (0.015 of the width is 0.9 px at
-    60 px, about 1 deg), and a scan far outside it needs its own bundle.
+    would, so the PC range bounds the orientation error (0.015 of the width is about 1 deg),
+    and a scan far outside it needs its own bundle. Refinement, which is told the PC, takes
+    the error out.
     """
 
     pc_centre: tuple[float, float, float] = DEFAULT_PC
@@ -52,6 +55,12 @@ class GeometryRange:
     working_shape: tuple[int, int] = WORKING_SHAPE
     energy_kv: float = 20.0
 
+    def describe(self) -> str:
+        return (f"PC {self.pc_centre[0]:.3f}, {self.pc_centre[1]:.3f}, {self.pc_centre[2]:.3f} "
+                f"+-{self.pc_jitter:g}, sample tilt {self.sample_tilt[0]:g}-{self.sample_tilt[1]:g}, detector tilt "
+                f"{self.detector_tilt[0]:g}-{self.detector_tilt[1]:g}, {self.energy_kv:g} kV, working size "
+                f"{self.working_shape[0]}x{self.working_shape[1]}")
+
     def contains(self, geometry: DetectorGeometry) -> bool:
         working = Preprocessor.for_shape(geometry.pattern_shape).working_shape
         pc_ok = all(abs(v - c) <= self.pc_jitter + 1e-9 for v, c in zip(geometry.pc, self.pc_centre))
@@ -60,7 +69,7 @@ class GeometryRange:
                 and self.detector_tilt[0] <= geometry.tilt <= self.detector_tilt[1]
                 and abs(geometry.energy_kv - self.energy_kv) < 1e-6)
 
-    def sample(self, rng: np.random.Generator, *, pattern_shape=WORKING_SHAPE) -> DetectorGeometry:
+    def sample(self, rng: np.random.Generator, *, pattern_shape=FRAME_SHAPE) -> DetectorGeometry:
         pc = np.asarray(self.pc_centre) + rng.uniform(-self.pc_jitter, self.pc_jitter, 3)
         return DetectorGeometry(pattern_shape=pattern_shape, pc=tuple(pc), sample_tilt=rng.uniform(*self.sample_tilt),
                                 tilt=rng.uniform(*self.detector_tilt), energy_kv=self.energy_kv)
@@ -98,7 +107,7 @@ class Variation:
 class CleanSet:
     """Rendered, noise-free patterns with their truth."""
 
-    images: np.ndarray  # (N, 60, 60) uint8, min-max scaled
+    images: np.ndarray  # (N, 60, 60) uint8 (FRAME_SHAPE), min-max scaled
     phase: np.ndarray  # (N,) int64 index into PHASES
     source: np.ndarray  # (N,) int64 index into the sources used
     rotations: np.ndarray  # (N, 4) float32 unit quaternions, orix convention, truth
@@ -128,7 +137,7 @@ def render_clean(n: int, *, seed: int, sources=TRAIN_SOURCES, geometry_range: Ge
     shares = np.array([s[2] for s in sources], float)
     n_chunks = int(np.ceil(n / RENDER_CHUNK))
     chunk_source = rng.choice(len(sources), size=n_chunks, p=shares / shares.sum())
-    images = np.empty((n_chunks * RENDER_CHUNK, *WORKING_SHAPE), np.uint8)
+    images = np.empty((n_chunks * RENDER_CHUNK, *FRAME_SHAPE), np.uint8)
     rotations = random_rotations(rng, len(images))
     source = np.repeat(chunk_source, RENDER_CHUNK)
     pcs = np.empty((len(images), 3), np.float32)
@@ -138,7 +147,7 @@ def render_clean(n: int, *, seed: int, sources=TRAIN_SOURCES, geometry_range: Ge
         for c in range(n_chunks):
             name, kind, _ = sources[chunk_source[c]]
             binned = rng.random() < variation.binned_fraction
-            shape = (2 * WORKING_SHAPE[0], 2 * WORKING_SHAPE[1]) if binned else WORKING_SHAPE
+            shape = (2 * FRAME_SHAPE[0], 2 * FRAME_SHAPE[1]) if binned else FRAME_SHAPE
             geometry = geometry_range.sample(rng, pattern_shape=shape)
             sl = slice(c * RENDER_CHUNK, (c + 1) * RENDER_CHUNK)
             sim = master_pattern(name, kind).get_patterns(
@@ -146,7 +155,7 @@ def render_clean(n: int, *, seed: int, sources=TRAIN_SOURCES, geometry_range: Ge
                 dtype_out=np.float32, show_progressbar=False)
             p = np.asarray(sim.data, np.float32).reshape(-1, *shape)
             if binned:
-                p = p.reshape(len(p), WORKING_SHAPE[0], 2, WORKING_SHAPE[1], 2).mean(axis=(2, 4))
+                p = p.reshape(len(p), FRAME_SHAPE[0], 2, FRAME_SHAPE[1], 2).mean(axis=(2, 4))
             lo = p.min(axis=(1, 2), keepdims=True)
             hi = p.max(axis=(1, 2), keepdims=True)
             images[sl] = np.round(255 * (p - lo) / np.maximum(hi - lo, 1e-6))
@@ -160,7 +169,7 @@ def render_clean(n: int, *, seed: int, sources=TRAIN_SOURCES, geometry_range: Ge
 
 def random_background(rng: np.random.Generator, n: int, jitter: float) -> np.ndarray:
     """Smooth backgrounds: a bright lobe (moved, stretched) over a floor, plus a linear ramp."""
-    h, w = WORKING_SHAPE
+    h, w = FRAME_SHAPE
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     yy, xx = yy[None] / h, xx[None] / w
     cy = (DEFAULT_PC[1] + 0.3 + rng.uniform(-jitter, jitter, n))[:, None, None]
@@ -193,7 +202,7 @@ def corrupt(clean: np.ndarray, rng: np.random.Generator, variation: Variation = 
     hot = np.flatnonzero(rng.random(n) < variation.hot_pixel_fraction)
     for i in hot:
         k = rng.integers(1, 7)
-        frames[i, rng.integers(0, WORKING_SHAPE[0], k), rng.integers(0, WORKING_SHAPE[1], k)] = 255
+        frames[i, rng.integers(0, FRAME_SHAPE[0], k), rng.integers(0, FRAME_SHAPE[1], k)] = 255
     return frames.astype(np.uint8)
 
 
@@ -207,11 +216,11 @@ def camera_frames(clean: np.ndarray, rng: np.random.Generator, noise: str) -> np
     return np.clip(signal * 200.0, 0, 255).astype(np.uint8)
 
 
-_PREPROCESSOR = Preprocessor.for_shape(WORKING_SHAPE)
+_PREPROCESSOR = Preprocessor.for_shape(FRAME_SHAPE)
 
 
 def preprocess(frames: np.ndarray) -> np.ndarray:
-    """The worker's preprocessing: (N, 60, 60) frames -> (N, 3600) float32."""
+    """The worker's preprocessing: (N, 60, 60) frames -> (N, 900) float32."""
     out = np.empty((len(frames), _PREPROCESSOR.n_pixels), np.float32)
     for start in range(0, len(frames), 4096):
         out[start:start + 4096], _ = _PREPROCESSOR(frames[start:start + 4096])

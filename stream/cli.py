@@ -83,6 +83,10 @@ def _add_indexing_options(p) -> None:
                         "(within 3 deg) at least 99%% of the time (default 0: keep every point)")
     p.add_argument("--static-background", metavar="FILE.npy",
                    help="the detector's static background (default: each scan's running mean frame)")
+    p.add_argument("--indexer", choices=("hybrid", "network", "templates"), default="hybrid",
+                   help="hybrid (default): the network first, template matching where it is unsure or the "
+                        "bundle does not cover the scan; network: the network only; templates: template matching only")
+    p.add_argument("--bundle", metavar="DIR", help="network bundle folder (default: the one shipped in the package)")
 
 
 def _indexing_options(args) -> dict:
@@ -99,7 +103,8 @@ def _indexing_options(args) -> dict:
         if background.ndim != 2:
             raise InputError(f"the static background {args.static_background} has shape {background.shape}; "
                              "give one (H, W) frame")
-    return {"refine": not args.no_refine, "min_confidence": args.min_confidence, "static_background": background}
+    return {"refine": not args.no_refine, "min_confidence": args.min_confidence, "static_background": background,
+            "indexer": args.indexer, "bundle": args.bundle}
 
 
 def cmd_index(args) -> int:

@@ -7,6 +7,7 @@ import threading
 import webbrowser
 
 from liveindex.models.dictionary import DEFAULT_RESOLUTION
+from liveindex.models.network import NetworkModel
 
 from .geometry import DetectorGeometry
 from .processes import ChildProcess
@@ -31,6 +32,7 @@ def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", o
     # Build (or find) the dictionary here, once, with a progress bar the user sees,
     # rather than in every worker.
     load_dictionary("ni", geometry, resolution, reason="first run of the demo geometry")
+    NetworkModel.load().codebook()  # the network's code book likewise (about 30 s, first run only)
     log.info("simulating a %dx%d Ni polycrystal at %s noise", nav_shape[1], nav_shape[0], noise)
     source = SimulatedSource(SimulatedScan(nav_shape, geometry=geometry, noise=noise, seed=seed))
 

@@ -61,9 +61,12 @@ WIRE_DTYPES = frozenset(
     ["uint8", "uint16", "int16", "int32", "int64", "float32", "float64", "bool"]
 )
 SCAN_END_STATUSES = ("success", "abort", "fail")
-# Method codes used in result pages (the order is the wire code).
-METHODS = ("nn", "tm", "refined", "none")
+# Method codes used in result pages (the order is the wire code; new ones go at the end):
+# the network's answer, template matching's, either refined against the master pattern, none.
+METHODS = ("nn", "tm", "tm+refined", "none", "nn+refined")
 METHOD_CODE = {name: code for code, name in enumerate(METHODS)}
+# Map colours per method (the live page, stream/web/index.html, uses the same).
+METHOD_RGB = ((102, 194, 165), (252, 141, 98), (141, 160, 203), (0, 0, 0), (231, 138, 195))
 
 
 @dataclass

@@ -1,29 +1,43 @@
-"""Index one scan's frames: preprocess, match templates, refine, and say how sure we are.
+"""Index one scan's frames: preprocess, find a start, refine, and say how sure we are.
 
 Workers and ``liveindex index`` both go through this class, so live and offline results
-are the same for the same frames. For each page:
+are the same for the same frames. Three modes (``indexer``):
+
+- ``hybrid`` (default): the network (models/network.py) gives phase and a starting
+  orientation; frames it is unsure of, and frames whose network start refines to a poor fit
+  (NCC below the confidence threshold), go to template matching. Where the bundle does not
+  cover the scan (geometry outside its range, or a phase it does not know), the whole scan
+  uses template matching and the log says why;
+- ``network``: the network only (an error where the bundle does not cover the scan);
+- ``templates``: template matching only.
+
+Per page:
 
 1. preprocess to the working size (30x30 for 60x60 frames);
-2. match every expected phase's template dictionary; the best score picks the phase and
-   the starting orientation (top ``CANDIDATES`` templates are kept);
-3. refine that orientation with Gauss-Newton against patterns rendered from the master
-   pattern (stream/refiner.py); the refined NCC is the evidence;
-4. rescue: where the refined NCC is below the confidence threshold, the match probably
-   landed in the wrong basin, so up to ``RESCUE_CANDIDATES`` more templates that are
-   distinct orientations (more than ``DISTINCT_DEG`` apart) are refined too and the best
-   refined NCC wins. On good frames almost no point needs it;
+2. network and/or template matching: matching scores every expected phase's dictionary;
+   the best score picks the phase and the starting orientation (top ``CANDIDATES`` kept);
+3. refine the start with Gauss-Newton against patterns rendered from the master pattern
+   (stream/refiner.py); the refined NCC is the evidence;
+4. rescue (template matching): where the refined NCC is below the confidence threshold, the
+   match probably landed in the wrong basin, so up to ``RESCUE_CANDIDATES`` more templates
+   that are distinct orientations (more than ``DISTINCT_DEG`` apart) are refined too and
+   the best refined NCC wins. On good frames almost no point needs it;
 5. confidence = sigmoid((NCC - threshold) / width), calibrated so that points above 0.5
    are within 3 deg of the truth at least 99% of the time (benchmarks/calibrate_confidence.py);
-   points below ``min_confidence`` get phase -1.
+   points below ``min_confidence`` get phase -1. Without refinement: the network's
+   phase x orientation confidence, or template matching's best NCC.
+
+Results carry the method: nn, tm, nn+refined, tm+refined (protocol.METHODS).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 
-from liveindex.models.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build
+from liveindex.models.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build, working_geometry
 from liveindex.models.phases import check_phases, point_group
 
 from .errors import InputError
@@ -51,10 +65,8 @@ def confidence_from_ncc(ncc: np.ndarray) -> np.ndarray:
 
 def dictionary_spec(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION) -> DictionarySpec:
     """The template dictionary a scan with this geometry is matched against."""
-    working = geometry.with_shape(Preprocessor.for_shape(geometry.pattern_shape).working_shape)
-    binned = min(geometry.pattern_shape[0] // working.pattern_shape[0],
-                 geometry.pattern_shape[1] // working.pattern_shape[1])
-    return DictionarySpec(phase, working, resolution, supersample=2 if binned >= 2 else 1)
+    working, supersample = working_geometry(geometry)
+    return DictionarySpec(phase, working, resolution, supersample=supersample)
 
 
 def load_dictionary(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION, **options):
@@ -62,15 +74,36 @@ def load_dictionary(phase: str, geometry: DetectorGeometry, resolution: float = 
     return load_or_build(dictionary_spec(phase, geometry, resolution), top_k=CANDIDATES, **options)
 
 
+INDEXERS = ("hybrid", "network", "templates")
+# Network answers below these go to template matching (hybrid only). The refined NCC is the
+# real gate (a network start that refines below CONFIDENCE_THRESHOLD is matched again), so
+# these only spare refinement of answers that are plainly unsure.
+PHASE_GATE = 0.9
+ORIENTATION_GATE = 0.5
+
+
+@functools.lru_cache(maxsize=4)
+def load_network(bundle: str | None, providers: str, threads: int):
+    """One NetworkModel per bundle and settings in a process (workers index many scans)."""
+    from liveindex.models.network import NetworkModel
+
+    model = NetworkModel.load(bundle, providers=providers, threads=threads)
+    model.warm_up()
+    return model
+
+
 class ScanIndexer:
     def __init__(self, geometry: DetectorGeometry, phases, *, resolution: float = DEFAULT_RESOLUTION,
                  providers: str = "auto", threads: int = 0, progress: bool = True, reason: str = "",
                  refine: bool = True, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-                 static_background: np.ndarray | None = None):
+                 static_background: np.ndarray | None = None, indexer: str = "hybrid", bundle: str | None = None):
+        if indexer not in INDEXERS:
+            raise InputError(f"indexer {indexer!r} is not one of {', '.join(INDEXERS)}")
         self.geometry = geometry
         self.phases = check_phases(phases)
         self.preprocess = Preprocessor.for_shape(geometry.pattern_shape)
         self.min_confidence = float(min_confidence)
+        self.mode = indexer
         self._background = None
         if static_background is not None:
             if tuple(static_background.shape) != tuple(geometry.pattern_shape):
@@ -78,16 +111,43 @@ class ScanIndexer:
                                  f"but the scan's patterns are {geometry.pattern_shape[0]}x{geometry.pattern_shape[1]}; "
                                  "record it with the same detector binning")
             self._background = self.preprocess._to_working(static_background[None].astype(np.float32))[0]
+        self.network = None
+        if indexer != "templates":
+            self._load_network(bundle, providers, threads)
         self.indexers, self.refiners = [], []
         for phase in self.phases:
-            dictionary = load_dictionary(phase, geometry, resolution, reason=reason, progress=progress)
-            indexer = TemplateIndexer(dictionary, providers=providers, threads=threads)
-            indexer.warm_up(self.preprocess.n_pixels)
-            self.indexers.append(indexer)
+            if self.mode != "network":
+                dictionary = load_dictionary(phase, geometry, resolution, reason=reason, progress=progress)
+                matcher = TemplateIndexer(dictionary, providers=providers, threads=threads)
+                matcher.warm_up(self.preprocess.n_pixels)
+                self.indexers.append(matcher)
             if refine:
                 self.refiners.append(Refiner(phase, geometry, self.preprocess.working_shape, self.preprocess.sigma,
                                              providers=choose_providers(providers), threads=threads))
         self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
+
+    def _load_network(self, bundle, providers: str, threads: int) -> None:
+        """The network, where its bundle covers this scan; the hybrid falls back to templates where not."""
+        network = load_network(None if bundle is None else str(bundle), providers, threads)
+        problems = []
+        if not network.covers(self.geometry):
+            problems.append(f"the scan's geometry ({self.geometry.cache_key()}, {self.geometry.pattern_shape[0]}x"
+                            f"{self.geometry.pattern_shape[1]}) is outside the bundle's range "
+                            f"({network.geometry_range.describe()})")
+        missing = [p for p in self.phases if p not in network.phases]
+        if missing:
+            problems.append(f"the bundle has no phase {', '.join(missing)} (it knows {', '.join(network.phases)})")
+        if problems:
+            if self.mode == "network":
+                raise InputError(f"the network cannot index this scan: {'; '.join(problems)}; use --indexer hybrid "
+                                 "or templates, or a bundle trained for it (liveindex models train)")
+            log.warning("template matching only for this scan: %s", "; ".join(problems))
+            self.mode = "templates"
+            return
+        self.network = network
+        self._allowed = network.phase_indices(self.phases)
+        self._scan_phase = np.full(len(network.phases), -1, np.int16)  # network phase index -> scan phase index
+        self._scan_phase[self._allowed] = np.arange(len(self.phases))
 
     def new_background(self) -> StaticBackground:
         """A scan's static background: the supplied frame, or else the scan's running mean."""
@@ -95,43 +155,87 @@ class ScanIndexer:
 
     @property
     def provider(self) -> str:
-        return self.indexers[0].provider
+        return (self.indexers[0] if self.indexers else self.network).provider
 
     @property
     def model_name(self) -> str:
-        """What answers, for the live page: the matchers, refinement, and where they run."""
+        """What answers, for the live page: network, matchers, refinement, and where they run."""
+        parts = []
+        if self.network is not None:
+            parts.append(f"network {self.network.folder.name} bundle")
+        if self.indexers:
+            matching = f"template matching {'+'.join(i.dictionary.spec.key for i in self.indexers)}"
+            parts.append(matching + (" where the network is unsure" if self.network is not None else ""))
         refined = " + Gauss-Newton refinement" if self.refiners else ""
-        return f"template matching {'+'.join(i.dictionary.spec.key for i in self.indexers)}{refined} on {self.provider}"
+        return f"{', '.join(parts)}{refined} on {self.provider}"
 
     def index(self, patterns: np.ndarray, background: StaticBackground | None = None) -> IndexResult:
         """(B, H, W) raw patterns -> results; NaN/inf or blank patterns come back not indexed.
 
         ``background``: the scan's static background (one per scan, kept by the caller)."""
         flat, valid = self.preprocess(patterns, background)
-        scores, indices = zip(*(indexer.match(flat) for indexer in self.indexers))
-        best_scores = np.stack([s[:, 0] for s in scores])  # (phases, B)
-        phase = np.argmax(best_scores, axis=0)
-        top_score = best_scores[phase, np.arange(len(flat))]
-        quaternion = np.empty((len(flat), 4), np.float32)
-        for p, indexer in enumerate(self.indexers):
-            mine = phase == p
-            quaternion[mine] = indexer.dictionary.rotations[indices[p][mine, 0]]
-        result = IndexResult(
-            phase_id=phase.astype(np.int16), quaternion=quaternion,
-            confidence=np.clip(top_score, 0.0, 1.0).astype(np.float32),
-            method=np.full(len(flat), METHOD_CODE["tm"], np.uint8), score=top_score.astype(np.float32))
-        if self.refiners:
-            for p in range(len(self.phases)):
-                mine = np.flatnonzero((phase == p) & valid)
-                if len(mine):
-                    self._refine(p, flat[mine], indices[p][mine], result, mine)
-            result.confidence = confidence_from_ncc(result.score)
-            result.method[:] = METHOD_CODE["refined"]
+        result = IndexResult.empty(len(flat))
+        todo = np.flatnonzero(valid)
+        if self.network is not None and len(todo):
+            todo = self._network_answers(flat, todo, result)
+        if self.indexers and len(todo):
+            self._match(flat, todo, result)
         unsure = result.confidence < self.min_confidence
         result.phase_id[~valid | unsure] = -1
         result.confidence[~valid] = 0.0
         result.method[~valid] = METHOD_CODE["none"]
         return result
+
+    def _network_answers(self, flat: np.ndarray, rows: np.ndarray, result: IndexResult) -> np.ndarray:
+        """Answer ``rows`` with the network (refined where refinement is on); returns the rows it
+        leaves to template matching: none in network mode, else the unsure ones."""
+        phase, q, phase_conf, orient_conf = self.network.predict(flat[rows], allowed=self._allowed)
+        phase = self._scan_phase[phase]
+        if self.mode == "hybrid":
+            sure = (phase_conf >= PHASE_GATE) & (orient_conf >= ORIENTATION_GATE)
+            rows, phase, q, phase_conf, orient_conf, left = (
+                rows[sure], phase[sure], q[sure], phase_conf[sure], orient_conf[sure], rows[~sure])
+        else:
+            left = rows[:0]
+        result.phase_id[rows] = phase
+        result.quaternion[rows] = q
+        if not self.refiners:
+            result.confidence[rows] = phase_conf * orient_conf
+            result.score[rows] = orient_conf
+            result.method[rows] = METHOD_CODE["nn"]
+            return left
+        for p in range(len(self.phases)):
+            mine = phase == p
+            if mine.any():
+                result.quaternion[rows[mine]], result.score[rows[mine]] = self.refiners[p].refine(flat[rows[mine]], q[mine])
+        result.confidence[rows] = confidence_from_ncc(result.score[rows])
+        result.method[rows] = METHOD_CODE["nn+refined"]
+        if self.mode == "hybrid":  # a start that refined to a poor fit: match it from scratch
+            left = np.concatenate([left, rows[result.score[rows] < CONFIDENCE_THRESHOLD]])
+        return left
+
+    def _match(self, flat: np.ndarray, rows: np.ndarray, result: IndexResult) -> None:
+        """Template matching of ``rows`` over every phase, refined (with rescue) where refinement is on."""
+        part = flat[rows]
+        scores, indices = zip(*(matcher.match(part) for matcher in self.indexers))
+        best_scores = np.stack([s[:, 0] for s in scores])  # (phases, B)
+        phase = np.argmax(best_scores, axis=0)
+        top_score = best_scores[phase, np.arange(len(rows))]
+        result.phase_id[rows] = phase
+        for p, matcher in enumerate(self.indexers):
+            mine = phase == p
+            result.quaternion[rows[mine]] = matcher.dictionary.rotations[indices[p][mine, 0]]
+        if not self.refiners:
+            result.confidence[rows] = np.clip(top_score, 0.0, 1.0)
+            result.score[rows] = top_score
+            result.method[rows] = METHOD_CODE["tm"]
+            return
+        for p in range(len(self.phases)):
+            mine = np.flatnonzero(phase == p)
+            if len(mine):
+                self._refine(p, part[mine], indices[p][mine], result, rows[mine])
+        result.confidence[rows] = confidence_from_ncc(result.score[rows])
+        result.method[rows] = METHOD_CODE["tm+refined"]
 
     def _refine(self, p: int, flat: np.ndarray, candidates: np.ndarray, result: IndexResult, rows: np.ndarray) -> None:
         refiner, rotations = self.refiners[p], self.indexers[p].dictionary.rotations

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LiveIndexError
-from .protocol import METHODS
+from .protocol import METHOD_RGB, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def map_images(state_arrays: dict, nav_shape, phases) -> dict[str, np.ndarray]:
     phase_rgb = np.zeros((len(phase_id), 3), np.uint8)
     phase_rgb[indexed] = PHASE_COLOURS[phase_id[indexed] % len(PHASE_COLOURS)]
     method_rgb = np.zeros((len(phase_id), 3), np.uint8)
-    method_palette = np.array([[102, 194, 165], [252, 141, 98], [141, 160, 203], [0, 0, 0]], np.uint8)
-    method_rgb[:] = method_palette[np.minimum(state_arrays["method"], len(method_palette) - 1)]
+    method_rgb[:] = np.array(METHOD_RGB, np.uint8)[np.minimum(state_arrays["method"], len(METHOD_RGB) - 1)]
     return {
         "ipf": ipf_colours(state_arrays["quaternion"], phase_id, phases).reshape(ny, nx, 3),
         "confidence": np.repeat(conf[:, None], 3, axis=1).reshape(ny, nx, 3),

@@ -20,7 +20,7 @@ BUNDLE_SCHEMA = {
             "type": "object", "required": ["name", "space_group", "point_group"],
             "properties": {"point_group": {"const": "m-3m"}}}},
         "input": {"type": "object", "required": ["working_shape", "preprocessing", "dtype"],
-                  "properties": {"working_shape": {"const": [60, 60]}, "dtype": {"const": "float32"}}},
+                  "properties": {"working_shape": {"const": [30, 30]}, "dtype": {"const": "float32"}}},
         "geometry_range": {"type": "object",
                            "required": ["pc_low", "pc_high", "sample_tilt", "detector_tilt", "pc_convention"]},
         "provenance": {"type": "object",
@@ -92,11 +92,11 @@ def test_predicts_simulated_patterns(model):
 
 def test_covers_the_trained_geometry_range(model):
     assert model.covers(DetectorGeometry())
-    assert model.covers(DetectorGeometry(pattern_shape=(120, 120)))  # binned 2x2 to 60x60
+    assert model.covers(DetectorGeometry(pattern_shape=(120, 120)))  # binned 4x4 to 30x30
     assert model.covers(DetectorGeometry(pc=(DEFAULT_PC[0] + 0.01, DEFAULT_PC[1], DEFAULT_PC[2]), sample_tilt=70.5))
     assert not model.covers(DetectorGeometry(pc=(0.5, 0.3, 0.6)))
     assert not model.covers(DetectorGeometry(sample_tilt=60.0))
-    assert not model.covers(DetectorGeometry(pattern_shape=(96, 96)))  # works at 48x48
+    assert not model.covers(DetectorGeometry(pattern_shape=(96, 96)))  # works at 32x32
 
 
 def test_inference_never_imports_torch():

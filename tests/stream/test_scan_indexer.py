@@ -1,0 +1,91 @@
+"""The indexer's three modes on the shipped network bundle and real dictionaries: hybrid
+(network first, template matching where it is unsure), network only, template matching only."""
+
+import numpy as np
+import pytest
+
+from liveindex.models.phases import disorientation_degrees
+from liveindex.stream.errors import InputError
+from liveindex.stream.geometry import DetectorGeometry
+from liveindex.stream.protocol import METHOD_CODE
+from liveindex.stream.scan_indexer import ScanIndexer
+
+
+@pytest.fixture(scope="module")
+def frames(moderate_scan):
+    return moderate_scan.render(0, moderate_scan.size)
+
+
+def methods(result) -> dict:
+    names = {code: name for name, code in METHOD_CODE.items()}
+    return {names[c]: int(n) for c, n in zip(*np.unique(result.method, return_counts=True))}
+
+
+def test_hybrid_answers_with_the_network_and_refines(moderate_scan, frames):
+    indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1)
+    assert indexer.mode == "hybrid" and indexer.network is not None
+    assert "network" in indexer.model_name and "template matching" in indexer.model_name
+    result = indexer.index(frames)
+    err = disorientation_degrees(result.quaternion, moderate_scan.truth)
+    assert np.median(err) < 0.3 and np.mean(err < 3) >= 0.99
+    used = methods(result)
+    assert used.get("nn+refined", 0) >= 0.9 * len(frames), used  # the network answers most frames
+    assert set(used) <= {"nn+refined", "tm+refined"}
+    assert (result.phase_id == 0).all()
+
+
+def test_a_bad_network_start_falls_back_to_template_matching(moderate_scan, frames, monkeypatch):
+    """Frames whose network answer refines to a poor fit are matched from scratch."""
+    indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1)
+    real_predict = indexer.network.predict
+
+    def predict_wrong_half(flat, allowed=None):  # the network's answer, turned 30 deg for half the frames
+        phase, q, pconf, oconf = real_predict(flat, allowed=allowed)
+        turn = np.array([np.cos(np.radians(15)), np.sin(np.radians(15)), 0, 0], np.float32)
+        w1, v1, w2, v2 = turn[0], turn[1:], q[::2, :1], q[::2, 1:]
+        q = q.copy()
+        q[::2] = np.concatenate([w1 * w2 - v2 @ v1[:, None], w1 * v2 + w2 * v1 + np.cross(v1, v2)], axis=1)
+        return phase, q, pconf, oconf
+
+    monkeypatch.setattr(indexer.network, "predict", predict_wrong_half)
+    result = indexer.index(frames)
+    used = methods(result)
+    assert used.get("tm+refined", 0) >= 0.4 * len(frames), used
+    err = disorientation_degrees(result.quaternion, moderate_scan.truth)
+    assert np.mean(err < 3) >= 0.99
+
+
+def test_network_only_without_refinement(moderate_scan, frames):
+    indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, indexer="network", refine=False)
+    assert not indexer.indexers  # no dictionary loaded
+    result = indexer.index(frames)
+    assert methods(result) == {"nn": len(frames)}
+    assert np.median(disorientation_degrees(result.quaternion, moderate_scan.truth)) <= 2.0
+    assert ((result.confidence >= 0) & (result.confidence <= 1)).all()
+
+
+def test_templates_only(moderate_scan, frames):
+    indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, indexer="templates")
+    assert indexer.network is None
+    result = indexer.index(frames[:64])
+    assert methods(result) == {"tm+refined": 64}
+
+
+def test_a_geometry_outside_the_bundle_falls_back_or_is_refused():
+    far = DetectorGeometry(pc=(0.5, 0.3, 0.6))
+    with pytest.raises(InputError, match="outside the bundle's range"):
+        ScanIndexer(far, ["ni"], progress=False, threads=1, indexer="network")
+    with pytest.raises(InputError, match="indexer 'nets' is not one of"):
+        ScanIndexer(DetectorGeometry(), ["ni"], progress=False, threads=1, indexer="nets")
+
+
+@pytest.mark.slow
+def test_hybrid_on_a_geometry_outside_the_bundle_uses_template_matching():
+    from liveindex.stream.simulator import SimulatedScan
+
+    scan = SimulatedScan((4, 4), geometry=DetectorGeometry(pattern_shape=(24, 24), pc=(0.45, 0.25, 0.55)),
+                         noise="clean", seed=1)
+    indexer = ScanIndexer(scan.geometry, ["ni"], progress=False, threads=1, resolution=6.0)
+    assert indexer.mode == "templates" and indexer.network is None
+    result = indexer.index(scan.render(0, scan.size))
+    assert methods(result) == {"tm+refined": scan.size}
