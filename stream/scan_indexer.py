@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 CANDIDATES = 16  # templates kept per pattern by the matcher
 RESCUE_CANDIDATES = 5  # distinct extra starts refined for a point whose first refinement looks wrong
 DISTINCT_DEG = 6.0
+PAGE_CANDIDATES = 8  # orientations of a page's sure points tried for its still-doubtful points
 # Refined NCC at 30x30 -> confidence; fitted by benchmarks/calibrate_confidence.py.
 CONFIDENCE_THRESHOLD = 0.19
 CONFIDENCE_WIDTH = 0.015
@@ -80,6 +81,10 @@ INDEXERS = ("hybrid", "network", "templates")
 # these only spare refinement of answers that are plainly unsure.
 PHASE_GATE = 0.9
 ORIENTATION_GATE = 0.5
+# Where the network answers less than this share of a page, the next PAGES_WITHOUT_NETWORK
+# pages skip it; then it is tried again.
+NETWORK_MIN_SHARE = 0.5
+PAGES_WITHOUT_NETWORK = 3
 
 
 @functools.lru_cache(maxsize=4)
@@ -104,6 +109,7 @@ class ScanIndexer:
         self.preprocess = Preprocessor.for_shape(geometry.pattern_shape)
         self.min_confidence = float(min_confidence)
         self.mode = indexer
+        self._pages_without_network = 0
         self._background = None
         if static_background is not None:
             if tuple(static_background.shape) != tuple(geometry.pattern_shape):
@@ -177,9 +183,19 @@ class ScanIndexer:
         result = IndexResult.empty(len(flat))
         todo = np.flatnonzero(valid)
         if self.network is not None and len(todo):
-            todo = self._network_answers(flat, todo, result)
+            if self._pages_without_network:
+                self._pages_without_network -= 1
+            else:
+                left = self._network_answers(flat, todo, result)
+                if self.mode == "hybrid" and len(left) > (1 - NETWORK_MIN_SHARE) * len(todo):
+                    # Patterns the network cannot read (hard noise, a phase it mistakes) cost its
+                    # inference and a wasted refinement each: go straight to matching for a while.
+                    self._pages_without_network = PAGES_WITHOUT_NETWORK
+                todo = left
         if self.indexers and len(todo):
             self._match(flat, todo, result)
+        if self.refiners:
+            self._rescue_from_the_page(flat, valid, result)
         unsure = result.confidence < self.min_confidence
         result.phase_id[~valid | unsure] = -1
         result.confidence[~valid] = 0.0
@@ -253,6 +269,45 @@ class ScanIndexer:
             ncc[pick] = ncc_more[np.flatnonzero(better), best[better]]
         result.quaternion[rows] = q
         result.score[rows] = ncc
+
+    def _rescue_from_the_page(self, flat: np.ndarray, valid: np.ndarray, result: IndexResult) -> None:
+        """Points still doubtful are refined from the orientations the page's sure points found.
+
+        A page is consecutive scan points, and grains span many points, so the orientation a
+        noisy pattern's grain has is usually among them even where neither the network nor
+        the dictionary's top matches got near it."""
+        doubtful = np.flatnonzero(valid & (result.score < CONFIDENCE_THRESHOLD))
+        if not len(doubtful):
+            return
+        for p, refiner in enumerate(self.refiners):
+            sure = np.flatnonzero(valid & (result.phase_id == p) & (result.score >= CONFIDENCE_THRESHOLD))
+            if not len(sure):
+                continue
+            starts = self._page_orientations(p, result.quaternion[sure])
+            r = len(starts)
+            q_more, ncc_more = refiner.refine(np.repeat(flat[doubtful], r, axis=0), np.tile(starts, (len(doubtful), 1)))
+            ncc_more = ncc_more.reshape(-1, r)
+            best = ncc_more.argmax(axis=1)
+            better = np.flatnonzero(ncc_more[np.arange(len(doubtful)), best] > result.score[doubtful])
+            rows = doubtful[better]
+            result.quaternion[rows] = q_more.reshape(-1, r, 4)[better, best[better]]
+            result.score[rows] = ncc_more[better, best[better]]
+            result.phase_id[rows] = p
+        result.confidence[doubtful] = confidence_from_ncc(result.score[doubtful])
+
+    def _page_orientations(self, p: int, quaternions: np.ndarray) -> np.ndarray:
+        """(C, 4) orientations -> up to PAGE_CANDIDATES distinct ones (more than DISTINCT_DEG apart),
+        the most common first."""
+        q = quaternions.astype(np.float64)
+        equivalents = quaternion_multiply(q[:, None, :], self._symmetry[p][None])  # (C, S, 4)
+        close = np.abs(np.einsum("ac,bsc->abs", q, equivalents)).max(axis=2) > np.cos(np.radians(DISTINCT_DEG) / 2)
+        chosen = []
+        for i in np.argsort(-close.sum(axis=1), kind="stable"):
+            if not close[i, chosen].any():
+                chosen.append(i)
+                if len(chosen) == PAGE_CANDIDATES:
+                    break
+        return quaternions[chosen]
 
     def _distinct_starts(self, p: int, candidates: np.ndarray) -> np.ndarray:
         """(D, K, 4) ranked templates -> (D, R, 4): the next best templates that are more than

@@ -89,3 +89,41 @@ def test_hybrid_on_a_geometry_outside_the_bundle_uses_template_matching():
     assert indexer.mode == "templates" and indexer.network is None
     result = indexer.index(scan.render(0, scan.size))
     assert methods(result) == {"tm+refined": scan.size}
+
+
+def test_pages_the_network_cannot_read_go_straight_to_matching_for_a_while(moderate_scan, frames, monkeypatch):
+    import liveindex.stream.scan_indexer as scan_indexer
+
+    indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, refine=False)
+    real_predict, calls = indexer.network.predict, []
+
+    def unsure(flat, allowed=None):
+        calls.append(len(flat))
+        phase, q, pconf, oconf = real_predict(flat, allowed=allowed)
+        return phase, q, pconf, np.zeros_like(oconf)  # sure of nothing
+
+    monkeypatch.setattr(indexer.network, "predict", unsure)
+    pages = [indexer.index(frames[i:i + 20]) for i in range(0, 20 * (scan_indexer.PAGES_WITHOUT_NETWORK + 2), 20)]
+    # First page: the network is asked and answers nothing; the next pages skip it; then it is asked again.
+    assert len(calls) == 2
+    assert all(set(methods(p)) == {"tm"} for p in pages)
+
+
+def test_points_no_start_fits_are_rescued_from_their_page(moderate_scan, frames, monkeypatch):
+    """Every other frame gets random dictionary matches (no start near its orientation): the
+    orientations the page's other points found still index it."""
+    indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, indexer="templates")
+    matcher = indexer.indexers[0]
+    real_match, rng = matcher.match, np.random.default_rng(0)
+
+    def random_for_half(flat):
+        scores, indices = real_match(flat)
+        indices = indices.copy()
+        indices[::2] = rng.integers(0, matcher.dictionary.size, indices[::2].shape)
+        return scores, indices
+
+    monkeypatch.setattr(matcher, "match", random_for_half)
+    page = slice(0, 100)
+    result = indexer.index(frames[page])
+    err = disorientation_degrees(result.quaternion, moderate_scan.truth[page])
+    assert np.mean(err[::2] < 3) >= 0.95, np.sort(err[::2])[-10:]
