@@ -285,6 +285,8 @@ class ScanIndexer:
                 continue
             starts = self._page_orientations(p, result.quaternion[sure])
             r = len(starts)
+            if not r:
+                continue
             q_more, ncc_more = refiner.refine(np.repeat(flat[doubtful], r, axis=0), np.tile(starts, (len(doubtful), 1)))
             ncc_more = ncc_more.reshape(-1, r)
             best = ncc_more.argmax(axis=1)
@@ -297,12 +299,15 @@ class ScanIndexer:
 
     def _page_orientations(self, p: int, quaternions: np.ndarray) -> np.ndarray:
         """(C, 4) orientations -> up to PAGE_CANDIDATES distinct ones (more than DISTINCT_DEG apart),
-        the most common first."""
+        the most common first, each found at two points or more: a grain, not a lone point (on a
+        scan of one orientation per point there is nothing to try, and no time is spent)."""
         q = quaternions.astype(np.float64)
         equivalents = quaternion_multiply(q[:, None, :], self._symmetry[p][None])  # (C, S, 4)
         close = np.abs(np.einsum("ac,bsc->abs", q, equivalents)).max(axis=2) > np.cos(np.radians(DISTINCT_DEG) / 2)
-        chosen = []
-        for i in np.argsort(-close.sum(axis=1), kind="stable"):
+        chosen, members = [], close.sum(axis=1)
+        for i in np.argsort(-members, kind="stable"):
+            if members[i] < 2:
+                break
             if not close[i, chosen].any():
                 chosen.append(i)
                 if len(chosen) == PAGE_CANDIDATES:
