@@ -76,7 +76,7 @@ class NetworkModel:
         """
         import onnxruntime as ort
 
-        from liveindex.stream.indexer import choose_providers
+        from liveindex.stream.indexer import choose_providers, session_options
 
         folder = Path(path) if path is not None else default_bundle_path()
         meta = folder / "bundle.json"
@@ -85,11 +85,7 @@ class NetworkModel:
         bundle = json.loads(meta.read_text())
         if bundle.get("format") != BUNDLE_FORMAT:
             raise InputError(f"model bundle {folder} has format {bundle.get('format')}; this liveindex reads {BUNDLE_FORMAT}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(folder / bundle.get("network", NETWORK_FILE)), options,
+        session = ort.InferenceSession(str(folder / bundle.get("network", NETWORK_FILE)), session_options(threads),
                                        providers=choose_providers(providers))
         provider = session.get_providers()[0]
         model = cls(folder, bundle, session, provider)

@@ -8,6 +8,7 @@ subtraction), then make every pattern zero-mean and unit-norm.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,6 +97,7 @@ class StaticBackground:
         self.supplied = None if supplied is None else np.asarray(supplied, np.float32)
         self.total: np.ndarray | None = None
         self.count = 0
+        self._lock = threading.Lock()  # pages of one scan may be indexed on several threads
 
     def update(self, working: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Fold (B, h, w) working-size frames into the mean; returns the mean (h, w) float32."""
@@ -104,15 +106,17 @@ class StaticBackground:
                 raise ValueError(f"the supplied static background has shape {self.supplied.shape}; frames at the "
                                  f"working size are {working.shape[1:]}: supply it binned to that size")
             return self.supplied
-        if valid.any():
-            page_sum = working[valid].sum(axis=0, dtype=np.float64)
-            self.total = page_sum if self.total is None else self.total + page_sum
-            self.count += int(valid.sum())
-        if self.total is None:
-            return np.zeros(working.shape[1:], np.float32)
+        with self._lock:
+            if valid.any():
+                page_sum = working[valid].sum(axis=0, dtype=np.float64)
+                self.total = page_sum if self.total is None else self.total + page_sum
+                self.count += int(valid.sum())
+            if self.total is None:
+                return np.zeros(working.shape[1:], np.float32)
+            total, count = self.total, self.count
         # Smoothed by about one working pixel: a scan of few large grains leaves their
         # Kikuchi bands in the mean, and subtracting them sharp hurt (hard noise, 40x40 of
         # ~25 grains: 95.8% within 3 deg, 96.9% with no static background, 97.1% smoothed);
         # smoothing more (2 px) undid the gain on kikuchipy's real Ni scan.
-        mean = (self.total / self.count).astype(np.float32)
+        mean = (total / count).astype(np.float32)
         return gaussian_filter(mean, working.shape[2] / RUNNING_BACKGROUND_SMOOTHING, truncate=2.0)

@@ -51,9 +51,9 @@ class Refiner:
         from liveindex.models.refinement import build_graphs
 
         score, gauss_newton = build_graphs(phase, geometry, tuple(working_shape), sigma)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        from .indexer import session_options
+
+        options = session_options(threads)
         self.score_session = ort.InferenceSession(score.SerializeToString(), options, providers=providers)
         self.gn_session = ort.InferenceSession(gauss_newton.SerializeToString(), options, providers=providers)
         self.iterations = iterations
