@@ -1,12 +1,10 @@
-"""ONNX graphs that refine orientations against patterns rendered from the master pattern.
+"""The ONNX graph that refines orientations against patterns rendered from the master pattern.
 
-Two graphs per (phase, working geometry), built in memory in about a second:
-
-- ``score``: quaternions (B, K, 4) and preprocessed patterns (B, P) -> NCC (B, K) of each
-  candidate's rendered pattern against its pattern.
-- ``gauss_newton``: quaternions (B, 4) and patterns (B, P) -> NCC (B,), JᵀJ (B, 3, 3) and
-  Jᵀr (B, 3) of the residual n(L·render(exp(θ)·q)) − e with respect to θ, a small rotation
-  vector in the sample frame. The caller solves the 3x3 systems (numpy) and steps.
+One graph per (phase, working geometry), built in memory in about a second:
+``gauss_newton``: quaternions (B, 4) and preprocessed patterns (B, P) -> NCC (B,), JᵀJ
+(B, 3, 3) and Jᵀr (B, 3) of the residual n(L·render(exp(θ)·q)) − e with respect to θ, a
+small rotation vector in the sample frame. The caller (stream/refiner.py) solves the 3x3
+systems (numpy) and steps.
 
 Rendering follows kikuchipy's ``EBSDMasterPattern.get_patterns`` exactly (verified to NCC
 ≥ 0.9999999 in ``docs/research/refine-spike``): the detector's direction cosines in the
@@ -148,28 +146,6 @@ def _unit_rows(g: _Graph, u: str, axis: int) -> tuple[str, str]:
     return g.op("Div", u, norm), norm
 
 
-def build_score_graph(directions: np.ndarray, master: np.ndarray, shape: tuple[int, int], sigma: float) -> ModelProto:
-    g = _Graph()
-    p = shape[0] * shape[1]
-    q = g.reshape("quats", [-1, 4])
-    rotated = g.op("MatMul", g.const(directions), _rotation_matrices_t(g, q))  # (N, P, 3)
-    x, y, z = g.split(rotated, [1, 1, 1], axis=2)
-    gx, gy = _lambert(g, x, y, z)
-    # GridSample wants the image batch equal to the grid batch: all candidates in one grid.
-    grid = g.reshape(g.op("Concat", gx, gy, axis=2), [1, -1, p, 2])
-    rendered = g.op("GridSample", g.const(master[None, None]), grid, mode="bilinear", padding_mode="border",
-                    align_corners=1)  # (1, 1, N, P)
-    u = g.reshape(_high_pass(g, g.reshape(rendered, [-1, *shape]), shape, sigma), [-1, p])
-    n, _ = _unit_rows(g, u, axis=1)
-    batch_k = g.op("Slice", g.op("Shape", "quats"), g.const([0], np.int64), g.const([2], np.int64))
-    n = g.op("Reshape", n, g.op("Concat", batch_k, g.const([p], np.int64), axis=0))  # (B, K, P)
-    scores = g.op("MatMul", n, g.op("Unsqueeze", "patterns", g.const([2], np.int64)))  # (B, K, 1)
-    g.op("Squeeze", scores, g.const([2], np.int64), outputs=["scores"])
-    return g.model([helper.make_tensor_value_info("quats", TensorProto.FLOAT, ["B", "K", 4]),
-                    helper.make_tensor_value_info("patterns", TensorProto.FLOAT, ["B", p])],
-                   [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "K"])])
-
-
 def _master_with_gradients(master: np.ndarray) -> np.ndarray:
     """(3, n, n): the master and its derivatives along normalised Lambert x (columns) and y (rows)."""
     d_row, d_col = np.gradient(master.astype(np.float64))
@@ -235,9 +211,8 @@ def build_gauss_newton_graph(directions: np.ndarray, master: np.ndarray, shape: 
                     helper.make_tensor_value_info("jtr", TensorProto.FLOAT, ["B", 3])])
 
 
-def build_graphs(phase: str, geometry: DetectorGeometry, working_shape: tuple[int, int],
-                 sigma: float) -> tuple[ModelProto, ModelProto]:
-    """(score, gauss_newton) graphs for a phase and a scan geometry at the working size."""
+def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int, int], sigma: float) -> ModelProto:
+    """The Gauss-Newton graph for a phase and a scan geometry at the working size."""
     working = geometry.with_shape(working_shape)
     directions = direction_cosines(working)
     binned = geometry.pattern_shape[0] > working_shape[0] * 1.01 or geometry.pattern_shape[1] > working_shape[1] * 1.01
@@ -245,8 +220,7 @@ def build_graphs(phase: str, geometry: DetectorGeometry, working_shape: tuple[in
     blur = REFERENCE_BLUR * _pixel_angle(directions, working_shape) / _pixel_angle(
         direction_cosines(REFERENCE_WORKING), REFERENCE_WORKING.pattern_shape) if binned else 0.0
     master = master_array(phase, geometry.energy_kv, blur)
-    return (build_score_graph(directions, master, tuple(working_shape), sigma),
-            build_gauss_newton_graph(directions, master, tuple(working_shape), sigma))
+    return build_gauss_newton_graph(directions, master, tuple(working_shape), sigma)
 
 
 def _pixel_angle(directions: np.ndarray, shape) -> float:

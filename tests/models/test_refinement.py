@@ -1,4 +1,4 @@
-"""The refinement graphs against kikuchipy's renderer, and their Jacobian against the score."""
+"""The refinement graph against kikuchipy's renderer, and its gradient against the NCC it reports."""
 
 import numpy as np
 import onnxruntime as ort
@@ -24,48 +24,46 @@ def rotations():
     return Rotation.random(12).data.astype(np.float32)
 
 
-def test_score_graph_renders_as_kikuchipy_does(rotations):
-    """Unblurred master: the graph's render of R and kikuchipy's get_patterns(R) are the same pattern."""
+def kikuchipy_patterns(rotations):
     from orix.quaternion import Rotation
 
     from liveindex.models.phases import master_pattern
 
     prep = Preprocessor.for_shape(GEOMETRY.pattern_shape)
-    master = refinement.master_array("ni", GEOMETRY.energy_kv)
-    score = session(refinement.build_score_graph(refinement.direction_cosines(GEOMETRY), master,
-                                                 prep.working_shape, prep.sigma))
     sim = master_pattern("ni").get_patterns(Rotation(rotations), GEOMETRY.kikuchipy_detector(),
                                             energy=GEOMETRY.energy_kv, compute=True, dtype_out=np.float32,
                                             show_progressbar=False)
-    flat, _ = prep(np.asarray(sim.data))
-    ncc = score.run(None, {"quats": rotations[:, None], "patterns": flat})[0][:, 0]
+    return prep, prep(np.asarray(sim.data))[0]
+
+
+def test_the_graph_renders_as_kikuchipy_does(rotations):
+    """Unblurred master: the graph's render of R and kikuchipy's get_patterns(R) are the same pattern."""
+    prep, flat = kikuchipy_patterns(rotations)
+    master = refinement.master_array("ni", GEOMETRY.energy_kv)
+    graph = session(refinement.build_gauss_newton_graph(refinement.direction_cosines(GEOMETRY), master,
+                                                         prep.working_shape, prep.sigma))
+    ncc = graph.run(None, {"quats": rotations, "patterns": flat})[0]
     assert (ncc > 0.9999).all(), ncc
 
 
-def test_gauss_newton_gradient_is_the_score_derivative(rotations):
-    """Jᵀr = -d NCC / dθ (n is unit-norm, so Jᵀn = 0): checked by central differences of the score."""
-    from orix.quaternion import Rotation
+def test_gauss_newton_gradient_is_the_ncc_derivative(rotations):
+    """Jᵀr = -d NCC / dθ (n is unit-norm, so Jᵀn = 0): checked by central differences of the NCC."""
+    prep, flat = kikuchipy_patterns(rotations)
+    graph = session(refinement.build_graph("ni", GEOMETRY, prep.working_shape, prep.sigma))
 
-    from liveindex.models.phases import master_pattern
+    def ncc(q):
+        return graph.run(None, {"quats": q.astype(np.float32), "patterns": flat})[0]
 
-    prep = Preprocessor.for_shape(GEOMETRY.pattern_shape)
-    score, gauss_newton = (session(g) for g in refinement.build_graphs("ni", GEOMETRY, prep.working_shape, prep.sigma))
-    sim = master_pattern("ni").get_patterns(Rotation(rotations), GEOMETRY.kikuchipy_detector(),
-                                            energy=GEOMETRY.energy_kv, compute=True, dtype_out=np.float32,
-                                            show_progressbar=False)
-    flat, _ = prep(np.asarray(sim.data))
     # Start 1 deg off the truth, where the gradient is large.
     start = quaternion_multiply(rotation_vector_quaternions(np.full((len(rotations), 3), np.radians(1 / np.sqrt(3)))),
-                                rotations.astype(np.float64)).astype(np.float32)
-    _, jtj, jtr = gauss_newton.run(None, {"quats": start, "patterns": flat})
+                                rotations.astype(np.float64))
+    _, jtj, jtr = graph.run(None, {"quats": start.astype(np.float32), "patterns": flat})
     h = np.radians(0.02)
     numeric = np.empty_like(jtr)
     for k in range(3):
         step = np.zeros((len(start), 3))
         step[:, k] = h
-        ends = [quaternion_multiply(rotation_vector_quaternions(sign * step), start.astype(np.float64)).astype(np.float32)
-                for sign in (1, -1)]
-        up, down = (score.run(None, {"quats": q[:, None], "patterns": flat})[0][:, 0] for q in ends)
+        up, down = (ncc(quaternion_multiply(rotation_vector_quaternions(sign * step), start)) for sign in (1, -1))
         numeric[:, k] = -(up - down) / (2 * h)
     # Same direction, and a magnitude within 10%: the master's gradient images (central
     # differences) are not exactly the derivative of its bilinear interpolation (about 5% low).
