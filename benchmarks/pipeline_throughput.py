@@ -3,8 +3,8 @@
     python benchmarks/pipeline_throughput.py [--scan 100x100] [--workers 2] [--threads 1]
 
 Both runs index the same pre-rendered frames (the simulator's cost is kept out of both),
-and both use the machine's cores: the bare indexer with one ONNX session on all cores,
-the pipeline with one single-threaded session per worker process, plus the publisher and
+and both use the machine's cores: the bare indexer as `liveindex index` runs (a page per core,
+one-thread sessions), the pipeline with one single-threaded worker process per core, plus the publisher and
 the sink on the same cores. The pipeline's cost is 1 - pipeline/bare. A loose
 correctness check (median error) stands beside each timing.
 """

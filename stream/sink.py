@@ -51,6 +51,8 @@ def _warm_up() -> None:
 
 
 FINAL_ACK_SECONDS = 3.0
+# The dispatcher reports twice a second; silent longer than this, its worker list is old news.
+DISPATCHER_SILENT_SECONDS = 5.0
 
 
 class Sink:
@@ -94,6 +96,7 @@ class Sink:
         self.messages_seen = 0
         self.deadlines: dict[str, float] = {}
         self.dispatcher_status: dict = {}
+        self.dispatcher_heard = 0.0  # monotonic time of the last dispatcher heartbeat
         self.finished: list[dict] = []
         self._png_cache: dict[tuple, bytes] = {}
         self._rate_window: collections.deque = collections.deque()
@@ -283,6 +286,7 @@ class Sink:
         elif kind == "heartbeat":
             if header.get("sender") == "dispatcher":
                 self.dispatcher_status = header
+                self.dispatcher_heard = time.monotonic()
                 self.metrics.queue_depth.set(header.get("queue_depth", 0))
                 self.metrics.workers_up.set(len(header.get("workers", [])))
                 self.metrics.backlog.set(header.get("backlog_frames", 0))
@@ -452,13 +456,20 @@ class Sink:
             return {"scan": None}
         status = dict(state.status if state.finished and state.status else state.summary())
         dispatcher = self.dispatcher_status if self.dispatcher_status.get("scan") == state.scan else {}
+        workers = [dict(w) for w in dispatcher.get("workers", [])]
+        silent = time.monotonic() - self.dispatcher_heard
+        for worker in workers:  # the dispatcher's last word may be old: say what is known now
+            if state.finished:
+                worker["state"] = "done"
+            elif silent > DISPATCHER_SILENT_SECONDS:
+                worker["state"] = f"no word for {silent:.0f} s"
         rate = 0.0 if state.finished else self.rate_now
         latency = [v for _, v in tuple(self._latency_window)]  # one C-level copy: the loop appends meanwhile
         status.update({
             "version": state.version, "frames_per_second_now": rate,
             "latency_now_s": float(np.median(latency)) if latency else None,
             "seconds_left": (state.size - state.n_received) / rate if rate > 0 else None,
-            "workers_up": len(dispatcher.get("workers", [])), "workers": dispatcher.get("workers", []),
+            "workers_up": len(workers), "workers": workers,
             "queue_depth": dispatcher.get("queue_depth"), "backlog_frames": dispatcher.get("backlog_frames"),
             "spilled_frames": dispatcher.get("spilled_frames"), "dropped_frames": dispatcher.get("dropped_frames"),
             "detector": state.header["detector"], "phases": state.header["phases"],

@@ -23,6 +23,17 @@ log = logging.getLogger(__name__)
 PHASE_COLOURS = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189]], np.uint8)
 
 
+# Viridis through five stops (the live page's CONFIDENCE_STOPS): a sure map is yellow, doubt
+# blue to purple.
+CONFIDENCE_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+
+
+def confidence_rgb(levels: np.ndarray) -> np.ndarray:
+    """(N,) uint8 confidence levels (0..255) -> (N, 3) uint8 colours."""
+    x = np.linspace(0, 255, len(CONFIDENCE_STOPS))
+    return np.stack([np.interp(levels, x, CONFIDENCE_STOPS[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
+
+
 def crystal_map(*, phase_id, quaternion, confidence, method, nav_shape, step, phases):
     from orix.crystal_map import CrystalMap, PhaseList
     from orix.quaternion import Rotation
@@ -85,7 +96,7 @@ def map_images(state_arrays: dict, nav_shape, phases) -> dict[str, np.ndarray]:
     method_rgb[:] = np.array(METHOD_RGB, np.uint8)[np.minimum(state_arrays["method"], len(METHOD_RGB) - 1)]
     return {
         "ipf": ipf_colours(state_arrays["quaternion"], phase_id, phases).reshape(ny, nx, 3),
-        "confidence": np.repeat(conf[:, None], 3, axis=1).reshape(ny, nx, 3),
+        "confidence": confidence_rgb(conf).reshape(ny, nx, 3),
         "phase": phase_rgb.reshape(ny, nx, 3),
         "method": method_rgb.reshape(ny, nx, 3),
     }

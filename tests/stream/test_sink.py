@@ -148,6 +148,8 @@ def test_a_finished_scan_tells_its_dispatcher_every_page_is_stored(tmp_path):
     dispatcher.connect(sink.endpoint)
     try:
         dispatcher.send_multipart(_start())
+        dispatcher.send_multipart(encode("heartbeat", {"sender": "dispatcher", "scan": "s1", "workers": [
+            {"name": "w0", "state": "indexing", "credit": 2}]}))
         dispatcher.send_multipart(_results(range(0, 6)))
         dispatcher.send_multipart(_results(range(6, 12)))
         told = []
@@ -159,6 +161,8 @@ def test_a_finished_scan_tells_its_dispatcher_every_page_is_stored(tmp_path):
         assert dispatcher.poll(10_000)
         again = decode(dispatcher.recv_multipart()).header
         assert again["pages"] == [0] and again["complete"] is True
+        # The page no longer shows the dispatcher's last word ("indexing") for a finished scan.
+        assert [w["state"] for w in sink.status()["workers"]] == ["done"]
     finally:
         sink.stop_event.set()
         thread.join(5)
