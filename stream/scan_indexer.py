@@ -53,6 +53,7 @@ CANDIDATES = 16  # templates kept per pattern by the matcher
 RESCUE_CANDIDATES = 5  # distinct extra starts refined for a point whose first refinement looks wrong
 DISTINCT_DEG = 6.0
 PAGE_CANDIDATES = 8  # orientations of a page's sure points tried for its still-doubtful points
+PAGE_MIN_POINTS = 4  # ... each found at this many points at least: a grain, not a coincidence
 # Refined NCC at 30x30 -> confidence; fitted by benchmarks/calibrate_confidence.py.
 CONFIDENCE_THRESHOLD = 0.19
 CONFIDENCE_WIDTH = 0.015
@@ -299,14 +300,14 @@ class ScanIndexer:
 
     def _page_orientations(self, p: int, quaternions: np.ndarray) -> np.ndarray:
         """(C, 4) orientations -> up to PAGE_CANDIDATES distinct ones (more than DISTINCT_DEG apart),
-        the most common first, each found at two points or more: a grain, not a lone point (on a
-        scan of one orientation per point there is nothing to try, and no time is spent)."""
+        the most common first, each found at PAGE_MIN_POINTS points or more: a grain, not a lone
+        point (on a scan of one orientation per point there is nothing to try, and no time is spent)."""
         q = quaternions.astype(np.float64)
         equivalents = quaternion_multiply(q[:, None, :], self._symmetry[p][None])  # (C, S, 4)
         close = np.abs(np.einsum("ac,bsc->abs", q, equivalents)).max(axis=2) > np.cos(np.radians(DISTINCT_DEG) / 2)
         chosen, members = [], close.sum(axis=1)
         for i in np.argsort(-members, kind="stable"):
-            if members[i] < 2:
+            if members[i] < PAGE_MIN_POINTS:
                 break
             if not close[i, chosen].any():
                 chosen.append(i)
