@@ -15,11 +15,12 @@ three indexers work pattern by pattern, so the map's layout does not matter to t
 
 What is timed (best of --repeat passes, patterns / seconds; passes are interleaved across
 indexers so that other users' load on shared cores falls on all alike):
-  liveindex     `index_source` on the rendered array with liveindex's defaults: static and
-                dynamic background removal, ONNX template match at 30x30 against the 3 deg
-                dictionary, 3 Gauss-Newton refinement steps against the master pattern,
-                rescue of low-confidence points from distinct candidates; the one-off
-                dictionary load/build and the ONNX warm-up happen before the clock
+  liveindex     `index_source` on the rendered array with liveindex's defaults (the hybrid):
+                static and dynamic background removal, the network's start (template
+                matching at 30x30 against the 3 deg dictionary where it is unsure),
+                3 Gauss-Newton refinement steps against the master pattern, rescue of
+                low-confidence points; a page per core; the one-off dictionary and code
+                book load/build and the ONNX warm-up happen before the clock
                 (index_source starts its clock after them).
   PyEBSDIndex   `EBSDIndexer.index_pats` on the CPU (no OpenCL), one process, numba's
                 threads on all cores; the numba JIT compile is warmed up before the clock.
@@ -97,8 +98,9 @@ class LiveIndex:
         self.geometry = geometry
         # Builds (or loads) the 3 deg dictionary once, so the timed passes only load it.
         self._run(warm_patterns[:16])
-        return ("ONNX Runtime, default settings: template matching at 30x30 against the 3 deg dictionary, "
-                "3 Gauss-Newton refinement steps against the master pattern, distinct-candidate rescue")
+        return ("ONNX Runtime, default settings (hybrid): the network's start, template matching at 30x30 against "
+                "the 3 deg dictionary where it is unsure, 3 Gauss-Newton refinement steps against the master "
+                "pattern, rescue; a page per core")
 
     def _run(self, patterns):
         from liveindex.stream.offline import index_source
