@@ -10,6 +10,7 @@ file lock instead of building it twice.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -58,11 +59,23 @@ class DictionarySpec:
     # as binned live frames are: a point-sampled 30x30 render correlates with a 2x2-binned
     # frame at 0.90, a supersampled one at 1.0.
     supersample: int = 1
+    # The signal mask at the working size, as np.packbits of the flat boolean mask (hashable);
+    # None: every pixel. Templates are preprocessed with it, as the frames are.
+    mask_bits: bytes | None = None
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        if self.mask_bits is None:
+            return None
+        n = self.geometry.pattern_shape[0] * self.geometry.pattern_shape[1]
+        bits = np.unpackbits(np.frombuffer(self.mask_bits, np.uint8))[:n].astype(bool)
+        return bits.reshape(self.geometry.pattern_shape)
 
     @property
     def key(self) -> str:
         finer = f"-s{self.supersample}" if self.supersample > 1 else ""
-        return f"{self.phase}-{self.geometry.cache_key()}-r{self.resolution:g}{finer}-v{FORMAT_VERSION}"
+        masked = f"-m{hashlib.sha1(self.mask_bits).hexdigest()[:8]}" if self.mask_bits is not None else ""
+        return f"{self.phase}-{self.geometry.cache_key()}-r{self.resolution:g}{finer}{masked}-v{FORMAT_VERSION}"
 
     def folder(self, root: Path | None = None) -> Path:
         return (root or cache_dir()) / "dictionaries" / self.key
@@ -115,7 +128,7 @@ def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     rotations = sample_rotations(spec.phase, spec.resolution)
     templates = simulate_templates(spec.phase, spec.geometry, rotations, progress=progress, tqdm=tqdm,
-                                   supersample=spec.supersample)
+                                   supersample=spec.supersample, mask=spec.mask)
     np.save(tmp / "rotations.npy", rotations)
     # Stored transposed (P, N) so the graph is a plain MatMul(patterns, templates).
     np.ascontiguousarray(templates.T).tofile(tmp / "templates.bin")
@@ -136,18 +149,20 @@ def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:
 
 
 def simulate_templates(phase: str, geometry: DetectorGeometry, rotations: np.ndarray, *, progress: bool = False,
-                       tqdm=None, supersample: int = 1, kind: str = "best") -> np.ndarray:
+                       tqdm=None, supersample: int = 1, kind: str = "best",
+                       mask: np.ndarray | None = None) -> np.ndarray:
     """Simulate and preprocess templates: (N, P) float32, rows zero-mean and unit-norm.
 
     ``kind`` picks the master pattern (phases.master_pattern: best, dynamical, kinematical);
-    ``supersample`` renders at that multiple of the working size and bins down, as a detector does.
+    ``supersample`` renders at that multiple of the working size and bins down, as a detector does;
+    ``mask`` is the scan's working-size signal mask.
     """
     from orix.quaternion import Rotation
 
     mp = master_pattern(phase, kind)
     working = geometry.pattern_shape
     detector = geometry.with_shape((working[0] * supersample, working[1] * supersample)).kikuchipy_detector()
-    prep = Preprocessor(detector.shape, working, sigma=Preprocessor.for_shape(working).sigma)
+    prep = Preprocessor(detector.shape, working, sigma=Preprocessor.for_shape(working).sigma, mask=mask)
     out = np.empty((len(rotations), prep.n_pixels), dtype=np.float32)
     chunks = range(0, len(rotations), SIMULATION_CHUNK)
     if progress and tqdm is not None:

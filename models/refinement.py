@@ -132,18 +132,28 @@ def _lambert(g: _Graph, x: str, y: str, z: str) -> tuple[str, str]:
     return gx, gy
 
 
-def _high_pass(g: _Graph, images: str, shape: tuple[int, int], sigma: float) -> str:
-    """images (..., h, w) -> images minus their Gaussian blur, the Preprocessor's background removal."""
+def _high_pass(g: _Graph, images: str, shape: tuple[int, int], sigma: float, mask: np.ndarray | None) -> str:
+    """images (..., h, w) -> images minus their Gaussian blur, the Preprocessor's background
+    removal; with a signal mask, its normalised convolution (masked pixels only, outside 0)."""
     h, w = shape
+    if mask is not None:
+        images = g.op("Mul", images, g.const(mask.astype(np.float32)))
     blurred = g.op("MatMul", g.const(blur_matrix(h, sigma)), g.op("MatMul", images, g.const(blur_matrix(w, sigma).T)))
-    return g.op("Sub", images, blurred)
+    if mask is None:
+        return g.op("Sub", images, blurred)
+    m = mask.astype(np.float32)
+    weight = blur_matrix(h, sigma) @ m @ blur_matrix(w, sigma).T  # the Preprocessor's blur of the mask
+    blurred = g.op("Div", blurred, g.const(np.maximum(weight, 1e-3)))
+    return g.op("Mul", g.op("Sub", images, blurred), g.const(m))
 
 
-def _unit_rows(g: _Graph, u: str, axis: int) -> tuple[str, str]:
-    """Zero-mean along ``axis`` and divide by the norm: (normalised, norm)."""
-    u = g.op("Sub", u, g.op("ReduceMean", u, axes=[axis], keepdims=1))
-    norm = g.op("Clip", g.op("Sqrt", g.op("ReduceSumSquare", u, axes=[axis], keepdims=1)), g.const(1e-12), "")
-    return g.op("Div", u, norm), norm
+def _zero_mean(g: _Graph, u: str, p: int, mask: np.ndarray | None) -> str:
+    """u (..., P) -> zero mean along the last axis (over the signal pixels, outside 0)."""
+    if mask is None:
+        return g.op("Sub", u, g.op("ReduceMean", u, axes=[2], keepdims=1))
+    m = mask.reshape(-1).astype(np.float32)
+    mean = g.op("Div", g.op("ReduceSum", u, g.const([2], np.int64), keepdims=1), g.const(float(m.sum())))
+    return g.op("Mul", g.op("Sub", u, mean), g.const(m))
 
 
 def _master_with_gradients(master: np.ndarray) -> np.ndarray:
@@ -178,7 +188,7 @@ def _rotation_derivatives(g: _Graph, x, y, z, gx, gy, d_x, d_y) -> str:
 
 
 def build_gauss_newton_graph(directions: np.ndarray, master: np.ndarray, shape: tuple[int, int],
-                             sigma: float) -> ModelProto:
+                             sigma: float, mask: np.ndarray | None = None) -> ModelProto:
     g = _Graph()
     p = shape[0] * shape[1]
     rotated = g.op("MatMul", g.const(directions), _rotation_matrices_t(g, "quats"))  # (B, P, 3)
@@ -192,8 +202,7 @@ def build_gauss_newton_graph(directions: np.ndarray, master: np.ndarray, shape: 
     derivatives = _rotation_derivatives(g, x, y, z, gx, gy, d_x, d_y)  # (B, P, 3)
     derivatives = g.op("Transpose", derivatives, perm=[0, 2, 1])  # (B, 3, P)
     stack = g.reshape(g.op("Concat", g.reshape(value, [-1, 1, p]), derivatives, axis=1), [-1, 4, *shape])
-    u_all = g.reshape(_high_pass(g, stack, shape, sigma), [-1, 4, p])
-    u_all = g.op("Sub", u_all, g.op("ReduceMean", u_all, axes=[2], keepdims=1))
+    u_all = _zero_mean(g, g.reshape(_high_pass(g, stack, shape, sigma, mask), [-1, 4, p]), p, mask)
     u, du = g.split(u_all, [1, 3], axis=1)  # (B, 1, P), (B, 3, P)
     norm = g.op("Clip", g.op("Sqrt", g.op("ReduceSumSquare", u, axes=[2], keepdims=1)), g.const(1e-12), "")
     n = g.op("Div", u, norm)
@@ -211,8 +220,10 @@ def build_gauss_newton_graph(directions: np.ndarray, master: np.ndarray, shape: 
                     helper.make_tensor_value_info("jtr", TensorProto.FLOAT, ["B", 3])])
 
 
-def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int, int], sigma: float) -> ModelProto:
-    """The Gauss-Newton graph for a phase and a scan geometry at the working size."""
+def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int, int], sigma: float,
+                mask: np.ndarray | None = None) -> ModelProto:
+    """The Gauss-Newton graph for a phase and a scan geometry at the working size (and its
+    working-size signal mask)."""
     working = geometry.with_shape(working_shape)
     directions = direction_cosines(working)
     binned = geometry.pattern_shape[0] > working_shape[0] * 1.01 or geometry.pattern_shape[1] > working_shape[1] * 1.01
@@ -220,7 +231,7 @@ def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int
     blur = REFERENCE_BLUR * _pixel_angle(directions, working_shape) / _pixel_angle(
         direction_cosines(REFERENCE_WORKING), REFERENCE_WORKING.pattern_shape) if binned else 0.0
     master = master_array(phase, geometry.energy_kv, blur)
-    return build_gauss_newton_graph(directions, master, tuple(working_shape), sigma)
+    return build_gauss_newton_graph(directions, master, tuple(working_shape), sigma, mask)
 
 
 def _pixel_angle(directions: np.ndarray, shape) -> float:

@@ -83,6 +83,9 @@ def _add_indexing_options(p) -> None:
                         "(within 3 deg) at least 99%% of the time (default 0: keep every point)")
     p.add_argument("--static-background", metavar="FILE.npy",
                    help="the detector's static background (default: each scan's running mean frame)")
+    p.add_argument("--signal-mask", metavar="FILE.npy",
+                   help="boolean (H, W) array, True where the detector carries pattern (for example the "
+                        "phosphor's circle); pixels outside are ignored everywhere (default: every pixel)")
     p.add_argument("--indexer", choices=("hybrid", "network", "templates"), default="hybrid",
                    help="hybrid (default): the network first, template matching where it is unsure or the "
                         "bundle does not cover the scan; network: the network only; templates: template matching only")
@@ -103,8 +106,19 @@ def _indexing_options(args) -> dict:
         if background.ndim != 2:
             raise InputError(f"the static background {args.static_background} has shape {background.shape}; "
                              "give one (H, W) frame")
+    mask = None
+    if args.signal_mask:
+        try:
+            mask = np.load(args.signal_mask)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the signal mask {args.signal_mask}: {exc}; give a .npy of one (H, W) "
+                             "boolean array, True where the pattern is") from None
+        if mask.ndim != 2 or not (mask.dtype == bool or np.isin(mask, (0, 1)).all()):
+            raise InputError(f"the signal mask {args.signal_mask} is {mask.dtype} of shape {mask.shape}; give one "
+                             "(H, W) array of booleans (or 0/1), True where the pattern is")
+        mask = mask.astype(bool)
     return {"refine": not args.no_refine, "min_confidence": args.min_confidence, "static_background": background,
-            "indexer": args.indexer, "bundle": args.bundle}
+            "signal_mask": mask, "indexer": args.indexer, "bundle": args.bundle}
 
 
 def cmd_index(args) -> int:

@@ -22,19 +22,40 @@ from scipy.ndimage import gaussian_filter, zoom
 MAX_WORKING_SIDE = 32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Preprocessor:
     input_shape: tuple[int, int]
     working_shape: tuple[int, int]
     # Background blur in working pixels; 1/8 of the width as kikuchipy's default.
     sigma: float
+    # Signal mask at the working size (True: the pixel carries pattern), or None: every pixel.
+    mask: np.ndarray | None = None
 
     @classmethod
-    def for_shape(cls, input_shape, max_side: int = MAX_WORKING_SIDE) -> "Preprocessor":
+    def for_shape(cls, input_shape, max_side: int = MAX_WORKING_SIDE, *,
+                  signal_mask: np.ndarray | None = None) -> "Preprocessor":
+        """The worker's preprocessing for frames of ``input_shape``; ``signal_mask`` is a
+        frame-size boolean array (True: signal), binned so that a working pixel counts only
+        where all its frame pixels do."""
         h, w = (int(n) for n in input_shape)
         factor = max(1, math.ceil(max(h, w) / max_side))
         working = (max(2, round(h / factor)), max(2, round(w / factor)))
-        return cls((h, w), working, sigma=working[1] / 8)
+        plain = cls((h, w), working, sigma=working[1] / 8)
+        if signal_mask is None:
+            return plain
+        mask = np.asarray(signal_mask)
+        if mask.shape != (h, w):
+            raise ValueError(f"the signal mask is {mask.shape[0]}x{mask.shape[1]} but the patterns are {h}x{w}; "
+                             "make it at the detector's binning")
+        binned = plain._to_working(mask[None].astype(np.float32))[0] > 0.999
+        if binned.sum() < 0.1 * binned.size:
+            raise ValueError(f"the signal mask keeps {int(binned.sum())} of {binned.size} working pixels; "
+                             "True marks the pixels that carry the pattern")
+        return cls((h, w), working, sigma=working[1] / 8, mask=binned)
+
+    def with_mask(self, mask: np.ndarray | None) -> "Preprocessor":
+        """The same preprocessing with a working-size mask (templates are rendered at other sizes)."""
+        return Preprocessor(self.input_shape, self.working_shape, self.sigma, mask)
 
     @property
     def n_pixels(self) -> int:
@@ -53,15 +74,29 @@ class Preprocessor:
             x[~finite] = 0.0
         if background is not None:
             x -= background.update(x, finite)
-        # truncate=2 measured 1.7x faster than the default 4 with the same matches.
-        x -= gaussian_filter(x, (0, self.sigma, self.sigma), truncate=2.0)
-        flat = x.reshape(len(x), -1)
-        flat -= flat.mean(axis=1, keepdims=True)
+        if self.mask is None:
+            # truncate=2 measured 1.7x faster than the default 4 with the same matches.
+            x -= gaussian_filter(x, (0, self.sigma, self.sigma), truncate=2.0)
+            flat = x.reshape(len(x), -1)
+            flat -= flat.mean(axis=1, keepdims=True)
+        else:
+            # Normalised convolution: the background under the mask from masked pixels only,
+            # so the dark (or bright) outside never bleeds into it; outside pixels end at 0.
+            m = self.mask.astype(np.float32)
+            x *= m
+            x -= gaussian_filter(x, (0, self.sigma, self.sigma), truncate=2.0) / self._mask_blur()
+            x *= m
+            flat = x.reshape(len(x), -1)
+            flat -= (flat.sum(axis=1, keepdims=True) / m.sum()) * m.reshape(1, -1)
         norm = np.linalg.norm(flat, axis=1, keepdims=True)
         valid = finite & (norm[:, 0] > 1e-6)
         np.divide(flat, norm, out=flat, where=norm > 1e-6)
         flat[~valid] = 0.0
         return flat, valid
+
+    def _mask_blur(self) -> np.ndarray:
+        blurred = gaussian_filter(self.mask.astype(np.float32), self.sigma, truncate=2.0)
+        return np.maximum(blurred, 1e-3)
 
     def _to_working(self, patterns: np.ndarray) -> np.ndarray:
         if patterns.ndim != 3 or tuple(patterns.shape[1:]) != self.input_shape:

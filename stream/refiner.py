@@ -45,14 +45,14 @@ class Refiner:
     """Refines orientations of one phase for one scan geometry, at the working pattern size."""
 
     def __init__(self, phase: str, geometry: DetectorGeometry, working_shape, sigma: float, *,
-                 providers: list[str], threads: int = 0, iterations: int = ITERATIONS):
+                 providers: list[str], threads: int = 0, iterations: int = ITERATIONS, mask=None):
         import onnxruntime as ort
 
         from liveindex.models.refinement import build_graph
 
         from .indexer import session_options
 
-        graph = build_graph(phase, geometry, tuple(working_shape), sigma)
+        graph = build_graph(phase, geometry, tuple(working_shape), sigma, mask)
         self.gn_session = ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=providers)
         self.iterations = iterations
         self.phase = phase

@@ -65,15 +65,18 @@ def confidence_from_ncc(ncc: np.ndarray) -> np.ndarray:
         np.float32)
 
 
-def dictionary_spec(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION) -> DictionarySpec:
-    """The template dictionary a scan with this geometry is matched against."""
+def dictionary_spec(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION,
+                    mask: np.ndarray | None = None) -> DictionarySpec:
+    """The template dictionary a scan with this geometry (and working-size signal mask) is matched against."""
     working, supersample = working_geometry(geometry)
-    return DictionarySpec(phase, working, resolution, supersample=supersample)
+    bits = None if mask is None else np.packbits(np.asarray(mask, bool).reshape(-1)).tobytes()
+    return DictionarySpec(phase, working, resolution, supersample=supersample, mask_bits=bits)
 
 
-def load_dictionary(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION, **options):
+def load_dictionary(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION,
+                    mask: np.ndarray | None = None, **options):
     """The scan's dictionary with the matcher ScanIndexer uses, from the cache or built now."""
-    return load_or_build(dictionary_spec(phase, geometry, resolution), top_k=CANDIDATES, **options)
+    return load_or_build(dictionary_spec(phase, geometry, resolution, mask), top_k=CANDIDATES, **options)
 
 
 INDEXERS = ("hybrid", "network", "templates")
@@ -102,12 +105,16 @@ class ScanIndexer:
     def __init__(self, geometry: DetectorGeometry, phases, *, resolution: float = DEFAULT_RESOLUTION,
                  providers: str = "auto", threads: int = 0, progress: bool = True, reason: str = "",
                  refine: bool = True, min_confidence: float = DEFAULT_MIN_CONFIDENCE,
-                 static_background: np.ndarray | None = None, indexer: str = "hybrid", bundle: str | None = None):
+                 static_background: np.ndarray | None = None, signal_mask: np.ndarray | None = None,
+                 indexer: str = "hybrid", bundle: str | None = None):
         if indexer not in INDEXERS:
             raise InputError(f"indexer {indexer!r} is not one of {', '.join(INDEXERS)}")
         self.geometry = geometry
         self.phases = check_phases(phases)
-        self.preprocess = Preprocessor.for_shape(geometry.pattern_shape)
+        try:
+            self.preprocess = Preprocessor.for_shape(geometry.pattern_shape, signal_mask=signal_mask)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         self.min_confidence = float(min_confidence)
         self.mode = indexer
         self._pages_without_network = 0
@@ -124,13 +131,15 @@ class ScanIndexer:
         self.indexers, self.refiners = [], []
         for phase in self.phases:
             if self.mode != "network":
-                dictionary = load_dictionary(phase, geometry, resolution, reason=reason, progress=progress)
+                dictionary = load_dictionary(phase, geometry, resolution, self.preprocess.mask, reason=reason,
+                                             progress=progress)
                 matcher = TemplateIndexer(dictionary, providers=providers, threads=threads)
                 matcher.warm_up(self.preprocess.n_pixels)
                 self.indexers.append(matcher)
             if refine:
                 self.refiners.append(Refiner(phase, geometry, self.preprocess.working_shape, self.preprocess.sigma,
-                                             providers=choose_providers(providers), threads=threads))
+                                             mask=self.preprocess.mask, providers=choose_providers(providers),
+                                             threads=threads))
         self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
 
     def _load_network(self, bundle, providers: str, threads: int) -> None:
@@ -144,6 +153,8 @@ class ScanIndexer:
         missing = [p for p in self.phases if p not in network.phases]
         if missing:
             problems.append(f"the bundle has no phase {', '.join(missing)} (it knows {', '.join(network.phases)})")
+        if self.preprocess.mask is not None:
+            problems.append("the scan has a signal mask and the bundle was trained on whole patterns")
         if problems:
             if self.mode == "network":
                 raise InputError(f"the network cannot index this scan: {'; '.join(problems)}; use --indexer hybrid "

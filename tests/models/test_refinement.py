@@ -72,3 +72,30 @@ def test_gauss_newton_gradient_is_the_ncc_derivative(rotations):
     ratio = np.linalg.norm(jtr, axis=1) / np.linalg.norm(numeric, axis=1)
     assert ((ratio > 0.9) & (ratio < 1.1)).all(), ratio
     assert (np.linalg.eigvalsh(jtj.astype(np.float64)) > 0).all()  # JᵀJ positive definite
+
+
+def test_a_signal_mask_is_applied_as_the_preprocessor_does(rotations):
+    """With a circular signal mask, the graph's render still matches kikuchipy's pattern
+    preprocessed with the mask, whatever the frames hold outside it."""
+    yy, xx = np.mgrid[:30, :30]
+    circle = (yy - 14.5) ** 2 + (xx - 14.5) ** 2 < 14 ** 2
+    prep = Preprocessor.for_shape(GEOMETRY.pattern_shape, signal_mask=circle)
+    _, flat_plain = kikuchipy_patterns(rotations)
+    from orix.quaternion import Rotation
+
+    from liveindex.models.phases import master_pattern
+
+    raw = np.asarray(master_pattern("ni").get_patterns(Rotation(rotations), GEOMETRY.kikuchipy_detector(),
+                                                       energy=GEOMETRY.energy_kv, compute=True, dtype_out=np.float32,
+                                                       show_progressbar=False).data)
+    junk = raw.copy()
+    junk[:, ~circle] = np.random.default_rng(1).uniform(0, 5 * raw.max(), (len(raw), int((~circle).sum())))
+    flat, _ = prep(raw)
+    np.testing.assert_allclose(prep(junk)[0], flat, atol=1e-5)  # the outside never reaches the result
+    assert (flat[:, ~circle.reshape(-1)] == 0).all()
+    master = refinement.master_array("ni", GEOMETRY.energy_kv)
+    graph = session(refinement.build_gauss_newton_graph(refinement.direction_cosines(GEOMETRY), master,
+                                                         prep.working_shape, prep.sigma, prep.mask))
+    ncc = graph.run(None, {"quats": rotations, "patterns": flat})[0]
+    assert (ncc > 0.9999).all(), ncc
+    assert not np.allclose(flat, flat_plain)  # the mask did change the preprocessing

@@ -128,3 +128,14 @@ def test_keys_are_made_once_and_never_overwritten_and_a_missing_key_folder_is_na
     _assert_one_line_error(again, "never overwritten")
     missing = run_cli("sink", "--keys", tmp_path / "nowhere", "--http-port", "0", "--once", timeout=60)
     _assert_one_line_error(missing, "does not exist", "liveindex keys")
+
+
+def test_signal_mask_of_the_wrong_shape_or_kind(tmp_path):
+    path = tmp_path / "scan.npy"
+    np.save(path, np.ones((4, 60, 60), np.uint8))
+    np.save(tmp_path / "small.npy", np.ones((30, 30), bool))
+    _assert_one_line_error(run_cli("index", path, "--signal-mask", tmp_path / "small.npy"),
+                           "signal mask is 30x30 but the patterns are 60x60", "binning")
+    np.save(tmp_path / "grey.npy", np.full((60, 60), 0.5))
+    _assert_one_line_error(run_cli("index", path, "--signal-mask", tmp_path / "grey.npy"),
+                           "booleans", "True where the pattern is")

@@ -127,3 +127,22 @@ def test_points_no_start_fits_are_rescued_from_their_page(moderate_scan, frames,
     result = indexer.index(frames[page])
     err = disorientation_degrees(result.quaternion, moderate_scan.truth[page])
     assert np.mean(err[::2] < 3) >= 0.95, np.sort(err[::2])[-10:]
+
+
+@pytest.mark.slow
+def test_a_signal_mask_keeps_what_lies_outside_it_out(moderate_scan, frames):
+    """A circular mask; outside it, frames carry junk (a bright ring, hot pixels). With the
+    mask the junk changes nothing; the network, trained on whole patterns, steps aside."""
+    yy, xx = np.mgrid[:60, :60]
+    circle = (yy - 29.5) ** 2 + (xx - 29.5) ** 2 < 29 ** 2
+    junk = frames.copy()
+    junk[:, ~circle] = np.random.default_rng(2).integers(200, 256, (len(frames), int((~circle).sum())))
+    indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, signal_mask=circle)
+    assert indexer.mode == "templates" and indexer.network is None
+    result = indexer.index(junk)
+    err = disorientation_degrees(result.quaternion, moderate_scan.truth)
+    # 0.28 deg: the circle keeps 73% of the pixels (0.18 deg on whole clean-edged frames);
+    # without the mask the same frames give 2.2 deg and 52% within 3 deg.
+    assert np.median(err) < 0.4 and np.mean(err < 3) >= 0.99
+    with pytest.raises(InputError, match="signal mask"):
+        ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, signal_mask=circle, indexer="network")
