@@ -104,7 +104,7 @@ def inference_cost(model, *, batch: int = 256, repeats: int = 20) -> dict:
     one_best, _ = best_and_median([model.phases[0]])
     return {"batch": batch, "per_pattern_ms_best": best, "per_pattern_ms_median": median,
             "one_phase_ms_best": one_best, "one_phase": model.phases[0],
-            "provider": model.provider, "intra_op_threads": 1}
+            "provider": model.provider, "intra_op_threads": 1, "int8_code_scoring": bool(model.quantized)}
 
 
 def format_figures(figures: dict, recorded: dict | None = None) -> str:

@@ -230,8 +230,12 @@ def export(checkpoint: Path, out: Path, *, eval_n: int = DEFAULT_EVAL_N, command
     (out / "bundle.json").write_text(json.dumps(bundle, indent=1))
     model = NetworkModel.load(out, providers="cpu", threads=1)
     log.info("measuring validation figures on %d held-out patterns per source", eval_n)
-    bundle["validation"] = evaluate(model, eval_n)
+    bundle["validation"] = evaluate(model, eval_n)  # the graph a CPU worker runs: int8 code scoring
+    bundle["validation"]["graph"] = "the CPU graph (int8 code scoring, models.network.quantize_code_scoring)"
     bundle["inference_cost"] = inference_cost(model)
+    float_cost = inference_cost(NetworkModel.load(out, providers="cpu", threads=1, quantized=False))
+    bundle["inference_cost"].update({"float_graph_ms_best": float_cost["per_pattern_ms_best"],
+                                     "float_graph_one_phase_ms_best": float_cost["one_phase_ms_best"]})
     (out / "bundle.json").write_text(json.dumps(bundle, indent=1))
     log.info("bundle written to %s", out)
     return bundle

@@ -97,10 +97,15 @@ class TemplateIndexer:
         import onnxruntime as ort
 
         self.dictionary = dictionary
-        self.session = ort.InferenceSession(str(dictionary.matcher_path), session_options(threads),
-                                            providers=choose_providers(providers))
+        chosen = choose_providers(providers)
+        # On the CPU the int8 matcher (4x faster, same ranking); on a GPU the float one.
+        path = dictionary.quantized_matcher_path if chosen == ["CPUExecutionProvider"] else None
+        self.session = ort.InferenceSession(str(path or dictionary.matcher_path), session_options(threads),
+                                            providers=chosen)
+        self.quantized = path is not None
         self.provider = self.session.get_providers()[0]
-        log.info("template matcher %s: %d templates on %s", dictionary.spec.key, dictionary.size, self.provider)
+        log.info("template matcher %s: %d templates%s on %s", dictionary.spec.key, dictionary.size,
+                 " (int8)" if self.quantized else "", self.provider)
 
     def warm_up(self, n_pixels: int) -> None:
         """Run one batch so the first real page does not pay for allocation."""

@@ -113,3 +113,24 @@ def test_inference_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_int8_code_scoring_answers_as_the_float_graph():
+    """The CPU graph (int8 code book, best cell by blocks) against the exported float graph,
+    on the simulated detector's moderate patterns: same phase, orientation within 0.3 deg."""
+    from liveindex.models.codebook import disorientation_deg
+    from liveindex.stream.preprocess import Preprocessor
+    from liveindex.stream.simulator import SimulatedScan
+
+    exact = NetworkModel.load(threads=1, providers="cpu", quantized=False)
+    fast = NetworkModel.load(threads=1, providers="cpu")
+    assert fast.quantized and not exact.quantized
+    scan = SimulatedScan((12, 12), noise="moderate", seed=5, grain_size=1)
+    flat, _ = Preprocessor.for_shape(scan.geometry.pattern_shape)(scan.render(0, scan.size))
+    flat[3] = 0.0  # an invalid pattern still gets an answer from a real cell
+    for allowed in (["ni"], None):
+        a, b = exact.predict(flat, allowed=allowed), fast.predict(flat, allowed=allowed)
+        assert (a[0] == b[0]).all()
+        assert np.percentile(disorientation_deg(a[1], b[1]), 95) < 0.3
+        np.testing.assert_allclose(a[2], b[2], atol=0.02)
+        np.testing.assert_allclose(a[3], b[3], atol=0.05)
