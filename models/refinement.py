@@ -187,11 +187,14 @@ def _rotation_derivatives(g: _Graph, x, y, z, gx, gy, d_x, d_y) -> str:
                 sub(mul(x, gyw), mul(y, gxw)), axis=2)
 
 
-def build_gauss_newton_graph(directions: np.ndarray, master: np.ndarray, shape: tuple[int, int],
+def build_gauss_newton_graph(directions: np.ndarray | None, master: np.ndarray, shape: tuple[int, int],
                              sigma: float, mask: np.ndarray | None = None) -> ModelProto:
+    """``directions`` None: they are an input of the graph, (P, 3), so one graph serves any
+    projection centre (stream/pc_refinement.py)."""
     g = _Graph()
     p = shape[0] * shape[1]
-    rotated = g.op("MatMul", g.const(directions), _rotation_matrices_t(g, "quats"))  # (B, P, 3)
+    source = "directions" if directions is None else g.const(directions)
+    rotated = g.op("MatMul", source, _rotation_matrices_t(g, "quats"))  # (B, P, 3)
     x, y, z = g.split(rotated, [1, 1, 1], axis=2)
     gx, gy = _lambert(g, x, y, z)
     grid = g.reshape(g.op("Concat", gx, gy, axis=2), [1, -1, p, 2])
@@ -213,17 +216,21 @@ def build_gauss_newton_graph(directions: np.ndarray, master: np.ndarray, shape: 
     jacobian = g.op("Div", g.op("Sub", du, g.op("Mul", n_du, n)), norm)  # (B, 3, P)
     g.op("MatMul", jacobian, g.op("Transpose", jacobian, perm=[0, 2, 1]), outputs=["jtj"])
     g.op("ReduceSum", g.op("Mul", jacobian, g.op("Sub", n, e)), g.const([2], np.int64), keepdims=0, outputs=["jtr"])
-    return g.model([helper.make_tensor_value_info("quats", TensorProto.FLOAT, ["B", 4]),
-                    helper.make_tensor_value_info("patterns", TensorProto.FLOAT, ["B", p])],
+    inputs = [helper.make_tensor_value_info("quats", TensorProto.FLOAT, ["B", 4]),
+              helper.make_tensor_value_info("patterns", TensorProto.FLOAT, ["B", p])]
+    if directions is None:
+        inputs.append(helper.make_tensor_value_info("directions", TensorProto.FLOAT, [p, 3]))
+    return g.model(inputs,
                    [helper.make_tensor_value_info("ncc", TensorProto.FLOAT, ["B"]),
                     helper.make_tensor_value_info("jtj", TensorProto.FLOAT, ["B", 3, 3]),
                     helper.make_tensor_value_info("jtr", TensorProto.FLOAT, ["B", 3])])
 
 
 def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int, int], sigma: float,
-                mask: np.ndarray | None = None) -> ModelProto:
+                mask: np.ndarray | None = None, *, directions_input: bool = False) -> ModelProto:
     """The Gauss-Newton graph for a phase and a scan geometry at the working size (and its
-    working-size signal mask)."""
+    working-size signal mask); with ``directions_input`` the detector directions are an input
+    (for fitting the projection centre), the master blur still set by ``geometry``."""
     working = geometry.with_shape(working_shape)
     directions = direction_cosines(working)
     binned = geometry.pattern_shape[0] > working_shape[0] * 1.01 or geometry.pattern_shape[1] > working_shape[1] * 1.01
@@ -231,7 +238,8 @@ def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int
     blur = REFERENCE_BLUR * _pixel_angle(directions, working_shape) / _pixel_angle(
         direction_cosines(REFERENCE_WORKING), REFERENCE_WORKING.pattern_shape) if binned else 0.0
     master = master_array(phase, geometry.energy_kv, blur)
-    return build_gauss_newton_graph(directions, master, tuple(working_shape), sigma, mask)
+    return build_gauss_newton_graph(None if directions_input else directions, master, tuple(working_shape), sigma,
+                                    mask)
 
 
 def _pixel_angle(directions: np.ndarray, shape) -> float:

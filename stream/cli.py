@@ -133,7 +133,7 @@ def cmd_index(args) -> int:
         source.geometry = source.geometry.with_shape(source.patterns.shape[-2:])
     out = args.out or Path(args.file).with_suffix(".h5")
     summary = index_file(source, Path(out), resolution=args.resolution, threads=args.threads,
-                         providers=args.providers, **_indexing_options(args))
+                         providers=args.providers, refine_pc=args.refine_pc, **_indexing_options(args))
     print(f"liveindex index: {summary['points']} patterns, {summary['indexed']} indexed, "
           f"{summary['frames_per_second']} patterns/s; wrote {', '.join(summary['files'])}")
     return 0
@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_geometry_options(p)
     p.add_argument("--out", help="OUT.h5 or OUT.ang (the other outputs go beside it) or a folder")
     _add_indexing_options(p)
+    p.add_argument("--refine-pc", action="store_true",
+                   help="fit the projection centre on the scan's first sure points, then index every point with "
+                        "it (the fitted PC is logged and written to OUT.json)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_index)

@@ -65,16 +65,24 @@ class Refiner:
         step moves about 0.02 deg (steps shrink about 4x per iteration) and the NCC by about
         1e-4, against a confidence width of 0.015, so scoring the final orientation again (a
         quarter of the cost of refining) would change nothing."""
-        q = np.asarray(quaternions, np.float64)
-        limit = np.radians(MAX_STEP_DEG)
-        for _ in range(self.iterations):
-            ncc, jtj, jtr = self.gn_session.run(None, {"quats": q.astype(np.float32), "patterns": patterns})
-            a = jtj.astype(np.float64)
-            a += DAMPING * np.trace(a, axis1=1, axis2=2)[:, None, None] * np.eye(3) + 1e-12 * np.eye(3)
-            step = -np.linalg.solve(a, jtr.astype(np.float64)[..., None])[..., 0]
-            step /= np.clip(ncc.astype(np.float64), 0.05, 1.0)[:, None]
-            size = np.linalg.norm(step, axis=1, keepdims=True)
-            step *= np.minimum(1.0, limit / np.maximum(size, 1e-15))
-            q = quaternion_multiply(rotation_vector_quaternions(step), q)
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-        return q.astype(np.float32), ncc.astype(np.float32)
+        return gauss_newton(self.gn_session, patterns, quaternions, self.iterations)
+
+
+def gauss_newton(session, patterns: np.ndarray, quaternions: np.ndarray, iterations: int,
+                 feeds: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``iterations`` damped Gauss-Newton steps with a graph of models/refinement.py (``feeds``:
+    its other inputs, such as the detector directions); returns (B, 4) float32 orientations
+    and the NCC of the last evaluation (B,)."""
+    q = np.asarray(quaternions, np.float64)
+    limit = np.radians(MAX_STEP_DEG)
+    for _ in range(iterations):
+        ncc, jtj, jtr = session.run(None, {"quats": q.astype(np.float32), "patterns": patterns, **(feeds or {})})
+        a = jtj.astype(np.float64)
+        a += DAMPING * np.trace(a, axis1=1, axis2=2)[:, None, None] * np.eye(3) + 1e-12 * np.eye(3)
+        step = -np.linalg.solve(a, jtr.astype(np.float64)[..., None])[..., 0]
+        step /= np.clip(ncc.astype(np.float64), 0.05, 1.0)[:, None]
+        size = np.linalg.norm(step, axis=1, keepdims=True)
+        step *= np.minimum(1.0, limit / np.maximum(size, 1e-15))
+        q = quaternion_multiply(rotation_vector_quaternions(step), q)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q.astype(np.float32), ncc.astype(np.float32)

@@ -136,11 +136,19 @@ class ScanIndexer:
                 matcher = TemplateIndexer(dictionary, providers=providers, threads=threads)
                 matcher.warm_up(self.preprocess.n_pixels)
                 self.indexers.append(matcher)
-            if refine:
-                self.refiners.append(Refiner(phase, geometry, self.preprocess.working_shape, self.preprocess.sigma,
-                                             mask=self.preprocess.mask, providers=choose_providers(providers),
-                                             threads=threads))
+        self._providers, self._threads = providers, threads
+        if refine:
+            self.refine_at(geometry)
         self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
+
+    def refine_at(self, geometry: DetectorGeometry) -> None:
+        """Refine against patterns rendered for ``geometry`` (a fitted projection centre, say);
+        the starts (network, dictionary) stay those of the geometry the scan was given with:
+        they only have to land in the right basin."""
+        self.refine_geometry = geometry
+        self.refiners = [Refiner(phase, geometry, self.preprocess.working_shape, self.preprocess.sigma,
+                                 mask=self.preprocess.mask, providers=choose_providers(self._providers),
+                                 threads=self._threads) for phase in self.phases]
 
     def _load_network(self, bundle, providers: str, threads: int) -> None:
         """The network, where its bundle covers this scan; the hybrid falls back to templates where not."""
