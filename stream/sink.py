@@ -51,6 +51,7 @@ def _warm_up() -> None:
 
 
 FINAL_ACK_SECONDS = 3.0
+FINAL_LINGER_SECONDS = 1.5  # a sink that finished a scan answers heartbeats this long before it stops
 # The dispatcher reports twice a second; silent longer than this, its worker list is old news.
 DISPATCHER_SILENT_SECONDS = 5.0
 
@@ -123,8 +124,14 @@ class Sink:
         finally:
             # Acknowledgements still owed leave with us: retry briefly, so a dispatcher that
             # was busy or between reconnects still hears that its pages are safe.
-            deadline = time.monotonic() + FINAL_ACK_SECONDS
-            while not self._send_acks() and time.monotonic() < deadline:
+            now = time.monotonic()
+            deadline = now + FINAL_ACK_SECONDS
+            # Having finished a scan, stay a moment to answer its dispatcher's heartbeats with
+            # "complete" (two a second), not only until the first answer is out.
+            linger = now + (FINAL_LINGER_SECONDS if self.finished else 0.0)
+            while time.monotonic() < deadline:
+                if self._send_acks() and time.monotonic() >= linger:
+                    break
                 if self.socket.poll(50):
                     self._drain()
             if any(self.acks.values()) or self.completed:
@@ -292,6 +299,11 @@ class Sink:
                 self.metrics.backlog.set(header.get("backlog_frames", 0))
                 self.metrics.backlog_spilled.set(header.get("spilled_frames", 0))
                 self.metrics.frames_dropped.set(header.get("dropped_frames", 0))
+                finished = self.scans.get(header.get("scan"))
+                if finished is not None and finished.finished and finished.complete:
+                    # Its dispatcher still publishes a scan we have whole: say so again, in case
+                    # the first "complete" went astray (it waits on every page's acknowledgement).
+                    self.completed.add(finished.scan)
         else:
             raise ProtocolError(f"the sink does not take {kind!r} messages", header)
 

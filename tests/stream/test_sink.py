@@ -161,6 +161,12 @@ def test_a_finished_scan_tells_its_dispatcher_every_page_is_stored(tmp_path):
         assert dispatcher.poll(10_000)
         again = decode(dispatcher.recv_multipart()).header
         assert again["pages"] == [0] and again["complete"] is True
+        # A heartbeat from the dispatcher of a finished scan is answered "complete" too (the first
+        # answer may have gone astray, and the dispatcher waits on every page).
+        dispatcher.send_multipart(encode("heartbeat", {"sender": "dispatcher", "scan": "s1", "workers": [
+            {"name": "w0", "state": "indexing", "credit": 2}]}))
+        assert dispatcher.poll(10_000)
+        assert decode(dispatcher.recv_multipart()).header.get("complete") is True
         # The page no longer shows the dispatcher's last word ("indexing") for a finished scan.
         assert [w["state"] for w in sink.status()["workers"]] == ["done"]
     finally:
