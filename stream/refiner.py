@@ -5,7 +5,8 @@ master pattern for the scan's geometry and return the NCC with its Gauss-Newton 
 this module solves the 3x3 systems and steps. Measured in docs/research/refine-spike:
 Gauss-Newton reaches the accuracy of a 14-step local search about 5x faster.
 
-Two details make three steps enough at every noise level: each step is divided by the
+One coarse step (patterns binned 2x2) and two at the working size are enough at every noise
+level thanks to two details: each step is divided by the
 current NCC (at low NCC, JᵀJ overestimates the NCC's curvature by 1/NCC, so raw steps are
 that much too short), and steps are capped at ``MAX_STEP_DEG`` so a bad start cannot fly off.
 """
@@ -20,7 +21,12 @@ from .geometry import DetectorGeometry
 
 log = logging.getLogger(__name__)
 
-ITERATIONS = 3
+# One step at half the working size (a quarter of the pixels, a quarter of the cost), then
+# two at the working size: measured against three at the working size on the side-by-side
+# sets, the same accuracy (moderate median 0.180 against 0.185 deg, hard 97.25% both) at
+# 1.1-1.2x the speed; one coarse and one fine step lost hard-noise points (93%).
+COARSE_ITERATIONS = 1
+ITERATIONS = 2
 MAX_STEP_DEG = 2.0
 DAMPING = 1e-3  # Levenberg-Marquardt term, relative to the trace of JᵀJ
 
@@ -56,6 +62,24 @@ class Refiner:
         self.gn_session = ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=providers)
         self.iterations = iterations
         self.phase = phase
+        self.working_shape = tuple(working_shape)
+        # The coarse level bins the working patterns 2x2; with a signal mask, or an odd or
+        # small working size, refinement stays at the working size only.
+        h, w = self.working_shape
+        self.coarse_session = None
+        if mask is None and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 16:
+            coarse = build_graph(phase, geometry, (h // 2, w // 2), sigma / 2)
+            self.coarse_session = ort.InferenceSession(coarse.SerializeToString(), session_options(threads),
+                                                       providers=providers)
+
+    def coarse(self, patterns: np.ndarray) -> np.ndarray:
+        """(B, P) working patterns -> (B, P/4): binned 2x2, zero-mean, unit-norm (binning and the
+        background blur nearly commute, so the coarse graph high-passes at half the sigma)."""
+        h, w = self.working_shape
+        binned = patterns.reshape(len(patterns), h // 2, 2, w // 2, 2).mean(axis=(2, 4)).reshape(len(patterns), -1)
+        binned -= binned.mean(axis=1, keepdims=True)
+        binned /= np.maximum(np.linalg.norm(binned, axis=1, keepdims=True), 1e-12)
+        return binned.astype(np.float32)
 
     def refine(self, patterns: np.ndarray, quaternions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, P) preprocessed patterns, (B, 4) starting orientations -> refined (B, 4) float32
@@ -65,6 +89,8 @@ class Refiner:
         step moves about 0.02 deg (steps shrink about 4x per iteration) and the NCC by about
         1e-4, against a confidence width of 0.015, so scoring the final orientation again (a
         quarter of the cost of refining) would change nothing."""
+        if self.coarse_session is not None:
+            quaternions, _ = gauss_newton(self.coarse_session, self.coarse(patterns), quaternions, COARSE_ITERATIONS)
         return gauss_newton(self.gn_session, patterns, quaternions, self.iterations)
 
 

@@ -279,14 +279,10 @@ class ScanIndexer:
         doubtful = np.flatnonzero(ncc < CONFIDENCE_THRESHOLD)
         if len(doubtful):
             starts = self._distinct_starts(p, rotations[candidates[doubtful]])  # (D, R, 4)
-            r = starts.shape[1]
-            q_more, ncc_more = refiner.refine(np.repeat(flat[doubtful], r, axis=0), starts.reshape(-1, 4))
-            ncc_more = ncc_more.reshape(-1, r)
-            best = ncc_more.argmax(axis=1)
-            better = ncc_more[np.arange(len(doubtful)), best] > ncc[doubtful]
-            pick = doubtful[better]
-            q[pick] = q_more.reshape(-1, r, 4)[np.flatnonzero(better), best[better]]
-            ncc[pick] = ncc_more[np.flatnonzero(better), best[better]]
+            q_more, ncc_more = self._best_start(p, flat[doubtful], starts)
+            better = ncc_more > ncc[doubtful]
+            q[doubtful[better]] = q_more[better]
+            ncc[doubtful[better]] = ncc_more[better]
         result.quaternion[rows] = q
         result.score[rows] = ncc
 
@@ -299,23 +295,30 @@ class ScanIndexer:
         doubtful = np.flatnonzero(valid & (result.score < CONFIDENCE_THRESHOLD))
         if not len(doubtful):
             return
-        for p, refiner in enumerate(self.refiners):
+        for p in range(len(self.refiners)):
             sure = np.flatnonzero(valid & (result.phase_id == p) & (result.score >= CONFIDENCE_THRESHOLD))
             if not len(sure):
                 continue
             starts = self._page_orientations(p, result.quaternion[sure])
-            r = len(starts)
-            if not r:
+            if not len(starts):
                 continue
-            q_more, ncc_more = refiner.refine(np.repeat(flat[doubtful], r, axis=0), np.tile(starts, (len(doubtful), 1)))
-            ncc_more = ncc_more.reshape(-1, r)
-            best = ncc_more.argmax(axis=1)
-            better = np.flatnonzero(ncc_more[np.arange(len(doubtful)), best] > result.score[doubtful])
+            q_more, ncc_more = self._best_start(p, flat[doubtful], np.broadcast_to(starts, (len(doubtful), *starts.shape)))
+            better = np.flatnonzero(ncc_more > result.score[doubtful])
             rows = doubtful[better]
-            result.quaternion[rows] = q_more.reshape(-1, r, 4)[better, best[better]]
-            result.score[rows] = ncc_more[better, best[better]]
+            result.quaternion[rows] = q_more[better]
+            result.score[rows] = ncc_more[better]
             result.phase_id[rows] = p
         result.confidence[doubtful] = confidence_from_ncc(result.score[doubtful])
+
+    def _best_start(self, p: int, flat: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(D, P) patterns, (D, R, 4) candidate starts each -> the best refined (D, 4) and its NCC (D,).
+
+        Every start is refined in full: screening them with coarse steps first and refining
+        only the best two was 1.2x faster at hard noise but lost 1.25% of points there."""
+        d, r = starts.shape[:2]
+        q, ncc = self.refiners[p].refine(np.repeat(flat, r, axis=0), np.ascontiguousarray(starts).reshape(-1, 4))
+        best = ncc.reshape(d, r).argmax(axis=1)
+        return q.reshape(d, r, 4)[np.arange(d), best], ncc.reshape(d, r)[np.arange(d), best]
 
     def _page_orientations(self, p: int, quaternions: np.ndarray) -> np.ndarray:
         """(C, 4) orientations -> up to PAGE_CANDIDATES distinct ones (more than DISTINCT_DEG apart),
