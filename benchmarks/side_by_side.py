@@ -18,7 +18,7 @@ indexers so that other users' load on shared cores falls on all alike):
   liveindex     `index_source` on the rendered array with liveindex's defaults (the hybrid):
                 static and dynamic background removal, the network's start (template
                 matching at 30x30 against the 3 deg dictionary where it is unsure),
-                3 Gauss-Newton refinement steps against the master pattern, rescue of
+                Gauss-Newton refinement against the master pattern (1 coarse + 2 steps), rescue of
                 low-confidence points; a page per core; the one-off dictionary and code
                 book load/build and the ONNX warm-up happen before the clock
                 (index_source starts its clock after them).
@@ -99,7 +99,7 @@ class LiveIndex:
         # Builds (or loads) the 3 deg dictionary once, so the timed passes only load it.
         self._run(warm_patterns[:16])
         return ("ONNX Runtime, default settings (hybrid): the network's start, template matching at 30x30 against "
-                "the 3 deg dictionary where it is unsure, 3 Gauss-Newton refinement steps against the master "
+                "the 3 deg dictionary where it is unsure, Gauss-Newton refinement (1 coarse + 2 steps) against the master "
                 "pattern, rescue; a page per core")
 
     def _run(self, patterns):
