@@ -198,36 +198,15 @@ def _write_quantized_matcher_graph(path: Path, *, n_pixels: int, n_templates: in
     tmp = data.with_suffix(f".tmp{os.getpid()}")
     np.round(templates / scale).astype(np.int8).tofile(tmp)
     os.replace(tmp, data)
-    quantized = TensorProto()
-    quantized.name = "templates_int8"
-    quantized.data_type = TensorProto.INT8
-    quantized.dims.extend([n_pixels, n_templates])
-    quantized.data_location = TensorProto.EXTERNAL
-    entry = quantized.external_data.add()
-    entry.key, entry.value = "location", data.name
-    k = numpy_helper.from_array(np.array([min(top_k, n_templates)], dtype=np.int64), "k")
-    graph = helper.make_graph(
-        [
-            helper.make_node("DynamicQuantizeLinear", ["patterns"], ["patterns_u8", "pattern_scale", "pattern_zero"]),
-            helper.make_node("MatMulInteger", ["patterns_u8", "templates_int8", "pattern_zero"], ["dots"]),
-            helper.make_node("TopK", ["dots", "k"], ["top_dots", "top_indices"], axis=1),
-            helper.make_node("Cast", ["top_dots"], ["top_dots_float"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", ["template_scale", "pattern_scale"], ["dot_scale"]),
-            helper.make_node("Mul", ["top_dots_float", "dot_scale"], ["top_scores"]),
-        ],
-        "ncc_matcher_int8",
-        [helper.make_tensor_value_info("patterns", TensorProto.FLOAT, ["batch", n_pixels])],
-        [
-            helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", top_k]),
-            helper.make_tensor_value_info("top_indices", TensorProto.INT64, ["batch", top_k]),
-        ],
-        [quantized, numpy_helper.from_array(scale, "template_scale"), k],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
-                              producer_name="liveindex")
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(model.SerializeToString())
-    os.replace(tmp, path)
+    _write_top_k_graph(path, "ncc_matcher_int8", [
+        helper.make_node("DynamicQuantizeLinear", ["patterns"], ["patterns_u8", "pattern_scale", "pattern_zero"]),
+        helper.make_node("MatMulInteger", ["patterns_u8", "templates_int8", "pattern_zero"], ["dots"]),
+        helper.make_node("TopK", ["dots", "k"], ["top_dots", "top_indices"], axis=1),
+        helper.make_node("Cast", ["top_dots"], ["top_dots_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["template_scale", "pattern_scale"], ["dot_scale"]),
+        helper.make_node("Mul", ["top_dots_float", "dot_scale"], ["top_scores"]),
+    ], [_external_tensor("templates_int8", TensorProto.INT8, (n_pixels, n_templates), data.name),
+        numpy_helper.from_array(scale, "template_scale")], n_pixels=n_pixels, n_templates=n_templates, top_k=top_k)
 
 
 def _write_matcher_graph(path: Path, *, n_pixels: int, n_templates: int, top_k: int) -> None:
@@ -235,26 +214,38 @@ def _write_matcher_graph(path: Path, *, n_pixels: int, n_templates: int, top_k: 
 
     Inputs are preprocessed (zero-mean, unit-norm) so the dot product is the NCC.
     """
-    templates = TensorProto()
-    templates.name = "templates"
-    templates.data_type = TensorProto.FLOAT
-    templates.dims.extend([n_pixels, n_templates])
-    templates.data_location = TensorProto.EXTERNAL
-    entry = templates.external_data.add()
-    entry.key, entry.value = "location", "templates.bin"
+    _write_top_k_graph(path, "ncc_matcher", [
+        helper.make_node("MatMul", ["patterns", "templates"], ["scores"]),
+        helper.make_node("TopK", ["scores", "k"], ["top_scores", "top_indices"], axis=1),
+    ], [_external_tensor("templates", TensorProto.FLOAT, (n_pixels, n_templates), "templates.bin")],
+        n_pixels=n_pixels, n_templates=n_templates, top_k=top_k)
+
+
+def _external_tensor(name: str, data_type: int, dims, location: str) -> TensorProto:
+    """An initializer whose data lies in a file beside the graph (the templates, 30-110 MB)."""
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = data_type
+    tensor.dims.extend(dims)
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return tensor
+
+
+def _write_top_k_graph(path: Path, name: str, nodes: list, initializers: list, *, n_pixels: int, n_templates: int,
+                       top_k: int) -> None:
+    """A matcher graph: patterns (batch, P) -> top_scores and top_indices (batch, k), written atomically.
+    ``nodes`` read ``patterns`` and the constant ``k``."""
     k = numpy_helper.from_array(np.array([min(top_k, n_templates)], dtype=np.int64), "k")
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["patterns", "templates"], ["scores"]),
-            helper.make_node("TopK", ["scores", "k"], ["top_scores", "top_indices"], axis=1),
-        ],
-        "ncc_matcher",
+        nodes, name,
         [helper.make_tensor_value_info("patterns", TensorProto.FLOAT, ["batch", n_pixels])],
         [
             helper.make_tensor_value_info("top_scores", TensorProto.FLOAT, ["batch", top_k]),
             helper.make_tensor_value_info("top_indices", TensorProto.INT64, ["batch", top_k]),
         ],
-        [templates, k],
+        [*initializers, k],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                               producer_name="liveindex")

@@ -7,6 +7,7 @@ subtraction), then make every pattern zero-mean and unit-norm.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -53,10 +54,6 @@ class Preprocessor:
                              "True marks the pixels that carry the pattern")
         return cls((h, w), working, sigma=working[1] / 8, mask=binned)
 
-    def with_mask(self, mask: np.ndarray | None) -> "Preprocessor":
-        """The same preprocessing with a working-size mask (templates are rendered at other sizes)."""
-        return Preprocessor(self.input_shape, self.working_shape, self.sigma, mask)
-
     @property
     def n_pixels(self) -> int:
         return self.working_shape[0] * self.working_shape[1]
@@ -84,7 +81,7 @@ class Preprocessor:
             # so the dark (or bright) outside never bleeds into it; outside pixels end at 0.
             m = self.mask.astype(np.float32)
             x *= m
-            x -= gaussian_filter(x, (0, self.sigma, self.sigma), truncate=2.0) / self._mask_blur()
+            x -= gaussian_filter(x, (0, self.sigma, self.sigma), truncate=2.0) / self._mask_blur
             x *= m
             flat = x.reshape(len(x), -1)
             flat -= (flat.sum(axis=1, keepdims=True) / m.sum()) * m.reshape(1, -1)
@@ -94,7 +91,9 @@ class Preprocessor:
         flat[~valid] = 0.0
         return flat, valid
 
+    @functools.cached_property
     def _mask_blur(self) -> np.ndarray:
+        """The mask's own blur, the normaliser of the masked background (once per Preprocessor)."""
         blurred = gaussian_filter(self.mask.astype(np.float32), self.sigma, truncate=2.0)
         return np.maximum(blurred, 1e-3)
 

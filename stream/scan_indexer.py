@@ -145,7 +145,6 @@ class ScanIndexer:
         """Refine against patterns rendered for ``geometry`` (a fitted projection centre, say);
         the starts (network, dictionary) stay those of the geometry the scan was given with:
         they only have to land in the right basin."""
-        self.refine_geometry = geometry
         self.refiners = [Refiner(phase, geometry, self.preprocess.working_shape, self.preprocess.sigma,
                                  mask=self.preprocess.mask, providers=choose_providers(self._providers),
                                  threads=self._threads) for phase in self.phases]
