@@ -258,8 +258,9 @@ class NetworkModel:
             }
         return self._quantized_codes[key]
 
-    def warm_up(self) -> None:
-        self.predict(np.zeros((2, self.n_pixels), np.float32))
+    def warm_up(self, rows: int = 256) -> None:
+        """Run one page-sized batch so the first real page does not pay for allocation."""
+        self.predict(np.zeros((rows, self.n_pixels), np.float32))
 
     def predict(self, flat: np.ndarray, *, allowed=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(B, P) float32 preprocessed patterns -> (phase_index (B,) int64, quaternion (B, 4) float32,

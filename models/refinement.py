@@ -3,8 +3,8 @@
 One graph per (phase, working geometry), built in memory in about a second:
 ``gauss_newton``: quaternions (B, 4) and preprocessed patterns (B, P) -> NCC (B,), JᵀJ
 (B, 3, 3) and Jᵀr (B, 3) of the residual n(L·render(exp(θ)·q)) − e with respect to θ, a
-small rotation vector in the sample frame. The caller (stream/refiner.py) solves the 3x3
-systems (numpy) and steps.
+small rotation vector in the sample frame, and the rendered, preprocessed patterns (B, P).
+The caller (stream/refiner.py) solves the 3x3 systems (numpy) and steps.
 
 Rendering follows kikuchipy's ``EBSDMasterPattern.get_patterns`` exactly (verified to NCC
 ≥ 0.9999999 in ``docs/research/refine-spike``): the detector's direction cosines in the
@@ -93,8 +93,8 @@ class _Graph:
         self.nodes.append(helper.make_node(kind, list(inputs), names, **attrs))
         return names[0] if len(names) == 1 else names
 
-    def reshape(self, x: str, shape) -> str:
-        return self.op("Reshape", x, self.const(shape, np.int64))
+    def reshape(self, x: str, shape, output: str | None = None) -> str:
+        return self.op("Reshape", x, self.const(shape, np.int64), outputs=1 if output is None else [output])
 
     def split(self, x: str, sizes, axis: int):
         return self.op("Split", x, self.const(sizes, np.int64), outputs=len(sizes), axis=axis)
@@ -210,6 +210,7 @@ def build_gauss_newton_graph(directions: np.ndarray | None, master: np.ndarray, 
     u, du = g.split(u_all, [1, 3], axis=1)  # (B, 1, P), (B, 3, P)
     norm = g.op("Clip", g.op("Sqrt", g.op("ReduceSumSquare", u, axes=[2], keepdims=1)), g.const(1e-12), "")
     n = g.op("Div", u, norm)
+    g.reshape(n, [-1, p], output="rendered")  # the rendered, preprocessed patterns: for screening starts
     e = g.op("Unsqueeze", "patterns", g.const([1], np.int64))  # (B, 1, P)
     g.op("ReduceSum", g.op("Mul", n, e), g.const([1, 2], np.int64), keepdims=0, outputs=["ncc"])
     # d n/dθ = (du − (n·du) n) / |u|
@@ -224,7 +225,8 @@ def build_gauss_newton_graph(directions: np.ndarray | None, master: np.ndarray, 
     return g.model(inputs,
                    [helper.make_tensor_value_info("ncc", TensorProto.FLOAT, ["B"]),
                     helper.make_tensor_value_info("jtj", TensorProto.FLOAT, ["B", 3, 3]),
-                    helper.make_tensor_value_info("jtr", TensorProto.FLOAT, ["B", 3])])
+                    helper.make_tensor_value_info("jtr", TensorProto.FLOAT, ["B", 3]),
+                    helper.make_tensor_value_info("rendered", TensorProto.FLOAT, ["B", p])])
 
 
 def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int, int], sigma: float,

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import InputError
-from .indexer import IndexResult
+from .indexer import IndexResult, blas_threads
 from .scan_indexer import ScanIndexer
 from .sources import ScanSource
 from .writers import write_outputs
@@ -62,7 +62,7 @@ def index_source(source: ScanSource, *, resolution: float = 3.0, threads: int = 
     # Equal pages, a whole number per thread, none over page_size: no thread idles at the end.
     rounds = max(1, math.ceil(source.size / (workers * page_size)))
     page_size = max(1, math.ceil(source.size / (workers * rounds)))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool, \
+    with blas_threads(1), concurrent.futures.ThreadPoolExecutor(workers) as pool, \
             tqdm(total=source.size, desc="indexing", unit="pattern", disable=not progress) as bar:
         for count in pool.map(index_page, range(0, source.size, page_size)):
             bar.update(count)

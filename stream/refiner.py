@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 COARSE_ITERATIONS = 1
 ITERATIONS = 2
 MAX_STEP_DEG = 2.0
+# Rows per graph run: the graph's intermediates for 64 patterns stay in the core's cache, and
+# its elementwise ops run 2-3x faster there than streaming 256 rows through memory
+# (82 against 100 us a row for one evaluation).
+BATCH = 64
 DAMPING = 1e-3  # Levenberg-Marquardt term, relative to the trace of JᵀJ
 
 
@@ -72,6 +76,13 @@ class Refiner:
             self.coarse_session = ort.InferenceSession(coarse.SerializeToString(), session_options(threads),
                                                        providers=providers)
 
+    def warm_up(self) -> None:
+        """Run a full batch through every graph so the first page does not pay for allocation."""
+        rng = np.random.default_rng(0)
+        q = rng.normal(size=(BATCH, 4)).astype(np.float32)
+        self.refine(rng.normal(size=(BATCH, int(np.prod(self.working_shape)))).astype(np.float32),
+                    q / np.linalg.norm(q, axis=1, keepdims=True))
+
     def coarse(self, patterns: np.ndarray) -> np.ndarray:
         """(B, P) working patterns -> (B, P/4): binned 2x2, zero-mean, unit-norm (binning and the
         background blur nearly commute, so the coarse graph high-passes at half the sigma)."""
@@ -81,6 +92,13 @@ class Refiner:
         binned /= np.maximum(np.linalg.norm(binned, axis=1, keepdims=True), 1e-12)
         return binned.astype(np.float32)
 
+    def render(self, quaternions: np.ndarray) -> np.ndarray:
+        """(K, 4) orientations -> (K, P) their patterns at the working size, preprocessed as live
+        frames are (zero mean, unit norm): a dot product with a frame is their NCC."""
+        quaternions = np.asarray(quaternions, np.float32)
+        blank = np.zeros((len(quaternions), int(np.prod(self.working_shape))), np.float32)
+        return self.gn_session.run(["rendered"], {"quats": quaternions, "patterns": blank})[0]
+
     def refine(self, patterns: np.ndarray, quaternions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, P) preprocessed patterns, (B, 4) starting orientations -> refined (B, 4) float32
         and their NCC (B,).
@@ -89,9 +107,18 @@ class Refiner:
         step moves about 0.02 deg (steps shrink about 4x per iteration) and the NCC by about
         1e-4, against a confidence width of 0.015, so scoring the final orientation again (a
         quarter of the cost of refining) would change nothing."""
-        if self.coarse_session is not None:
-            quaternions, _ = gauss_newton(self.coarse_session, self.coarse(patterns), quaternions, COARSE_ITERATIONS)
-        return gauss_newton(self.gn_session, patterns, quaternions, self.iterations)
+        q = np.empty((len(patterns), 4), np.float32)
+        ncc = np.empty(len(patterns), np.float32)
+        for first in range(0, len(patterns), BATCH):
+            rows = slice(first, first + BATCH)
+            start = quaternions[rows]
+            if self.coarse_session is not None:
+                start, _ = gauss_newton(self.coarse_session, self.coarse(patterns[rows]), start, COARSE_ITERATIONS)
+            q[rows], ncc[rows] = gauss_newton(self.gn_session, patterns[rows], start, self.iterations)
+        return q, ncc
+
+
+SYSTEM = ["ncc", "jtj", "jtr"]  # the Gauss-Newton graph's outputs a step needs
 
 
 def gauss_newton(session, patterns: np.ndarray, quaternions: np.ndarray, iterations: int,
@@ -102,7 +129,7 @@ def gauss_newton(session, patterns: np.ndarray, quaternions: np.ndarray, iterati
     q = np.asarray(quaternions, np.float64)
     limit = np.radians(MAX_STEP_DEG)
     for _ in range(iterations):
-        ncc, jtj, jtr = session.run(None, {"quats": q.astype(np.float32), "patterns": patterns, **(feeds or {})})
+        ncc, jtj, jtr = session.run(SYSTEM, {"quats": q.astype(np.float32), "patterns": patterns, **(feeds or {})})
         a = jtj.astype(np.float64)
         a += DAMPING * np.trace(a, axis1=1, axis2=2)[:, None, None] * np.eye(3) + 1e-12 * np.eye(3)
         step = -np.linalg.solve(a, jtr.astype(np.float64)[..., None])[..., 0]

@@ -25,7 +25,7 @@ import zmq
 
 from .errors import LiveIndexError, ProtocolError, TransportError
 from .geometry import DetectorGeometry
-from .indexer import IndexResult
+from .indexer import IndexResult, blas_threads
 from .metrics import WorkerMetrics
 from .protocol import METHOD_CODE, Message, check_frames, encode
 from .scan_indexer import ScanIndexer
@@ -67,6 +67,10 @@ class Worker:
         self._last_work = float("-inf")  # monotonic time of the last page indexed
 
     def run(self) -> None:
+        with blas_threads(self.threads):  # a worker is a core (threads=1): numpy's BLAS too
+            self._serve()
+
+    def _serve(self) -> None:
         dealer = open_socket(self.context, zmq.DEALER, connect=self.dispatcher_address,
                              send_timeout=self.connect_timeout or None, immediate=True, keys=self.keys)
         dealer.setsockopt(zmq.ROUTING_ID, self.name.encode())

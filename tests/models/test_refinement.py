@@ -7,7 +7,7 @@ import pytest
 from liveindex.models import refinement
 from liveindex.stream.geometry import DetectorGeometry
 from liveindex.stream.preprocess import Preprocessor
-from liveindex.stream.refiner import quaternion_multiply, rotation_vector_quaternions
+from liveindex.stream.refiner import SYSTEM, Refiner, quaternion_multiply, rotation_vector_quaternions
 
 GEOMETRY = DetectorGeometry().with_shape((30, 30))
 
@@ -46,6 +46,20 @@ def test_the_graph_renders_as_kikuchipy_does(rotations):
     assert (ncc > 0.9999).all(), ncc
 
 
+def test_rendered_patterns_score_as_the_graph_does(rotations):
+    """Refiner.render's patterns (the page rescue screens grains with them): their dot product
+    with a preprocessed frame is the NCC the graph reports for that frame."""
+    prep, flat = kikuchipy_patterns(rotations)
+    refiner = Refiner("ni", GEOMETRY, prep.working_shape, prep.sigma, providers=["CPUExecutionProvider"])
+    rendered = refiner.render(rotations)
+    assert rendered.shape == flat.shape
+    np.testing.assert_allclose(np.linalg.norm(rendered, axis=1), 1.0, atol=1e-5)
+    ncc = refiner.gn_session.run(["ncc"], {"quats": rotations, "patterns": flat})[0]
+    np.testing.assert_allclose((rendered * flat).sum(axis=1), ncc, atol=1e-5)
+    # Each frame matches its own orientation's pattern far better than the others'.
+    assert (np.argmax(flat @ rendered.T, axis=1) == np.arange(len(flat))).all()
+
+
 def test_gauss_newton_gradient_is_the_ncc_derivative(rotations):
     """Jᵀr = -d NCC / dθ (n is unit-norm, so Jᵀn = 0): checked by central differences of the NCC."""
     prep, flat = kikuchipy_patterns(rotations)
@@ -57,7 +71,7 @@ def test_gauss_newton_gradient_is_the_ncc_derivative(rotations):
     # Start 1 deg off the truth, where the gradient is large.
     start = quaternion_multiply(rotation_vector_quaternions(np.full((len(rotations), 3), np.radians(1 / np.sqrt(3)))),
                                 rotations.astype(np.float64))
-    _, jtj, jtr = graph.run(None, {"quats": start.astype(np.float32), "patterns": flat})
+    _, jtj, jtr = graph.run(SYSTEM, {"quats": start.astype(np.float32), "patterns": flat})
     h = np.radians(0.02)
     numeric = np.empty_like(jtr)
     for k in range(3):
