@@ -9,15 +9,15 @@ The caller (stream/refiner.py) solves the 3x3 systems (numpy) and steps.
 Rendering follows kikuchipy's ``EBSDMasterPattern.get_patterns`` exactly (verified to NCC
 ≥ 0.9999999 in ``docs/research/refine-spike``): the detector's direction cosines in the
 sample frame, rotated into the crystal by the active rotation R(q), projected onto the
-square Lambert plane of the master pattern, sampled bilinearly (GridSample,
-align_corners=1, border). The rendered pattern then goes through the same linear
+square Lambert plane of the master pattern, sampled bilinearly (as GridSample with
+align_corners=1, border, would; written as a Gather of each point's bilinear cell). The rendered pattern then goes through the same linear
 preprocessing as the live frames (subtract a Gaussian blur, zero mean, unit norm), written
 as two small MatMuls. The master pattern is blurred a little first: at the 30x30 working
 size the live patterns are 2x2 bin averages, and a point-sampled render of the sharp master
 correlates with them at 0.90, a blurred one at 0.96.
 
-The Jacobian comes from gradient images of the master pattern sampled by the same
-GridSample, chained with the Lambert map's analytic derivative along the three
+The Jacobian comes from the derivatives of the same bilinear cells, chained with the
+Lambert map's analytic derivative along the three
 infinitesimal rotations (_rotation_derivatives).
 """
 
@@ -156,18 +156,55 @@ def _zero_mean(g: _Graph, u: str, p: int, mask: np.ndarray | None) -> str:
     return g.op("Mul", g.op("Sub", u, mean), g.const(m))
 
 
-def _master_with_gradients(master: np.ndarray) -> np.ndarray:
-    """(3, n, n): the master and its derivatives along normalised Lambert x (columns) and y (rows)."""
-    d_row, d_col = np.gradient(master.astype(np.float64))
-    per_unit = (master.shape[0] - 1) / 2  # d/d(normalised coordinate) = this * d/d(pixel)
-    return np.stack([master, d_col * per_unit, d_row * per_unit]).astype(np.float32)
+def _bilinear_cells(master: np.ndarray) -> np.ndarray:
+    """(n·n, 4) float32: for each cell (row i, column j), the coefficients a, b, c, d of its
+    bilinear patch a + b·fx + c·fy + d·fx·fy (fx, fy in [0, 1] along columns and rows); the
+    last row and column repeat the cells before them (the sampler never lands there)."""
+    m = master.astype(np.float64)
+    m = np.pad(m, ((0, 1), (0, 1)), mode="edge")
+    v00, v01, v10, v11 = m[:-1, :-1], m[:-1, 1:], m[1:, :-1], m[1:, 1:]
+    cells = np.stack([v00, v01 - v00, v10 - v00, v11 - v01 - v10 + v00], axis=-1)
+    return np.ascontiguousarray(cells.reshape(-1, 4), dtype=np.float32)
+
+
+def _sample_master(g: _Graph, master: np.ndarray, gx: str, gy: str) -> tuple[str, str, str]:
+    """Lambert coordinates (B, 1, P) in [-1, 1] -> the master's bilinear interpolant there and
+    its derivatives along gx and gy (per unit of the normalised coordinate), each (B, 1, P).
+
+    As GridSample (bilinear, align_corners=1, border) would sample, but one Gather of the four
+    coefficients of each point's cell, and the derivatives are those of the same bilinear
+    patch: 2.5x faster than GridSample on the master and two gradient images (ONNX
+    Runtime's GridSample recomputes each point's weights per channel, about 20 ns a sample)."""
+    n = master.shape[0]
+    if master.shape != (n, n):
+        raise LiveIndexError(f"the master pattern is {master.shape[0]}x{master.shape[1]}; a square Lambert projection is expected")
+    half, last_cell = g.const((n - 1) / 2), g.const(float(n - 2))
+    zero, top = g.const(0.0), g.const(float(n - 1))
+
+    def cell_and_fraction(coordinate):
+        pixels = g.op("Clip", g.op("Mul", g.op("Add", coordinate, g.const(1.0)), half), zero, top)
+        cell = g.op("Clip", g.op("Floor", pixels), zero, last_cell)
+        return cell, g.op("Sub", pixels, cell)
+
+    column, fx = cell_and_fraction(gx)
+    row, fy = cell_and_fraction(gy)
+    index = g.op("Cast", g.op("Add", g.op("Mul", row, g.const(float(n))), column), to=TensorProto.INT64)
+    coefficients = g.op("Gather", g.const(_bilinear_cells(master)), index, axis=0)  # (B, 1, P, 4)
+    a, b, c, d = g.split(g.op("Transpose", coefficients, perm=[0, 3, 1, 2]), [1, 1, 1, 1], axis=1)  # (B, 1, 1, P)
+    a, b, c, d = (g.reshape(x, [0, 1, -1]) for x in (a, b, c, d))
+    c_plus_d_fx = g.op("Add", c, g.op("Mul", d, fx))
+    value = g.op("Add", g.op("Add", a, g.op("Mul", b, fx)), g.op("Mul", fy, c_plus_d_fx))
+    per_unit = g.const((n - 1) / 2)  # d/d(normalised coordinate) = this * d/d(pixel)
+    d_x = g.op("Mul", g.op("Add", b, g.op("Mul", d, fy)), per_unit)
+    d_y = g.op("Mul", c_plus_d_fx, per_unit)
+    return value, d_x, d_y
 
 
 def _rotation_derivatives(g: _Graph, x, y, z, gx, gy, d_x, d_y) -> str:
     """d render / dθ_k for the infinitesimal rotations w -> w + θ_k (e_k × w), analytically: (B, 3, P).
 
-    With G = ∇_w render = M_x ∇gx + M_y ∇gy (M_x, M_y: the master's gradient images at the
-    sample), the derivative along e_k × w is G·(e_k × w) = (w × G)_k. The Lambert map's
+    With G = ∇_w render = M_x ∇gx + M_y ∇gy (M_x, M_y: the master's derivatives at the
+    sample, _sample_master), the derivative along e_k × w is G·(e_k × w) = (w × G)_k. The Lambert map's
     gradient, branch free as _lambert: where |x| < |y|, gx = sgn(x) C s atan(|x|/|y|) varies
     with x and y; elsewhere gy = sgn(y) C s atan(|y|/|x|) does; both scale with
     s = sqrt(2 - 2|z|). (A forward difference of the map, the first version, cost three more
@@ -200,10 +237,7 @@ def build_gauss_newton_graph(directions: np.ndarray | None, master: np.ndarray, 
     rotated = g.op("MatMul", _rotation_matrices(g, "quats"), source)  # (B, 3, P)
     x, y, z = g.split(rotated, [1, 1, 1], axis=1)
     gx, gy = _lambert(g, x, y, z)
-    grid = g.reshape(g.op("Transpose", g.op("Concat", gx, gy, axis=1), perm=[0, 2, 1]), [1, -1, p, 2])
-    samples = g.op("GridSample", g.const(_master_with_gradients(master)[None]), grid, mode="bilinear",
-                   padding_mode="border", align_corners=1)  # (1, 3, B, P)
-    value, d_x, d_y = (g.reshape(s, [-1, 1, p]) for s in g.split(g.reshape(samples, [3, -1, p]), [1, 1, 1], axis=0))
+    value, d_x, d_y = _sample_master(g, master, gx, gy)
     derivatives = _rotation_derivatives(g, x, y, z, gx, gy, d_x, d_y)  # (B, 3, P)
     stack = g.reshape(g.op("Concat", value, derivatives, axis=1), [-1, 4, *shape])
     u_all = _zero_mean(g, g.reshape(_high_pass(g, stack, shape, sigma, mask), [-1, 4, p]), p, mask)

@@ -79,12 +79,12 @@ def test_gauss_newton_gradient_is_the_ncc_derivative(rotations):
         step[:, k] = h
         up, down = (ncc(quaternion_multiply(rotation_vector_quaternions(sign * step), start)) for sign in (1, -1))
         numeric[:, k] = -(up - down) / (2 * h)
-    # Same direction, and a magnitude within 10%: the master's gradient images (central
-    # differences) are not exactly the derivative of its bilinear interpolation (about 5% low).
+    # The same vector to within 3%: the graph differentiates the very bilinear patches it
+    # samples (measured: cosine 0.9996 or more, magnitudes 0.99-1.01).
     cosine = (jtr * numeric).sum(1) / np.linalg.norm(jtr, axis=1) / np.linalg.norm(numeric, axis=1)
-    assert (cosine > 0.99).all(), cosine
+    assert (cosine > 0.999).all(), cosine
     ratio = np.linalg.norm(jtr, axis=1) / np.linalg.norm(numeric, axis=1)
-    assert ((ratio > 0.9) & (ratio < 1.1)).all(), ratio
+    assert ((ratio > 0.97) & (ratio < 1.03)).all(), ratio
     assert (np.linalg.eigvalsh(jtj.astype(np.float64)) > 0).all()  # JᵀJ positive definite
 
 
