@@ -28,10 +28,11 @@ import logging
 
 import numpy as np
 from onnx import ModelProto, TensorProto, checker, helper, numpy_helper
-from scipy.ndimage import gaussian_filter, gaussian_filter1d
+from scipy.ndimage import gaussian_filter
 
 from liveindex.stream.errors import LiveIndexError
 from liveindex.stream.geometry import DetectorGeometry
+from liveindex.stream.preprocess import blur_matrix
 
 from .phases import master_pattern
 
@@ -69,12 +70,6 @@ def direction_cosines(geometry: DetectorGeometry) -> np.ndarray:
     from kikuchipy.signals.util._master_pattern import _get_direction_cosines_from_detector
 
     return _get_direction_cosines_from_detector(geometry.kikuchipy_detector()).astype(np.float32)
-
-
-def blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """scipy's ``gaussian_filter1d(truncate=2, mode='reflect')`` along one axis, as an (n, n) matrix,
-    the same filter the Preprocessor applies to live frames."""
-    return gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=2.0).astype(np.float32)
 
 
 class _Graph:

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import gaussian_filter, zoom
+from scipy.ndimage import gaussian_filter, gaussian_filter1d, zoom
 
 # Patterns are binned so that their longer side is at most this: 60x60 frames are matched
 # and refined at 30x30. The refinement brings the accuracy (0.05 deg on clean frames),
@@ -21,6 +21,13 @@ from scipy.ndimage import gaussian_filter, zoom
 # a quarter of the cost (docs/research/refine-spike/NOTE.md); the 3 deg dictionary of
 # m-3m (30k templates) takes 110 MB.
 MAX_WORKING_SIDE = 32
+
+
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """scipy's ``gaussian_filter1d(truncate=2, mode='reflect')`` along one axis, as an (n, n)
+    matrix M (M @ x blurs x): the live frames' background blur, and the refinement graph's
+    (models/refinement.py), are these products."""
+    return gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=2.0).astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,8 +79,7 @@ class Preprocessor:
         if background is not None:
             x -= background.update(x, finite)
         if self.mask is None:
-            # truncate=2 measured 1.7x faster than the default 4 with the same matches.
-            x -= gaussian_filter(x, (0, self.sigma, self.sigma), truncate=2.0)
+            x -= self._blur(x)
             flat = x.reshape(len(x), -1)
             flat -= flat.mean(axis=1, keepdims=True)
         else:
@@ -81,7 +87,7 @@ class Preprocessor:
             # so the dark (or bright) outside never bleeds into it; outside pixels end at 0.
             m = self.mask.astype(np.float32)
             x *= m
-            x -= gaussian_filter(x, (0, self.sigma, self.sigma), truncate=2.0) / self._mask_blur
+            x -= self._blur(x) / self._mask_blur
             x *= m
             flat = x.reshape(len(x), -1)
             flat -= (flat.sum(axis=1, keepdims=True) / m.sum()) * m.reshape(1, -1)
@@ -91,11 +97,20 @@ class Preprocessor:
         flat[~valid] = 0.0
         return flat, valid
 
+    def _blur(self, images: np.ndarray) -> np.ndarray:
+        """(B, h, w) -> their Gaussian blur (sigma ``self.sigma``, truncated at 2 sigma: as fast
+        as 4 and the same matches), as two matrix products: 5x faster than scipy's filter."""
+        rows, columns = self._blur_matrices
+        return np.matmul(rows, images @ columns.T)
+
+    @functools.cached_property
+    def _blur_matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        return blur_matrix(self.working_shape[0], self.sigma), blur_matrix(self.working_shape[1], self.sigma)
+
     @functools.cached_property
     def _mask_blur(self) -> np.ndarray:
         """The mask's own blur, the normaliser of the masked background (once per Preprocessor)."""
-        blurred = gaussian_filter(self.mask.astype(np.float32), self.sigma, truncate=2.0)
-        return np.maximum(blurred, 1e-3)
+        return np.maximum(self._blur(self.mask[None].astype(np.float32))[0], 1e-3)
 
     def _to_working(self, patterns: np.ndarray) -> np.ndarray:
         if patterns.ndim != 3 or tuple(patterns.shape[1:]) != self.input_shape:
@@ -105,9 +120,15 @@ class Preprocessor:
         if (h, w) == (wh, ww):
             return patterns.astype(np.float32, copy=True)
         if h % wh == 0 and w % ww == 0:
+            # Bin by adding the fy x fx strided views (8x faster than a mean over two axes).
             fy, fx = h // wh, w // ww
-            x = patterns.reshape(len(patterns), wh, fy, ww, fx).astype(np.float32)
-            return x.mean(axis=(2, 4), dtype=np.float32)
+            blocks = patterns.reshape(len(patterns), wh, fy, ww, fx)
+            x = np.zeros((len(patterns), wh, ww), np.float32)
+            for i in range(fy):
+                for j in range(fx):
+                    x += blocks[:, :, i, :, j]
+            x *= np.float32(1 / (fy * fx))
+            return x
         # Sizes that do not divide: linear resampling keeps the fractional PC valid.
         return zoom(patterns.astype(np.float32), (1, wh / h, ww / w), order=1)
 
