@@ -50,8 +50,8 @@ from .refiner import Refiner, quaternion_multiply
 log = logging.getLogger(__name__)
 
 CANDIDATES = 16  # templates kept per pattern by the matcher
-RESCUE_CANDIDATES = 5  # distinct extra starts refined for a point whose first refinement looks wrong
-DISTINCT_DEG = 6.0
+RESCUE_CANDIDATES = 10  # distinct extra starts refined for a point whose first refinement looks wrong
+DISTINCT_DEG = 5.0
 PAGE_CANDIDATES = 8  # orientations of a page's sure points tried for its still-doubtful points
 PAGE_MIN_POINTS = 4  # ... each found at this many points at least: a grain, not a coincidence
 # Refined NCC at 30x30 -> confidence; fitted by benchmarks/calibrate_confidence.py.
