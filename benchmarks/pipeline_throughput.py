@@ -1,10 +1,10 @@
 """End-to-end frames/s through the ZeroMQ pipeline vs the bare indexer on the same data.
 
-    python benchmarks/pipeline_throughput.py [--scan 100x100] [--workers 2] [--threads 1]
+    python benchmarks/pipeline_throughput.py [--scan 100x100] [--workers 2] [--threads 1] [--noise moderate]
 
 Both runs index the same pre-rendered frames (the simulator's cost is kept out of both),
-and both use the machine's cores: the bare indexer as `liveindex index` runs (a page per core,
-one-thread sessions), the pipeline with one single-threaded worker process per core, plus the publisher and
+and both use the machine's cores: the bare indexer as `liveindex index` runs (index_source: a
+page per core, one-thread sessions), the pipeline with one single-threaded worker process per core, plus the publisher and
 the sink on the same cores. The pipeline's cost is 1 - pipeline/bare. A loose
 correctness check (median error) stands beside each timing.
 """
@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="inference threads per worker")
     parser.add_argument("--page-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--noise", default="moderate", help="clean, moderate or hard (the simulator's levels)")
     args = parser.parse_args()
 
     from liveindex.models.phases import disorientation_degrees
@@ -37,27 +38,23 @@ def main() -> int:
     from liveindex.stream.processes import ChildProcess, setup_logging
     from liveindex.stream.publisher import Publisher
     from liveindex.stream.roles import run_sink, run_worker
-    from liveindex.stream.scan_indexer import ScanIndexer
+    from liveindex.stream.offline import index_source
     from liveindex.stream.simulator import SimulatedScan, parse_nav_shape
     setup_logging(logging.WARNING)
-    scan = SimulatedScan(parse_nav_shape(args.scan), noise="moderate", seed=7)
+    scan = SimulatedScan(parse_nav_shape(args.scan), noise=args.noise, seed=7)
     frames = scan.render(0, scan.size)
     source = ArraySource(frames, geometry=DetectorGeometry(), name="benchmark")
     source.truth = scan.truth  # so the sink scores the pipeline live
     n = scan.size
-    print(f"{n} frames of 60x60 uint8, moderate noise, {os.cpu_count()} cores, page size {args.page_size}")
+    print(f"{n} frames of 60x60 uint8, {args.noise} noise, {os.cpu_count()} cores, page size {args.page_size}")
 
-    # Bare indexer: the workers' own code, one process, all cores.
-    indexer = ScanIndexer(source.geometry, ["ni"], threads=0, progress=False)
+    # Bare indexer: `liveindex index`'s code path (the workers' ScanIndexer, a page per core).
     bare_times = []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        quats = np.concatenate([indexer.index(frames[i:i + args.page_size]).quaternion
-                                for i in range(0, n, args.page_size)])
-        bare_times.append(time.perf_counter() - t0)
+        result, seconds = index_source(source, progress=False)
+        bare_times.append(seconds)
     bare = n / min(bare_times)
-    bare_error = float(np.median(disorientation_degrees(quats, scan.truth)))
-    del indexer
+    bare_error = float(np.median(disorientation_degrees(result.quaternion, scan.truth)))
 
     # Pipeline: publisher -> N workers -> sink, real processes on loopback. Workers are
     # started and warmed before the clock starts; the clock runs from the first page

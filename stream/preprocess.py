@@ -30,6 +30,19 @@ def blur_matrix(n: int, sigma: float) -> np.ndarray:
     return gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=2.0).astype(np.float32)
 
 
+def bin_frames(frames: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    """(B, H, W) frames of any dtype -> (B, H/fy, W/fx) float32 means of fy x fx blocks (H, W
+    multiples of them), by adding the fy·fx strided views: 8x faster than a mean over two axes."""
+    n, h, w = frames.shape
+    blocks = frames.reshape(n, h // fy, fy, w // fx, fx)
+    out = np.zeros((n, h // fy, w // fx), np.float32)
+    for i in range(fy):
+        for j in range(fx):
+            out += blocks[:, :, i, :, j]
+    out *= np.float32(1 / (fy * fx))
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Preprocessor:
     input_shape: tuple[int, int]
@@ -120,15 +133,7 @@ class Preprocessor:
         if (h, w) == (wh, ww):
             return patterns.astype(np.float32, copy=True)
         if h % wh == 0 and w % ww == 0:
-            # Bin by adding the fy x fx strided views (8x faster than a mean over two axes).
-            fy, fx = h // wh, w // ww
-            blocks = patterns.reshape(len(patterns), wh, fy, ww, fx)
-            x = np.zeros((len(patterns), wh, ww), np.float32)
-            for i in range(fy):
-                for j in range(fx):
-                    x += blocks[:, :, i, :, j]
-            x *= np.float32(1 / (fy * fx))
-            return x
+            return bin_frames(patterns, h // wh, w // ww)
         # Sizes that do not divide: linear resampling keeps the fractional PC valid.
         return zoom(patterns.astype(np.float32), (1, wh / h, ww / w), order=1)
 

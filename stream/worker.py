@@ -27,6 +27,7 @@ from .errors import LiveIndexError, ProtocolError, TransportError
 from .geometry import DetectorGeometry
 from .indexer import IndexResult, blas_threads
 from .metrics import WorkerMetrics
+from .preprocess import bin_frames
 from .protocol import METHOD_CODE, Message, check_frames, encode
 from .scan_indexer import ScanIndexer
 from .transport import Receiver, open_socket
@@ -257,7 +258,7 @@ def pattern_previews(patterns: np.ndarray, most: int = PREVIEW_PIXELS) -> np.nda
     the sink keeps so the live page can show the pattern behind any point. About 1 kB each."""
     n, h, w = patterns.shape
     f = max(1, -(-max(h, w) // most))
-    binned = patterns[:, : h - h % f, : w - w % f].reshape(n, h // f, f, w // f, f).mean(axis=(2, 4), dtype=np.float32)
+    binned = bin_frames(patterns[:, : h - h % f, : w - w % f], f, f)
     binned = np.nan_to_num(binned, nan=0.0, posinf=0.0, neginf=0.0)
     lo = binned.min(axis=(1, 2), keepdims=True)
     span = np.maximum(binned.max(axis=(1, 2), keepdims=True) - lo, 1e-6)
