@@ -114,14 +114,15 @@ class TemplateIndexer:
 
         self.dictionary = dictionary
         chosen = choose_providers(providers)
+        on_cpu = chosen == ["CPUExecutionProvider"]
         # On the CPU the int8 matcher (4x faster, same ranking); on a GPU the float one.
-        path = dictionary.quantized_matcher_path if chosen == ["CPUExecutionProvider"] else None
+        path = dictionary.quantized_matcher_path if on_cpu else None
         self.session = ort.InferenceSession(str(path or dictionary.matcher_path), session_options(threads),
                                             providers=chosen)
         self.quantized = path is not None
         # On the CPU, runs of 64 rows: their scores (64 x 30k) stay in cache for the TopK,
         # 1.2x faster a pattern than pages of 256; a GPU takes the page whole.
-        self.rows_per_run = CPU_ROWS_PER_RUN if chosen == ["CPUExecutionProvider"] else None
+        self.rows_per_run = CPU_ROWS_PER_RUN if on_cpu else None
         self.provider = self.session.get_providers()[0]
         log.info("template matcher %s: %d templates%s on %s", dictionary.spec.key, dictionary.size,
                  " (int8)" if self.quantized else "", self.provider)
@@ -132,9 +133,10 @@ class TemplateIndexer:
 
     def match(self, patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, P) preprocessed patterns -> top scores (B, k) and template indices (B, k)."""
-        step = self.rows_per_run or max(1, len(patterns))
-        runs = [self.session.run(None, {"patterns": patterns[i:i + step]}) for i in range(0, len(patterns), step) or [0]]
-        scores, indices = (np.concatenate(parts) for parts in zip(*runs)) if len(runs) != 1 else runs[0]
+        step = self.rows_per_run or len(patterns) or 1
+        runs = [self.session.run(None, {"patterns": patterns[i:i + step]})
+                for i in range(0, max(len(patterns), 1), step)]  # one run for an empty batch too
+        scores, indices = (np.concatenate(parts) for parts in zip(*runs))
         if scores.shape[0] != patterns.shape[0]:
             raise LiveIndexError(f"matcher returned {scores.shape[0]} rows for a batch of {patterns.shape[0]}")
         return scores, indices

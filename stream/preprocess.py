@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d, zoom
@@ -72,7 +72,7 @@ class Preprocessor:
         if binned.sum() < 0.1 * binned.size:
             raise ValueError(f"the signal mask keeps {int(binned.sum())} of {binned.size} working pixels; "
                              "True marks the pixels that carry the pattern")
-        return cls((h, w), working, sigma=working[1] / 8, mask=binned)
+        return replace(plain, mask=binned)
 
     @property
     def n_pixels(self) -> int:

@@ -143,10 +143,7 @@ class Publisher:
         self.source, self.total, self.next_first = source, source.size, 0
         self.pages_sent = self.pages_resent = 0
         for identity in list(self.workers):
-            try:
-                self._announce_scan(identity)
-            except zmq.ZMQError as exc:
-                self._drop_worker(identity, f"unreachable ({exc})")
+            self._announce_scan(identity)
         self.t0 = self.last_worker_seen = time.perf_counter()
         self.t_first_sent = None
         last_status = 0.0
@@ -241,8 +238,9 @@ class Publisher:
         frames = encode("frames", {"scan": self.scan, "run": self.run_id, "first": page.first, "count": page.count,
                                    "t_sent": time.time(), "t_acquired": page.t_acquired},
                         {"patterns": self.store.get(page.first)})
+        if not self._announce_scan(identity):
+            return False
         try:
-            self._announce_scan(identity)
             self.router.send_multipart([identity, *frames], copy=False)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker disconnected
             self._drop_worker(identity, f"unreachable ({exc})")
@@ -255,15 +253,21 @@ class Publisher:
         self.t_first_sent = self.t_first_sent or time.time()
         return True
 
-    def _announce_scan(self, identity: bytes) -> None:
-        """Send the scan's scan_start to a worker that has not had it. Every connected worker
-        gets it when the scan starts, not with its first page: a worker builds the scan's
-        indexer (dictionary, sessions) then, seconds for a new geometry, and pages it held
-        meanwhile would wait (measured: a second worker joined a 4 s scan after 2.2 s)."""
+    def _announce_scan(self, identity: bytes) -> bool:
+        """Send the scan's scan_start to a worker that has not had it; False (and the worker
+        dropped) where it cannot be reached. Every connected worker gets it when the scan
+        starts, not with its first page: a worker builds the scan's indexer (dictionary,
+        sessions) then, seconds for a new geometry, and pages it held meanwhile would wait
+        (measured: a second worker joined a 4 s scan after 2.2 s)."""
         worker = self.workers[identity]
         if self.scan not in worker.scans:
-            self.router.send_multipart([identity, *self.worker_start])
+            try:
+                self.router.send_multipart([identity, *self.worker_start])
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker disconnected
+                self._drop_worker(identity, f"unreachable ({exc})")
+                return False
             worker.scans.add(self.scan)
+        return True
 
     def _send_dropped(self, first: int, count: int) -> None:
         """Preview mode: tell the sink these points were skipped, so its map is complete."""
@@ -324,7 +328,8 @@ class Publisher:
         if worker is None:
             worker = self.workers[identity] = WorkerState(name=message.header.get("worker") or message.header.get("sender", "?"))
             log.info("worker %s connected", worker.name)
-            self._announce_scan(identity)  # it prepares the scan's indexer before its first page
+            if not self._announce_scan(identity):  # it prepares the scan's indexer before its first page
+                return
         worker.last_seen = time.perf_counter()
         if message.kind == "credit":
             worker.credit += message.header["pages"]

@@ -348,7 +348,7 @@ class ScanIndexer:
         the most common first, each found at PAGE_MIN_POINTS points or more: a grain, not a lone
         point (on a scan of one orientation per point there is nothing to try, and no time is spent)."""
         q = quaternions.astype(np.float32)
-        equivalents = quaternion_multiply(q[None], self._symmetry[p][:, None].astype(np.float32))  # (S, C, 4)
+        equivalents = self._equivalents(p, q)  # (S, C, 4)
         # How many of the page's orientations are within DISTINCT_DEG of each, a block of rows at a time.
         members = np.concatenate([self._close(q[i:i + 256], equivalents).sum(axis=1) for i in range(0, len(q), 256)])
         chosen: list[int] = []
@@ -361,25 +361,27 @@ class ScanIndexer:
                     break
         return quaternions[chosen]
 
+    def _equivalents(self, p: int, q: np.ndarray) -> np.ndarray:
+        """(..., B, 4) orientations -> (..., S, B, 4): each times phase p's proper symmetry
+        operators, in q's dtype."""
+        return quaternion_multiply(q[..., None, :, :], self._symmetry[p][:, None, :].astype(q.dtype))
+
     @staticmethod
     def _close(a: np.ndarray, equivalents: np.ndarray) -> np.ndarray:
-        """(A, 4) orientations and the (S, B, 4) symmetry equivalents of B others -> (A, B):
-        within DISTINCT_DEG. max over s of |<a, b·s>| is the cosine of half the disorientation;
-        one matrix product for all pairs, and the max over s across rows (10x faster than
-        along a short last axis)."""
-        dots = a @ equivalents.reshape(-1, 4).T
+        """(..., A, 4) orientations and the (..., S, B, 4) symmetry equivalents of B others ->
+        (..., A, B): within DISTINCT_DEG. max over s of |<a, b·s>| is the cosine of half the
+        disorientation; one matrix product for all pairs, and the max over s across rows (10x
+        faster than along a short last axis)."""
+        s, b = equivalents.shape[-3:-1]
+        dots = a @ np.swapaxes(equivalents.reshape(*equivalents.shape[:-3], s * b, 4), -1, -2)
         np.abs(dots, out=dots)
-        return dots.reshape(len(a), *equivalents.shape[:2]).max(axis=1) > np.cos(np.radians(DISTINCT_DEG) / 2)
+        return dots.reshape(*dots.shape[:-1], s, b).max(axis=-2) > np.cos(np.radians(DISTINCT_DEG) / 2)
 
     def _distinct_starts(self, p: int, candidates: np.ndarray) -> np.ndarray:
         """(D, K, 4) ranked templates -> (D, R, 4): the next best templates that are more than
         DISTINCT_DEG from the first and from each other (a repeat of the last where too few)."""
-        symmetry = self._symmetry[p]
-        # |<a, b·s>| over the proper symmetry operators s: cos of half the disorientation.
         candidates64 = candidates.astype(np.float64)
-        equivalents = quaternion_multiply(candidates64[:, :, None, :], symmetry[None, None])  # (D, K, S, 4)
-        dots = np.abs(np.einsum("dkc,dlsc->dkls", candidates64, equivalents))
-        close = dots.max(axis=3) > np.cos(np.radians(DISTINCT_DEG) / 2)  # (D, K, K)
+        close = self._close(candidates64, self._equivalents(p, candidates64))  # (D, K, K)
         out = np.empty((len(candidates), RESCUE_CANDIDATES, 4), np.float32)
         for d in range(len(candidates)):
             chosen = [0]
