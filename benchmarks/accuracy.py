@@ -33,11 +33,11 @@ def main() -> int:
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes {args.modes!r}: use some of {','.join(MODES)}")
 
-    from liveindex.models.phases import disorientation_degrees
+    from liveindex.models.ebsd.master_patterns import disorientation_degrees
     from liveindex.stream.offline import index_source
     from liveindex.stream.processes import setup_logging
     from liveindex.stream.protocol import METHODS
-    from liveindex.stream.simulator import NOISE_LEVELS, SimulatedScan, parse_nav_shape
+    from liveindex.models.ebsd.simulator import NOISE_LEVELS, SimulatedScan, parse_nav_shape
     from liveindex.stream.sources import ArraySource
 
     setup_logging(logging.WARNING)

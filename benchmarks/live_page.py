@@ -33,7 +33,7 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     from liveindex.stream.protocol import METHOD_CODE, encode
-    from liveindex.stream.simulator import parse_nav_shape
+    from liveindex.models.ebsd.simulator import parse_nav_shape
     from liveindex.stream.sink import Sink
 
     ny, nx = parse_nav_shape(args.scan)

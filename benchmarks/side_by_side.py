@@ -79,7 +79,7 @@ def make_sets(nav_shape, seed: int, noises, grain_size: float) -> dict:
 
     One seed for every level: the same grains and orientations, only the noise differs.
     """
-    from liveindex.stream.simulator import SimulatedScan
+    from liveindex.models.ebsd.simulator import SimulatedScan
 
     sets = {}
     for noise in noises:
@@ -171,8 +171,8 @@ class KikuchipyDI:
         import kikuchipy
         from orix.quaternion import Rotation
 
-        from liveindex.models.dictionary import DEFAULT_RESOLUTION, sample_rotations
-        from liveindex.models.phases import master_pattern
+        from liveindex.models.ebsd.dictionary import DEFAULT_RESOLUTION, sample_rotations
+        from liveindex.models.ebsd.master_patterns import master_pattern
 
         # Same sampling (orix cubochoric, 3 deg, m-3m) as liveindex's dictionary; raw
         # simulated patterns, as kikuchipy's DI workflow uses them.
@@ -205,7 +205,7 @@ FACTORIES = {"liveindex": LiveIndex, "pyebsdindex": PyEBSDIndex, "kikuchipy": Ki
 # --- scoring -------------------------------------------------------------------------------
 
 def errors_deg(q, truth) -> np.ndarray:
-    from liveindex.models.phases import disorientation_degrees
+    from liveindex.models.ebsd.master_patterns import disorientation_degrees
 
     err = np.full(len(truth), UNINDEXED_DEG)
     ok = np.isfinite(q).all(axis=1) & (np.linalg.norm(np.nan_to_num(q), axis=1) > 0.5)
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from liveindex.stream.processes import setup_logging
-    from liveindex.stream.simulator import NOISE_LEVELS, parse_nav_shape
+    from liveindex.models.ebsd.simulator import NOISE_LEVELS, parse_nav_shape
 
     setup_logging(logging.WARNING)
     warnings.filterwarnings("ignore")

@@ -29,11 +29,11 @@ def main() -> int:
     parser.add_argument("--page-size", type=int, default=32)
     args = parser.parse_args()
 
-    from liveindex.stream.geometry import DetectorGeometry
+    from liveindex.models.ebsd.geometry import DetectorGeometry
     from liveindex.stream.processes import ChildProcess, setup_logging
     from liveindex.stream.publisher import Publisher
     from liveindex.stream.roles import run_sink, run_worker
-    from liveindex.stream.simulator import SimulatedScan
+    from liveindex.models.ebsd.simulator import SimulatedScan
     from liveindex.stream.sources import ArraySource
 
     setup_logging(logging.WARNING)

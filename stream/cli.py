@@ -10,9 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
-
-from .errors import InputError, LiveIndexError
+from liveindex.models.errors import InputError, LiveIndexError
 
 log = logging.getLogger("liveindex")
 
@@ -20,30 +18,25 @@ DEFAULT_DISPATCHER = "tcp://127.0.0.1:5555"
 DEFAULT_SINK = "tcp://127.0.0.1:5556"
 
 
-def _pc(values):
-    return tuple(float(v) for v in values)
+DEFAULT_MODALITY = "ebsd"
+ROLES = ("demo", "index", "publish", "worker")  # the commands that take a modality's options
 
 
-def _geometry(args, pattern_shape=None):
-    """The geometry the user gave (PC, tilt), or None to use the file's own."""
-    from .geometry import DetectorGeometry
-
-    if args.pc is None:
-        if args.tilt is None:
-            return None
-        return DetectorGeometry(sample_tilt=args.tilt)
-    extra = {"sample_tilt": args.tilt if args.tilt is not None else 70.0}
-    if pattern_shape:
-        extra["pattern_shape"] = pattern_shape
-    return DetectorGeometry.from_convention(_pc(args.pc), args.pc_convention, **extra)
+def _chosen_modality(argv) -> str:
+    """``--modality NAME`` from the command line (before parsing: its options depend on it)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--modality" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--modality="):
+            return arg.split("=", 1)[1]
+    return DEFAULT_MODALITY
 
 
-def _add_geometry_options(p):
-    p.add_argument("--pc", nargs=3, metavar=("X", "Y", "Z"), type=float,
-                   help="projection centre; Bruker convention unless --pc-convention says otherwise")
-    p.add_argument("--pc-convention", default="bruker", choices=["bruker", "tsl", "edax", "oxford", "emsoft"])
-    p.add_argument("--tilt", type=float, help="sample tilt in degrees (default: the file's, else 70)")
-    p.add_argument("--phases", default="ni", help="comma-separated expected phases (known: ni)")
+def _modality(args):
+    from liveindex.models import modality as modalities
+
+    return modalities.load(args.modality)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -55,7 +48,6 @@ def _stop_on_signals() -> threading.Event:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    from .simulator import parse_nav_shape
 
     def report(summary):
         err = summary.get("median_error_deg")
@@ -66,74 +58,24 @@ def cmd_demo(args) -> int:
         if not args.exit_when_done and summary.get("url"):
             print(f"liveindex demo: the finished scan stays on {summary['url']}; press Ctrl-C to stop", flush=True)
 
+    modality = _modality(args)
+    args.scan = args.scan or "40x40"
     stop = _stop_on_signals()
-    summary = run_demo(nav_shape=parse_nav_shape(args.scan), workers=args.workers, noise=args.noise,
-                       out_dir=args.out, http_port=args.http_port, open_browser=not args.no_browser,
-                       page_size=args.page_size, rate=args.rate, seed=args.seed, resolution=args.resolution,
-                       stop_event=stop, on_done=report, linger=None if args.exit_when_done else stop)
+    summary = run_demo(source=modality.open_source(args, role="demo"), workers=args.workers, out_dir=args.out,
+                       http_port=args.http_port, open_browser=not args.no_browser, page_size=args.page_size,
+                       rate=args.rate, options=modality.indexing_options(args), stop_event=stop, on_done=report,
+                       linger=None if args.exit_when_done else stop)
     return 0 if summary["missing"] == 0 else 1
-
-
-def _add_indexing_options(p) -> None:
-    p.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
-    p.add_argument("--no-refine", action="store_true",
-                   help="template matching only (faster, about 1.4 deg median instead of 0.05-0.5 deg)")
-    p.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
-                   help="points with confidence below C (0..1) get phase -1; confidence above 0.5 means right "
-                        "(within 3 deg) at least 99%% of the time (default 0: keep every point)")
-    p.add_argument("--static-background", metavar="FILE.npy",
-                   help="the detector's static background (default: each scan's running mean frame)")
-    p.add_argument("--signal-mask", metavar="FILE.npy",
-                   help="boolean (H, W) array, True where the detector carries pattern (for example the "
-                        "phosphor's circle); pixels outside are ignored everywhere (default: every pixel)")
-    p.add_argument("--indexer", choices=("hybrid", "network", "templates"), default="hybrid",
-                   help="hybrid (default): the network first, template matching where it is unsure or the "
-                        "bundle does not cover the scan; network: the network only; templates: template matching only")
-    p.add_argument("--bundle", metavar="DIR", help="network bundle folder (default: the one shipped in the package)")
-
-
-def _indexing_options(args) -> dict:
-    if not 0.0 <= args.min_confidence <= 1.0:
-        raise InputError(f"--min-confidence {args.min_confidence} is outside 0..1; confidence 0.5 is the point "
-                         "above which at least 99% of points are right")
-    background = None
-    if args.static_background:
-        try:
-            background = np.load(args.static_background).astype(np.float32)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the static background {args.static_background}: {exc}; give a "
-                             ".npy of one (H, W) frame") from None
-        if background.ndim != 2:
-            raise InputError(f"the static background {args.static_background} has shape {background.shape}; "
-                             "give one (H, W) frame")
-    mask = None
-    if args.signal_mask:
-        try:
-            mask = np.load(args.signal_mask)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the signal mask {args.signal_mask}: {exc}; give a .npy of one (H, W) "
-                             "boolean array, True where the pattern is") from None
-        if mask.ndim != 2 or not (mask.dtype == bool or np.isin(mask, (0, 1)).all()):
-            raise InputError(f"the signal mask {args.signal_mask} is {mask.dtype} of shape {mask.shape}; give one "
-                             "(H, W) array of booleans (or 0/1), True where the pattern is")
-        mask = mask.astype(bool)
-    return {"refine": not args.no_refine, "min_confidence": args.min_confidence, "static_background": background,
-            "signal_mask": mask, "indexer": args.indexer, "bundle": args.bundle}
 
 
 def cmd_index(args) -> int:
     from .offline import index_file
-    from .sources import load_file
 
-    from liveindex.models.phases import check_phases
-
-    phases = check_phases(args.phases.split(","))
-    source = load_file(args.file, geometry=_geometry(args), phases=phases)
-    if args.pc is not None or args.tilt is not None:  # the file's pattern shape with the user's geometry
-        source.geometry = source.geometry.with_shape(source.patterns.shape[-2:])
+    modality = _modality(args)
+    source = modality.open_source(args, role="index")
     out = args.out or Path(args.file).with_suffix(".h5")
-    summary = index_file(source, Path(out), resolution=args.resolution, threads=args.threads,
-                         providers=args.providers, refine_pc=args.refine_pc, **_indexing_options(args))
+    summary = index_file(source, Path(out), threads=args.threads, providers=args.providers,
+                         **modality.indexing_options(args))
     print(f"liveindex index: {summary['points']} patterns, {summary['indexed']} indexed, "
           f"{summary['frames_per_second']} patterns/s; wrote {', '.join(summary['files'])}")
     return 0
@@ -141,19 +83,9 @@ def cmd_index(args) -> int:
 
 def cmd_publish(args) -> int:
     from .publisher import Publisher
-    from .simulator import SimulatedScan, parse_nav_shape
-    from .sources import SimulatedSource, load_file
-
-    from liveindex.models.phases import check_phases
-
-    phases = check_phases(args.phases.split(","))
-    if args.file:
-        source = load_file(args.file, geometry=_geometry(args), phases=phases)
-    else:
-        source = SimulatedSource(SimulatedScan(parse_nav_shape(args.simulate), noise=args.noise, seed=args.seed,
-                                               geometry=_geometry(args)))
     from .security import CurveKeys
 
+    source = _modality(args).open_source(args, role="publish")
     publisher = Publisher(bind=args.bind, sink=args.sink, page_size=args.page_size, rate=args.rate,
                           wait_for_workers=args.wait_for_workers, sink_timeout=args.sink_timeout,
                           worker_timeout=args.worker_timeout, store_timeout=args.store_timeout,
@@ -174,10 +106,11 @@ def cmd_worker(args) -> int:
     from .roles import run_worker
     from .security import CurveKeys
 
+    modality = _modality(args)
     run_worker(report=lambda **_: None, stop_event=_stop_on_signals(), dispatcher=args.dispatcher, sink=args.sink,
-               name=args.name, prefetch=args.prefetch, resolution=args.resolution, providers=args.providers,
+               name=args.name, prefetch=args.prefetch, providers=args.providers,
                threads=args.threads, connect_timeout=args.connect_timeout, metrics_port=args.metrics_port,
-               **_indexing_options(args),
+               options={modality.name: modality.indexing_options(args)},
                metrics_host=args.metrics_host, keys=CurveKeys.load(args.keys))
     return 0
 
@@ -211,7 +144,19 @@ def _add_keys_option(p):
                                                     "traffic between hosts)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_modality_options(p, modality, role: str) -> None:
+    from liveindex.models import modality as modalities
+
+    p.add_argument("--modality", default=DEFAULT_MODALITY, choices=sorted(modalities.known()),
+                   help=f"the kind of patterns (default {DEFAULT_MODALITY}); the options below are this modality's")
+    modality.add_arguments(p, role=role)
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The command line; ``argv`` (default sys.argv) picks the modality whose options it has."""
+    from liveindex.models import modality as modalities
+
+    modality = modalities.load(_chosen_modality(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="liveindex", description="Live indexing of electron diffraction patterns.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,7 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run publisher, workers and sink here on one simulated scan")
     p.add_argument("--scan", default="40x40", help="scan size, width x height (default 40x40)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"])
     p.add_argument("--out", default="liveindex-demo", help="output folder (default ./liveindex-demo)")
     p.add_argument("--no-browser", action="store_true", help="do not open the live page")
     p.add_argument("--exit-when-done", action="store_true",
@@ -227,18 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8080, help="live page port (0: any free port)")
     p.add_argument("--page-size", type=int, default=64, help="frames per page")
     p.add_argument("--rate", type=float, help="detector rate in frames/s (default: as fast as workers take them)")
-    p.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
-    p.add_argument("--seed", type=int, default=0)
+    _add_modality_options(p, modality, "demo")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("index", help="index a saved scan (.npy or any pattern file kikuchipy reads)")
+    p = sub.add_parser("index", help="index a saved scan (.npy or a file format the modality reads)")
     p.add_argument("file")
-    _add_geometry_options(p)
     p.add_argument("--out", help="OUT.h5 or OUT.ang (the other outputs go beside it) or a folder")
-    _add_indexing_options(p)
-    p.add_argument("--refine-pc", action="store_true",
-                   help="fit the projection centre on the scan's first sure points, then index every point with "
-                        "it (the fitted PC is logged and written to OUT.json)")
+    _add_modality_options(p, modality, "index")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_index)
@@ -247,9 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--simulate", default="40x40", metavar="WxH", help="simulated scan size (default)")
     src.add_argument("--file", help="replay a saved scan instead")
-    _add_geometry_options(p)
-    p.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"])
-    p.add_argument("--seed", type=int, default=0)
+    _add_modality_options(p, modality, "publish")
     p.add_argument("--bind", default=DEFAULT_DISPATCHER, help=f"dispatcher address workers connect to ({DEFAULT_DISPATCHER})")
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"the sink's address ({DEFAULT_SINK})")
     p.add_argument("--page-size", type=int, default=128)
@@ -274,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", default=DEFAULT_SINK)
     p.add_argument("--name")
     p.add_argument("--prefetch", type=int, default=2, help="pages asked for ahead")
-    _add_indexing_options(p)
+    _add_modality_options(p, modality, "worker")
     p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=1, help="CPU threads for inference")
     p.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to reach the dispatcher (0: forever)")
@@ -299,18 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="a new or empty folder")
     p.set_defaults(func=cmd_keys)
 
-    from liveindex.models.cli import add_commands as add_models_commands
-
-    add_models_commands(sub)  # models train|export|eval
+    modality.add_commands(sub)  # EBSD: models train|export|eval
     return parser
 
 
 def main(argv=None) -> int:
     from .processes import setup_logging
 
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    setup_logging(logging.INFO)
     try:
+        args = build_parser(argv).parse_args(argv)
+        setup_logging(logging.DEBUG if args.verbose else logging.INFO)
         return args.func(args)
     except LiveIndexError as exc:
         print(f"liveindex: error: {exc}", file=sys.stderr)

@@ -6,35 +6,37 @@ import logging
 import threading
 import webbrowser
 
-from liveindex.models.dictionary import DEFAULT_RESOLUTION
-from liveindex.models.network import NetworkModel
+from liveindex.models.modality import ScanSource
 
-from .geometry import DetectorGeometry
 from .processes import ChildProcess
 from .publisher import Publisher
 from .roles import run_sink, run_worker
-from .scan_indexer import load_dictionary
-from .simulator import SimulatedScan
-from .sources import SimulatedSource
 
 log = logging.getLogger(__name__)
 
 
-def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", out_dir="liveindex-demo",
-             http_port: int = 8080, open_browser: bool = True, page_size: int = 64, rate: float | None = None,
-             resolution: float = DEFAULT_RESOLUTION, seed: int = 0, threads_per_worker: int = 1,
-             stop_event: threading.Event | None = None, on_ready=None, on_done=None,
+def run_demo(*, source: ScanSource | None = None, nav_shape=(40, 40), noise: str = "moderate", seed: int = 0,
+             workers: int = 2, out_dir="liveindex-demo", http_port: int = 8080, open_browser: bool = True,
+             page_size: int = 64, rate: float | None = None, options: dict | None = None,
+             threads_per_worker: int = 1, stop_event: threading.Event | None = None, on_ready=None, on_done=None,
              linger: threading.Event | None = None) -> dict:
-    """``on_ready(url)`` is called once every part is up, before the scan starts, and
+    """Index ``source`` (default: EBSD's simulated Ni polycrystal of ``nav_shape``, ``noise``,
+    ``seed``) with ``workers`` worker processes. ``options`` go to the modality's ``prepare``.
+    ``on_ready(url)`` is called once every part is up, before the scan starts, and
     ``on_done(summary)`` once the scan is written. With ``linger``, the sink keeps serving
     the finished scan's page until that event is set."""
-    geometry = DetectorGeometry()
-    # Build (or find) the dictionary here, once, with a progress bar the user sees,
-    # rather than in every worker.
-    load_dictionary("ni", geometry, resolution, reason="first run of the demo geometry")
-    NetworkModel.load().codebook()  # the network's code book likewise (about 30 s, first run only)
-    log.info("simulating a %dx%d Ni polycrystal at %s noise", nav_shape[1], nav_shape[0], noise)
-    source = SimulatedSource(SimulatedScan(nav_shape, geometry=geometry, noise=noise, seed=seed))
+    if source is None:
+        from liveindex.models.ebsd.files import SimulatedSource
+        from liveindex.models.ebsd.simulator import SimulatedScan
+
+        log.info("simulating a %dx%d Ni polycrystal at %s noise", nav_shape[1], nav_shape[0], noise)
+        source = SimulatedSource(SimulatedScan(nav_shape, noise=noise, seed=seed))
+    modality = source.modality
+    options = options or {}
+    # Prepare the scan's indexer here once (it builds or finds the dictionary, code book...),
+    # with a progress bar the user sees, rather than in every worker at once.
+    modality.prepare({"scan": "demo", **source.scan_start()}, options=options, threads=threads_per_worker,
+                     progress=True, reason="first run of the demo's setup")
 
     sink = ChildProcess("sink", run_sink, bind="tcp://127.0.0.1:0", out_dir=str(out_dir), http_port=http_port,
                         max_scans=None if linger is not None else 1).start()
@@ -47,7 +49,7 @@ def run_demo(*, nav_shape=(40, 40), workers: int = 2, noise: str = "moderate", o
         for i in range(workers):
             children.append(ChildProcess(f"worker-{i}", run_worker, dispatcher=publisher.endpoint,
                                          sink=sink_info["endpoint"], name=f"demo-worker-{i}",
-                                         resolution=resolution, threads=threads_per_worker).start())
+                                         options={modality.name: options}, threads=threads_per_worker).start())
         for child in children[1:]:
             child.wait_ready()
         if sink_info.get("url"):

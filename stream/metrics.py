@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .protocol import METHODS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -21,9 +20,8 @@ class SinkMetrics:
         self.frames_per_second = Gauge("liveindex_frames_per_second", "Frames received per second, last 2 s", registry=r)
         self.queue_depth = Gauge("liveindex_queue_depth_frames", "Frames published but not yet indexed", registry=r)
         self.frames_by_method = Counter("liveindex_frames_by_method", "Frames received, by the method that answered "
-                                        "(nn, tm = template-matching fallback, refined, none)", ["method"], registry=r)
-        for method in METHODS:  # export every label from the start, so dashboards see zeros, not gaps
-            self.frames_by_method.labels(method)
+                                        "(the scan's modality's labels; EBSD: nn, tm, tm+refined, nn+refined, none)",
+                                        ["method"], registry=r)
         self.backlog = Gauge("liveindex_backlog_frames", "Frames acquired but not yet sent to a worker (memory and disk)",
                              registry=r)
         self.backlog_spilled = Gauge("liveindex_backlog_spilled_frames", "Frames of the backlog spilled to disk",

@@ -11,7 +11,7 @@ import multiprocessing as mp
 import queue
 import time
 
-from .errors import LiveIndexError, TransportError
+from liveindex.models.errors import LiveIndexError, TransportError
 
 log = logging.getLogger(__name__)
 _CTX = mp.get_context("spawn")  # no forked copies of zmq contexts or ORT sessions

@@ -5,21 +5,34 @@ travel as raw buffers (``numpy.tobytes`` / ``numpy.frombuffer``); their names, d
 shapes are listed in the header under ``buffers``. Nothing is ever pickled.
 
 ``decode`` validates everything it can check without knowing the scan: header fields
-and types, buffer sizes against dtype and shape, array shapes against each other. The
-receiver then checks a message against the scan it belongs to (``check_frames``).
+and types, buffer sizes against dtype and shape, array shapes against each other, and a
+``scan_start``'s declarations (modality name, phase records, result fields, methods). The
+receiver then checks a message against the scan it belongs to (``check_frames``,
+``check_results``): results must carry exactly the fields the scan declared.
+
+v2 (this) carries the modality, its opaque setup, phases as records and the declared result
+fields and methods in ``scan_start``; v1 (EBSD only: a ``detector`` and phase names) is
+refused with a message that says to upgrade.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import msgpack
 import numpy as np
 
-from .errors import ProtocolError
+from liveindex.models.crystal import PhaseRecord, phases_from_wire
+from liveindex.models.errors import InputError, ProtocolError
+from liveindex.models.modality import FRAME_DTYPES, NOT_INDEXED, Field, Method, fields_from_wire, methods_from_wire
 
-VERSION = 1
+VERSION = 2
+# Scan and run ids name files in the sink's output folder: a safe character set, never a path.
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_POINTS = 200_000_000  # points a scan may have (the sink holds about 40 bytes a point)
 
 # Kinds and the header fields each must carry, with their types.
 _INT = (int,)
@@ -30,12 +43,15 @@ _DICT = (dict,)
 HEADER_FIELDS: dict[str, dict[str, tuple]] = {
     "scan_start": {
         "scan": _STR,
+        "modality": _STR,
         "nav_shape": _LIST,
         "step": _LIST,
         "pattern_shape": _LIST,
         "dtype": _STR,
-        "detector": _DICT,
+        "setup": _DICT,
         "phases": _LIST,
+        "fields": _LIST,
+        "methods": _LIST,
         "metadata": _DICT,
     },
     "frames": {"scan": _STR, "first": _INT, "count": _INT, "t_sent": _NUM},
@@ -46,27 +62,16 @@ HEADER_FIELDS: dict[str, dict[str, tuple]] = {
     "heartbeat": {"sender": _STR},
 }
 # Buffers each kind must carry (name -> dtypes allowed).
+# (Result pages carry the scan's declared fields besides; ``check_results`` checks them.)
 REQUIRED_BUFFERS: dict[str, dict[str, tuple[str, ...]]] = {
-    "frames": {"patterns": ("uint8", "uint16", "float32")},
-    "results": {
-        "indices": ("int64",),
-        "phase_id": ("int16",),
-        "quaternion": ("float32",),
-        "confidence": ("float32",),
-        "method": ("uint8",),
-    },
+    "frames": {"patterns": FRAME_DTYPES},
+    "results": {"indices": ("int64",)},
 }
 # Every dtype that may appear on the wire; nothing with object semantics.
 WIRE_DTYPES = frozenset(
-    ["uint8", "uint16", "int16", "int32", "int64", "float32", "float64", "bool"]
+    ["uint8", "uint16", "uint32", "int16", "int32", "int64", "float32", "float64", "bool"]
 )
 SCAN_END_STATUSES = ("success", "abort", "fail")
-# Method codes used in result pages (the order is the wire code; new ones go at the end):
-# the network's answer, template matching's, either refined against the master pattern, none.
-METHODS = ("nn", "tm", "tm+refined", "none", "nn+refined")
-METHOD_CODE = {name: code for code, name in enumerate(METHODS)}
-# Map colours per method (the live page, stream/web/index.html, uses the same).
-METHOD_RGB = ((102, 194, 165), (252, 141, 98), (141, 160, 203), (0, 0, 0), (231, 138, 195))
 
 
 @dataclass
@@ -127,7 +132,7 @@ def decode(frames: Iterable) -> Message:
     for spec, frame in zip(specs, frames[1:]):
         name, dtype, shape = _check_spec(spec, header)
         buffer = _as_buffer(frame)
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
         if len(buffer) != expected:
             raise ProtocolError(
                 f"buffer {name!r} has {len(buffer)} bytes, expected {expected} for {dtype}{tuple(shape)}",
@@ -145,6 +150,9 @@ def _as_buffer(frame) -> memoryview | bytes:
 
 def _check_header(header: dict) -> None:
     if header.get("v") != VERSION:
+        if isinstance(header.get("v"), int) and not isinstance(header.get("v"), bool) and header["v"] < VERSION:
+            raise ProtocolError(f"the peer speaks protocol v{header['v']} (an older liveindex); this one speaks "
+                                f"v{VERSION}: upgrade every part (publisher, workers, sink) to the same liveindex", header)
         raise ProtocolError(f"unsupported schema version {header.get('v')!r}; this liveindex speaks v{VERSION}", header)
     kind = header.get("kind")
     if kind not in HEADER_FIELDS:
@@ -153,6 +161,11 @@ def _check_header(header: dict) -> None:
         value = header.get(name)
         if not isinstance(value, types) or isinstance(value, bool):
             raise ProtocolError(f"{kind} header field {name!r} is missing or not {types[0].__name__}", header)
+    for key in ("scan", "run"):
+        value = header.get(key)
+        if value is not None and (not isinstance(value, str) or not SAFE_ID.match(value)):
+            raise ProtocolError(f"{key} id {str(value)[:80]!r} must be 1-128 letters, digits, '_', '.' or '-', "
+                                "starting with a letter or digit (it names files, never a path)", header)
     if not isinstance(header.get("buffers", []), list):
         raise ProtocolError("header field 'buffers' must be a list", header)
     header.setdefault("buffers", [])
@@ -168,14 +181,78 @@ def _check_header(header: dict) -> None:
 
 def _check_scan_start(header: dict) -> None:
     nav, pattern = header["nav_shape"], header["pattern_shape"]
-    if not (1 <= len(nav) <= 2 and all(isinstance(n, int) and n > 0 for n in nav)):
+    if not (1 <= len(nav) <= 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in nav)):
         raise ProtocolError("scan_start nav_shape must be 1 or 2 positive integers", header)
-    if not (len(pattern) == 2 and all(isinstance(n, int) and n > 1 for n in pattern)):
-        raise ProtocolError("scan_start pattern_shape must be 2 integers > 1", header)
-    if header["dtype"] not in REQUIRED_BUFFERS["frames"]["patterns"]:
-        raise ProtocolError(f"scan_start dtype must be one of {REQUIRED_BUFFERS['frames']['patterns']}", header)
-    if not header["phases"]:
-        raise ProtocolError("scan_start must name at least one expected phase", header)
+    if int(np.prod(nav, dtype=np.float64)) > MAX_POINTS:
+        raise ProtocolError(f"scan_start nav_shape {nav} has more than {MAX_POINTS} points; split the scan", header)
+    if not (len(pattern) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and 1 < n <= 65536
+                                      for n in pattern)):
+        raise ProtocolError("scan_start pattern_shape must be 2 integers in 2..65536", header)
+    if header["dtype"] not in FRAME_DTYPES:
+        raise ProtocolError(f"scan_start dtype must be one of {FRAME_DTYPES}", header)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in header["step"]):
+        raise ProtocolError("scan_start step must be numbers", header)
+    ScanStart.from_header(header)  # the declarations parse
+
+
+@dataclass(frozen=True)
+class ScanStart:
+    """A validated ``scan_start``: what the runtime needs to know about a scan."""
+
+    scan: str
+    run: str | None
+    modality: str
+    nav_shape: tuple[int, int]  # (ny, nx); a line scan is (1, n)
+    step: tuple[float, float]
+    pattern_shape: tuple[int, int]
+    dtype: str
+    setup: dict
+    phases: tuple[PhaseRecord, ...]
+    fields: tuple[Field, ...]
+    methods: tuple[Method, ...]
+    metadata: dict
+    header: dict
+
+    @classmethod
+    def from_header(cls, header: dict) -> "ScanStart":
+        try:
+            phases = tuple(phases_from_wire(header["phases"]))
+            fields = fields_from_wire(header["fields"])
+            methods = methods_from_wire(header["methods"])
+        except InputError as exc:
+            raise ProtocolError(f"scan_start declares {exc}", header) from None
+        if not isinstance(header["modality"], str) or not SAFE_ID.match(header["modality"]):
+            raise ProtocolError("scan_start modality must be a plain name (ebsd, spots, ...)", header)
+        names = {f.name: f for f in fields}
+        if "phase_id" in names and names["phase_id"].dtype not in ("int16", "int32"):
+            raise ProtocolError("scan_start field phase_id must be int16 or int32", header)
+        if "quaternion" in names and (names["quaternion"].shape != (4,) or names["quaternion"].dtype[0] != "f"):
+            raise ProtocolError("scan_start field quaternion must be float of shape (4,)", header)
+        if "method" in names and names["method"].dtype != "uint8":
+            raise ProtocolError("scan_start field method must be uint8", header)
+        nav = header["nav_shape"]
+        step = [float(v) for v in header["step"]] or [1.0]
+        return cls(scan=header["scan"], run=header.get("run"), modality=header["modality"],
+                   nav_shape=tuple(nav) if len(nav) == 2 else (1, nav[0]),
+                   step=tuple(step) if len(step) == 2 else (1.0, step[0]),
+                   pattern_shape=tuple(header["pattern_shape"]), dtype=header["dtype"], setup=header["setup"],
+                   phases=phases, fields=fields, methods=methods, metadata=header["metadata"], header=header)
+
+    @property
+    def size(self) -> int:
+        return int(self.nav_shape[0] * self.nav_shape[1])
+
+    @property
+    def field(self) -> dict[str, Field]:
+        return {f.name: f for f in self.fields}
+
+    @property
+    def not_indexed_code(self) -> int:
+        return [m.label for m in self.methods].index(NOT_INDEXED)
+
+    @property
+    def has_orientations(self) -> bool:
+        return "phase_id" in self.field and "quaternion" in self.field
 
 
 def _check_spec(spec, header) -> tuple[str, str, list[int]]:
@@ -184,7 +261,8 @@ def _check_spec(spec, header) -> tuple[str, str, list[int]]:
     name, dtype, shape = spec
     if dtype not in WIRE_DTYPES:
         raise ProtocolError(f"buffer {name!r} has dtype {dtype!r}, not one of {sorted(WIRE_DTYPES)}", header)
-    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+    if not (isinstance(shape, list) and len(shape) <= 8
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
         raise ProtocolError(f"buffer {name!r} has an invalid shape {shape!r}", header)
     return name, dtype, shape
 
@@ -204,17 +282,16 @@ def _check_arrays(message: Message) -> None:
             )
     elif message.kind == "results":
         n = header["count"]
-        expected = {"indices": (n,), "phase_id": (n,), "quaternion": (n, 4), "confidence": (n,), "method": (n,)}
-        for name, shape in expected.items():
-            if arrays[name].shape != shape:
-                raise ProtocolError(f"results buffer {name!r} has shape {arrays[name].shape}, expected {shape}", header)
+        for name, array in arrays.items():
+            if array.ndim == 0 or array.shape[0] != n:
+                raise ProtocolError(f"results buffer {name!r} has shape {array.shape}, expected {n} rows", header)
+        if arrays["indices"].ndim != 1:
+            raise ProtocolError("results buffer 'indices' must be one-dimensional", header)
         preview = arrays.get("preview")  # optional: small uint8 copies of the patterns for the live page
         if preview is not None and (preview.dtype != np.uint8 or preview.ndim != 3 or preview.shape[0] != n
                                     or min(preview.shape[1:]) < 2 or max(preview.shape[1:]) > 128):
             raise ProtocolError(f"results preview must be uint8 (count, h, w) with 2 <= h, w <= 128, got "
                                 f"{preview.dtype}{preview.shape}", header)
-        if n and (arrays["method"].max() >= len(METHODS)):
-            raise ProtocolError(f"results carry an unknown method code; known: {METHODS}", header)
 
 
 def without(message: Message, *names: str) -> list:
@@ -225,17 +302,35 @@ def without(message: Message, *names: str) -> list:
     return encode(message.kind, header, arrays)
 
 
-def check_frames(message: Message, scan_start: dict) -> None:
+def check_frames(message: Message, start: ScanStart) -> None:
     """Check a frames page against the scan it claims to belong to."""
     header = message.header
     patterns = message.arrays["patterns"]
-    total = int(np.prod(scan_start["nav_shape"]))
-    if patterns.shape[1:] != tuple(scan_start["pattern_shape"]):
-        raise ProtocolError(
-            f"patterns are {patterns.shape[1:]} but scan {header['scan']} declared {tuple(scan_start['pattern_shape'])}",
-            header,
-        )
-    if patterns.dtype.name != scan_start["dtype"]:
-        raise ProtocolError(f"patterns are {patterns.dtype} but the scan declared {scan_start['dtype']}", header)
-    if header["first"] + header["count"] > total:
-        raise ProtocolError(f"frame indices run past the scan's {total} points", header)
+    if patterns.shape[1:] != start.pattern_shape:
+        raise ProtocolError(f"patterns are {patterns.shape[1:]} but scan {header['scan']} declared "
+                            f"{start.pattern_shape}", header)
+    if patterns.dtype.name != start.dtype:
+        raise ProtocolError(f"patterns are {patterns.dtype} but the scan declared {start.dtype}", header)
+    if header["first"] + header["count"] > start.size:
+        raise ProtocolError(f"frame indices run past the scan's {start.size} points", header)
+
+
+def check_results(message: Message, start: ScanStart) -> None:
+    """Check a results page against its scan's declared fields: each present with its dtype and
+    per-point shape, method codes among the declared methods, phase ids among the phases."""
+    header, arrays = message.header, message.arrays
+    n = header["count"]
+    for f in start.fields:
+        array = arrays.get(f.name)
+        if array is None:
+            raise ProtocolError(f"results lack the declared field {f.name!r}", header)
+        if array.dtype.name != f.dtype or array.shape != (n, *f.shape):
+            raise ProtocolError(f"results field {f.name!r} is {array.dtype}{array.shape}, the scan declared "
+                                f"{f.dtype}{(n, *f.shape)}", header)
+    if n and "method" in arrays and arrays["method"].max() >= len(start.methods):
+        raise ProtocolError(f"results carry an unknown method code; the scan's methods are "
+                            f"{[m.label for m in start.methods]}", header)
+    phase_id = arrays.get("phase_id")
+    if n and phase_id is not None and (phase_id.min() < -1 or phase_id.max() >= len(start.phases)):
+        raise ProtocolError(f"result phase ids run outside -1..{len(start.phases) - 1} (the scan's phases "
+                            f"{[p.name for p in start.phases]})", header)

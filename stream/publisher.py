@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from .errors import TransportError
+from liveindex.models.errors import TransportError
+from liveindex.models.modality import ScanSource, empty_results
+
 from .page_store import PageStore
-from .indexer import IndexResult
 from .protocol import encode
 from .security import stop_authenticator
-from .sources import ScanSource
 from .transport import Receiver, bound_endpoint, open_socket
 
 log = logging.getLogger(__name__)
@@ -132,9 +132,9 @@ class Publisher:
         scan = self.scan = scan_id or f"scan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         # ``run`` tells a sink a new scan under a reused id from this one's scan_start sent again.
         self.run_id = uuid.uuid4().hex
-        start = {"scan": scan, "run": self.run_id, **source.scan_start_fields()}
-        arrays = {"truth_quaternion": source.truth.astype(np.float32)} if source.truth is not None else {}
-        self.sink_start = encode("scan_start", start, arrays)
+        start = {"scan": scan, "run": self.run_id, **source.scan_start()}
+        self.fields = source.modality.fields
+        self.sink_start = encode("scan_start", start, source.truth_arrays())
         self.worker_start = encode("scan_start", start)  # workers need no ground truth
         self._send_sink(self.sink_start)
         self.ledger.clear()
@@ -148,7 +148,7 @@ class Publisher:
         self.t_first_sent = None
         last_status = 0.0
         log.info("scan %s: %d frames of %s %s, pages of %d", scan, self.total, source.dtype,
-                 tuple(source.geometry.pattern_shape), self.page_size)
+                 tuple(source.pattern_shape), self.page_size)
         status = "success"
         try:
             while True:
@@ -273,7 +273,8 @@ class Publisher:
         """Preview mode: tell the sink these points were skipped, so its map is complete."""
         self._send_sink(encode("results", {"scan": self.scan, "run": self.run_id, "first": first, "count": count,
                                            "worker": "dispatcher", "timings": {}},
-                               IndexResult.empty(count).wire_arrays(first)))
+                               {"indices": np.arange(first, first + count, dtype=np.int64),
+                                **empty_results(self.fields, count)}))
 
     def _requeue_lost(self, now: float) -> None:
         for identity, worker in list(self.workers.items()):

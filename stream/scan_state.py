@@ -1,8 +1,10 @@
-"""The live state of one scan at the sink: flat maps, filled as results arrive.
+"""The live state of one scan at the sink: one flat map per declared field, filled as
+results arrive.
 
-Results may arrive out of order, twice, or before the scan_start (a worker's connection
-can overtake the publisher's); the first result for a point wins and the rest are
-counted as duplicates.
+The maps are allocated from the fields the scan's ``scan_start`` declares (like LiberTEM's
+UDF result buffers), whatever the modality. Results may arrive out of order, twice, or
+before the scan_start (a worker's connection can overtake the publisher's); the first
+result for a point wins and the rest are counted as duplicates.
 """
 
 from __future__ import annotations
@@ -15,37 +17,33 @@ from pathlib import Path
 
 import numpy as np
 
-from liveindex.models.phases import disorientation_degrees
+from liveindex.models.errors import ProtocolError
 
-from .errors import ProtocolError
-from .protocol import METHOD_CODE, Message
+from .orientation_map import error_to_truth
+from .protocol import Message, ScanStart, check_results
 
 log = logging.getLogger(__name__)
+
+TRUTH_PREFIX = "truth_"
 
 
 class ScanState:
     def __init__(self, start: Message, *, preview_path: Path | None = None):
-        header = start.header
-        self.header = header
-        self.scan = header["scan"]
-        self.nav_shape = tuple(header["nav_shape"]) if len(header["nav_shape"]) == 2 else (1, header["nav_shape"][0])
-        self.size = int(np.prod(self.nav_shape))
-        n = self.size
-        self.phase_id = np.full(n, -1, np.int16)
-        self.quaternion = np.zeros((n, 4), np.float32)
-        self.quaternion[:, 0] = 1.0
-        self.confidence = np.zeros(n, np.float32)
-        self.method = np.full(n, METHOD_CODE["none"], np.uint8)
+        self.header = start.header
+        spec = self.spec = ScanStart.from_header(start.header)
+        self.scan = spec.scan
+        self.nav_shape = spec.nav_shape
+        self.size = n = spec.size
+        self.maps = {f.name: f.allocate(n) for f in spec.fields}
         self.received = np.zeros(n, bool)
         self.latency_s = np.full(n, np.nan, np.float32)  # detector (acquisition) to sink, per point
-        self.truth = start.arrays.get("truth_quaternion")
-        if self.truth is not None and self.truth.shape != (n, 4):
-            raise ProtocolError(f"truth_quaternion has shape {self.truth.shape}, expected {(n, 4)}", header)
-        self.error_deg = np.full(n, np.nan, np.float32) if self.truth is not None else None
+        self.truth = self._truth(start)
+        self.error_deg = (np.full(n, np.nan, np.float32)
+                          if spec.has_orientations and "quaternion" in self.truth else None)
         self.n_received = 0
         self.frames_by_worker: dict[str, int] = {}  # new points each worker filled
-        self.broken_quaternions = 0
-        self._summary_cache: tuple | None = None  # points that arrived with a NaN or non-unit quaternion
+        self.broken_quaternions = 0  # points that arrived with a NaN or non-unit quaternion
+        self._summary_cache: tuple | None = None
         self.duplicates = 0
         self.t_start = time.time()
         self.t_first_result: float | None = None
@@ -55,15 +53,36 @@ class ScanState:
         self.status: dict = {}
         self.lock = threading.Lock()  # the web thread reads while the loop writes
         self.changes: list[np.ndarray] = []  # indices filled by each accepted page; the live page's deltas
-        self.ipf_rgb = np.zeros((n, 3), np.uint8)  # IPF-Z colours, filled lazily for the live page
+        self.ipf_rgb = np.zeros((n, 3), np.uint8) if spec.has_orientations else None  # filled lazily
         self.coloured = 0  # entries of ``changes`` already coloured
         self._colour_lock = threading.Lock()
         self.models: set[str] = set()  # what the workers answered with
         self.preview_path = preview_path
         self.previews: np.ndarray | None = None  # (n, h, w) uint8 memory map beside the outputs
 
+    def _truth(self, start: Message) -> dict[str, np.ndarray]:
+        """Ground truth sent with the scan_start as ``truth_<field>`` buffers (simulations)."""
+        truth = {}
+        for name, array in start.arrays.items():
+            if not name.startswith(TRUTH_PREFIX):
+                continue
+            field = self.spec.field.get(name[len(TRUTH_PREFIX):])
+            if field is None:
+                raise ProtocolError(f"scan_start carries {name} but declares no field {name[len(TRUTH_PREFIX):]!r}",
+                                    start.header)
+            if array.shape != (self.size, *field.shape):
+                raise ProtocolError(f"{name} has shape {array.shape}, expected {(self.size, *field.shape)}",
+                                    start.header)
+            truth[field.name] = array
+        return truth
+
+    @property
+    def phase_names(self) -> list[str]:
+        return [p.name for p in self.spec.phases]
+
     def add(self, message: Message) -> np.ndarray:
         """Fill the points of a result page; returns the mask of the page's new points."""
+        check_results(message, self.spec)
         a = message.arrays
         indices = a["indices"]
         if len(indices) and (indices.min() < 0 or indices.max() >= self.size):
@@ -74,41 +93,39 @@ class ScanState:
         keep = np.zeros(len(indices), bool)
         keep[first_pos] = True
         fresh &= keep
-        phase_id = a["phase_id"]
-        if len(phase_id) and (phase_id.min() < -1 or phase_id.max() >= len(self.header["phases"])):
-            raise ProtocolError(f"result phase ids run outside -1..{len(self.header['phases']) - 1} "
-                                f"(the scan's phases {self.header['phases']})", message.header)
-        quaternion = a["quaternion"]
-        # A point whose orientation is not a unit quaternion is not indexed, whatever it claims.
-        broken = ~(np.abs(np.linalg.norm(np.nan_to_num(quaternion, nan=9.0, posinf=9.0, neginf=9.0), axis=1) - 1)
-                   < 1e-2)
+        values = {f.name: a[f.name] for f in self.spec.fields}
+        broken = self._not_unit_quaternions(values)
         if broken.any():
-            phase_id = np.where(broken, -1, phase_id).astype(np.int16)
-            quaternion = np.where(broken[:, None], np.float32([1, 0, 0, 0]), quaternion).astype(np.float32)
+            # A point whose orientation is not a unit quaternion is not indexed, whatever it claims.
+            for name in ("phase_id", "quaternion", "confidence", "method"):
+                if name in values:
+                    mask = broken.reshape(-1, *([1] * (values[name].ndim - 1)))
+                    values[name] = np.where(mask, self.spec.field[name].allocate(1), values[name])
             self.broken_quaternions += int(broken[fresh].sum())
+        if "confidence" in values:
+            values["confidence"] = np.clip(np.nan_to_num(values["confidence"]), 0.0, 1.0)
         idx = indices[fresh]
         with self.lock:
-            self.phase_id[idx] = phase_id[fresh]
-            self.quaternion[idx] = quaternion[fresh]
-            self.confidence[idx] = np.clip(np.nan_to_num(a["confidence"][fresh]), 0.0, 1.0)
-            self.method[idx] = np.where(broken[fresh], METHOD_CODE["none"], a["method"][fresh])
+            for name, array in values.items():
+                self.maps[name][idx] = array[fresh]
             self.received[idx] = True
             self.changes.append(idx)
             preview = a.get("preview")
             if preview is not None and len(idx):
                 self._keep_previews(idx, preview[fresh])
             if "model" in message.header:
-                self.models.add(str(message.header["model"]))
+                self.models.add(str(message.header["model"])[:300])
             t_acquired = message.header["timings"].get("t_acquired")
             if isinstance(t_acquired, (int, float)) and not isinstance(t_acquired, bool):
                 self.latency_s[idx] = max(0.0, time.time() - t_acquired)
             if self.error_deg is not None and len(idx):
-                self.error_deg[idx] = disorientation_degrees(quaternion[fresh], self.truth[idx],
-                                                             self.header["phases"][0])
+                truth = {name: t[idx] for name, t in self.truth.items()}
+                self.error_deg[idx] = error_to_truth(self.maps["quaternion"][idx], self.maps["phase_id"][idx], truth,
+                                                     self.spec.phases)
             # Counters change under the same lock as the maps: ``summary`` caches by version,
             # and must never see the page's points without its counts.
             new = int(fresh.sum())
-            worker = message.header["worker"]
+            worker = str(message.header["worker"])[:100]
             self.frames_by_worker[worker] = self.frames_by_worker.get(worker, 0) + new
             self.n_received += new
             self.duplicates += len(indices) - new
@@ -116,6 +133,13 @@ class ScanState:
             self.t_first_result = self.t_first_result or now
             self.t_last_result = now
         return fresh
+
+    def _not_unit_quaternions(self, values: dict) -> np.ndarray:
+        q = values.get("quaternion")
+        if q is None or not self.spec.has_orientations:
+            return np.zeros(len(next(iter(values.values()))), bool)
+        q = np.nan_to_num(q.astype(np.float64), nan=9.0, posinf=9.0, neginf=9.0)
+        return ~(np.abs(np.linalg.norm(q, axis=1) - 1) < 1e-2)
 
     def _keep_previews(self, idx: np.ndarray, preview: np.ndarray) -> None:
         if self.previews is None and self.preview_path is not None:
@@ -146,18 +170,22 @@ class ScanState:
 
     def refresh_colours(self) -> None:
         """Colour the points that arrived since the last call (the live page's IPF map)."""
-        from .writers import ipf_colours
+        from .orientation_map import ipf_colours
 
+        if self.ipf_rgb is None:
+            with self.lock:
+                self.coloured = len(self.changes)
+            return
         with self._colour_lock, self.lock:
             upto = len(self.changes)
             if upto == self.coloured:
                 return
             idx = np.concatenate(self.changes[self.coloured:upto])
-            q, pid = self.quaternion[idx].copy(), self.phase_id[idx].copy()
+            q, pid = self.maps["quaternion"][idx].copy(), self.maps["phase_id"][idx].copy()
         with self._colour_lock:  # one colourer at a time, so ``coloured`` only moves forward
             if upto <= self.coloured:
                 return
-            rgb = ipf_colours(q, pid, self.header["phases"])
+            rgb = ipf_colours(q, pid, self.spec.phases)
             with self.lock:
                 self.ipf_rgb[idx] = rgb
                 self.coloured = upto
@@ -185,7 +213,8 @@ class ScanState:
     def median_error(self) -> float | None:
         if self.error_deg is None:
             return None
-        errors = self.error_deg[self.received & (self.phase_id >= 0)]
+        errors = self.error_deg[self.received & (self.maps["phase_id"] >= 0)]
+        errors = errors[errors == errors]
         return float(np.median(errors)) if len(errors) else None
 
     def summary(self) -> dict:
@@ -199,10 +228,13 @@ class ScanState:
 
     def _summary(self) -> dict:
         err = self.median_error()
-        indexed = int(np.count_nonzero(self.phase_id >= 0))
+        indexed = (int(np.count_nonzero(self.maps["phase_id"] >= 0)) if "phase_id" in self.maps
+                   else int(np.count_nonzero(self.maps["method"] != self.spec.not_indexed_code))
+                   if "method" in self.maps else self.n_received)
         summary = {
             "scan": self.scan,
             "run": self.header.get("run"),
+            "modality": self.spec.modality,
             "points": self.size,
             "received": self.n_received,
             "indexed": indexed,
@@ -222,6 +254,10 @@ class ScanState:
             summary["latency_p50_s"] = round(float(np.percentile(latency, 50)), 4)
             summary["latency_p99_s"] = round(float(np.percentile(latency, 99)), 4)
         if self.error_deg is not None:
-            e = self.error_deg[self.received & (self.phase_id >= 0)]
+            scored = self.received & (self.maps["phase_id"] >= 0)
+            e = self.error_deg[scored]
+            # NaN: indexed as another phase than the truth's; counted as not within 3 deg.
             summary["within_3deg"] = round(float((e < 3).mean()), 4) if len(e) else None
+            if "phase_id" in self.truth:
+                summary["wrong_phase"] = int(np.count_nonzero(scored & (self.maps["phase_id"] != self.truth["phase_id"])))
         return summary

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+from liveindex.models.errors import InputError
 from zmq.auth.thread import ThreadAuthenticator
-
-from .errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from liveindex.models.phases import KNOWN_PHASES, check_phases, disorientation_degrees
+from liveindex.models.errors import LiveIndexError, ProtocolError
 
-from .errors import LiveIndexError, ProtocolError
+from . import orientation_map
 from .http import LiveHttpServer
 from .journal import SUFFIX as JOURNAL_SUFFIX
 from .journal import Journal, replay
-from .live_view import ipf_key_png, map_update, point_details
+from .live_view import SinkView
 from .metrics import SinkMetrics
-from .protocol import METHODS, Message, encode, without
-from .security import stop_authenticator
+from .protocol import Message, encode, without
 from .scan_state import ScanState
+from .security import stop_authenticator
 from .transport import Receiver, bound_endpoint, open_socket
-from .writers import map_images, png_bytes, write_outputs
+from .writers import write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +39,8 @@ MAX_ORPHAN_PAGES = 10_000  # result pages held for a scan whose scan_start has n
 SYNC_SECONDS = 1.0  # fsync journals this often (a kill loses nothing written; power loss at most this)
 
 
-def _warm_up() -> None:
-    """Import orix and build the symmetry tables now, not on the first result page: the
-    loop must keep acknowledging pages while a scan starts."""
-    from .writers import ipf_colours
-
-    for phase in KNOWN_PHASES:
-        identity = np.array([[1.0, 0, 0, 0]], np.float32)
-        disorientation_degrees(identity, identity, phase)
-        ipf_colours(identity, np.zeros(1, np.int16), [phase])
-
-
 FINAL_ACK_SECONDS = 3.0
 FINAL_LINGER_SECONDS = 1.5  # a sink that finished a scan answers heartbeats this long before it stops
-# The dispatcher reports twice a second; silent longer than this, its worker list is old news.
-DISPATCHER_SILENT_SECONDS = 5.0
 
 
 class Sink:
@@ -99,13 +86,15 @@ class Sink:
         self.dispatcher_status: dict = {}
         self.dispatcher_heard = 0.0  # monotonic time of the last dispatcher heartbeat
         self.finished: list[dict] = []
-        self._png_cache: dict[tuple, bytes] = {}
         self._rate_window: collections.deque = collections.deque()
-        self._latency_window: collections.deque = collections.deque()  # (time, page median latency)
+        self.latency_window: collections.deque = collections.deque()  # (time, page median latency)
         self.rate_now = 0.0
-        _warm_up()
+        # orix imported and its kernels compiled now, not on the first result page: the loop
+        # must keep acknowledging pages while a scan starts.
+        orientation_map.warm_up()
         self._recover()
-        self.http = LiveHttpServer(self, host=http_host, port=http_port).start() if http_port is not None else None
+        self.http = (LiveHttpServer(SinkView(self), host=http_host, port=http_port).start()
+                     if http_port is not None else None)
         log.info("sink listening on %s, writing to %s", self.endpoint, self.out_dir)
 
     # -- loop ----------------------------------------------------------------------------
@@ -309,10 +298,6 @@ class Sink:
 
     def _start(self, message: Message, raw: list | None) -> None:
         scan = message.header["scan"]
-        try:
-            check_phases(message.header["phases"])
-        except LiveIndexError as exc:
-            raise ProtocolError(f"scan_start names a phase this sink does not know: {exc}", message.header) from None
         if scan in self.scans and self.scans[scan].header.get("run") == message.header.get("run"):
             log.info("scan %s started again; keeping the results already in", scan)
             return
@@ -330,12 +315,14 @@ class Sink:
                 old.close()
         state = self.scans[scan] = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy")
         self.current = state
+        for method in state.spec.methods:  # every label exported from the start: dashboards see zeros, not gaps
+            self.metrics.frames_by_method.labels(method.label)
         if raw is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.journals[scan] = Journal(self.out_dir / f"{scan}{JOURNAL_SUFFIX}")
             self._journal(scan, raw)
-        log.info("scan %s started: %s points, phases %s", scan, "x".join(map(str, state.nav_shape[::-1])),
-                 message.header["phases"])
+        log.info("scan %s started (%s): %s points, phases %s", scan, state.spec.modality,
+                 "x".join(map(str, state.nav_shape[::-1])), ", ".join(state.phase_names))
         for orphan, orphan_raw in self.orphans.pop(scan, []):
             self._add(state, orphan, orphan_raw)
 
@@ -367,16 +354,22 @@ class Sink:
             self.acks[state.scan].append(first)
         self.metrics.frames_received.inc(new)
         self.metrics.duplicates.inc(len(fresh) - new)
-        self.metrics.frames_indexed.inc(int((message.arrays["phase_id"][fresh] >= 0).sum()))
-        for code, n in enumerate(np.bincount(message.arrays["method"][fresh], minlength=len(METHODS))):
-            if n:
-                self.metrics.frames_by_method.labels(METHODS[code]).inc(int(n))
+        spec = state.spec
+        arrays = message.arrays
+        if "phase_id" in arrays:
+            self.metrics.frames_indexed.inc(int((arrays["phase_id"][fresh] >= 0).sum()))
+        elif "method" in arrays:
+            self.metrics.frames_indexed.inc(int((arrays["method"][fresh] != spec.not_indexed_code).sum()))
+        if "method" in arrays:
+            for code, n in enumerate(np.bincount(arrays["method"][fresh], minlength=len(spec.methods))):
+                if n:
+                    self.metrics.frames_by_method.labels(spec.methods[code].label).inc(int(n))
         latencies = state.latency_s[message.arrays["indices"][fresh]]
         latencies = latencies[latencies == latencies]  # NaN: the page carried no acquisition time
         for latency in latencies:
             self.metrics.latency.observe(float(latency))
         if len(latencies):
-            self._latency_window.append((time.monotonic(), float(np.median(latencies))))
+            self.latency_window.append((time.monotonic(), float(np.median(latencies))))
         self._rate_window.append((time.monotonic(), new))
         self.metrics.progress.set(state.n_received / state.size)
         if state.complete:
@@ -386,8 +379,8 @@ class Sink:
         now = time.monotonic()
         while self._rate_window and now - self._rate_window[0][0] > 2.0:
             self._rate_window.popleft()
-        while self._latency_window and now - self._latency_window[0][0] > 2.0:
-            self._latency_window.popleft()
+        while self.latency_window and now - self.latency_window[0][0] > 2.0:
+            self.latency_window.popleft()
         self.rate_now = sum(n for _, n in self._rate_window) / 2.0
         self.metrics.frames_per_second.set(self.rate_now)
 
@@ -429,10 +422,8 @@ class Sink:
         err = summary.get("median_error_deg")
         if err is not None:
             self.metrics.error_median.set(err)
-        header = state.header
         try:
-            files = write_outputs(self.out_dir, state.scan, arrays=self._arrays(state), nav_shape=state.nav_shape,
-                                  step=header["step"], phases=header["phases"], summary=summary)
+            files = write_outputs(self.out_dir, state.scan, maps=state.maps, start=state.spec, summary=summary)
             summary["files"] = [p.name for p in files] + [f"{state.scan}.json"]
             if state.previews is not None:
                 summary["files"].append(state.preview_path.name)
@@ -455,82 +446,3 @@ class Sink:
             if state.finished and state is not keep and state is not self.current:
                 self.done_scans[scan] = state.header.get("run")
                 del self.scans[scan]
-
-    @staticmethod
-    def _arrays(state: ScanState) -> dict:
-        return {"phase_id": state.phase_id, "quaternion": state.quaternion, "confidence": state.confidence,
-                "method": state.method}
-
-    # -- what the http server shows -------------------------------------------------------
-    def status(self) -> dict:
-        state = self.current
-        if state is None:
-            return {"scan": None}
-        status = dict(state.status if state.finished and state.status else state.summary())
-        dispatcher = self.dispatcher_status if self.dispatcher_status.get("scan") == state.scan else {}
-        workers = [dict(w) for w in dispatcher.get("workers", [])]
-        silent = time.monotonic() - self.dispatcher_heard
-        for worker in workers:  # the dispatcher's last word may be old: say what is known now
-            if state.finished:
-                worker["state"] = "done"
-            elif silent > DISPATCHER_SILENT_SECONDS:
-                worker["state"] = f"no word for {silent:.0f} s"
-        rate = 0.0 if state.finished else self.rate_now
-        latency = [v for _, v in tuple(self._latency_window)]  # one C-level copy: the loop appends meanwhile
-        status.update({
-            "version": state.version, "frames_per_second_now": rate,
-            "latency_now_s": float(np.median(latency)) if latency else None,
-            "seconds_left": (state.size - state.n_received) / rate if rate > 0 else None,
-            "workers_up": len(workers), "workers": workers,
-            "queue_depth": dispatcher.get("queue_depth"), "backlog_frames": dispatcher.get("backlog_frames"),
-            "spilled_frames": dispatcher.get("spilled_frames"), "dropped_frames": dispatcher.get("dropped_frames"),
-            "detector": state.header["detector"], "phases": state.header["phases"],
-            "pattern_shape": state.header["pattern_shape"], "metadata": state.header.get("metadata", {}),
-            "nav_shape": list(state.nav_shape), "bad_messages": self.receiver.bad_total,
-            "models": sorted(state.models),
-        })
-        return status
-
-    def map_update(self, scan: str | None, since: int) -> tuple[dict | None, str | None, int]:
-        """For the live page's event stream: what changed in the current scan since ``since``."""
-        state = self.current
-        if state is None:
-            return None, None, -1
-        update, version = map_update(state, since if state.scan == scan else -1)
-        return update, state.scan, version
-
-    def point_details(self, index: int) -> dict | None:
-        state = self.current
-        if state is None or not 0 <= index < state.size:
-            return None
-        return point_details(state, index)
-
-    def pattern_png(self, index: int) -> bytes | None:
-        state = self.current
-        if state is None or not 0 <= index < state.size:
-            return None
-        preview = state.pattern_preview(index)
-        return None if preview is None else png_bytes(np.repeat(preview[..., None], 3, axis=2), min_width=1)
-
-    def ipf_key_png(self, phase: str) -> bytes | None:
-        state = self.current
-        return ipf_key_png(phase) if state is not None and phase in state.header["phases"] else None
-
-    def map_png(self, name: str) -> bytes | None:
-        state = self.current
-        if state is None or name not in ("ipf", "phase", "confidence", "method"):
-            return None
-        key = (state.scan, state.version, name)
-        if key not in self._png_cache:
-            with state.lock:
-                arrays = {k: v.copy() for k, v in self._arrays(state).items()}
-            images = map_images(arrays, state.nav_shape, state.header["phases"])
-            self._png_cache = {(state.scan, state.version, n): png_bytes(rgb) for n, rgb in images.items()}
-        return self._png_cache.get(key)
-
-    def file_path(self, name: str) -> Path | None:
-        for summary in self.finished:
-            if name in summary.get("files", []):
-                path = self.out_dir / name
-                return path if path.is_file() else None
-        return None

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 import zmq
+from liveindex.models.errors import ProtocolError, TransportError
 
-from .errors import ProtocolError, TransportError
 from .protocol import Message, decode
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,14 @@
 """Inference worker: ask for pages, index them, send result pages to the sink.
 
-Stateless apart from the indexers it has prepared (one per scan geometry, the last few
-kept). A page counts as done (and its credit goes back to the dispatcher) only once its
+Stateless apart from the page indexers it has prepared: the runtime knows no physics; each
+scan names its modality (models/modality.py), which the worker loads by name and asks for
+a PageIndexer (the modality keeps costly parts, such as a dictionary for a geometry, for the
+next scan). A page counts as done (and its credit goes back to the dispatcher) only once its
 results are handed to the sink's socket; while the sink is unreachable the worker holds
 its finished pages, indexes nothing new, and keeps heartbeating.
 
-Preparing an indexer for a new geometry may build a dictionary, so it runs in a
-background thread while the main loop keeps heartbeating; the scan's pages wait locally.
+Preparing an indexer may build a dictionary, so it runs in a background thread while the
+main loop keeps heartbeating; the scan's pages wait locally.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
-from .errors import LiveIndexError, ProtocolError, TransportError
-from .geometry import DetectorGeometry
-from .indexer import IndexResult, blas_threads
+from liveindex.models import modality as modalities
+from liveindex.models.arrays import bin_frames
+from liveindex.models.errors import LiveIndexError, ProtocolError, TransportError
+from liveindex.models.modality import empty_results
+from liveindex.models.onnx_runtime import blas_threads
+
 from .metrics import WorkerMetrics
-from .preprocess import bin_frames
-from .protocol import METHOD_CODE, Message, check_frames, encode
-from .scan_indexer import ScanIndexer
+from .protocol import Message, ScanStart, check_frames, encode
 from .transport import Receiver, open_socket
 
 log = logging.getLogger(__name__)
@@ -39,29 +43,42 @@ PREVIEW_PIXELS = 32
 KEEP_SCANS = 4
 
 
+@dataclass
+class ScanJob:
+    """What a worker holds for one scan: its scan_start and its page indexer (being prepared
+    in the background, or ready), or why the scan cannot be indexed here."""
+
+    start: ScanStart
+    indexer: concurrent.futures.Future | None = None
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.indexer is None or self.indexer.done()
+
+
 class Worker:
     def __init__(self, *, dispatcher: str, sink: str, name: str | None = None, context: zmq.Context | None = None,
-                 prefetch: int = 2, resolution: float = 3.0, providers: str = "auto", threads: int = 1,
+                 prefetch: int = 2, providers: str = "auto", threads: int = 1,
                  connect_timeout: float = 60.0, stop_event: threading.Event | None = None,
-                 metrics: WorkerMetrics | None = None, keys=None, **indexing):
+                 metrics: WorkerMetrics | None = None, keys=None, options: dict[str, dict] | None = None):
+        """``options``: per modality name, the options its ``prepare`` takes (from the command line)."""
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.context = context or zmq.Context.instance()
         self.dispatcher_address, self.sink_address = dispatcher, sink
         self.prefetch = prefetch
-        self.resolution = resolution
         self.providers = providers
         self.threads = threads
         self.connect_timeout = connect_timeout
         self.stop_event = stop_event or threading.Event()
         self.metrics = metrics or WorkerMetrics()
         self.receiver = Receiver(self.metrics.bad_messages, role=f"worker {self.name}")
-        self.scans: collections.OrderedDict[str, dict] = collections.OrderedDict()  # scan -> scan_start header
-        self.indexers: dict[str, concurrent.futures.Future] = {}  # geometry key -> Future[ScanIndexer]
+        self.scans: collections.OrderedDict[str, ScanJob] = collections.OrderedDict()
         self.waiting: collections.deque[Message] = collections.deque()  # pages whose indexer is not ready
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self.frames_done = 0
         self.keys = keys
-        self.indexing = indexing  # refine, min_confidence, static_background: ScanIndexer's options
+        self.options = options or {}
         self.outbox: collections.deque[tuple[list, list]] = collections.deque()  # (results, done entry)
         self._sink_blocked_since: float | None = None
         self._sink_blocked_logged = False
@@ -105,7 +122,7 @@ class Worker:
         """What the live page's worker list shows."""
         if self.outbox:
             return "waiting for sink"
-        if any(not f.done() for f in self.indexers.values()):
+        if any(not job.ready for job in self.scans.values()):
             return "preparing"
         return "indexing" if self.waiting or time.monotonic() - self._last_work < 2 * HEARTBEAT_SECONDS else "idle"
 
@@ -139,41 +156,36 @@ class Worker:
             self.receiver.reject(ValueError(f"worker does not take {message.kind!r} messages"))
 
     def _prepare(self, header: dict) -> None:
-        scan = header["scan"]
-        # The static background (made with the scan's first page) is kept when the dispatcher
-        # sends the scan_start again: it may be a running mean of the frames indexed so far.
-        earlier = self.scans.get(scan)
-        if earlier is not None and "background" in earlier:
-            header["background"] = earlier["background"]
-        self.scans[scan] = header
+        start = ScanStart.from_header(header)
+        earlier = self.scans.get(start.scan)
+        if earlier is not None and earlier.start.run == start.run:
+            # The dispatcher sends a scan_start again (to a new sink, after a restart): the scan's
+            # indexer, and its state (EBSD's running static background), carry on.
+            return
+        job = self.scans[start.scan] = ScanJob(start)
         while len(self.scans) > KEEP_SCANS:
             self.scans.popitem(last=False)
         try:
-            geometry = DetectorGeometry.from_wire(header["detector"]).with_shape(header["pattern_shape"])
+            modality = modalities.load(start.modality)
+            header = {**header, "setup": modality.check_setup(start.setup, start.pattern_shape)}
         except LiveIndexError as exc:
-            header["error"] = str(exc)
-            log.error("scan %s cannot be indexed: %s", scan, exc)
+            job.error = str(exc)
+            log.error("scan %s cannot be indexed: %s", start.scan, exc)
             return
-        key = f"{geometry.cache_key()}-{','.join(header['phases'])}"
-        header["indexer_key"] = key
-        if key not in self.indexers:
-            reason = f"scan {scan} has geometry {geometry.cache_key()}"
-            self.indexers[key] = self.pool.submit(
-                ScanIndexer, geometry, header["phases"], resolution=self.resolution, providers=self.providers,
-                threads=self.threads, reason=reason, **self.indexing,
-            )
+        job.indexer = self.pool.submit(modality.prepare, header, options=self.options.get(start.modality),
+                                       threads=self.threads, providers=self.providers,
+                                       reason=f"scan {start.scan}")
 
     def _work(self, dealer: zmq.Socket, results: zmq.Socket) -> None:
         """Index every waiting page whose indexer is ready, oldest first."""
         for _ in range(len(self.waiting)):
             message = self.waiting.popleft()
             scan = message.header["scan"]
-            start = self.scans.get(scan)
-            future = self.indexers.get(start.get("indexer_key")) if start else None
-            if future is not None and not future.done():
+            job = self.scans.get(scan)
+            if job is not None and not job.ready:
                 self.waiting.append(message)
                 continue
-            result = self._index(message, start, future)
+            result = self._index(message, job)
             self._last_work = time.monotonic()
             self.outbox.append((result or [], [[scan, message.header["first"]]]))
             self._flush(dealer, results)
@@ -205,52 +217,73 @@ class Worker:
             log.warning("worker %s cannot reach the sink at %s; holding %d finished page(s) until it is back",
                         self.name, self.sink_address, len(self.outbox))
 
-    def _index(self, message: Message, start: dict | None, future) -> list | None:
+    def _index(self, message: Message, job: ScanJob | None) -> list | None:
         header = message.header
         t_received = time.time()
         patterns = message.arrays["patterns"]
         count = header["count"]
         try:
-            if start is None:
+            if job is None:
                 raise ProtocolError("frames for a scan this worker never got a scan_start for", header)
+            start = job.start
             check_frames(message, start)
-            if "error" in start:
-                result = IndexResult.empty(count)  # reported once at scan_start; points stay unindexed
-            else:
-                try:
-                    indexer = future.result()
-                except LiveIndexError as exc:
-                    start["error"] = str(exc)
-                    log.error("scan %s cannot be indexed: %s", header["scan"], exc)
-                    result = IndexResult.empty(count)
-                else:
-                    t0 = time.perf_counter()
-                    if "background" not in start:
-                        start["background"] = indexer.new_background()
-                    result = indexer.index(patterns, start["background"])
-                    self.metrics.page_seconds.observe(time.perf_counter() - t0)
+            fields = self._fields(job, patterns)
         except ProtocolError as exc:
             self.receiver.reject(exc)
             return None
-        bad = int(np.count_nonzero(result.method == METHOD_CODE["none"]))
-        if bad and "error" not in start:
-            log.warning("scan %s frames %d..%d: %d pattern(s) with NaN/inf or no contrast left unindexed",
-                        header["scan"], header["first"], header["first"] + count - 1, bad)
+        bad = int(np.count_nonzero(fields["method"] == start.not_indexed_code)) if "method" in fields else 0
+        if bad and job.error is None:
+            log.warning("scan %s frames %d..%d: %d pattern(s) the indexer could not read (NaN/inf, no contrast) "
+                        "left unindexed", header["scan"], header["first"], header["first"] + count - 1, bad)
         self.frames_done += count
         self.metrics.frames.inc(count)
         self.metrics.pages.inc()
         timings = {"t_acquired": header.get("t_acquired", header["t_sent"]), "t_sent": header["t_sent"],
                    "t_received": t_received, "t_done": time.time()}
+        indices = np.arange(header["first"], header["first"] + count, dtype=np.int64)
         return encode("results", {"scan": header["scan"], "run": header.get("run"), "first": header["first"],
-                                   "count": count, "worker": self.name, "model": self._model_name(start),
+                                   "count": count, "worker": self.name, "model": self._model_name(job),
                                    "timings": timings},
-                      {**result.wire_arrays(header["first"]), "preview": pattern_previews(patterns)})
+                      {"indices": indices, **fields, "preview": pattern_previews(patterns)})
 
-    def _model_name(self, start: dict) -> str:
-        future = self.indexers.get(start.get("indexer_key"))
-        if future is None or not future.done() or future.exception() is not None:
+    def _fields(self, job: ScanJob, patterns: np.ndarray) -> dict[str, np.ndarray]:
+        """The page's declared fields from the scan's indexer; every point not indexed where the
+        scan cannot be indexed here (said once) or the indexer failed or broke the contract."""
+        start = job.start
+        if job.error is None:
+            try:
+                indexer = job.indexer.result()
+                t0 = time.perf_counter()
+                fields = conform(indexer.index(patterns), start, len(patterns))
+                self.metrics.page_seconds.observe(time.perf_counter() - t0)
+                return fields
+            except Exception as exc:  # a peer's scan must never end the worker; its points stay unindexed
+                job.error = str(exc)
+                log.error("scan %s cannot be indexed: %s", start.scan, exc,
+                          exc_info=not isinstance(exc, LiveIndexError))
+        return empty_results(start.fields, len(patterns))
+
+    def _model_name(self, job: ScanJob) -> str:
+        future = job.indexer
+        if job.error is not None or future is None or not future.done() or future.exception() is not None:
             return "none"
-        return future.result().model_name
+        return str(future.result().model_name)
+
+
+def conform(fields: dict, start: ScanStart, n: int) -> dict[str, np.ndarray]:
+    """A page indexer's answer checked against the scan's declared fields (style: check a
+    model's output against its input batch); LiveIndexError names what is off."""
+    out = {}
+    for f in start.fields:
+        array = fields.get(f.name)
+        if array is None:
+            raise LiveIndexError(f"the {start.modality} indexer returned no {f.name!r} (it declares {f.name})")
+        array = np.asarray(array)
+        if array.shape != (n, *f.shape):
+            raise LiveIndexError(f"the {start.modality} indexer returned {f.name!r} of shape {array.shape} for "
+                                 f"{n} patterns, expected {(n, *f.shape)}")
+        out[f.name] = np.ascontiguousarray(array, dtype=f.dtype)
+    return out
 
 
 def pattern_previews(patterns: np.ndarray, most: int = PREVIEW_PIXELS) -> np.ndarray:

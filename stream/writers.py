@@ -1,4 +1,11 @@
-"""Finished-scan outputs: orix HDF5, EDAX .ang, and PNG maps (IPF-Z, confidence, phase).
+"""Finished-scan outputs: every declared field, whatever the modality.
+
+- orix HDF5 and EDAX ``.ang`` where the fields include ``phase_id`` and ``quaternion``
+  (stream/orientation_map.py), other scalar fields as the CrystalMap's properties;
+- ``<name>_maps.npz``: every field as a flat array (vector fields too: an embedding);
+- PNG maps: IPF-Z and phase, confidence, method (the modality's colours), and each other
+  scalar field stretched over its range;
+- ``<name>.json``: the scan's summary.
 
 Maps are flat arrays plus the in-data mask, as orix's CrystalMap keeps them, so the
 files load straight into orix, kikuchipy and MTEX.
@@ -10,18 +17,16 @@ import io
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from .errors import LiveIndexError
-from .protocol import METHOD_RGB, METHODS
+from liveindex.models.errors import LiveIndexError
+
+from .orientation_map import ORIENTATION, ORIX_LOCK, crystal_map, ipf_colours, phase_rgb
+from .protocol import ScanStart
 
 log = logging.getLogger(__name__)
-
-PHASE_COLOURS = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189]], np.uint8)
-
 
 # Viridis through five stops (the live page's CONFIDENCE_STOPS): a sure map is yellow, doubt
 # blue to purple.
@@ -29,77 +34,42 @@ CONFIDENCE_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 20
 
 
 def confidence_rgb(levels: np.ndarray) -> np.ndarray:
-    """(N,) uint8 confidence levels (0..255) -> (N, 3) uint8 colours."""
+    """(N,) uint8 levels (0..255) -> (N, 3) uint8 viridis colours."""
     x = np.linspace(0, 255, len(CONFIDENCE_STOPS))
     return np.stack([np.interp(levels, x, CONFIDENCE_STOPS[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
 
 
-def crystal_map(*, phase_id, quaternion, confidence, method, nav_shape, step, phases):
-    from orix.crystal_map import CrystalMap, PhaseList
-    from orix.quaternion import Rotation
-
-    from liveindex.models.phases import orix_phase
-
-    ny, nx = nav_shape
-    dy, dx = (step if len(step) == 2 else (1.0, step[0]))
-    yy, xx = np.mgrid[0:ny, 0:nx]
-    phase_list = PhaseList([orix_phase(name) for name in phases], ids=list(range(len(phases))))
-    return CrystalMap(
-        rotations=Rotation(quaternion.astype(np.float64)),
-        phase_id=phase_id.astype(np.int32),
-        x=(xx.ravel() * dx).astype(np.float64),
-        y=(yy.ravel() * dy).astype(np.float64),
-        phase_list=phase_list,
-        prop={"confidence": confidence.astype(np.float64), "method": method.astype(np.int32)},
-        scan_unit="um",
-    )
+def scalar_levels(values: np.ndarray) -> np.ndarray:
+    """(N,) numbers -> (N,) uint8 levels over their finite range."""
+    values = values.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(len(values), np.uint8)
+    lo, hi = values[finite].min(), values[finite].max()
+    return (np.clip(np.nan_to_num((values - lo) / max(hi - lo, 1e-12)), 0, 1) * 255).astype(np.uint8)
 
 
-# orix compiles numba kernels on first use; two threads compiling at once (the sink's loop
-# writing outputs, the live page colouring points) crashed the process once in a 1000x1000
-# benchmark run (malloc: invalid size). The sink warms these up at start, and this lock
-# keeps orix work (colouring, Euler angles, writing the outputs) to one thread at a time.
-ORIX_LOCK = threading.RLock()
+def extra_scalar_fields(start: ScanStart) -> list[str]:
+    """Scalar fields beyond the orientation, confidence and method ones."""
+    return [f.name for f in start.fields
+            if f.shape == () and f.name not in (*ORIENTATION, "confidence", "method")]
 
 
-def ipf_colours(quaternion, phase_id, phases) -> np.ndarray:
-    """(N, 3) uint8 IPF-Z colours from orix's TSL key; not-indexed points black."""
-    with ORIX_LOCK:
-        return _ipf_colours(quaternion, phase_id, phases)
-
-
-def _ipf_colours(quaternion, phase_id, phases) -> np.ndarray:
-    from orix.plot import IPFColorKeyTSL
-    from orix.quaternion import Orientation
-    from orix.vector import Vector3d
-
-    from liveindex.models.phases import point_group
-
-    rgb = np.zeros((len(quaternion), 3), np.uint8)
-    for pid, name in enumerate(phases):
-        sel = phase_id == pid
-        if sel.any():
-            key = IPFColorKeyTSL(point_group(name).laue, direction=Vector3d.zvector())
-            rgb[sel] = (key.orientation2color(Orientation(quaternion[sel], point_group(name))) * 255).astype(np.uint8)
-    return rgb
-
-
-def map_images(state_arrays: dict, nav_shape, phases) -> dict[str, np.ndarray]:
-    """RGB images (ny, nx, 3) of every live map."""
-    ny, nx = nav_shape
-    phase_id = state_arrays["phase_id"]
-    indexed = phase_id >= 0
-    conf = (np.clip(state_arrays["confidence"], 0, 1) * 255).astype(np.uint8)
-    phase_rgb = np.zeros((len(phase_id), 3), np.uint8)
-    phase_rgb[indexed] = PHASE_COLOURS[phase_id[indexed] % len(PHASE_COLOURS)]
-    method_rgb = np.zeros((len(phase_id), 3), np.uint8)
-    method_rgb[:] = np.array(METHOD_RGB, np.uint8)[np.minimum(state_arrays["method"], len(METHOD_RGB) - 1)]
-    return {
-        "ipf": ipf_colours(state_arrays["quaternion"], phase_id, phases).reshape(ny, nx, 3),
-        "confidence": confidence_rgb(conf).reshape(ny, nx, 3),
-        "phase": phase_rgb.reshape(ny, nx, 3),
-        "method": method_rgb.reshape(ny, nx, 3),
-    }
+def map_images(maps: dict, start: ScanStart) -> dict[str, np.ndarray]:
+    """RGB images (ny, nx, 3) of every map the fields allow."""
+    ny, nx = start.nav_shape
+    images = {}
+    if start.has_orientations:
+        images["ipf"] = ipf_colours(maps["quaternion"], maps["phase_id"], start.phases)
+        images["phase"] = phase_rgb(maps["phase_id"])
+    if "confidence" in maps:
+        images["confidence"] = confidence_rgb((np.clip(np.nan_to_num(maps["confidence"]), 0, 1) * 255).astype(np.uint8))
+    if "method" in maps:
+        palette = np.array([m.rgb for m in start.methods], np.uint8)
+        images["method"] = palette[np.minimum(maps["method"], len(palette) - 1)]
+    for name in extra_scalar_fields(start):
+        images[name] = confidence_rgb(scalar_levels(maps[name]))
+    return {name: rgb.reshape(ny, nx, 3) for name, rgb in images.items()}
 
 
 def png_bytes(rgb: np.ndarray, min_width: int = 400) -> bytes:
@@ -114,23 +84,20 @@ def png_bytes(rgb: np.ndarray, min_width: int = 400) -> bytes:
     return buf.getvalue()
 
 
-def write_outputs(out_dir, name: str, *, arrays: dict, nav_shape, step, phases, summary: dict) -> list[Path]:
-    """Write <name>.h5, <name>.ang, <name>_<map>.png and <name>.json; returns the paths.
+def write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary: dict) -> list[Path]:
+    """Write <name>.h5, <name>.ang (orientation fields), <name>_maps.npz, <name>_<map>.png and
+    <name>.json; returns the paths.
 
     Each file is written under a temporary name and renamed, so a full disk leaves no
     half-written file behind that looks complete; the error says which file and why.
     """
     with ORIX_LOCK:
-        return _write_outputs(out_dir, name, arrays=arrays, nav_shape=nav_shape, step=step, phases=phases,
-                              summary=summary)
+        return _write_outputs(out_dir, name, maps=maps, start=start, summary=summary)
 
 
-def _write_outputs(out_dir, name: str, *, arrays: dict, nav_shape, step, phases, summary: dict) -> list[Path]:
-    from orix import io as orix_io
-
+def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary: dict) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    xmap = crystal_map(nav_shape=nav_shape, step=step, phases=phases, **arrays)
     written = []
 
     def _atomic(path: Path, write) -> None:
@@ -143,11 +110,25 @@ def _write_outputs(out_dir, name: str, *, arrays: dict, nav_shape, step, phases,
             raise LiveIndexError(f"cannot write {path}: {exc.strerror or exc}; free space or choose --out elsewhere") from None
         written.append(path)
 
-    _atomic(out / f"{name}.h5", lambda p: orix_io.save(p, xmap, overwrite=True))
-    _atomic(out / f"{name}.ang", lambda p: orix_io.save(p, xmap, overwrite=True, confidence_index_prop="confidence"))
-    for map_name, rgb in map_images(arrays, nav_shape, phases).items():
+    if start.has_orientations:
+        from orix import io as orix_io
+
+        props = [f.name for f in start.fields if f.shape == () and f.name not in ORIENTATION]
+        xmap = crystal_map(maps, nav_shape=start.nav_shape, step=start.step, phases=start.phases, prop_fields=props)
+        ang_options = {"confidence_index_prop": "confidence"} if "confidence" in props else {}
+        _atomic(out / f"{name}.h5", lambda p: orix_io.save(p, xmap, overwrite=True))
+        _atomic(out / f"{name}.ang", lambda p: orix_io.save(p, xmap, overwrite=True, **ang_options))
+
+    def _npz(path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, nav_shape=np.array(start.nav_shape), **maps)
+
+    _atomic(out / f"{name}_maps.npz", _npz)
+    for map_name, rgb in map_images(maps, start).items():
         _atomic(out / f"{name}_{map_name}.png", lambda p, rgb=rgb: p.write_bytes(png_bytes(rgb)))
-    summary = {**summary, "files": [p.name for p in written] + [f"{name}.json"], "methods": list(METHODS)}
+    summary = {**summary, "files": [p.name for p in written] + [f"{name}.json"], "modality": start.modality,
+               "methods": [m.label for m in start.methods], "fields": [f.to_wire()[:3] for f in start.fields],
+               "phases": [p.to_wire() for p in start.phases]}
     _atomic(out / f"{name}.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     log.info("wrote %s", ", ".join(str(p) for p in written))
     return written

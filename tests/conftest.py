@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from liveindex.models.phases import disorientation_degrees as disorientation  # noqa: F401 (tests import it from here)
+from liveindex.models.ebsd.master_patterns import disorientation_degrees as disorientation  # noqa: F401 (tests import it from here)
 from liveindex.stream.processes import setup_logging
 from liveindex.stream.protocol import METHOD_CODE, encode
 
@@ -53,7 +53,7 @@ def error_lines(proc):
 
 @pytest.fixture(scope="session")
 def moderate_scan():
-    from liveindex.stream.simulator import SimulatedScan
+    from liveindex.models.ebsd.simulator import SimulatedScan
 
     return SimulatedScan((20, 20), noise="moderate", seed=3)
 

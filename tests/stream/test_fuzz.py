@@ -14,7 +14,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from liveindex.stream.errors import InputError, LiveIndexError, ProtocolError
+from liveindex.models.errors import InputError, LiveIndexError, ProtocolError
 from liveindex.stream.protocol import HEADER_FIELDS, decode, encode
 from liveindex.stream.sink import Sink
 from liveindex.stream.sources import load_file

@@ -14,7 +14,7 @@ import pytest
 import zmq
 from orix import io as orix_io
 
-from liveindex.stream.simulator import SimulatedScan
+from liveindex.models.ebsd.simulator import SimulatedScan
 
 from ..conftest import results_message, run_cli, start_cli
 

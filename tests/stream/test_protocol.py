@@ -2,7 +2,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from liveindex.stream.errors import LiveIndexError, ProtocolError
+from liveindex.models.errors import LiveIndexError, ProtocolError
 from liveindex.stream.protocol import METHOD_CODE, check_frames, decode, encode
 from liveindex.stream.transport import Receiver
 

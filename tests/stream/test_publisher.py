@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import zmq
 
-from liveindex.stream.geometry import DetectorGeometry
+from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.stream.protocol import decode, encode
 from liveindex.stream.publisher import Publisher
 from liveindex.stream.sources import ArraySource

@@ -4,7 +4,7 @@ import sys, time, numpy as np
 from pathlib import Path
 from orix.quaternion import Rotation
 from common import *
-from liveindex.models.dictionary import sample_rotations, _write_matcher_graph
+from liveindex.models.ebsd.dictionary import sample_rotations, _write_matcher_graph
 kmp = master_pattern("ni"); det = DetectorGeometry().kikuchipy_detector()
 for spec in sys.argv[1:]:
     res, side = spec.split(":"); res = float(res); side = int(side)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from liveindex.models.phases import master_pattern, disorientation_degrees
-from liveindex.stream.geometry import DetectorGeometry
-from liveindex.stream.preprocess import Preprocessor
+from liveindex.models.ebsd.master_patterns import master_pattern, disorientation_degrees
+from liveindex.models.ebsd.geometry import DetectorGeometry
+from liveindex.models.ebsd.preprocess import Preprocessor
 
 C_ATAN = 2 * np.sqrt(2) / np.pi
 
@@ -116,7 +116,7 @@ def working_geometry(side):
 
 
 def make_scan(noise, n=20, seed=5, grain_size=1.0):
-    from liveindex.stream.simulator import SimulatedScan
+    from liveindex.models.ebsd.simulator import SimulatedScan
 
     return SimulatedScan((n, n), noise=noise, seed=seed, grain_size=grain_size)
 

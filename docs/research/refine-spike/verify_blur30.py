@@ -2,7 +2,7 @@
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from common import *
-from liveindex.stream.preprocess import Preprocessor
+from liveindex.models.ebsd.preprocess import Preprocessor
 mp = master_array()
 rng = np.random.default_rng(1)
 q = rng.standard_normal((200, 4)); q /= np.linalg.norm(q, axis=1, keepdims=True)

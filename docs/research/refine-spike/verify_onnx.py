@@ -2,7 +2,7 @@
 import numpy as np, time
 from common import *
 from graphs import build_score, build_gn, session
-from liveindex.stream.preprocess import Preprocessor
+from liveindex.models.ebsd.preprocess import Preprocessor
 mp = master_array()
 rng = np.random.default_rng(2)
 B, K = 64, 5

@@ -2,7 +2,7 @@
 import numpy as np, time
 from orix.quaternion import Rotation
 from common import *
-from liveindex.stream.preprocess import Preprocessor
+from liveindex.models.ebsd.preprocess import Preprocessor
 
 mp = master_array()
 print("master", mp.shape, mp.dtype, mp.min(), mp.max())

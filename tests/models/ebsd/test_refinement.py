@@ -5,9 +5,9 @@ import onnxruntime as ort
 import pytest
 
 from liveindex.models import refinement
-from liveindex.stream.geometry import DetectorGeometry
-from liveindex.stream.preprocess import Preprocessor
-from liveindex.stream.refiner import SYSTEM, Refiner, quaternion_multiply, rotation_vector_quaternions
+from liveindex.models.ebsd.geometry import DetectorGeometry
+from liveindex.models.ebsd.preprocess import Preprocessor
+from liveindex.models.ebsd.refiner import SYSTEM, Refiner, quaternion_multiply, rotation_vector_quaternions
 
 GEOMETRY = DetectorGeometry().with_shape((30, 30))
 
@@ -27,7 +27,7 @@ def rotations():
 def kikuchipy_patterns(rotations):
     from orix.quaternion import Rotation
 
-    from liveindex.models.phases import master_pattern
+    from liveindex.models.ebsd.master_patterns import master_pattern
 
     prep = Preprocessor.for_shape(GEOMETRY.pattern_shape)
     sim = master_pattern("ni").get_patterns(Rotation(rotations), GEOMETRY.kikuchipy_detector(),
@@ -97,7 +97,7 @@ def test_a_signal_mask_is_applied_as_the_preprocessor_does(rotations):
     _, flat_plain = kikuchipy_patterns(rotations)
     from orix.quaternion import Rotation
 
-    from liveindex.models.phases import master_pattern
+    from liveindex.models.ebsd.master_patterns import master_pattern
 
     raw = np.asarray(master_pattern("ni").get_patterns(Rotation(rotations), GEOMETRY.kikuchipy_detector(),
                                                        energy=GEOMETRY.energy_kv, compute=True, dtype_out=np.float32,

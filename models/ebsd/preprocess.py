@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
+from liveindex.models.arrays import bin_frames
 from scipy.ndimage import gaussian_filter, gaussian_filter1d, zoom
 
 # Patterns are binned so that their longer side is at most this: 60x60 frames are matched
@@ -28,19 +29,6 @@ def blur_matrix(n: int, sigma: float) -> np.ndarray:
     matrix M (M @ x blurs x): the live frames' background blur, and the refinement graph's
     (models/refinement.py), are these products."""
     return gaussian_filter1d(np.eye(n), sigma, axis=0, truncate=2.0).astype(np.float32)
-
-
-def bin_frames(frames: np.ndarray, fy: int, fx: int) -> np.ndarray:
-    """(B, H, W) frames of any dtype -> (B, H/fy, W/fx) float32 means of fy x fx blocks (H, W
-    multiples of them), by adding the fy·fx strided views: 8x faster than a mean over two axes."""
-    n, h, w = frames.shape
-    blocks = frames.reshape(n, h // fy, fy, w // fx, fx)
-    out = np.zeros((n, h // fy, w // fx), np.float32)
-    for i in range(fy):
-        for j in range(fx):
-            out += blocks[:, :, i, :, j]
-    out *= np.float32(1 / (fy * fx))
-    return out
 
 
 @dataclass(frozen=True, eq=False)

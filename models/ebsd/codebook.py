@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from liveindex.models.crystal import disorientation_degrees, quaternion_multiply
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,7 @@ def cubic_operators() -> np.ndarray:
     return symmetry.O.data.astype(np.float32)
 
 
-def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    aw, ax, ay, az = np.moveaxis(a, -1, 0)
-    bw, bx, by, bz = np.moveaxis(b, -1, 0)
-    return np.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
-                     aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
+quat_multiply = quaternion_multiply  # the one product (models/crystal.py), under the name training uses
 
 
 def t_features(q: np.ndarray) -> np.ndarray:
@@ -70,9 +67,7 @@ def t_features(q: np.ndarray) -> np.ndarray:
 
 def disorientation_deg(q: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Cubic (432) disorientation angle in degrees between (N, 4) arrays."""
-    eq = quat_multiply(cubic_operators()[:, None, :], np.asarray(truth, np.float32)[None])  # (24, N, 4)
-    dot = np.abs((eq * np.asarray(q, np.float32)[None]).sum(-1)).max(0)
-    return np.degrees(2 * np.arccos(np.clip(dot, -1, 1)))
+    return disorientation_degrees(q, truth, cubic_operators())
 
 
 def cells_and_neighbours(resolution: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """``liveindex models train|export|eval``: the network bundle's life cycle.
 
-stream/cli.py adds the ``models`` group and calls ``add_commands``; nothing here imports
+The EBSD modality adds the ``models`` group (``EBSD.add_commands``); nothing here imports
 torch until ``train`` or ``export`` runs.
 """
 
@@ -97,7 +97,7 @@ def add_commands(sub) -> None:
 
     e = msub.add_parser("export", help="ONNX graph and bundle.json (with validation figures) from a checkpoint")
     e.add_argument("--checkpoint", default=f"{DEFAULT_WORK}/checkpoint.pt")
-    e.add_argument("--out", default="models/bundles/default", help="bundle folder (default: the shipped one)")
+    e.add_argument("--out", default="models/ebsd/bundles/default", help="bundle folder (default: the shipped one)")
     e.add_argument("--eval-n", type=int, default=1000, help="held-out patterns per source for the figures")
     e.set_defaults(func=cmd_export)
 

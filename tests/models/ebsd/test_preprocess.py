@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from liveindex.stream.preprocess import Preprocessor
+from liveindex.models.ebsd.preprocess import Preprocessor
 
 
 def reference(patterns: np.ndarray, prep: Preprocessor) -> np.ndarray:

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from liveindex.models.network import default_bundle_path
+from liveindex.models.ebsd.network import default_bundle_path
 
 from ..conftest import run_cli
 
@@ -16,9 +16,9 @@ def test_torch_and_onnx_runtime_agree(tmp_path):
     import torch
 
     from liveindex.models import training_data as td
-    from liveindex.models.export import PARITY_ATOL, dummy_codebook, export_onnx, parity
-    from liveindex.models.network import NetworkModel
-    from liveindex.models.train import build_inference_model, build_network
+    from liveindex.models.ebsd.export import PARITY_ATOL, dummy_codebook, export_onnx, parity
+    from liveindex.models.ebsd.network import NetworkModel
+    from liveindex.models.ebsd.train import build_inference_model, build_network
 
     flat = td.preprocess(td.camera_frames(td.render_clean(40, seed=3).images, np.random.default_rng(3), "moderate"))
     shipped = NetworkModel.load(providers="cpu")

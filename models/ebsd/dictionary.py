@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from liveindex.models.ebsd.geometry import DetectorGeometry
+from liveindex.models.ebsd.preprocess import Preprocessor
 from onnx import TensorProto, helper, numpy_helper
 
-from liveindex.stream.geometry import DetectorGeometry
-from liveindex.stream.preprocess import Preprocessor
-
-from .phases import master_pattern, point_group
+from .master_patterns import master_pattern, point_group
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from liveindex.models import codebook as cb
-from liveindex.models.training_data import random_rotations
+from liveindex.models.ebsd.training_data import random_rotations
 
 
 def test_t_features_are_invariant_under_the_24_cubic_rotations_only():

@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
+from liveindex.models.errors import InputError
 
-from .errors import InputError
 from .geometry import DetectorGeometry, validate_pc
 from .refiner import gauss_newton
 
@@ -50,11 +50,9 @@ def fit_pc(phase: str, geometry: DetectorGeometry, patterns: np.ndarray, quatern
     """The PC that maximises the mean refined NCC of ``patterns`` ((N, P) preprocessed, of one
     phase) starting from ``quaternions`` (N, 4), refined at ``geometry``'s PC."""
     import onnxruntime as ort
+    from liveindex.models.ebsd.refinement import build_graph, direction_cosines
+    from liveindex.models.onnx_runtime import session_options
     from scipy.optimize import minimize
-
-    from liveindex.models.refinement import build_graph, direction_cosines
-
-    from .indexer import session_options
 
     if len(patterns) < 10:
         raise InputError(f"projection-centre refinement needs at least 10 sure points; this scan has {len(patterns)}")
@@ -87,3 +85,22 @@ def fit_pc(phase: str, geometry: DetectorGeometry, patterns: np.ndarray, quatern
                          "convention (--pc-convention) and values, or index without --refine-pc")
     return PCFit(replace(geometry, pc=tuple(float(v) for v in pc)), len(patterns), before, float(max(-best.fun, before)),
                  len(evaluations))
+
+
+def fit_scan_pc(indexer, frames: np.ndarray) -> PCFit:
+    """Fit the PC on the sure points among ``frames`` (a scan's first points), of their most
+    common phase, and make ``indexer`` (a ScanIndexer) refine at it."""
+    from .indexer import CONFIDENCE_THRESHOLD
+
+    if not indexer.refiners:
+        raise InputError("--refine-pc fits the projection centre with refinement; drop --no-refine")
+    background = indexer.new_background()
+    first = indexer.index(frames, background)
+    flat, _ = indexer.preprocess(frames, background)
+    indexed = first.phase_id[first.phase_id >= 0]
+    phase = int(np.bincount(indexed).argmax()) if len(indexed) else 0
+    sure = np.flatnonzero((first.phase_id == phase) & (first.score >= CONFIDENCE_THRESHOLD))[:SUBSET]
+    fit = fit_pc(indexer.phases[phase], indexer.geometry, flat[sure], first.quaternion[sure],
+                 indexer.preprocess.working_shape, indexer.preprocess.sigma, indexer.preprocess.mask)
+    indexer.refine_at(fit.geometry)
+    return fit

@@ -26,9 +26,8 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-
-from liveindex.stream.errors import InputError, LiveIndexError
-from liveindex.stream.geometry import DetectorGeometry
+from liveindex.models.ebsd.geometry import DetectorGeometry
+from liveindex.models.errors import InputError, LiveIndexError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ EMBEDDING_FILE = "embedding.npy"
 
 
 def default_bundle_path() -> Path:
-    return Path(str(resources.files("liveindex.models") / "bundles" / "default"))
+    return Path(str(resources.files("liveindex.models.ebsd") / "bundles" / "default"))
 
 
 def quantize_code_scoring(model):
@@ -168,8 +167,7 @@ class NetworkModel:
         the code book in int8 (quantize_code_scoring); None: on the CPU provider, not on a GPU.
         """
         import onnxruntime as ort
-
-        from liveindex.stream.indexer import choose_providers, session_options
+        from liveindex.models.onnx_runtime import choose_providers, session_options
 
         folder = Path(path) if path is not None else default_bundle_path()
         meta = folder / "bundle.json"

@@ -1,4 +1,7 @@
-"""Phases liveindex knows, with the master patterns their templates are simulated from."""
+"""EBSD's built-in phases, with the master patterns their templates are simulated from.
+
+A phase travels as a ``PhaseRecord`` (models/crystal.py); its ``source`` ("builtin:ni")
+says which master pattern a worker uses for it."""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from liveindex.stream.errors import InputError
+from liveindex.models.crystal import PhaseRecord, point_group_of
+from liveindex.models.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def check_phases(names) -> list[str]:
     if unknown:
         raise InputError(
             f"unknown phase(s) {unknown}; liveindex knows {sorted(KNOWN_PHASES)}: "
-            "name one of those (--phases ni) or add a master pattern for the phase in liveindex.models.phases"
+            "name one of those (--phases ni) or add a master pattern for the phase in liveindex.models.ebsd.master_patterns"
         )
     return names
 
@@ -82,12 +85,7 @@ def _cache_dir() -> Path:
 
 def crystal_phase(name: str):
     """orix Phase with every atom of the cell, as kinematical simulation needs."""
-    from diffpy.structure import Atom, Lattice, Structure
-    from orix.crystal_map import Phase
-
-    space_group, a, atoms = STRUCTURES[name]
-    structure = Structure(atoms=[Atom(el, xyz) for el, xyz in atoms], lattice=Lattice(a, a, a, 90, 90, 90))
-    return Phase(name, space_group=space_group, structure=structure)
+    return phase_record(name).orix_phase()
 
 
 def kinematical_master_pattern(name: str):
@@ -126,30 +124,37 @@ def _compute_kinematical(phase) -> np.ndarray:
     return np.asarray(lambert.data, dtype=np.float32)
 
 
-# Laue/point group per phase, so symmetry is known without loading a master pattern
-# (the sink needs it at scan_start, on its hot loop).
-POINT_GROUPS = {"ni": "m-3m", "fe": "m-3m", "ni3al": "m-3m"}
+BUILTIN_SOURCE = "builtin:"
+
+
+def phase_record(name: str) -> PhaseRecord:
+    """The record of a built-in phase (what travels in scan_start)."""
+    name = check_phases([name])[0]
+    space_group, a, atoms = STRUCTURES[name]
+    return PhaseRecord(name=name, space_group=space_group, lattice=(a, a, a, 90.0, 90.0, 90.0),
+                       atoms=tuple((el, *xyz, 1.0) for el, xyz in atoms), source=f"{BUILTIN_SOURCE}{name}")
+
+
+def master_pattern_name(record: PhaseRecord) -> str:
+    """The built-in master pattern a phase record asks for; InputError where it names none."""
+    source = record.source or ""
+    if source.startswith(BUILTIN_SOURCE) and source[len(BUILTIN_SOURCE):] in KNOWN_PHASES:
+        return source[len(BUILTIN_SOURCE):]
+    raise InputError(f"phase {record.name} comes with master-pattern source {record.source!r}, which this worker "
+                     f"does not have; it knows {sorted(KNOWN_PHASES)} (--phases ni)")
 
 
 @functools.lru_cache(maxsize=8)
 def point_group(name: str):
-    from orix.quaternion import symmetry
-
+    """orix point group of a built-in phase (from its space group)."""
     check_phases([name])
-    return {"m-3m": symmetry.Oh}[POINT_GROUPS[name]]
+    return point_group_of(STRUCTURES[name][0])
 
 
 def disorientation_degrees(q, truth, phase: str = "ni"):
-    """Angle between orientations and ground truth, reduced by the phase's symmetry."""
-    import numpy as np
-    from orix.quaternion import Orientation
+    """Angle between orientations and ground truth, reduced by a built-in phase's symmetry."""
+    from liveindex.models.crystal import disorientation_degrees as angles
+    from liveindex.models.crystal import proper_operators
 
-    pg = point_group(phase)
-    return Orientation(np.asarray(q), pg).angle_with(Orientation(np.asarray(truth), pg), degrees=True)
-
-
-def orix_phase(name: str):
-    """The orix Phase (structure and symmetry) for a phase name."""
-    phase = master_pattern(name).phase.deepcopy()
-    phase.name = name
-    return phase
+    check_phases([phase])
+    return angles(q, truth, proper_operators(STRUCTURES[phase][0]))

@@ -16,13 +16,12 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+from liveindex.models.ebsd.preprocess import MAX_WORKING_SIDE
 
 from . import training_data as td
-from .network import BUNDLE_FORMAT, EMBEDDING_FILE, NETWORK_FILE, NetworkModel
-from liveindex.stream.preprocess import MAX_WORKING_SIDE
-
 from .codebook import CODEBOOK_SERVES, CODEBOOK_SOURCES
-from .phases import KNOWN_PHASES, POINT_GROUPS, STRUCTURES
+from .master_patterns import KNOWN_PHASES, STRUCTURES, point_group
+from .network import BUNDLE_FORMAT, EMBEDDING_FILE, NETWORK_FILE, NetworkModel
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +149,10 @@ def git_commit() -> str:
 
 
 def export(checkpoint: Path, out: Path, *, eval_n: int = DEFAULT_EVAL_N, command: str = "") -> dict:
+    import torch
+
     from .evaluate import evaluate, inference_cost
     from .train import load_checkpoint, set_one_core
-
-    import torch
 
     set_one_core(torch)
     net, ckpt = load_checkpoint(checkpoint)
@@ -190,14 +189,14 @@ def export(checkpoint: Path, out: Path, *, eval_n: int = DEFAULT_EVAL_N, command
             "embedding_dim": config["embed_dim"],
             "embedding": EMBEDDING_FILE,
         },
-        "phases": [{"name": p, "space_group": STRUCTURES[p][0], "point_group": POINT_GROUPS[p],
+        "phases": [{"name": p, "space_group": STRUCTURES[p][0], "point_group": point_group(p).name,
                     "description": KNOWN_PHASES[p],
                     "training_master_patterns": [k for n, k, _ in td.TRAIN_SOURCES if n == p]}
                    for p in ckpt["phases"]],
         "input": {
             "name": "patterns", "shape": ["batch", td.WORKING_SHAPE[0] * td.WORKING_SHAPE[1]], "dtype": "float32",
             "working_shape": list(td.WORKING_SHAPE), "trained_frame_shape": list(td.FRAME_SHAPE),
-            "preprocessing": f"liveindex.stream.preprocess.Preprocessor: bin to the working shape (longer side <= "
+            "preprocessing": f"liveindex.models.ebsd.preprocess.Preprocessor: bin to the working shape (longer side <= "
                              f"{MAX_WORKING_SIDE} px), subtract a Gaussian-blurred background (sigma = width/8, truncate 2), then each "
                              "row zero-mean and unit-norm",
         },

@@ -27,14 +27,13 @@ import itertools
 import logging
 
 import numpy as np
+from liveindex.models.ebsd.geometry import DetectorGeometry
+from liveindex.models.ebsd.preprocess import blur_matrix
+from liveindex.models.errors import LiveIndexError
 from onnx import ModelProto, TensorProto, checker, helper, numpy_helper
 from scipy.ndimage import gaussian_filter
 
-from liveindex.stream.errors import LiveIndexError
-from liveindex.stream.geometry import DetectorGeometry
-from liveindex.stream.preprocess import blur_matrix
-
-from .phases import master_pattern
+from .master_patterns import master_pattern
 
 log = logging.getLogger(__name__)
 

@@ -36,16 +36,17 @@ import functools
 import logging
 
 import numpy as np
+from liveindex.models.crystal import quaternion_multiply
+from liveindex.models.ebsd.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build, working_geometry
+from liveindex.models.ebsd.master_patterns import check_phases, point_group
+from liveindex.models.errors import InputError
+from liveindex.models.onnx_runtime import choose_providers
 
-from liveindex.models.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build, working_geometry
-from liveindex.models.phases import check_phases, point_group
-
-from .errors import InputError
 from .geometry import DetectorGeometry
-from .indexer import IndexResult, TemplateIndexer, choose_providers
+from .matcher import TemplateIndexer
 from .preprocess import Preprocessor, StaticBackground
-from .protocol import METHOD_CODE
-from .refiner import Refiner, quaternion_multiply
+from .refiner import Refiner
+from .results import METHOD_CODE, IndexResult
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ NETWORK_PROBE = 32  # patterns the network answers first on a page, to see wheth
 @functools.lru_cache(maxsize=4)
 def load_network(bundle: str | None, providers: str, threads: int):
     """One NetworkModel per bundle and settings in a process (workers index many scans)."""
-    from liveindex.models.network import NetworkModel
+    from liveindex.models.ebsd.network import NetworkModel
 
     model = NetworkModel.load(bundle, providers=providers, threads=threads)
     model.warm_up()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from liveindex.models.crystal import quaternion_multiply
 
 from .geometry import DetectorGeometry
 
@@ -35,15 +36,6 @@ BATCH = 64
 DAMPING = 1e-3  # Levenberg-Marquardt term, relative to the trace of JᵀJ
 
 
-def quaternion_multiply(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    a1, b1, c1, d1 = np.moveaxis(p, -1, 0)
-    a2, b2, c2, d2 = np.moveaxis(q, -1, 0)
-    return np.stack([a1 * a2 - b1 * b2 - c1 * c2 - d1 * d2,
-                     a1 * b2 + b1 * a2 + c1 * d2 - d1 * c2,
-                     a1 * c2 - b1 * d2 + c1 * a2 + d1 * b2,
-                     a1 * d2 + b1 * c2 - c1 * b2 + d1 * a2], -1)
-
-
 def rotation_vector_quaternions(theta: np.ndarray) -> np.ndarray:
     """(..., 3) rotation vectors in radians -> (..., 4) unit quaternions."""
     angle = np.linalg.norm(theta, axis=-1, keepdims=True)
@@ -57,10 +49,8 @@ class Refiner:
     def __init__(self, phase: str, geometry: DetectorGeometry, working_shape, sigma: float, *,
                  providers: list[str], threads: int = 0, iterations: int = ITERATIONS, mask=None):
         import onnxruntime as ort
-
-        from liveindex.models.refinement import build_graph
-
-        from .indexer import session_options
+        from liveindex.models.ebsd.refinement import build_graph
+        from liveindex.models.onnx_runtime import session_options
 
         graph = build_graph(phase, geometry, tuple(working_shape), sigma, mask)
         self.gn_session = ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=providers)

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from liveindex.models.network import NetworkModel, default_bundle_path
-from liveindex.stream.geometry import DEFAULT_PC, DetectorGeometry
+from liveindex.models.ebsd.network import NetworkModel, default_bundle_path
+from liveindex.models.ebsd.geometry import DEFAULT_PC, DetectorGeometry
 
 BUNDLE_SCHEMA = {
     "type": "object",
@@ -78,9 +78,9 @@ def test_predict_shapes_and_conventions(model):
 
 def test_predicts_simulated_patterns(model):
     """Patterns from the project's simulated detector come back as their truth (Ni, moderate noise)."""
-    from liveindex.models.phases import disorientation_degrees
-    from liveindex.stream.preprocess import Preprocessor
-    from liveindex.stream.simulator import SimulatedScan
+    from liveindex.models.ebsd.master_patterns import disorientation_degrees
+    from liveindex.models.ebsd.preprocess import Preprocessor
+    from liveindex.models.ebsd.simulator import SimulatedScan
 
     scan = SimulatedScan((10, 10), noise="moderate", seed=11, grain_size=2.0)
     flat, valid = Preprocessor.for_shape(scan.geometry.pattern_shape)(scan.render(0, scan.size))
@@ -102,12 +102,12 @@ def test_covers_the_trained_geometry_range(model):
 def test_inference_never_imports_torch():
     code = (
         "import sys, numpy as np\n"
-        "from liveindex.models.network import NetworkModel\n"
+        "from liveindex.models.ebsd.network import NetworkModel\n"
         "from liveindex.models import evaluate\n"
         "m = NetworkModel.load(threads=1)\n"
         "x = np.random.default_rng(0).standard_normal((4, m.n_pixels)).astype(np.float32)\n"
         "m.predict(x)\n"
-        "m.covers(__import__('liveindex.stream.geometry', fromlist=['x']).DetectorGeometry())\n"
+        "m.covers(__import__('liveindex.models.ebsd.geometry', fromlist=['x']).DetectorGeometry())\n"
         "print('torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -118,9 +118,9 @@ def test_inference_never_imports_torch():
 def test_the_int8_code_scoring_answers_as_the_float_graph():
     """The CPU graph (int8 code book, best cell by blocks) against the exported float graph,
     on the simulated detector's moderate patterns: same phase, orientation within 0.3 deg."""
-    from liveindex.models.codebook import disorientation_deg
-    from liveindex.stream.preprocess import Preprocessor
-    from liveindex.stream.simulator import SimulatedScan
+    from liveindex.models.ebsd.codebook import disorientation_deg
+    from liveindex.models.ebsd.preprocess import Preprocessor
+    from liveindex.models.ebsd.simulator import SimulatedScan
 
     exact = NetworkModel.load(threads=1, providers="cpu", quantized=False)
     fast = NetworkModel.load(threads=1, providers="cpu")

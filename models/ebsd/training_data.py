@@ -20,10 +20,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
-from liveindex.stream.geometry import DEFAULT_PC, DetectorGeometry
-from liveindex.stream.preprocess import Preprocessor
-from liveindex.stream.simulator import NOISE_LEVELS, _background_shape
+from liveindex.models.ebsd.geometry import DEFAULT_PC, DetectorGeometry
+from liveindex.models.ebsd.preprocess import Preprocessor
+from liveindex.models.ebsd.simulator import NOISE_LEVELS, _background_shape
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def render_clean(n: int, *, seed: int, sources=TRAIN_SOURCES, geometry_range: Ge
     import dask
     from orix.quaternion import Rotation
 
-    from .phases import master_pattern
+    from .master_patterns import master_pattern
 
     rng = np.random.default_rng(seed)
     shares = np.array([s[2] for s in sources], float)

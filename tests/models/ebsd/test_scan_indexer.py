@@ -4,11 +4,11 @@
 import numpy as np
 import pytest
 
-from liveindex.models.phases import disorientation_degrees
-from liveindex.stream.errors import InputError
-from liveindex.stream.geometry import DetectorGeometry
+from liveindex.models.ebsd.master_patterns import disorientation_degrees
+from liveindex.models.errors import InputError
+from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.stream.protocol import METHOD_CODE
-from liveindex.stream.scan_indexer import ScanIndexer
+from liveindex.models.ebsd.indexer import ScanIndexer
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_a_geometry_outside_the_bundle_falls_back_or_is_refused():
 
 @pytest.mark.slow
 def test_hybrid_on_a_geometry_outside_the_bundle_uses_template_matching():
-    from liveindex.stream.simulator import SimulatedScan
+    from liveindex.models.ebsd.simulator import SimulatedScan
 
     scan = SimulatedScan((4, 4), geometry=DetectorGeometry(pattern_shape=(24, 24), pc=(0.45, 0.25, 0.55)),
                          noise="clean", seed=1)
@@ -92,7 +92,7 @@ def test_hybrid_on_a_geometry_outside_the_bundle_uses_template_matching():
 
 
 def test_pages_the_network_cannot_read_go_straight_to_matching_for_a_while(moderate_scan, frames, monkeypatch):
-    import liveindex.stream.scan_indexer as scan_indexer
+    import liveindex.models.ebsd.indexer as scan_indexer
 
     indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, refine=False)
     real_predict, calls = indexer.network.predict, []
@@ -154,9 +154,9 @@ def test_the_projection_centre_is_fitted_on_the_scan():
     refine_pc the PC is found again and the orientations are as good as at the true PC."""
     from dataclasses import replace
 
-    from liveindex.stream.geometry import DEFAULT_PC
+    from liveindex.models.ebsd.geometry import DEFAULT_PC
     from liveindex.stream.offline import index_source
-    from liveindex.stream.simulator import SimulatedScan
+    from liveindex.models.ebsd.simulator import SimulatedScan
     from liveindex.stream.sources import ArraySource
 
     scan = SimulatedScan((20, 20), noise="moderate", seed=4)

@@ -1,0 +1,192 @@
+"""Phases and orientation maths, the same for every modality.
+
+A phase is one record: name, space group, lattice, atoms, and where a modality finds its
+simulation model (a built-in name, a file). It travels on the wire inside ``scan_start``
+as a plain dict, so a sink or a worker on another host rebuilds it without any file. Its
+symmetry comes from orix for every one of the 230 space groups (32 point groups, 11 Laue
+classes).
+
+Quaternions are (w, x, y, z) in the orix convention. The product and the disorientation
+live here once; the runtime (sink, writers) and the modalities use these.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from liveindex.models.errors import InputError
+
+# Phase names become HDF5 group names, .ang header lines and legend text: keep them plain.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+()\- ]{0,63}$")
+
+
+@dataclass(frozen=True)
+class PhaseRecord:
+    """One phase: what the sink needs to write it and a worker to simulate it.
+
+    ``lattice``: a, b, c in angstrom, alpha, beta, gamma in degrees. ``atoms``: (element,
+    x, y, z, occupancy), fractional, every atom of the cell (or the asymmetric unit where
+    the modality expands it). ``source``: how the modality rebuilds its model of the phase,
+    e.g. "builtin:ni"; opaque to the runtime.
+    """
+
+    name: str
+    space_group: int
+    lattice: tuple[float, float, float, float, float, float]
+    atoms: tuple[tuple[str, float, float, float, float], ...] = ()
+    source: str | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise InputError(f"phase name {self.name!r} must be 1-64 letters, digits, spaces or _.+-() "
+                             "starting with a letter or digit; rename it (NAME=path on the command line)")
+        if not isinstance(self.space_group, int) or isinstance(self.space_group, bool) \
+                or not 1 <= self.space_group <= 230:
+            raise InputError(f"phase {self.name}: space group {self.space_group!r} is not a number 1..230")
+        lattice = tuple(float(v) for v in self.lattice)
+        if len(lattice) != 6 or not all(math.isfinite(v) and v > 0 for v in lattice) \
+                or not all(v < 180 for v in lattice[3:]):
+            raise InputError(f"phase {self.name}: lattice {self.lattice!r} must be a, b, c (angstrom) and alpha, "
+                             "beta, gamma (degrees, below 180), all positive")
+        object.__setattr__(self, "lattice", lattice)
+        atoms = []
+        for atom in self.atoms:
+            if len(atom) != 5 or not isinstance(atom[0], str):
+                raise InputError(f"phase {self.name}: atom {atom!r} must be (element, x, y, z, occupancy)")
+            element, *numbers = atom
+            numbers = [float(v) for v in numbers]
+            if not all(math.isfinite(v) for v in numbers):
+                raise InputError(f"phase {self.name}: atom {atom!r} has a non-finite coordinate")
+            atoms.append((element, *numbers))
+        object.__setattr__(self, "atoms", tuple(atoms))
+
+    # -- the wire -------------------------------------------------------------------------
+    def to_wire(self) -> dict:
+        wire = {"name": self.name, "space_group": self.space_group, "lattice": list(self.lattice),
+                "atoms": [list(a) for a in self.atoms], "point_group": self.point_group_name}
+        if self.source is not None:
+            wire["source"] = self.source
+        if self.extra:
+            wire["extra"] = dict(self.extra)
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire) -> "PhaseRecord":
+        """A record from its wire dict; InputError (one line) for anything malformed."""
+        if not isinstance(wire, dict):
+            raise InputError(f"a phase must be a record (name, space_group, lattice, atoms), got {type(wire).__name__}")
+        try:
+            extra = wire.get("extra") or {}
+            if not isinstance(extra, dict):
+                raise TypeError("extra must be a map")
+            return cls(name=wire["name"], space_group=wire["space_group"], lattice=tuple(wire["lattice"]),
+                       atoms=tuple(tuple(a) for a in wire.get("atoms") or ()), source=wire.get("source"),
+                       extra=extra)
+        except InputError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"phase record {str(wire)[:200]} is malformed ({type(exc).__name__}: {exc}); it needs "
+                             "name, space_group, lattice [a, b, c, alpha, beta, gamma]") from None
+
+    # -- symmetry ---------------------------------------------------------------------------
+    @property
+    def point_group(self):
+        """orix point group (proper and improper operations) of the space group."""
+        return point_group_of(self.space_group)
+
+    @property
+    def point_group_name(self) -> str:
+        return self.point_group.name
+
+    @property
+    def laue(self):
+        return self.point_group.laue
+
+    @property
+    def crystal_system(self) -> str:
+        return self.point_group.system
+
+    def orix_phase(self):
+        """orix Phase with the structure (lattice and atoms), for writers and simulation."""
+        from diffpy.structure import Atom, Lattice, Structure
+        from orix.crystal_map import Phase
+
+        structure = Structure(atoms=[Atom(el, (x, y, z), occupancy=occ) for el, x, y, z, occ in self.atoms],
+                              lattice=Lattice(*self.lattice))
+        return Phase(self.name, space_group=self.space_group, structure=structure)
+
+    def describe(self) -> str:
+        a, b, c, al, be, ga = self.lattice
+        return (f"{self.name}: space group {self.space_group}, point group {self.point_group_name}, Laue class "
+                f"{self.laue.name} ({self.crystal_system}), a={a:g} b={b:g} c={c:g} A, "
+                f"alpha={al:g} beta={be:g} gamma={ga:g} deg, {len(self.atoms)} atoms")
+
+
+def phases_from_wire(records) -> list[PhaseRecord]:
+    if not isinstance(records, (list, tuple)) or not records:
+        raise InputError("a scan needs at least one phase record")
+    phases = [PhaseRecord.from_wire(r) for r in records]
+    names = [p.name for p in phases]
+    if len(set(names)) != len(names):
+        raise InputError(f"phase names {names} repeat; give each phase its own name (NAME=path)")
+    return phases
+
+
+@functools.lru_cache(maxsize=256)
+def point_group_of(space_group: int):
+    """The orix point group of a space group number (1..230)."""
+    from orix.quaternion.symmetry import get_point_group
+
+    return get_point_group(int(space_group), proper=False)
+
+
+@functools.lru_cache(maxsize=256)
+def proper_operators(space_group: int) -> np.ndarray:
+    """(S, 4) float64 quaternions of the space group's proper rotations."""
+    return np.asarray(point_group_of(space_group).proper_subgroup.data, np.float64)
+
+
+# -- quaternion maths --------------------------------------------------------------------------
+def quaternion_multiply(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Hamilton product of (..., 4) quaternions, broadcasting."""
+    a1, b1, c1, d1 = np.moveaxis(p, -1, 0)
+    a2, b2, c2, d2 = np.moveaxis(q, -1, 0)
+    return np.stack([a1 * a2 - b1 * b2 - c1 * c2 - d1 * d2,
+                     a1 * b2 + b1 * a2 + c1 * d2 - d1 * c2,
+                     a1 * c2 - b1 * d2 + c1 * a2 + d1 * b2,
+                     a1 * d2 + b1 * c2 - c1 * b2 + d1 * a2], -1)
+
+
+def quaternion_conjugate(q: np.ndarray) -> np.ndarray:
+    return q * np.array([1.0, -1.0, -1.0, -1.0], dtype=np.asarray(q).dtype)
+
+
+def disorientation_degrees(q: np.ndarray, truth: np.ndarray, operators: np.ndarray) -> np.ndarray:
+    """(N, 4) orientations and their (N, 4) truths -> (N,) angles in degrees, reduced by one
+    phase's proper symmetry ``operators`` (S, 4) (crystal symmetry on both sides, as orix's
+    ``Orientation.angle_with``): the smallest rotation taking one to an equivalent of the other.
+    """
+    q = np.asarray(q, np.float64)
+    truth = np.asarray(truth, np.float64)
+    ops = np.asarray(operators, np.float64)
+    # misorientation m = q^-1 * truth; the angle is min over s, s' of angle(s m s'); for the
+    # angle alone min over s of |<q * s, truth>| suffices (s' folds into the dot's abs).
+    equivalents = quaternion_multiply(q[:, None, :], ops[None, :, :])  # (N, S, 4)
+    dots = np.abs(np.einsum("nsk,nk->ns", equivalents, truth)).max(axis=1)
+    return np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))
+
+
+def disorientation_by_phase(q: np.ndarray, truth: np.ndarray, phase_id: np.ndarray,
+                            phases: list[PhaseRecord]) -> np.ndarray:
+    """Each point's disorientation with its own phase's symmetry; NaN where phase_id < 0."""
+    out = np.full(len(q), np.nan, np.float32)
+    for pid, phase in enumerate(phases):
+        mine = np.flatnonzero(phase_id == pid)
+        if len(mine):
+            out[mine] = disorientation_degrees(q[mine], truth[mine], proper_operators(phase.space_group))
+    return out

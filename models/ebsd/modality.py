@@ -1,0 +1,229 @@
+"""EBSD behind the modality contract: options, setup, sources and the per-scan indexer.
+
+The setup is the detector geometry (PC in the Bruker convention, sample and detector tilt,
+binning, pixel size, kV: ``DetectorGeometry.to_wire``). Phases are records whose source
+names a master pattern (``builtin:ni``). A scan's ``ScanIndexer`` (dictionary, matcher,
+network, refiners: seconds to build for a new geometry) is kept for the next scan with the
+same geometry, phases and options; each scan gets its own static background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+
+import numpy as np
+from liveindex.models.crystal import phases_from_wire
+from liveindex.models.errors import InputError
+from liveindex.models.modality import Modality
+
+from .results import FIELDS, METHODS
+
+log = logging.getLogger(__name__)
+
+PC_CONVENTIONS = ("bruker", "tsl", "edax", "oxford", "emsoft")
+KEEP_INDEXERS = 4  # scan indexers (geometry x phases x options) a process keeps
+
+
+class EBSD(Modality):
+    name = "ebsd"
+    description = "EBSD Kikuchi patterns (SEM): dictionary + network + Gauss-Newton refinement on master patterns"
+    fields = FIELDS
+    methods = METHODS
+
+    def __init__(self):
+        self._indexers: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- command line -----------------------------------------------------------------------
+    def add_arguments(self, parser, *, role: str) -> None:
+        if role in ("index", "publish"):
+            parser.add_argument("--pc", nargs=3, metavar=("X", "Y", "Z"), type=float,
+                                help="projection centre; Bruker convention unless --pc-convention says otherwise")
+            parser.add_argument("--pc-convention", default="bruker", choices=list(PC_CONVENTIONS))
+            parser.add_argument("--tilt", type=float, help="sample tilt in degrees (default: the file's, else 70)")
+        if role in ("index", "publish", "demo"):
+            parser.add_argument("--phases", default="ni",
+                                help="comma-separated expected phases (built in: ni, fe, ni3al)")
+        if role in ("publish", "demo"):
+            parser.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"],
+                                help="noise of the simulated detector")
+            parser.add_argument("--seed", type=int, default=0, help="seed of the simulated scan")
+        if role in ("index", "worker", "demo"):
+            parser.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
+        if role in ("index", "worker"):
+            _add_indexing_arguments(parser)
+        if role == "index":
+            parser.add_argument("--refine-pc", action="store_true",
+                                help="fit the projection centre on the scan's first sure points, then index every "
+                                     "point with it (the fitted PC is logged and written to OUT.json)")
+
+    def indexing_options(self, args) -> dict:
+        options = {"resolution": getattr(args, "resolution", 3.0)}
+        if hasattr(args, "min_confidence"):
+            options.update(_indexing_options(args))
+        if getattr(args, "refine_pc", False):
+            options["refine_pc"] = True
+        return options
+
+    def open_source(self, args, *, role: str):
+        from .files import SimulatedSource, load_file
+        from .master_patterns import check_phases
+        from .simulator import SimulatedScan, parse_nav_shape
+
+        phases = check_phases(getattr(args, "phases", "ni").split(","))
+        geometry = _geometry(args)
+        if getattr(args, "file", None):
+            return load_file(args.file, geometry=geometry, phases=phases)
+        try:
+            nav_shape = parse_nav_shape(getattr(args, "simulate", None) or getattr(args, "scan", "40x40"))
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if len(phases) != 1:
+            raise InputError(f"the EBSD simulator renders one phase; name one with --phases (got {phases})")
+        return SimulatedSource(SimulatedScan(nav_shape, noise=getattr(args, "noise", "moderate"),
+                                             seed=getattr(args, "seed", 0), geometry=geometry, phase=phases[0]))
+
+    def add_commands(self, subparsers) -> None:
+        from .cli import add_commands
+
+        add_commands(subparsers)
+
+    # -- a scan -------------------------------------------------------------------------------
+    def check_setup(self, setup: dict, pattern_shape) -> dict:
+        from .geometry import DetectorGeometry
+
+        if not isinstance(setup, dict):
+            raise InputError("the EBSD setup must be a map of the detector geometry (pc, sample_tilt, tilt, ...)")
+        return DetectorGeometry.from_wire(setup).with_shape(pattern_shape).to_wire()
+
+    def describe_setup(self, setup: dict) -> list[tuple[str, str]]:
+        pc = setup.get("pc") or []
+        return [("PC (Bruker)", ", ".join(f"{v:.4f}" for v in pc)),
+                ("sample tilt", f"{setup.get('sample_tilt')}°"), ("detector tilt", f"{setup.get('tilt')}°"),
+                ("binning", str(setup.get("binning"))), ("beam energy", f"{setup.get('energy_kv')} kV")]
+
+    def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1, providers: str = "auto",
+                progress: bool = False, reason: str = "") -> "EBSDPageIndexer":
+        from .geometry import DetectorGeometry
+        from .master_patterns import master_pattern_name
+
+        options = dict(options or {})
+        geometry = DetectorGeometry.from_wire(scan_start["setup"]).with_shape(scan_start["pattern_shape"])
+        names = [master_pattern_name(p) for p in phases_from_wire(scan_start["phases"])]
+        refine_pc = options.pop("refine_pc", False)
+        key = (geometry.cache_key(), tuple(names), _options_key(options), threads, providers, refine_pc)
+        with self._lock:
+            indexer = self._indexers.get(key)
+            if indexer is None:
+                from .indexer import ScanIndexer
+
+                indexer = ScanIndexer(geometry, names, threads=threads, providers=providers, progress=progress,
+                                      reason=reason or f"scan {scan_start.get('scan', '')} has geometry "
+                                                       f"{geometry.cache_key()}", **options)
+                self._indexers[key] = indexer
+                while len(self._indexers) > KEEP_INDEXERS:
+                    self._indexers.popitem(last=False)
+            self._indexers.move_to_end(key)
+        return EBSDPageIndexer(indexer, refine_pc=refine_pc)
+
+
+class EBSDPageIndexer:
+    """One scan's pages: the shared ScanIndexer with the scan's own static background."""
+
+    def __init__(self, indexer, *, refine_pc: bool = False):
+        self.indexer = indexer
+        self.background = indexer.new_background()
+        self.refine_pc = refine_pc
+
+    @property
+    def model_name(self) -> str:
+        return self.indexer.model_name
+
+    def index(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        return self.indexer.index(frames, self.background).fields()
+
+    def calibrate(self, frames: np.ndarray) -> dict | None:
+        """With ``refine_pc``: fit the projection centre on these first frames' sure points and
+        refine every later page at it; returns what the fit found (for OUT.json)."""
+        if not self.refine_pc:
+            return None
+        from .pc_fit import fit_scan_pc
+
+        given = self.indexer.geometry
+        fit = fit_scan_pc(self.indexer, frames)
+        log.info("%s", fit.describe(given))
+        return {"pc_refinement": {"pc": list(fit.geometry.pc), "given_pc": list(given.pc), "points": fit.points,
+                                  "mean_ncc_before": round(fit.ncc_before, 5),
+                                  "mean_ncc_after": round(fit.ncc_after, 5), "convention": "bruker"}}
+
+
+def _options_key(options: dict) -> tuple:
+    """A hashable key of indexing options (arrays by their bytes)."""
+    parts = []
+    for name in sorted(options):
+        value = options[name]
+        if isinstance(value, np.ndarray):
+            value = hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest() + str(value.shape)
+        parts.append((name, value))
+    return tuple(parts)
+
+
+def _geometry(args):
+    """The geometry the user gave (PC, tilt), or None to use the file's own (or the default)."""
+    from .geometry import DetectorGeometry
+
+    pc = getattr(args, "pc", None)
+    tilt = getattr(args, "tilt", None)
+    if pc is None:
+        return None if tilt is None else DetectorGeometry(sample_tilt=tilt)
+    extra = {"sample_tilt": tilt if tilt is not None else 70.0}
+    return DetectorGeometry.from_convention(tuple(float(v) for v in pc), args.pc_convention, **extra)
+
+
+def _add_indexing_arguments(p) -> None:
+    p.add_argument("--no-refine", action="store_true",
+                   help="template matching only (faster, about 1.4 deg median instead of 0.05-0.5 deg)")
+    p.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
+                   help="points with confidence below C (0..1) get phase -1; confidence above 0.5 means right "
+                        "(within 3 deg) at least 99%% of the time (default 0: keep every point)")
+    p.add_argument("--static-background", metavar="FILE.npy",
+                   help="the detector's static background (default: each scan's running mean frame)")
+    p.add_argument("--signal-mask", metavar="FILE.npy",
+                   help="boolean (H, W) array, True where the detector carries pattern (for example the "
+                        "phosphor's circle); pixels outside are ignored everywhere (default: every pixel)")
+    p.add_argument("--indexer", choices=("hybrid", "network", "templates"), default="hybrid",
+                   help="hybrid (default): the network first, template matching where it is unsure or the "
+                        "bundle does not cover the scan; network: the network only; templates: template matching only")
+    p.add_argument("--bundle", metavar="DIR", help="network bundle folder (default: the one shipped in the package)")
+
+
+def _indexing_options(args) -> dict:
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise InputError(f"--min-confidence {args.min_confidence} is outside 0..1; confidence 0.5 is the point "
+                         "above which at least 99% of points are right")
+    background = None
+    if args.static_background:
+        try:
+            background = np.load(args.static_background).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the static background {args.static_background}: {exc}; give a "
+                             ".npy of one (H, W) frame") from None
+        if background.ndim != 2:
+            raise InputError(f"the static background {args.static_background} has shape {background.shape}; "
+                             "give one (H, W) frame")
+    mask = None
+    if args.signal_mask:
+        try:
+            mask = np.load(args.signal_mask)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the signal mask {args.signal_mask}: {exc}; give a .npy of one (H, W) "
+                             "boolean array, True where the pattern is") from None
+        if mask.ndim != 2 or not (mask.dtype == bool or np.isin(mask, (0, 1)).all()):
+            raise InputError(f"the signal mask {args.signal_mask} is {mask.dtype} of shape {mask.shape}; give one "
+                             "(H, W) array of booleans (or 0/1), True where the pattern is")
+        mask = mask.astype(bool)
+    return {"refine": not args.no_refine, "min_confidence": args.min_confidence, "static_background": background,
+            "signal_mask": mask, "indexer": args.indexer, "bundle": args.bundle}

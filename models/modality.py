@@ -1,0 +1,286 @@
+"""The modality contract: what a kind of diffraction pattern provides to the runtime.
+
+The runtime (``liveindex.stream``) moves frames and results and knows no physics. A
+modality (EBSD Kikuchi patterns, TEM spot patterns, ...) is one package under
+``liveindex.models`` with one ``Modality`` object that declares:
+
+- ``name`` and the per-point result ``fields`` it produces, as (name, dtype, shape, fill),
+  like LiberTEM's UDF result buffers: the runtime allocates one map per field, fills it from
+  result pages and writes it;
+- its ``methods``: the labels (and map colours) of what answered a point; ``"none"`` is the
+  label of a point not indexed, and every modality has it;
+- its command-line options (``add_arguments``, ``indexing_options``), its sources for the
+  publisher (``open_source``: the simulator and its file readers);
+- ``check_setup``: its part of ``scan_start`` (EBSD: PC, tilts, kV), carried opaque by the
+  runtime and validated here;
+- ``prepare(scan_start, ...) -> PageIndexer``, whose ``index(frames)`` returns the declared
+  fields for one page. Preprocessing, matching, refinement and rescue stay inside.
+
+Where the fields include ``phase_id`` and ``quaternion`` the runtime makes orientation maps
+of them (IPF colours, disorientation against truth, orix CrystalMap files); other fields go
+to the HDF5 ``prop`` and the npz beside it.
+
+This module imports numpy only: the runtime loads it everywhere, and a modality's heavy
+libraries load inside ``prepare`` and ``open_source``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+from liveindex.models.errors import InputError
+
+from .crystal import PhaseRecord
+
+# Dtypes a frame may have on the wire: 8-32 bit counting detectors and float.
+FRAME_DTYPES = ("uint8", "uint16", "uint32", "float32")
+# Dtypes a result field may have.
+FIELD_DTYPES = ("uint8", "uint16", "int16", "int32", "int64", "float32", "float64")
+NOT_INDEXED = "none"  # the method label of a point nobody indexed
+ORIENTATION_FIELDS = ("phase_id", "quaternion")
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_FIELD_VALUES = 4096  # values per point in one field (an embedding of 4096 is plenty)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One per-point result: ``shape`` is per point (() a scalar, (4,) a quaternion);
+    ``fill`` what a point holds until its result arrives (a scalar, or one value per element)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] = ()
+    fill: Any = 0
+    description: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        if not isinstance(self.name, str) or not _FIELD_NAME.match(self.name) or self.name == "indices":
+            raise InputError(f"result field name {self.name!r} must be lower-case letters, digits and _ "
+                             "(and not 'indices')")
+        if self.dtype not in FIELD_DTYPES:
+            raise InputError(f"result field {self.name}: dtype {self.dtype!r} is not one of {FIELD_DTYPES}")
+        if len(self.shape) > 2 or any(n < 1 for n in self.shape) or int(np.prod(self.shape)) > MAX_FIELD_VALUES:
+            raise InputError(f"result field {self.name}: shape {self.shape} must be (), (n,) or (n, m) with at most "
+                             f"{MAX_FIELD_VALUES} values")
+        fill = np.asarray(self.fill, dtype=self.dtype)
+        if fill.shape not in ((), self.shape):
+            raise InputError(f"result field {self.name}: fill {self.fill!r} must be a scalar or of shape {self.shape}")
+
+    def allocate(self, n: int) -> np.ndarray:
+        """(n, *shape) array holding the fill value."""
+        out = np.empty((n, *self.shape), self.dtype)
+        out[...] = np.asarray(self.fill, self.dtype)
+        return out
+
+    def to_wire(self) -> list:
+        fill = np.asarray(self.fill, self.dtype).tolist()
+        return [self.name, self.dtype, list(self.shape), fill]
+
+    @classmethod
+    def from_wire(cls, wire) -> "Field":
+        if not (isinstance(wire, (list, tuple)) and len(wire) == 4 and isinstance(wire[2], (list, tuple))):
+            raise InputError(f"result field {str(wire)[:100]} must be [name, dtype, shape, fill]")
+        name, dtype, shape, fill = wire
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+            raise InputError(f"result field {name!r}: shape {shape!r} must be integers")
+        try:
+            return cls(name, dtype, tuple(shape), fill)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"result field {name!r} is malformed ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Method:
+    """What answered a point: its label (on the wire and in files as its index) and colour."""
+
+    label: str
+    rgb: tuple[int, int, int]
+    description: str = ""
+
+    def to_wire(self) -> list:
+        return [self.label, list(self.rgb), self.description]
+
+    @classmethod
+    def from_wire(cls, wire) -> "Method":
+        if not (isinstance(wire, (list, tuple)) and len(wire) in (2, 3) and isinstance(wire[0], str)
+                and 0 < len(wire[0]) <= 32 and isinstance(wire[1], (list, tuple)) and len(wire[1]) == 3
+                and all(isinstance(v, int) and 0 <= v <= 255 for v in wire[1])):
+            raise InputError(f"method {str(wire)[:100]} must be [label, [r, g, b], description]")
+        description = wire[2] if len(wire) == 3 and isinstance(wire[2], str) else ""
+        return cls(wire[0], tuple(wire[1]), description[:200])
+
+
+def fields_from_wire(wire) -> tuple[Field, ...]:
+    if not isinstance(wire, (list, tuple)) or not wire:
+        raise InputError("a scan must declare at least one result field")
+    fields = tuple(Field.from_wire(f) for f in wire)
+    names = [f.name for f in fields]
+    if len(set(names)) != len(names):
+        raise InputError(f"result fields {names} repeat a name")
+    return fields
+
+
+def methods_from_wire(wire) -> tuple[Method, ...]:
+    if not isinstance(wire, (list, tuple)) or not 1 <= len(wire) <= 255:
+        raise InputError("a scan must declare 1..255 methods")
+    methods = tuple(Method.from_wire(m) for m in wire)
+    labels = [m.label for m in methods]
+    if NOT_INDEXED not in labels or len(set(labels)) != len(labels):
+        raise InputError(f"methods {labels} must be distinct and include {NOT_INDEXED!r} (not indexed)")
+    return methods
+
+
+def empty_results(fields, n: int) -> dict[str, np.ndarray]:
+    """A page of ``n`` points that nobody indexed: every field at its fill."""
+    return {f.name: f.allocate(n) for f in fields}
+
+
+@runtime_checkable
+class PageIndexer(Protocol):
+    """Indexes the pages of one scan (the modality keeps costly parts, such as a dictionary
+    for a geometry, shared between scans). ``index`` takes (B, H, W) raw frames and returns
+    every declared field as an array of B rows; frames it cannot read come back not indexed
+    (method "none"), never as an exception."""
+
+    model_name: str
+
+    def index(self, frames: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class ScanSource:
+    """Frames for the publisher, and what its ``scan_start`` says about them.
+
+    A modality's simulator and file readers return these; the publisher reads pages by index
+    range, so a page lost with a worker can be read again.
+    """
+
+    modality: "Modality"
+    nav_shape: tuple[int, ...]
+    step: tuple[float, ...]
+    pattern_shape: tuple[int, int]
+    dtype: str
+    setup: dict
+    phases: list[PhaseRecord]
+    truth: dict[str, np.ndarray]  # field name -> (N, *shape) ground truth (simulations)
+    metadata: dict
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.nav_shape))
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def scan_start(self) -> dict:
+        """The ``scan_start`` header fields (all but the scan id and run)."""
+        modality = self.modality
+        return {
+            "modality": modality.name,
+            "nav_shape": list(self.nav_shape),
+            "step": list(self.step),
+            "pattern_shape": list(self.pattern_shape),
+            "dtype": self.dtype,
+            "setup": dict(self.setup),
+            "phases": [p.to_wire() for p in self.phases],
+            "fields": [f.to_wire() for f in modality.fields],
+            "methods": [m.to_wire() for m in modality.methods],
+            "metadata": dict(self.metadata),
+        }
+
+    def truth_arrays(self) -> dict[str, np.ndarray]:
+        """Ground truth as ``truth_<field>`` buffers of the sink's scan_start."""
+        by_name = {f.name: f for f in self.modality.fields}
+        return {f"truth_{name}": np.ascontiguousarray(a, by_name[name].dtype)
+                for name, a in (self.truth or {}).items() if name in by_name}
+
+
+class Modality(ABC):
+    """One kind of diffraction pattern. Subclasses set the class attributes and implement
+    the methods; one instance per process is enough (it may cache models between scans)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    fields: ClassVar[tuple[Field, ...]]
+    methods: ClassVar[tuple[Method, ...]]
+
+    @property
+    def method_codes(self) -> dict[str, int]:
+        return {m.label: code for code, m in enumerate(self.methods)}
+
+    # -- command line -----------------------------------------------------------------------
+    def add_arguments(self, parser, *, role: str) -> None:
+        """Options of this modality for ``role``: "index", "worker", "publish" or "demo"."""
+
+    def indexing_options(self, args) -> dict:
+        """Validated options for ``prepare`` from parsed arguments (index, worker, demo)."""
+        return {}
+
+    def open_source(self, args, *, role: str) -> ScanSource:
+        """The scan to publish or index: ``args.file`` read, else (publish, demo) simulated."""
+        raise InputError(f"modality {self.name} has no sources")
+
+    def add_commands(self, subparsers) -> None:
+        """Extra ``liveindex`` sub-commands (training, export)."""
+
+    # -- a scan -------------------------------------------------------------------------------
+    @abstractmethod
+    def check_setup(self, setup: dict, pattern_shape) -> dict:
+        """The setup of ``scan_start`` validated and normalised; InputError names what is wrong."""
+
+    def describe_setup(self, setup: dict) -> list[tuple[str, str]]:
+        """(label, value) pairs the live page shows for the setup."""
+        return [(str(k), str(v)) for k, v in setup.items()]
+
+    @abstractmethod
+    def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1,
+                providers: str = "auto", progress: bool = False, reason: str = "") -> PageIndexer:
+        """A PageIndexer for the scan; may take seconds (it may build a dictionary)."""
+
+
+# Built-in modalities by name, imported only when a scan names one. Tests (and other
+# packages) add theirs with ``register`` or LIVEINDEX_MODALITIES="name=module:attribute,...";
+# a name a peer sends is only ever looked up here, never imported as a module path.
+BUILTIN = {"ebsd": "liveindex.models.ebsd.modality:EBSD"}
+_registered: dict[str, str] = {}
+_loaded: dict[str, Modality] = {}
+
+
+def register(name: str, target: str) -> None:
+    """Make ``name`` load ``module:attribute`` (a Modality subclass or instance)."""
+    _registered[name] = target
+    _loaded.pop(name, None)
+
+
+def known() -> dict[str, str]:
+    table = dict(BUILTIN)
+    for entry in filter(None, os.environ.get("LIVEINDEX_MODALITIES", "").split(",")):
+        name, _, target = entry.partition("=")
+        if target:
+            table[name.strip()] = target.strip()
+    table.update(_registered)
+    return table
+
+
+def load(name: str) -> Modality:
+    """The modality called ``name`` (one instance per process)."""
+    if name in _loaded:
+        return _loaded[name]
+    table = known()
+    if not isinstance(name, str) or name not in table:
+        raise InputError(f"unknown modality {name!r}; this liveindex has {sorted(table)}")
+    module_name, _, attribute = table[name].partition(":")
+    target = getattr(importlib.import_module(module_name), attribute)
+    modality = target() if isinstance(target, type) else target
+    if not isinstance(modality, Modality) or modality.name != name:
+        raise InputError(f"{table[name]} is not the Modality {name!r}")
+    _loaded[name] = modality
+    return modality
