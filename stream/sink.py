@@ -93,8 +93,8 @@ class Sink:
         # must keep acknowledging pages while a scan starts.
         orientation_map.warm_up()
         self._recover()
-        self.http = (LiveHttpServer(SinkView(self), host=http_host, port=http_port).start()
-                     if http_port is not None else None)
+        self.view = SinkView(self)  # what the live page reads
+        self.http = LiveHttpServer(self.view, host=http_host, port=http_port).start() if http_port is not None else None
         log.info("sink listening on %s, writing to %s", self.endpoint, self.out_dir)
 
     # -- loop ----------------------------------------------------------------------------

@@ -1,28 +1,37 @@
 import logging
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from liveindex.models.ebsd.master_patterns import disorientation_degrees as disorientation  # noqa: F401 (tests import it from here)
-from liveindex.stream.processes import setup_logging
-from liveindex.stream.protocol import METHOD_CODE, encode
+# The runtime's tests run on a tiny modality of their own (tests/fake_modality.py); child
+# processes (the CLI, the demo's parts) inherit this and load it by name too.
+os.environ["LIVEINDEX_MODALITIES"] = "fake=tests.fake_modality:FakeModality"
+
+from liveindex.models.ebsd.master_patterns import disorientation_degrees as disorientation  # noqa: E402,F401
+from liveindex.stream.processes import setup_logging  # noqa: E402
+from liveindex.stream.protocol import encode  # noqa: E402
+
+from .fake_modality import FakeModality, FakeSource  # noqa: E402
 
 setup_logging(logging.INFO)
+FAKE = ("--modality", "fake")
 
 
-def scan_start_message(scan, nav_shape, *, pattern_shape=(60, 60), run=None):
-    """A scan_start as a publisher sends it, for tests that talk to a sink directly."""
-    header = {"scan": scan, "nav_shape": list(nav_shape), "step": [1.0, 1.0], "pattern_shape": list(pattern_shape),
-              "dtype": "uint8", "detector": {"pc": [0.4, 0.2, 0.5]}, "phases": ["ni"], "metadata": {}}
+def scan_start_message(scan, nav_shape, *, run=None, truth=False, seed=0):
+    """A scan_start of the fake modality as a publisher sends it, for tests that talk to a sink
+    directly (with ``truth``: its ground truth, as a simulator sends it)."""
+    source = FakeSource(FakeModality(), nav_shape, seed=seed)
+    header = {"scan": scan, **source.scan_start()}
     if run is not None:
         header["run"] = run
-    return encode("scan_start", header)
+    return encode("scan_start", header, source.truth_arrays() if truth else None)
 
 
-def results_message(indices, scan, *, quaternion=None, phase_id=0, confidence=0.7, first=None):
-    """A results page as a worker sends it (template matching), for the given points."""
+def results_message(indices, scan, *, quaternion=None, phase_id=0, confidence=0.7, first=None, method=0):
+    """A results page of the fake modality as a worker sends it, for the given points."""
     indices = np.asarray(indices, np.int64)
     n = len(indices)
     if quaternion is None:
@@ -32,7 +41,8 @@ def results_message(indices, scan, *, quaternion=None, phase_id=0, confidence=0.
     return encode("results", {"scan": scan, "first": first, "count": n, "worker": "w", "timings": {}},
                   {"indices": indices, "phase_id": np.full(n, phase_id, np.int16),
                    "quaternion": np.asarray(quaternion, np.float32), "confidence": np.full(n, confidence, np.float32),
-                   "method": np.full(n, METHOD_CODE["tm"], np.uint8)})
+                   "method": np.full(n, method, np.uint8), "brightness": np.full(n, 0.5, np.float32),
+                   "embedding": np.zeros((n, 3), np.float32)})
 
 
 def start_cli(*args, **popen_options):

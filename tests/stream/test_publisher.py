@@ -2,13 +2,12 @@
 
 import threading
 
-import numpy as np
 import zmq
 
-from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.stream.protocol import decode, encode
 from liveindex.stream.publisher import Publisher
-from liveindex.stream.sources import ArraySource
+
+from ..fake_modality import FakeModality, FakeSource
 
 
 def test_every_worker_gets_the_scan_start_before_its_first_page():
@@ -26,8 +25,7 @@ def test_every_worker_gets_the_scan_start_before_its_first_page():
         sock.connect(publisher.endpoint)
         sock.send_multipart(encode("credit", {"worker": name, "pages": slots, "done": []}))
         workers[name] = sock
-    frames = np.random.default_rng(0).integers(0, 255, (16, 60, 60), dtype=np.uint8)
-    thread = threading.Thread(target=publisher.run, args=(ArraySource(frames, geometry=DetectorGeometry()),),
+    thread = threading.Thread(target=publisher.run, args=(FakeSource(FakeModality(), (4, 4)),),
                               kwargs={"scan_id": "scan-a"}, daemon=True)
     thread.start()
     try:

@@ -168,7 +168,7 @@ def test_a_finished_scan_tells_its_dispatcher_every_page_is_stored(tmp_path):
         assert dispatcher.poll(10_000)
         assert decode(dispatcher.recv_multipart()).header.get("complete") is True
         # The page no longer shows the dispatcher's last word ("indexing") for a finished scan.
-        assert [w["state"] for w in sink.status()["workers"]] == ["done"]
+        assert [w["state"] for w in sink.view.status()["workers"]] == ["done"]
     finally:
         sink.stop_event.set()
         thread.join(5)
