@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from liveindex.models.errors import InputError, LiveIndexError, ProtocolError
 from liveindex.stream.protocol import HEADER_FIELDS, decode, encode
 from liveindex.stream.sink import Sink
-from liveindex.stream.sources import load_file
+from liveindex.models.ebsd.files import load_file
 
 from ..conftest import results_message, scan_start_message
 
@@ -27,7 +27,7 @@ NAV = (4, 5)
 
 
 def _start(scan="s"):
-    return scan_start_message(scan, NAV, pattern_shape=(8, 8))
+    return scan_start_message(scan, NAV)
 
 
 def _results(indices, scan="s", **options):
@@ -35,7 +35,7 @@ def _results(indices, scan="s", **options):
 
 
 def _valid_messages():
-    patterns = np.zeros((2, 8, 8), np.uint8)
+    patterns = np.zeros((2, 16, 16), np.uint16)
     return [
         _start(),
         _results([0, 1, 2]),
@@ -84,11 +84,20 @@ _values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | 
 @FUZZ
 @given(st.sampled_from([*HEADER_FIELDS, "bogus"]), st.sampled_from([1, 2, 0, "1", None]),
        st.dictionaries(st.sampled_from(["scan", "first", "count", "nav_shape", "pattern_shape", "dtype", "buffers",
-                                        "phases", "status", "frames_sent", "pages", "done", "worker", "timings"]),
+                                        "phases", "status", "frames_sent", "pages", "done", "worker", "timings",
+                                        "modality", "setup", "fields", "methods", "step", "metadata"]),
                        _values, max_size=8))
 def test_decoder_survives_well_formed_msgpack_with_wrong_fields(kind, version, fields):
     header = {"v": version, "kind": kind, **fields}
     _decode_or_protocol_error([msgpack.packb(header, use_bin_type=True)])
+
+
+@FUZZ
+@given(st.sampled_from(["fields", "methods", "phases", "setup", "modality"]), _values)
+def test_a_scan_start_with_fuzzed_declarations_decodes_or_is_refused(key, value):
+    header = {k: v for k, v in decode(_start()).header.items() if k not in ("v", "kind")}
+    header[key] = value
+    _decode_or_protocol_error([msgpack.packb({"v": 2, "kind": "scan_start", **header}, use_bin_type=True)])
 
 
 # -- the sink: the loop survives everything, and still finishes a good scan afterwards -------
@@ -144,7 +153,9 @@ def test_sink_loop_survives_a_stream_of_bad_and_odd_messages(running_sink, items
     sink, sock, thread = running_sink
     scan = f"fuzz-{next(_examples)}"  # a scan of its own, so every example reaches ScanState's checks
     messages = [_start(scan)] + [
-        encode("heartbeat", {"sender": "dispatcher", **item[1]}) if item[0] == "heartbeat" else _bad_message(item, scan)
+        # Heartbeats as raw msgpack: encode() itself refuses some of them (an unsafe scan id).
+        [msgpack.packb({"v": 2, "kind": "heartbeat", "sender": "dispatcher", **item[1], "buffers": []},
+                       use_bin_type=True)] if item[0] == "heartbeat" else _bad_message(item, scan)
         for item in items]
     seen = sink.messages_seen
     for m in messages:
@@ -180,10 +191,13 @@ def test_sink_marks_nan_quaternions_not_indexed(tmp_path):
     state = ScanState(dec(_start()))
     q = np.float32([[np.nan, 0, 0, 0], [1, 0, 0, 0], [0.2, 0.2, 0, 0]])
     state.add(dec(_results([0, 1, 2], quaternion=q)))
-    assert state.phase_id[:3].tolist() == [-1, 0, -1]
+    assert state.maps["phase_id"][:3].tolist() == [-1, 0, -1]
+    assert state.maps["confidence"][:3].tolist() == [0.0, pytest.approx(0.7), 0.0]
     assert state.broken_quaternions == 2
     with pytest.raises(ProtocolError, match="phase ids"):
         state.add(dec(_results([3], phase_id=4)))
+    with pytest.raises(ProtocolError, match="unknown method code"):
+        state.add(dec(_results([3], method=7)))
 
 
 # -- file readers ------------------------------------------------------------------------------

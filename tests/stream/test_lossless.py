@@ -1,4 +1,8 @@
-"""Never lose a frame: real processes on loopback, killed and throttled mid-scan."""
+"""Never lose a frame: real processes on loopback, killed and throttled mid-scan.
+
+The parts run the test modality (tests/fake_modality.py): what is tested is the runtime's,
+and every point's answer is checked against the truth the simulated scan carries.
+"""
 
 import json
 import os
@@ -14,9 +18,8 @@ import pytest
 import zmq
 from orix import io as orix_io
 
-from liveindex.models.ebsd.simulator import SimulatedScan
-
-from ..conftest import results_message, run_cli, start_cli
+from ..conftest import FAKE, results_message, run_cli, start_cli
+from ..fake_modality import FakeModality, FakeSource
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +66,11 @@ class Cluster:
 
     def worker(self, name, *extra):
         return self._keep(start_cli("worker", "--dispatcher", self.disp_addr, "--sink", self.sink_addr, "--name", name,
-                                 *extra))
+                                    *FAKE, *extra))
 
     def publish(self, *extra):
         return self._keep(start_cli("publish", "--bind", self.disp_addr, "--sink", self.sink_addr, "--scan-id", "scan",
-                                 "--worker-timeout", "2", "--store-timeout", "10", *extra))
+                                    "--worker-timeout", "2", "--store-timeout", "10", *FAKE, *extra))
 
     def _keep(self, proc):
         self.procs.append(proc)
@@ -115,7 +118,7 @@ def _finish(sink, publisher, timeout=180):
 def _check_map(out_dir, nav=(40, 40)):
     xmap = orix_io.load(out_dir / "scan.h5")
     assert xmap.shape == nav
-    assert (xmap.phase_id == 0).all(), "every point indexed exactly once into the map"
+    assert (xmap.phase_id >= 0).all(), "every point indexed exactly once into the map"
     return xmap
 
 
@@ -150,22 +153,22 @@ def test_sink_killed_mid_scan_restarts_from_its_journal_and_completes(cluster):
 
 
 def test_workers_slower_than_the_detector_spill_to_disk_and_every_frame_is_indexed(cluster, tmp_path):
-    scan = SimulatedScan((40, 40), noise="moderate", seed=5)
-    patterns = scan.render(0, scan.size)
+    scan = FakeSource(FakeModality(), (40, 40), seed=5)
+    patterns = scan.read(0, scan.size)
     np.save(tmp_path / "scan.npy", patterns.reshape(40, 40, *patterns.shape[1:]))
     page_bytes = 64 * patterns[0].nbytes
     spill = tmp_path / "spill"
     sink = cluster.sink()
-    cluster.worker("w0")  # one worker, about 700 frames/s here, against a 20000 frames/s detector
+    cluster.worker("w0", "--frame-seconds", "0.0014")  # one worker, about 700 frames/s, against 20000 frames/s
     publisher = cluster.publish("--file", tmp_path / "scan.npy", "--rate", "20000", "--page-size", "64",
-                                "--memory-limit", "0.5", "--spill-dir", spill)
+                                "--memory-limit", "0.1", "--spill-dir", spill)
     out, summary, _ = _finish(sink, publisher)
     assert summary["missing"] == 0 and summary["indexed"] == 1600
     line = out.strip().splitlines()[-1]
     spilled = int(line.split(" frames spilled")[0].rsplit(" ", 1)[1])
     peak_mb = float(line.split("peak page memory ")[1].split(" MB")[0])
     assert spilled > 800, line  # most of the scan waited on disk
-    assert peak_mb * 1e6 <= 0.5e6 + page_bytes + 1e5, line  # the memory bound held (MB printed to 0.1)
+    assert peak_mb * 1e6 <= 0.1e6 + page_bytes + 1e5, line  # the memory bound held (MB printed to 0.1)
     _check_map(cluster.out)
 
 
