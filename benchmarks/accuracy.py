@@ -36,21 +36,21 @@ def main() -> int:
     from liveindex.models.ebsd.master_patterns import disorientation_degrees
     from liveindex.stream.offline import index_source
     from liveindex.stream.processes import setup_logging
-    from liveindex.stream.protocol import METHODS
+    from liveindex.models.ebsd.results import METHODS
     from liveindex.models.ebsd.simulator import NOISE_LEVELS, SimulatedScan, parse_nav_shape
-    from liveindex.stream.sources import ArraySource
+    from liveindex.models.ebsd.files import array_source
 
     setup_logging(logging.WARNING)
     print(f"{'noise':9s} {'mode':10s} {'patterns/s':>10s} {'median':>8s} {'p95':>8s} {'<3 deg':>8s}  methods")
     for noise in NOISE_LEVELS:
         scan = SimulatedScan(parse_nav_shape(args.scan), noise=noise, seed=args.seed)
         # Rendered before the clock: the simulator's cost is not the indexer's.
-        source = ArraySource(scan.render(0, scan.size), geometry=scan.geometry, phases=(scan.phase,), name="accuracy")
+        source = array_source(scan.render(0, scan.size), geometry=scan.geometry, phases=(scan.phase,), name="accuracy")
         for mode in modes:
             result, seconds = index_source(source, progress=False, **MODES[mode])
-            err = disorientation_degrees(result.quaternion, scan.truth)
-            counts = np.bincount(result.method, minlength=len(METHODS))
-            used = ", ".join(f"{METHODS[k]} {n}" for k, n in enumerate(counts) if n)
+            err = disorientation_degrees(result["quaternion"], scan.truth)
+            counts = np.bincount(result["method"], minlength=len(METHODS))
+            used = ", ".join(f"{METHODS[k].label} {n}" for k, n in enumerate(counts) if n)
             print(f"{noise:9s} {mode:10s} {scan.size / seconds:10.0f} {np.median(err):7.2f}° "
                   f"{np.percentile(err, 95):7.2f}° {100 * np.mean(err < 3):7.1f}%  {used}", flush=True)
     return 0

@@ -32,8 +32,11 @@ def main() -> int:
     import zmq
     from playwright.sync_api import sync_playwright
 
-    from liveindex.stream.protocol import METHOD_CODE, encode
+    from liveindex.models.ebsd.geometry import DetectorGeometry
+    from liveindex.models.ebsd.master_patterns import phase_record
+    from liveindex.models.ebsd.results import FIELDS, METHOD_CODE, METHODS
     from liveindex.models.ebsd.simulator import parse_nav_shape
+    from liveindex.stream.protocol import encode
     from liveindex.stream.sink import Sink
 
     ny, nx = parse_nav_shape(args.scan)
@@ -42,9 +45,12 @@ def main() -> int:
     threading.Thread(target=sink.run, daemon=True).start()
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(sink.endpoint)
-    sock.send_multipart(encode("scan_start", {"scan": "big", "nav_shape": [ny, nx], "step": [1.0, 1.0],
-                                              "pattern_shape": [60, 60], "dtype": "uint8",
-                                              "detector": {"pc": [0.425, 0.213, 0.501]}, "phases": ["ni"],
+    sock.send_multipart(encode("scan_start", {"scan": "big", "modality": "ebsd", "nav_shape": [ny, nx],
+                                              "step": [1.0, 1.0], "pattern_shape": [60, 60], "dtype": "uint8",
+                                              "setup": DetectorGeometry().to_wire(),
+                                              "phases": [phase_record("ni").to_wire()],
+                                              "fields": [f.to_wire() for f in FIELDS],
+                                              "methods": [m.to_wire() for m in METHODS],
                                               "metadata": {"source": "benchmark"}}))
     rng = np.random.default_rng(0)
     grains = rng.normal(size=(400, 4)).astype(np.float32)
@@ -67,7 +73,8 @@ def main() -> int:
                     {"indices": idx, "phase_id": np.zeros(count, np.int16),
                      "quaternion": grains[grain_of[idx] % len(grains)],
                      "confidence": rng.random(count, np.float32),
-                     "method": np.full(count, METHOD_CODE["tm"], np.uint8), "preview": preview[:count]}))
+                     "method": np.full(count, METHOD_CODE["tm"], np.uint8), "score": np.zeros(count, np.float32),
+                     "preview": preview[:count]}))
                 sent += count
             time.sleep(0.005)
 
@@ -82,7 +89,7 @@ def main() -> int:
               const orig = window.applyMap;
               window.applyMap = u => { const t = performance.now(); orig(u);
                 bench.apply.push(performance.now() - t); bench.t.push(performance.now());
-                bench.bytes.push((u.idx || u.phase).length); };
+                bench.bytes.push((u.idx || u.received).length); };
             };
             document.addEventListener('DOMContentLoaded', wrap);""")
         t_open = time.perf_counter()

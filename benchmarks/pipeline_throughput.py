@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from liveindex.stream.sources import ArraySource
+from liveindex.models.ebsd.files import array_source
 
 
 def main() -> int:
@@ -43,7 +43,7 @@ def main() -> int:
     setup_logging(logging.WARNING)
     scan = SimulatedScan(parse_nav_shape(args.scan), noise=args.noise, seed=7)
     frames = scan.render(0, scan.size)
-    source = ArraySource(frames, geometry=DetectorGeometry(), name="benchmark")
+    source = array_source(frames, geometry=DetectorGeometry(), name="benchmark")
     source.truth = scan.truth  # so the sink scores the pipeline live
     n = scan.size
     print(f"{n} frames of 60x60 uint8, {args.noise} noise, {os.cpu_count()} cores, page size {args.page_size}")
@@ -54,7 +54,7 @@ def main() -> int:
         result, seconds = index_source(source, progress=False)
         bare_times.append(seconds)
     bare = n / min(bare_times)
-    bare_error = float(np.median(disorientation_degrees(result.quaternion, scan.truth)))
+    bare_error = float(np.median(disorientation_degrees(result["quaternion"], scan.truth)))
 
     # Pipeline: publisher -> N workers -> sink, real processes on loopback. Workers are
     # started and warmed before the clock starts; the clock runs from the first page
@@ -94,7 +94,7 @@ def main() -> int:
 
 def _warm(publisher, source) -> None:
     """Index a small scan first so each worker has its session loaded and warm."""
-    warm = ArraySource(source.read(0, 256), geometry=source.geometry, name="warm")
+    warm = array_source(source.read(0, 256), geometry=source.geometry, name="warm")
     publisher.run(warm, scan_id="warm-up")
 
 

@@ -104,12 +104,12 @@ class LiveIndex:
 
     def _run(self, patterns):
         from liveindex.stream.offline import index_source
-        from liveindex.stream.sources import ArraySource
+        from liveindex.models.ebsd.files import array_source
 
-        source = ArraySource(patterns, geometry=self.geometry, phases=("ni",), name="side-by-side")
+        source = array_source(patterns, geometry=self.geometry, phases=("ni",), name="side-by-side")
         result, seconds = index_source(source, progress=False)
-        q = np.asarray(result.quaternion, dtype=np.float64).copy()
-        q[np.asarray(result.phase_id) < 0] = np.nan
+        q = np.asarray(result["quaternion"], dtype=np.float64).copy()
+        q[np.asarray(result["phase_id"]) < 0] = np.nan
         return q, seconds
 
     def index(self, patterns):

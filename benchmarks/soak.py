@@ -34,13 +34,13 @@ def main() -> int:
     from liveindex.stream.publisher import Publisher
     from liveindex.stream.roles import run_sink, run_worker
     from liveindex.models.ebsd.simulator import SimulatedScan
-    from liveindex.stream.sources import ArraySource
+    from liveindex.models.ebsd.files import array_source
 
     setup_logging(logging.WARNING)
     width = 100
     height = max(1, int(args.rate * args.seconds) // width)
     scan = SimulatedScan((height, width), noise="moderate", seed=21)
-    source = ArraySource(scan.render(0, scan.size), geometry=DetectorGeometry(), name="soak")
+    source = array_source(scan.render(0, scan.size), geometry=DetectorGeometry(), name="soak")
     source.truth = scan.truth
     print(f"soak: {scan.size} frames ({width}x{height}) at {args.rate:.0f} frames/s = {scan.size / args.rate:.0f} s, "
           f"{args.workers} workers, one killed with SIGKILL every {args.restart_every:.0f} s, {os.cpu_count()} cores")

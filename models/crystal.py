@@ -105,7 +105,7 @@ class PhaseRecord:
 
     @property
     def laue(self):
-        return self.point_group.laue
+        return laue_of(self.space_group)
 
     @property
     def crystal_system(self) -> str:
@@ -146,6 +146,30 @@ def point_group_of(space_group: int):
 
 
 @functools.lru_cache(maxsize=256)
+def laue_of(space_group: int):
+    """The orix Laue group of a space group, one of the 11 named ones.
+
+    orix's ``Symmetry.laue`` of point group m comes back unnamed (with repeated operations);
+    the named Laue group with the same proper rotations is the same group, and the IPF key
+    and the writers need the named one."""
+    from orix.quaternion import symmetry
+
+    laue = point_group_of(space_group).laue
+    named = [symmetry.Ci, symmetry.C2h, symmetry.D2h, symmetry.C4h, symmetry.D4h, symmetry.S6, symmetry.D3d,
+             symmetry.C6h, symmetry.D6h, symmetry.Th, symmetry.Oh]
+    if laue.name in {g.name for g in named}:
+        return laue
+    rotations = _rotation_set(laue.proper_subgroup.data)
+    return next(g for g in named if _rotation_set(g.proper_subgroup.data) == rotations)
+
+
+def _rotation_set(quaternions: np.ndarray) -> frozenset:
+    q = np.asarray(quaternions, float)
+    q = q * np.where(q[:, :1] < 0, -1, 1)  # q and -q are one rotation
+    return frozenset(tuple(np.round(row, 6) + 0.0) for row in q)
+
+
+@functools.lru_cache(maxsize=256)
 def proper_operators(space_group: int) -> np.ndarray:
     """(S, 4) float64 quaternions of the space group's proper rotations."""
     return np.asarray(point_group_of(space_group).proper_subgroup.data, np.float64)
@@ -168,15 +192,15 @@ def quaternion_conjugate(q: np.ndarray) -> np.ndarray:
 
 def disorientation_degrees(q: np.ndarray, truth: np.ndarray, operators: np.ndarray) -> np.ndarray:
     """(N, 4) orientations and their (N, 4) truths -> (N,) angles in degrees, reduced by one
-    phase's proper symmetry ``operators`` (S, 4) (crystal symmetry on both sides, as orix's
-    ``Orientation.angle_with``): the smallest rotation taking one to an equivalent of the other.
-    """
+    phase's proper symmetry ``operators`` (S, 4), as orix's ``Orientation.angle_with``: the
+    smallest rotation taking one to a symmetry equivalent of the other. In orix's convention
+    the equivalents of an orientation q are s * q (checked against orix in the tests)."""
     q = np.asarray(q, np.float64)
     truth = np.asarray(truth, np.float64)
     ops = np.asarray(operators, np.float64)
-    # misorientation m = q^-1 * truth; the angle is min over s, s' of angle(s m s'); for the
-    # angle alone min over s of |<q * s, truth>| suffices (s' folds into the dot's abs).
-    equivalents = quaternion_multiply(q[:, None, :], ops[None, :, :])  # (N, S, 4)
+    # The angle of s * q against t is 2 acos |<s * q, t>|; crystal symmetry on t's side adds
+    # nothing to the minimum over s (s' * t against s * q is s'^-1 s * q against t).
+    equivalents = quaternion_multiply(ops[None, :, :], q[:, None, :])  # (N, S, 4)
     dots = np.abs(np.einsum("nsk,nk->ns", equivalents, truth)).max(axis=1)
     return np.degrees(2 * np.arccos(np.clip(dots, 0.0, 1.0)))
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import threading
 import webbrowser
 
+from liveindex.models import modality as modalities
 from liveindex.models.modality import ScanSource
 
 from .processes import ChildProcess
@@ -15,22 +17,19 @@ from .roles import run_sink, run_worker
 log = logging.getLogger(__name__)
 
 
-def run_demo(*, source: ScanSource | None = None, nav_shape=(40, 40), noise: str = "moderate", seed: int = 0,
-             workers: int = 2, out_dir="liveindex-demo", http_port: int = 8080, open_browser: bool = True,
+def run_demo(*, source: ScanSource | None = None, modality: str = "ebsd", scan: str = "40x40",
+             settings: dict | None = None, workers: int = 2, out_dir="liveindex-demo", http_port: int = 8080, open_browser: bool = True,
              page_size: int = 64, rate: float | None = None, options: dict | None = None,
              threads_per_worker: int = 1, stop_event: threading.Event | None = None, on_ready=None, on_done=None,
              linger: threading.Event | None = None) -> dict:
-    """Index ``source`` (default: EBSD's simulated Ni polycrystal of ``nav_shape``, ``noise``,
-    ``seed``) with ``workers`` worker processes. ``options`` go to the modality's ``prepare``.
+    """Index ``source`` (default: the ``modality``'s simulated scan of ``scan`` points, width x
+    height, with its demo options as on the command line, ``settings`` overriding them) with
+    ``workers`` worker processes. ``options`` go to the modality's ``prepare``.
     ``on_ready(url)`` is called once every part is up, before the scan starts, and
     ``on_done(summary)`` once the scan is written. With ``linger``, the sink keeps serving
     the finished scan's page until that event is set."""
     if source is None:
-        from liveindex.models.ebsd.files import SimulatedSource
-        from liveindex.models.ebsd.simulator import SimulatedScan
-
-        log.info("simulating a %dx%d Ni polycrystal at %s noise", nav_shape[1], nav_shape[0], noise)
-        source = SimulatedSource(SimulatedScan(nav_shape, noise=noise, seed=seed))
+        source = simulated_source(modality, scan, settings or {})
     modality = source.modality
     options = options or {}
     # Prepare the scan's indexer here once (it builds or finds the dictionary, code book...),
@@ -75,3 +74,14 @@ def run_demo(*, source: ScanSource | None = None, nav_shape=(40, 40), noise: str
             publisher.close()
         for child in children:
             child.terminate()
+
+
+def simulated_source(modality: str, scan: str, settings: dict) -> ScanSource:
+    """The modality's simulator with its demo defaults (as the command line has them)."""
+    chosen = modalities.load(modality)
+    parser = argparse.ArgumentParser()
+    chosen.add_arguments(parser, role="demo")
+    args = parser.parse_args([])
+    vars(args).update(scan=scan, file=None, **settings)
+    log.info("simulating a %s %s scan (%s)", scan, modality, ", ".join(f"{k} {v}" for k, v in settings.items()))
+    return chosen.open_source(args, role="demo")

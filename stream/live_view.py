@@ -75,8 +75,9 @@ def map_update(state: ScanState, since: int) -> tuple[dict | None, int]:
             full = len(idx) > state.size // 4  # cheaper to send the dense map
         if full:
             idx = slice(None)
-        update = {"scan": state.scan, "nav": list(state.nav_shape), "full": full,
-                  "layers": {m["name"]: _b64(_layer(state, m["name"], idx)) for m in live_maps(state)}}
+        maps = live_maps(state)
+        update = {"scan": state.scan, "nav": list(state.nav_shape), "full": full, "maps": maps,
+                  "layers": {m["name"]: _b64(_layer(state, m["name"], idx)) for m in maps}}
         if full:
             update["received"] = _b64(state.received.astype(np.uint8))
         else:

@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from liveindex.models.crystal import PhaseRecord, disorientation_by_phase, point_group_of
+from liveindex.models.crystal import PhaseRecord, disorientation_by_phase, laue_of, point_group_of
 
 PHASE_COLOURS = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189]], np.uint8)
 # Fields that make the orientation itself; every other scalar field goes to the CrystalMap's prop.
@@ -55,7 +55,7 @@ def _ipf_key(space_group: int):
     from orix.plot import IPFColorKeyTSL
     from orix.vector import Vector3d
 
-    return IPFColorKeyTSL(point_group_of(space_group).laue, direction=Vector3d.zvector())
+    return IPFColorKeyTSL(laue_of(space_group), direction=Vector3d.zvector())
 
 
 def phase_rgb(phase_id: np.ndarray) -> np.ndarray:

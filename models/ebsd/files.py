@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from liveindex.models import modality as modalities
 from liveindex.models.arrays import ArraySource, check_pattern_array
 from liveindex.models.crystal import PhaseRecord
 from liveindex.models.errors import InputError
@@ -26,9 +27,7 @@ class SimulatedSource(ScanSource):
     """The simulated detector (simulator.py) as a publisher source; truth in ``truth``."""
 
     def __init__(self, scan: SimulatedScan):
-        from .modality import EBSD
-
-        self.modality = EBSD()
+        self.modality = modalities.load("ebsd")
         self.scan = scan
         self.nav_shape = scan.nav_shape
         self.step = (1.0, 1.0)
@@ -48,11 +47,9 @@ class SimulatedSource(ScanSource):
 def array_source(patterns, *, geometry: DetectorGeometry, phases=("ni",), step=(1.0, 1.0), name: str = "array",
                  metadata: dict | None = None) -> ArraySource:
     """An EBSD scan held in an array, with its detector geometry (its pattern shape is the array's)."""
-    from .modality import EBSD
-
     check_pattern_array(patterns, name)
     geometry = geometry.with_shape(patterns.shape[-2:])
-    source = ArraySource(patterns, modality=EBSD(), setup=geometry.to_wire(), phases=phase_records(phases),
+    source = ArraySource(patterns, modality=modalities.load("ebsd"), setup=geometry.to_wire(), phases=phase_records(phases),
                          step=step, name=name, metadata=metadata)
     source.geometry = geometry
     return source

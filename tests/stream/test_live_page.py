@@ -31,7 +31,7 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path)
 
     def demo():
         try:
-            outcome["summary"] = run_demo(nav_shape=(40, 30), workers=2, noise="moderate", out_dir=tmp_path,
+            outcome["summary"] = run_demo(scan="30x40", settings={"noise": "moderate"}, workers=2, out_dir=tmp_path,
                                           http_port=0, open_browser=False, rate=250, page_size=16,
                                           on_ready=lambda url: (outcome.update(url=url), ready.set(),
                                                                 page_open.wait(120)),

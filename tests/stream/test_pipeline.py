@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_publisher_two_workers_sink_complete_map_and_accurate(tmp_path):
-    summary = run_demo(nav_shape=(40, 40), workers=2, noise="moderate", out_dir=tmp_path, http_port=0,
+    summary = run_demo(scan="40x40", settings={"noise": "moderate"}, workers=2, out_dir=tmp_path, http_port=0,
                        open_browser=False)
     assert summary["missing"] == 0 and summary["points"] == 1600
     assert summary["median_error_deg"] < 2.5

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from liveindex.models import codebook as cb
+from liveindex.models.ebsd import codebook as cb
 from liveindex.models.ebsd.training_data import random_rotations
 
 

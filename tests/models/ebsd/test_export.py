@@ -7,7 +7,7 @@ import numpy as np
 
 from liveindex.models.ebsd.network import default_bundle_path
 
-from ..conftest import run_cli
+from ...conftest import run_cli
 
 
 def test_torch_and_onnx_runtime_agree(tmp_path):
@@ -15,7 +15,7 @@ def test_torch_and_onnx_runtime_agree(tmp_path):
     for the shipped bundle's weights and for a fresh network with non-trivial batch-norm statistics."""
     import torch
 
-    from liveindex.models import training_data as td
+    from liveindex.models.ebsd import training_data as td
     from liveindex.models.ebsd.export import PARITY_ATOL, dummy_codebook, export_onnx, parity
     from liveindex.models.ebsd.network import NetworkModel
     from liveindex.models.ebsd.train import build_inference_model, build_network

@@ -103,7 +103,7 @@ def test_inference_never_imports_torch():
     code = (
         "import sys, numpy as np\n"
         "from liveindex.models.ebsd.network import NetworkModel\n"
-        "from liveindex.models import evaluate\n"
+        "from liveindex.models.ebsd import evaluate\n"
         "m = NetworkModel.load(threads=1)\n"
         "x = np.random.default_rng(0).standard_normal((4, m.n_pixels)).astype(np.float32)\n"
         "m.predict(x)\n"

@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from liveindex.models import refinement
+from liveindex.models.ebsd import refinement
 from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.models.ebsd.preprocess import Preprocessor
 from liveindex.models.ebsd.refiner import SYSTEM, Refiner, quaternion_multiply, rotation_vector_quaternions
