@@ -30,7 +30,7 @@ import importlib
 import os
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -57,10 +57,12 @@ class Field:
     dtype: str
     shape: tuple[int, ...] = ()
     fill: Any = 0
-    description: str = ""
+    description: str = field(default="", compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        if isinstance(self.fill, (list, tuple)):
+            object.__setattr__(self, "fill", tuple(self.fill))
         if not isinstance(self.name, str) or not _FIELD_NAME.match(self.name) or self.name == "indices":
             raise InputError(f"result field name {self.name!r} must be lower-case letters, digits and _ "
                              "(and not 'indices')")
@@ -104,7 +106,7 @@ class Method:
 
     label: str
     rgb: tuple[int, int, int]
-    description: str = ""
+    description: str = field(default="", compare=False)
 
     def to_wire(self) -> list:
         return [self.label, list(self.rgb), self.description]

@@ -18,7 +18,7 @@ def frames(moderate_scan):
 
 def methods(result) -> dict:
     names = {code: name for name, code in METHOD_CODE.items()}
-    return {names[c]: int(n) for c, n in zip(*np.unique(result["method"], return_counts=True))}
+    return {names[c]: int(n) for c, n in zip(*np.unique(result.method, return_counts=True))}
 
 
 def test_hybrid_answers_with_the_network_and_refines(moderate_scan, frames):
@@ -26,12 +26,12 @@ def test_hybrid_answers_with_the_network_and_refines(moderate_scan, frames):
     assert indexer.mode == "hybrid" and indexer.network is not None
     assert "network" in indexer.model_name and "template matching" in indexer.model_name
     result = indexer.index(frames)
-    err = disorientation_degrees(result["quaternion"], moderate_scan.truth)
+    err = disorientation_degrees(result.quaternion, moderate_scan.truth)
     assert np.median(err) < 0.3 and np.mean(err < 3) >= 0.99
     used = methods(result)
     assert used.get("nn+refined", 0) >= 0.9 * len(frames), used  # the network answers most frames
     assert set(used) <= {"nn+refined", "tm+refined"}
-    assert (result["phase_id"] == 0).all()
+    assert (result.phase_id == 0).all()
 
 
 def test_a_bad_network_start_falls_back_to_template_matching(moderate_scan, frames, monkeypatch):
@@ -51,7 +51,7 @@ def test_a_bad_network_start_falls_back_to_template_matching(moderate_scan, fram
     result = indexer.index(frames)
     used = methods(result)
     assert used.get("tm+refined", 0) >= 0.4 * len(frames), used
-    err = disorientation_degrees(result["quaternion"], moderate_scan.truth)
+    err = disorientation_degrees(result.quaternion, moderate_scan.truth)
     assert np.mean(err < 3) >= 0.99
 
 
@@ -60,8 +60,8 @@ def test_network_only_without_refinement(moderate_scan, frames):
     assert not indexer.indexers  # no dictionary loaded
     result = indexer.index(frames)
     assert methods(result) == {"nn": len(frames)}
-    assert np.median(disorientation_degrees(result["quaternion"], moderate_scan.truth)) <= 2.0
-    assert ((result["confidence"] >= 0) & (result["confidence"] <= 1)).all()
+    assert np.median(disorientation_degrees(result.quaternion, moderate_scan.truth)) <= 2.0
+    assert ((result.confidence >= 0) & (result.confidence <= 1)).all()
 
 
 def test_templates_only(moderate_scan, frames):
@@ -125,7 +125,7 @@ def test_points_no_start_fits_are_rescued_from_their_page(moderate_scan, frames,
     monkeypatch.setattr(matcher, "match", random_for_half)
     page = slice(0, 100)
     result = indexer.index(frames[page])
-    err = disorientation_degrees(result["quaternion"], moderate_scan.truth[page])
+    err = disorientation_degrees(result.quaternion, moderate_scan.truth[page])
     assert np.mean(err[::2] < 3) >= 0.95, np.sort(err[::2])[-10:]
 
 
@@ -140,7 +140,7 @@ def test_a_signal_mask_keeps_what_lies_outside_it_out(moderate_scan, frames):
     indexer = ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, signal_mask=circle)
     assert indexer.mode == "templates" and indexer.network is None
     result = indexer.index(junk)
-    err = disorientation_degrees(result["quaternion"], moderate_scan.truth)
+    err = disorientation_degrees(result.quaternion, moderate_scan.truth)
     # 0.28 deg: the circle keeps 73% of the pixels (0.18 deg on whole clean-edged frames);
     # without the mask the same frames give 2.2 deg and 52% within 3 deg.
     assert np.median(err) < 0.4 and np.mean(err < 3) >= 0.99
