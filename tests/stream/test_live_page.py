@@ -20,8 +20,20 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("LIVEINDEX_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 
 
+# The page knows no modality: the runtime's test modality (a cubic and a hexagonal phase, an
+# extra scalar and a vector field) and EBSD end to end, each with what its click must show.
+CASES = {
+    "ebsd": {"settings": {"noise": "moderate"}, "words": ("ni", "confidence", "Euler", "PC (Bruker)"), "preview": 30,
+             "maps": ["ipf", "phase", "confidence", "method"]},
+    "fake": {"settings": {}, "words": ("confidence", "Euler", "brightness", "gain"), "preview": 16,
+             "maps": ["ipf", "phase", "confidence", "method"]},
+}
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: apt-get install chromium")
-def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path):
+@pytest.mark.parametrize("modality", sorted(CASES))
+def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path, modality):
+    case = CASES[modality]
     from playwright.sync_api import sync_playwright
 
     ready = threading.Event()
@@ -31,7 +43,7 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path)
 
     def demo():
         try:
-            outcome["summary"] = run_demo(scan="30x40", settings={"noise": "moderate"}, workers=2, out_dir=tmp_path,
+            outcome["summary"] = run_demo(modality=modality, scan="30x40", settings=case["settings"], workers=2, out_dir=tmp_path,
                                           http_port=0, open_browser=False, rate=250, page_size=16,
                                           on_ready=lambda url: (outcome.update(url=url), ready.set(),
                                                                 page_open.wait(120)),
@@ -70,14 +82,16 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path)
             box = page.locator("#map-ipf").bounding_box()
             page.mouse.click(box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.35)
             page.wait_for_function("document.body.dataset.selected !== undefined", timeout=10_000)
-            details = page.inner_text("#details-list")
-            assert "ni" in details and "confidence" in details and "Euler" in details
+            details = page.inner_text("#details-list") + page.inner_text("#meta")
+            assert all(word in details for word in case["words"]), details
+            assert page.evaluate("[...document.querySelectorAll('canvas[data-map]')].map(c => c.dataset.map)") \
+                == case["maps"]
             page.wait_for_function("document.getElementById('pattern').naturalWidth > 0", timeout=10_000)
-            assert page.evaluate("document.getElementById('pattern').naturalWidth") == 30
+            assert page.evaluate("document.getElementById('pattern').naturalWidth") == case["preview"]
             assert page.locator("#downloads a").count() >= 5
             assert page.evaluate("document.getElementById('ipf-key').naturalWidth") > 50
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "live-page.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"live-page-{modality}.png"), full_page=True)
             browser.close()
     finally:
         page_open.set()
