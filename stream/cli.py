@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from liveindex.models.errors import InputError, LiveIndexError
+from liveindex.models.errors import LiveIndexError
 
 log = logging.getLogger("liveindex")
 

@@ -28,6 +28,7 @@ from .journal import Journal, replay
 from .live_view import SinkView
 from .metrics import SinkMetrics
 from .protocol import Message, encode, without
+from .scan_book import ScanRecord
 from .scan_state import ScanState
 from .security import stop_authenticator
 from .transport import Receiver, bound_endpoint, open_socket
@@ -67,22 +68,11 @@ class Sink:
         self.metrics = SinkMetrics()
         self.metrics_registry = self.metrics.registry
         self.receiver = Receiver(self.metrics.bad_messages, role="sink")
-        self.scans: dict[str, ScanState] = {}
-        self.current: ScanState | None = None
-        self.orphans: collections.defaultdict[str, list[tuple[Message, list]]] = collections.defaultdict(list)
-        self.journals: dict[str, Journal] = {}
-        self.dispatchers: dict[str, bytes] = {}  # scan -> routing id of the dispatcher publishing it
-        self.acks: collections.defaultdict[str, list[int]] = collections.defaultdict(list)  # stored, not yet told
-        # Scans finished with every point in, not yet told: "stored ... complete" releases every
-        # page the dispatcher still holds, so one acknowledgement lost at the end of a scan
-        # (or a page re-sent after it) cannot keep a publisher waiting on a sink that is done.
-        self.completed: set[str] = set()
-        self.done_scans: dict[str, str | None] = {}  # scan -> run, finished before this process started
+        self.book: dict[str, ScanRecord] = {}  # scan id -> everything held for it
+        self.current: ScanState | None = None  # the scan the live page shows
         self._journal_error_logged = False
         self._last_sync = time.monotonic()
-        self.unjournaled: collections.defaultdict[str, set[int]] = collections.defaultdict(set)  # pages to write
         self.messages_seen = 0
-        self.deadlines: dict[str, float] = {}
         self.dispatcher_status: dict = {}
         self.dispatcher_heard = 0.0  # monotonic time of the last dispatcher heartbeat
         self.finished: list[dict] = []
@@ -123,13 +113,13 @@ class Sink:
                     break
                 if self.socket.poll(50):
                     self._drain()
-            if any(self.acks.values()) or self.completed:
+            untold = sorted(scan for scan, record in self.book.items() if record.owes_word)
+            if untold:
                 log.warning("stopping with acknowledgements untold for scans %s; their publisher re-sends those "
-                            "pages to the next sink, which has the journal", sorted(set(self.acks) | self.completed))
+                            "pages to the next sink, which has the journal", untold)
             self.socket.close(linger=2000)
-            for journal in self.journals.values():
-                journal.close()
-            self.journals.clear()
+            for record in self.book.values():
+                record.close_journal()
             if self._own_context:
                 stop_authenticator(self.context)
                 self.context.term()  # waits (up to the linger) until queued messages are out
@@ -138,6 +128,17 @@ class Sink:
     def close(self) -> None:
         if self.http is not None:
             self.http.stop()
+
+    @property
+    def scans(self) -> dict[str, ScanState]:
+        """The maps held, by scan id (running scans and the last finished one)."""
+        return {scan: record.state for scan, record in self.book.items() if record.state is not None}
+
+    def _record(self, scan: str) -> ScanRecord:
+        record = self.book.get(scan)
+        if record is None:
+            record = self.book[scan] = ScanRecord(scan)
+        return record
 
     # -- persistence ------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -148,28 +149,31 @@ class Sink:
             scan = path.name[: -len(JOURNAL_SUFFIX)]
             summary_path = self.out_dir / f"{scan}.json"
             if summary_path.exists():
+                record = self._record(scan)
+                record.done = True
                 try:
-                    self.done_scans[scan] = json.loads(summary_path.read_text()).get("run")
-                except (OSError, ValueError):
-                    self.done_scans[scan] = None
+                    record.run = json.loads(summary_path.read_text()).get("run")
+                except (OSError, ValueError, AttributeError):
+                    record.run = None
                 continue
             replayed = sum(self._accept(frames) for frames in replay(path))
-            state = self.scans.get(scan)
+            record = self.book.get(scan)
+            state = record.state if record is not None else None
             if state is None:
                 log.warning("journal %s holds no scan_start; ignoring it", path)
                 continue
             if not state.finished:
-                self.journals[scan] = Journal(path, append=True)
+                record.journal = Journal(path, append=True)
             log.info("recovered scan %s from its journal: %d of %d points (%d messages)", scan, state.n_received,
                      state.size, replayed)
             if state.end is not None and not state.finished:
-                self.deadlines[scan] = time.monotonic() + self.finish_timeout
+                record.deadline = time.monotonic() + self.finish_timeout
 
-    def _journal(self, scan: str, raw: list | None) -> bool:
+    def _journal(self, record: ScanRecord, raw: list | None) -> bool:
         """Append an accepted message to its scan's journal; False if the disk refused it."""
         if raw is None:  # replaying
             return True
-        journal = self.journals.get(scan)
+        journal = record.journal
         if journal is None:
             return False
         try:
@@ -188,35 +192,34 @@ class Sink:
         now = time.monotonic()
         if now - self._last_sync > SYNC_SECONDS:
             self._last_sync = now
-            for journal in self.journals.values():
-                try:
-                    journal.sync()
-                except OSError:
-                    pass  # reported by the next append
+            for record in self.book.values():
+                if record.journal is not None:
+                    try:
+                        record.journal.sync()
+                    except OSError:
+                        pass  # reported by the next append
 
     def _send_acks(self) -> bool:
         """Tell dispatchers what is stored; True if nothing is left to tell."""
-        for scan in set(self.acks) | self.completed:
-            pages, complete = self.acks.get(scan, []), scan in self.completed
-            identity = self.dispatchers.get(scan)
-            if identity is None or not (pages or complete):
+        for scan, record in self.book.items():
+            if not record.owes_word or record.dispatcher is None:
                 continue
-            state = self.scans.get(scan)
-            run = state.header.get("run") if state is not None else self.done_scans.get(scan)
+            pages, complete = record.acks, record.complete_untold
+            run = record.state.spec.run if record.state is not None else record.run
             header = {"scan": scan, "run": run, "pages": pages, **({"complete": True} if complete else {})}
             try:
-                self.socket.send_multipart([identity, *encode("stored", header)], flags=zmq.NOBLOCK)
+                self.socket.send_multipart([record.dispatcher, *encode("stored", header)], flags=zmq.NOBLOCK)
             except zmq.Again:  # that dispatcher's queue is full: it is there, so try again later
                 log.debug("the dispatcher of scan %s is busy; acknowledgements wait", scan)
                 continue
             except zmq.ZMQError as exc:  # that dispatcher is gone; keep them for the next one to say hello
                 log.info("the dispatcher of scan %s is unreachable (%s); acknowledgements wait for it", scan, exc)
-                self.dispatchers.pop(scan, None)
+                record.dispatcher = None
                 continue
             log.debug("told the dispatcher of scan %s: pages %s stored%s", scan, pages, ", scan complete" * complete)
-            self.acks.pop(scan, None)
-            self.completed.discard(scan)
-        return not any(self.acks.values()) and not self.completed
+            record.acks = []
+            record.complete_untold = False
+        return not any(record.owes_word for record in self.book.values())
 
     def _drain(self) -> None:
         for _ in range(1000):  # bounded so deadlines and stop are checked under load
@@ -246,97 +249,116 @@ class Sink:
     def _handle(self, message: Message, identity: bytes | None, raw: list | None) -> None:
         """``identity`` and ``raw`` are None when replaying a journal."""
         kind, header = message.kind, message.header
-        scan = header.get("scan")
-        if kind in ("scan_start", "scan_end", "heartbeat") and identity is not None and isinstance(scan, str):
-            self.dispatchers[scan] = identity  # where this scan's acknowledgements go
-        if kind == "scan_start" and scan in self.done_scans and header.get("run") != self.done_scans[scan]:
-            log.info("scan %s starts again as a new run; its earlier outputs will be replaced", scan)
-            del self.done_scans[scan]
-        if scan in self.done_scans:  # finished by an earlier sink: acknowledge, change nothing
-            if kind == "results":
-                self.acks[scan].append(header["first"])
+        if kind == "heartbeat":
+            self._heartbeat(header, identity)
             return
-        if kind == "scan_start":
-            self._start(message, raw)
-        elif kind == "results":
-            state = self.scans.get(scan)
-            if state is None:
-                if sum(len(v) for v in self.orphans.values()) >= MAX_ORPHAN_PAGES:
-                    raise ProtocolError("results for a scan that never started (orphan buffer full)", header)
-                self.orphans[scan].append((message, raw))
-            else:
-                self._add(state, message, raw)
-        elif kind == "scan_end":
-            state = self.scans.get(scan)
-            if state is None:
-                raise ProtocolError("scan_end for a scan the sink never saw start", header)
-            if state.end is None and not state.finished:
-                self._journal(scan, raw)
-            state.end = header
-            if state.complete:
-                self._finish(state)
-            elif not state.finished:
-                self.deadlines[state.scan] = time.monotonic() + self.finish_timeout
-                log.info("scan %s ended (%s) with %d of %d points in; waiting up to %.0f s for the rest",
-                         state.scan, header["status"], state.n_received, state.size, self.finish_timeout)
-        elif kind == "heartbeat":
-            if header.get("sender") == "dispatcher":
-                self.dispatcher_status = header
-                self.dispatcher_heard = time.monotonic()
-                self.metrics.queue_depth.set(header.get("queue_depth", 0))
-                self.metrics.workers_up.set(len(header.get("workers", [])))
-                self.metrics.backlog.set(header.get("backlog_frames", 0))
-                self.metrics.backlog_spilled.set(header.get("spilled_frames", 0))
-                self.metrics.frames_dropped.set(header.get("dropped_frames", 0))
-                finished = self.scans.get(header.get("scan"))
-                if finished is not None and finished.finished and finished.complete:
-                    # Its dispatcher still publishes a scan we have whole: say so again, in case
-                    # the first "complete" went astray (it waits on every page's acknowledgement).
-                    self.completed.add(finished.scan)
-        else:
+        if kind not in ("scan_start", "results", "scan_end"):
             raise ProtocolError(f"the sink does not take {kind!r} messages", header)
+        scan = header["scan"]
+        if kind == "results" and scan not in self.book and self._orphan_pages() >= MAX_ORPHAN_PAGES:
+            raise ProtocolError("results for a scan that never started (orphan buffer full)", header)
+        record = self._record(scan)
+        if kind in ("scan_start", "scan_end") and identity is not None:
+            record.dispatcher = identity  # where this scan's acknowledgements go
+        if record.done and record.state is None:  # finished by an earlier sink: acknowledge, change nothing
+            if kind == "scan_start" and header.get("run") != record.run:
+                log.info("scan %s starts again as a new run; its earlier outputs will be replaced", scan)
+                record.done = False
+            else:
+                if kind == "results":
+                    record.acks.append(header["first"])
+                return
+        if kind == "scan_start":
+            self._start(record, message, raw)
+        elif kind == "results":
+            if record.state is None:
+                record.orphans.append((message, raw))
+            else:
+                self._add(record, message, raw)
+        else:
+            self._end(record, message, raw)
 
-    def _start(self, message: Message, raw: list | None) -> None:
-        scan = message.header["scan"]
-        if scan in self.scans and self.scans[scan].header.get("run") == message.header.get("run"):
+    def _orphan_pages(self) -> int:
+        return sum(len(record.orphans) for record in self.book.values())
+
+    def _heartbeat(self, header: dict, identity: bytes | None) -> None:
+        if header.get("sender") != "dispatcher":
+            return
+        self.dispatcher_status = header
+        self.dispatcher_heard = time.monotonic()
+        self.metrics.queue_depth.set(header.get("queue_depth", 0))
+        self.metrics.workers_up.set(len(header.get("workers", [])))
+        self.metrics.backlog.set(header.get("backlog_frames", 0))
+        self.metrics.backlog_spilled.set(header.get("spilled_frames", 0))
+        self.metrics.frames_dropped.set(header.get("dropped_frames", 0))
+        record = self.book.get(header.get("scan")) if isinstance(header.get("scan"), str) else None
+        if record is None:
+            return
+        if identity is not None:
+            record.dispatcher = identity
+        if record.state is not None and record.state.finished and record.state.complete:
+            # Its dispatcher still publishes a scan we have whole: say so again, in case the
+            # first "complete" went astray (it waits on every page's acknowledgement).
+            record.complete_untold = True
+
+    def _start(self, record: ScanRecord, message: Message, raw: list | None) -> None:
+        scan, run = record.scan, message.header.get("run")
+        if record.state is not None and record.state.spec.run == run:
             log.info("scan %s started again; keeping the results already in", scan)
             return
-        if scan in self.scans or (self.out_dir / f"{scan}.json").exists():
+        if record.state is not None or (self.out_dir / f"{scan}.json").exists():
             log.info("scan %s starts again as a new run; starting a new map", scan)
             # Nothing of the old run may answer for the new one: its pending acknowledgements,
-            # early results, and the summary that marks it finished on restart.
-            self.acks.pop(scan, None)
-            self.orphans.pop(scan, None)
-            self.unjournaled.pop(scan, None)
+            # early results of another run, and the summary that marks it finished on restart.
             (self.out_dir / f"{scan}.json").unlink(missing_ok=True)
-            self.deadlines.pop(scan, None)
-            old = self.journals.pop(scan, None)
-            if old is not None:
-                old.close()
-        state = self.scans[scan] = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy")
+            record.close_journal()
+            orphans = [(m, r) for m, r in record.orphans if m.header.get("run") in (None, run)]
+            dispatcher = record.dispatcher
+            record = self.book[scan] = ScanRecord(scan, dispatcher=dispatcher, orphans=orphans)
+        state = record.state = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy")
+        record.run = run
         self.current = state
         for method in state.spec.methods:  # every label exported from the start: dashboards see zeros, not gaps
             self.metrics.frames_by_method.labels(method.label)
         if raw is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.journals[scan] = Journal(self.out_dir / f"{scan}{JOURNAL_SUFFIX}")
-            self._journal(scan, raw)
+            record.journal = Journal(self.out_dir / f"{scan}{JOURNAL_SUFFIX}")
+            self._journal(record, raw)
         log.info("scan %s started (%s): %s points, phases %s", scan, state.spec.modality,
                  "x".join(map(str, state.nav_shape[::-1])), ", ".join(state.phase_names))
-        for orphan, orphan_raw in self.orphans.pop(scan, []):
-            self._add(state, orphan, orphan_raw)
+        orphans, record.orphans = record.orphans, []
+        for orphan, orphan_raw in orphans:
+            try:
+                self._add(record, orphan, orphan_raw)
+            except ProtocolError as exc:  # an early page that does not fit the scan: counted, the rest go on
+                self.receiver.reject(exc)
 
-    def _add(self, state: ScanState, message: Message, raw: list | None) -> None:
+    def _end(self, record: ScanRecord, message: Message, raw: list | None) -> None:
+        state, header = record.state, message.header
+        if state is None:
+            raise ProtocolError("scan_end for a scan the sink never saw start", header)
+        if state.end is None and not state.finished:
+            self._journal(record, raw)
+        state.end = header
+        if state.complete:
+            self._finish(record)
+        elif not state.finished:
+            record.deadline = time.monotonic() + self.finish_timeout
+            log.info("scan %s ended (%s) with %d of %d points in; waiting up to %.0f s for the rest",
+                     state.scan, header["status"], state.n_received, state.size, self.finish_timeout)
+
+    def _add(self, record: ScanRecord, message: Message, raw: list | None) -> None:
+        state = record.state
         first = message.header["first"]
         run = message.header.get("run")
-        if run is not None and state.header.get("run") is not None and run != state.header["run"]:
+        if run is not None and state.spec.run is not None and run != state.spec.run:
             raise ProtocolError(f"results from another run of scan {state.scan} (a publisher restarted under the "
                                 "same scan id); dropped", message.header)
         if state.finished:
             self.metrics.duplicates.inc(message.header["count"])
-            self.acks[state.scan].append(first)
+            record.acks.append(first)
             if state.complete:
-                self.completed.add(state.scan)
+                record.complete_untold = True
             return
         fresh = state.add(message)
         new = int(fresh.sum())
@@ -344,14 +366,21 @@ class Sink:
             raw = without(message, "preview")  # previews live in their own file, not the journal
         # Acknowledge a page only once its results are in the journal: a page whose write
         # failed is written when it comes again, whatever the map already holds.
-        pending = self.unjournaled[state.scan]
+        pending = record.unjournaled
         if new or first in pending:
-            if self._journal(state.scan, raw):
+            if self._journal(record, raw):
                 pending.discard(first)
             else:
                 pending.add(first)
         if first not in pending and state.page_received(first, message.header["count"]):
-            self.acks[state.scan].append(first)
+            record.acks.append(first)
+        self._count(state, message, fresh)
+        if state.complete:
+            self._finish(record)
+
+    def _count(self, state: ScanState, message: Message, fresh) -> None:
+        """Metrics and the live rate for a page's new points."""
+        new = int(fresh.sum())
         self.metrics.frames_received.inc(new)
         self.metrics.duplicates.inc(len(fresh) - new)
         spec = state.spec
@@ -364,7 +393,7 @@ class Sink:
             for code, n in enumerate(np.bincount(arrays["method"][fresh], minlength=len(spec.methods))):
                 if n:
                     self.metrics.frames_by_method.labels(spec.methods[code].label).inc(int(n))
-        latencies = state.latency_s[message.arrays["indices"][fresh]]
+        latencies = state.latency_s[arrays["indices"][fresh]]
         latencies = latencies[latencies == latencies]  # NaN: the page carried no acquisition time
         for latency in latencies:
             self.metrics.latency.observe(float(latency))
@@ -372,8 +401,6 @@ class Sink:
             self.latency_window.append((time.monotonic(), float(np.median(latencies))))
         self._rate_window.append((time.monotonic(), new))
         self.metrics.progress.set(state.n_received / state.size)
-        if state.complete:
-            self._finish(state)
 
     def _update_rate(self) -> None:
         now = time.monotonic()
@@ -386,36 +413,35 @@ class Sink:
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
-        for state in list(self.scans.values()):
+        for record in list(self.book.values()):
+            state = record.state
+            if state is None or state.finished:
+                record.deadline = None
+                continue
             # A scan whose publisher died sends no scan_end: finish it once it has been quiet
             # for ``idle_timeout``, so its journal closes and its memory can go.
             quiet = time.time() - (state.t_last_result or state.t_start)
-            if not state.finished and state.scan not in self.deadlines and quiet > self.idle_timeout:
+            if record.deadline is None and quiet > self.idle_timeout:
                 log.error("scan %s: nothing for %.0f s and no scan_end; finishing it with %d of %d points",
                           state.scan, quiet, state.n_received, state.size)
-                self._finish(state)
-        for scan, deadline in list(self.deadlines.items()):
-            state = self.scans[scan]
-            if state.finished:
-                del self.deadlines[scan]
-            elif now > deadline:
-                del self.deadlines[scan]
-                log.error("scan %s: %d of %d points never arrived; writing them as not indexed (phase -1)",
-                          scan, state.size - state.n_received, state.size)
-                self._finish(state)
+                self._finish(record)
+            elif record.deadline is not None and now > record.deadline:
+                log.error("scan %s: %d of %d points never arrived; writing them as not indexed",
+                          state.scan, state.size - state.n_received, state.size)
+                self._finish(record)
 
-    def _finish(self, state: ScanState) -> None:
+    def _finish(self, record: ScanRecord) -> None:
+        state = record.state
         if state.finished:
             return
         state.finished = True
+        record.done = True
+        record.deadline = None
         if state.complete:
-            self.completed.add(state.scan)
-        self.deadlines.pop(state.scan, None)
+            record.complete_untold = True
         if state.previews is not None:
             state.previews.flush()
-        journal = self.journals.pop(state.scan, None)
-        if journal is not None:
-            journal.close()
+        record.close_journal()
         summary = state.summary()
         if state.end is None:
             summary["status"] = "success"
@@ -442,7 +468,7 @@ class Sink:
     def _forget_finished_except(self, keep: ScanState) -> None:
         """Hold the maps of the scan just finished (still on the page) and of running scans
         only; older finished scans are remembered by id and run, for late duplicates."""
-        for scan, state in list(self.scans.items()):
-            if state.finished and state is not keep and state is not self.current:
-                self.done_scans[scan] = state.header.get("run")
-                del self.scans[scan]
+        for record in self.book.values():
+            state = record.state
+            if state is not None and state.finished and state is not keep and state is not self.current:
+                record.state = None

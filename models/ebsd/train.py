@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import training_data as td
-from .codebook import CODEBOOK_SOURCES, T_WEIGHTS
+from .codebook import CODEBOOK_SOURCES
 
 log = logging.getLogger(__name__)
 
