@@ -139,3 +139,28 @@ def test_signal_mask_of_the_wrong_shape_or_kind(tmp_path):
     np.save(tmp_path / "grey.npy", np.full((60, 60), 0.5))
     _assert_one_line_error(run_cli("index", path, "--signal-mask", tmp_path / "grey.npy"),
                            "booleans", "True where the pattern is")
+
+
+def test_an_unknown_modality_is_named_with_those_known():
+    proc = run_cli("publish", "--modality", "xrd", "--simulate", "4x4", timeout=60)
+    _assert_one_line_error(proc, "unknown modality 'xrd'", "ebsd")
+
+
+def test_index_under_another_modality_writes_its_declared_fields(tmp_path):
+    """`liveindex index --modality fake`: the test modality's own fields, hexagonal phase included."""
+    from orix.quaternion import Orientation, symmetry
+
+    from ..fake_modality import FakeModality, FakeSource
+
+    source = FakeSource(FakeModality(), (5, 8), seed=2)
+    np.save(tmp_path / "fake.npy", source.read(0, source.size).reshape(5, 8, 16, 16))
+    proc = run_cli("index", tmp_path / "fake.npy", "--modality", "fake", "--out", tmp_path / "out.h5", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    xmap = orix_io.load(tmp_path / "out.h5")
+    assert xmap.shape == (5, 8) and set(xmap.prop) >= {"confidence", "method", "brightness"}
+    np.testing.assert_array_equal(xmap.phase_id, source.truth["phase_id"])
+    hexagonal = source.truth["phase_id"] == 1
+    angle = Orientation(xmap.rotations.data[hexagonal], symmetry.D6h).angle_with(
+        Orientation(source.truth["quaternion"][hexagonal], symmetry.D6h), degrees=True)
+    assert angle.max() < 0.1
+    assert np.load(tmp_path / "out_maps.npz")["embedding"].shape == (40, 3)
