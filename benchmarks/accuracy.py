@@ -33,12 +33,12 @@ def main() -> int:
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes {args.modes!r}: use some of {','.join(MODES)}")
 
+    from liveindex.models.ebsd.files import array_source
     from liveindex.models.ebsd.master_patterns import disorientation_degrees
-    from liveindex.stream.offline import index_source
-    from liveindex.stream.processes import setup_logging
     from liveindex.models.ebsd.results import METHODS
     from liveindex.models.ebsd.simulator import NOISE_LEVELS, SimulatedScan, parse_nav_shape
-    from liveindex.models.ebsd.files import array_source
+    from liveindex.stream.offline import index_source
+    from liveindex.stream.processes import setup_logging
 
     setup_logging(logging.WARNING)
     print(f"{'noise':9s} {'mode':10s} {'patterns/s':>10s} {'median':>8s} {'p95':>8s} {'<3 deg':>8s}  methods")

@@ -19,8 +19,8 @@ import argparse
 
 import numpy as np
 
-from liveindex.models.ebsd.master_patterns import disorientation_degrees
 from liveindex.models.ebsd.indexer import ScanIndexer, confidence_from_ncc
+from liveindex.models.ebsd.master_patterns import disorientation_degrees
 from liveindex.models.ebsd.simulator import NOISE_LEVELS, NoiseLevel, SimulatedScan
 
 EXTRA_LEVELS = {"harsh": NoiseLevel(contrast=0.2, counts=20.0)}

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -33,13 +32,13 @@ def main() -> int:
     parser.add_argument("--noise", default="moderate", help="clean, moderate or hard (the simulator's levels)")
     args = parser.parse_args()
 
-    from liveindex.models.ebsd.master_patterns import disorientation_degrees
     from liveindex.models.ebsd.geometry import DetectorGeometry
+    from liveindex.models.ebsd.master_patterns import disorientation_degrees
+    from liveindex.models.ebsd.simulator import SimulatedScan, parse_nav_shape
+    from liveindex.stream.offline import index_source
     from liveindex.stream.processes import ChildProcess, setup_logging
     from liveindex.stream.publisher import Publisher
     from liveindex.stream.roles import run_sink, run_worker
-    from liveindex.stream.offline import index_source
-    from liveindex.models.ebsd.simulator import SimulatedScan, parse_nav_shape
     setup_logging(logging.WARNING)
     scan = SimulatedScan(parse_nav_shape(args.scan), noise=args.noise, seed=7)
     frames = scan.render(0, scan.size)

@@ -103,8 +103,8 @@ class LiveIndex:
                 "pattern, rescue; a page per core")
 
     def _run(self, patterns):
-        from liveindex.stream.offline import index_source
         from liveindex.models.ebsd.files import array_source
+        from liveindex.stream.offline import index_source
 
         source = array_source(patterns, geometry=self.geometry, phases=("ni",), name="side-by-side")
         result, seconds = index_source(source, progress=False)
@@ -269,8 +269,8 @@ def main(argv=None) -> int:
                         help="EBSDIndexer keyword arguments, e.g. tSigma=2,rSigma=2 (default: its defaults)")
     args = parser.parse_args(argv)
 
-    from liveindex.stream.processes import setup_logging
     from liveindex.models.ebsd.simulator import NOISE_LEVELS, parse_nav_shape
+    from liveindex.stream.processes import setup_logging
 
     setup_logging(logging.WARNING)
     warnings.filterwarnings("ignore")

@@ -29,12 +29,12 @@ def main() -> int:
     parser.add_argument("--page-size", type=int, default=32)
     args = parser.parse_args()
 
+    from liveindex.models.ebsd.files import array_source
     from liveindex.models.ebsd.geometry import DetectorGeometry
+    from liveindex.models.ebsd.simulator import SimulatedScan
     from liveindex.stream.processes import ChildProcess, setup_logging
     from liveindex.stream.publisher import Publisher
     from liveindex.stream.roles import run_sink, run_worker
-    from liveindex.models.ebsd.simulator import SimulatedScan
-    from liveindex.models.ebsd.files import array_source
 
     setup_logging(logging.WARNING)
     width = 100

@@ -7,6 +7,7 @@ publisher or to ``liveindex index`` under any modality's setup and phases.
 from __future__ import annotations
 
 import numpy as np
+
 from liveindex.models.errors import InputError
 
 from .crystal import PhaseRecord

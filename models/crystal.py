@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from liveindex.models.errors import InputError
 
 # Phase names become HDF5 group names, .ang header lines and legend text: keep them plain.

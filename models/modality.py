@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+
 from liveindex.models.errors import InputError
 
 from .crystal import PhaseRecord

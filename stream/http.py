@@ -11,8 +11,9 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
-from liveindex.models.errors import TransportError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from liveindex.models.errors import TransportError
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
-from liveindex.models.errors import InputError
 from zmq.auth.thread import ThreadAuthenticator
+
+from liveindex.models.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import zmq
+
 from liveindex.models.errors import ProtocolError, TransportError
 
 from .protocol import Message, decode

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from liveindex.models.crystal import disorientation_degrees, quaternion_multiply
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
 from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.models.ebsd.preprocess import Preprocessor
-from onnx import TensorProto, helper, numpy_helper
 
 from .master_patterns import master_pattern, point_group
 

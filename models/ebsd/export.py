@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+
 from liveindex.models.ebsd.preprocess import MAX_WORKING_SIDE
 
 from . import training_data as td

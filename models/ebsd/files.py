@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+
 from liveindex.models import modality as modalities
 from liveindex.models.arrays import ArraySource, check_pattern_array
 from liveindex.models.crystal import PhaseRecord
@@ -49,8 +50,8 @@ def array_source(patterns, *, geometry: DetectorGeometry, phases=("ni",), step=(
     """An EBSD scan held in an array, with its detector geometry (its pattern shape is the array's)."""
     check_pattern_array(patterns, name)
     geometry = geometry.with_shape(patterns.shape[-2:])
-    source = ArraySource(patterns, modality=modalities.load("ebsd"), setup=geometry.to_wire(), phases=phase_records(phases),
-                         step=step, name=name, metadata=metadata)
+    source = ArraySource(patterns, modality=modalities.load("ebsd"), setup=geometry.to_wire(),
+                         phases=phase_records(phases), step=step, name=name, metadata=metadata)
     source.geometry = geometry
     return source
 

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+
 from liveindex.models.errors import GeometryError
 
 PC_CONVENTIONS = ("bruker", "tsl", "edax", "oxford", "emsoft")

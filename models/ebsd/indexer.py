@@ -36,6 +36,7 @@ import functools
 import logging
 
 import numpy as np
+
 from liveindex.models.crystal import quaternion_multiply
 from liveindex.models.ebsd.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build, working_geometry
 from liveindex.models.ebsd.master_patterns import check_phases, point_group

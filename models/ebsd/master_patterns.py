@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from liveindex.models.crystal import PhaseRecord, point_group_of
 from liveindex.models.errors import InputError
 

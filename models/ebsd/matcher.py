@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+
 from liveindex.models.errors import LiveIndexError
 from liveindex.models.onnx_runtime import choose_providers, session_options
 

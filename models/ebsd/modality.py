@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+
 from liveindex.models.crystal import phases_from_wire
 from liveindex.models.errors import InputError
 from liveindex.models.modality import Modality

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
 from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.models.errors import InputError, LiveIndexError
 
@@ -167,6 +168,7 @@ class NetworkModel:
         the code book in int8 (quantize_code_scoring); None: on the CPU provider, not on a GPU.
         """
         import onnxruntime as ort
+
         from liveindex.models.onnx_runtime import choose_providers, session_options
 
         folder = Path(path) if path is not None else default_bundle_path()

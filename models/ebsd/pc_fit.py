@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from liveindex.models.errors import InputError
 
 from .geometry import DetectorGeometry, validate_pc
@@ -50,9 +51,10 @@ def fit_pc(phase: str, geometry: DetectorGeometry, patterns: np.ndarray, quatern
     """The PC that maximises the mean refined NCC of ``patterns`` ((N, P) preprocessed, of one
     phase) starting from ``quaternions`` (N, 4), refined at ``geometry``'s PC."""
     import onnxruntime as ort
+    from scipy.optimize import minimize
+
     from liveindex.models.ebsd.refinement import build_graph, direction_cosines
     from liveindex.models.onnx_runtime import session_options
-    from scipy.optimize import minimize
 
     if len(patterns) < 10:
         raise InputError(f"projection-centre refinement needs at least 10 sure points; this scan has {len(patterns)}")

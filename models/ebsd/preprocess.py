@@ -13,8 +13,9 @@ import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
-from liveindex.models.arrays import bin_frames
 from scipy.ndimage import gaussian_filter, gaussian_filter1d, zoom
+
+from liveindex.models.arrays import bin_frames
 
 # Patterns are binned so that their longer side is at most this: 60x60 frames are matched
 # and refined at 30x30. The refinement brings the accuracy (0.05 deg on clean frames),

@@ -27,11 +27,12 @@ import itertools
 import logging
 
 import numpy as np
+from onnx import ModelProto, TensorProto, checker, helper, numpy_helper
+from scipy.ndimage import gaussian_filter
+
 from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.models.ebsd.preprocess import blur_matrix
 from liveindex.models.errors import LiveIndexError
-from onnx import ModelProto, TensorProto, checker, helper, numpy_helper
-from scipy.ndimage import gaussian_filter
 
 from .master_patterns import master_pattern
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+
 from liveindex.models.crystal import quaternion_multiply
 
 from .geometry import DetectorGeometry
@@ -49,6 +50,7 @@ class Refiner:
     def __init__(self, phase: str, geometry: DetectorGeometry, working_shape, sigma: float, *,
                  providers: list[str], threads: int = 0, iterations: int = ITERATIONS, mask=None):
         import onnxruntime as ort
+
         from liveindex.models.ebsd.refinement import build_graph
         from liveindex.models.onnx_runtime import session_options
 

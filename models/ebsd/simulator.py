@@ -78,8 +78,9 @@ class SimulatedScan:
         return int(np.prod(self.nav_shape))
 
     def _render_grains(self) -> np.ndarray:
-        from liveindex.models.ebsd.master_patterns import master_pattern
         from orix.quaternion import Rotation
+
+        from liveindex.models.ebsd.master_patterns import master_pattern
 
         mp = master_pattern(self.phase)
         sim = mp.get_patterns(Rotation(self.grain_rotations), self.geometry.kikuchipy_detector(),

@@ -84,6 +84,7 @@ def build_codebook(cell_resolution: float, embed_dim: int) -> dict:
     """Cells, neighbours, the PCA embedding of simulated templates, the codes (G, D, K) and a
     zero geometry bias (torch tensors)."""
     import torch
+
     from liveindex.models.ebsd.geometry import DetectorGeometry
 
     from . import codebook as cb

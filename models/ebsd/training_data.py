@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from liveindex.models.ebsd.geometry import DEFAULT_PC, DetectorGeometry
 from liveindex.models.ebsd.preprocess import Preprocessor
 from liveindex.models.ebsd.simulator import NOISE_LEVELS, _background_shape

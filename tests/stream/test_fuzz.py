@@ -14,10 +14,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from liveindex.models.ebsd.files import load_file
 from liveindex.models.errors import InputError, LiveIndexError, ProtocolError
 from liveindex.stream.protocol import HEADER_FIELDS, decode, encode
 from liveindex.stream.sink import Sink
-from liveindex.models.ebsd.files import load_file
 
 from ..conftest import results_message, scan_start_message
 

@@ -9,8 +9,14 @@ import zmq
 from orix import io as orix_io
 from orix.quaternion import Orientation, symmetry
 
-from liveindex.models.crystal import (PhaseRecord, disorientation_degrees, laue_of, point_group_of,
-                                      proper_operators, quaternion_multiply)
+from liveindex.models.crystal import (
+    PhaseRecord,
+    disorientation_degrees,
+    laue_of,
+    point_group_of,
+    proper_operators,
+    quaternion_multiply,
+)
 from liveindex.stream.protocol import decode, encode
 from liveindex.stream.sink import Sink
 

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from liveindex.models.ebsd.network import NetworkModel, default_bundle_path
 from liveindex.models.ebsd.geometry import DEFAULT_PC, DetectorGeometry
+from liveindex.models.ebsd.network import NetworkModel, default_bundle_path
 
 BUNDLE_SCHEMA = {
     "type": "object",

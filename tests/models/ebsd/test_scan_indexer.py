@@ -4,11 +4,11 @@
 import numpy as np
 import pytest
 
-from liveindex.models.ebsd.master_patterns import disorientation_degrees
-from liveindex.models.errors import InputError
 from liveindex.models.ebsd.geometry import DetectorGeometry
-from liveindex.models.ebsd.results import METHOD_CODE
 from liveindex.models.ebsd.indexer import ScanIndexer
+from liveindex.models.ebsd.master_patterns import disorientation_degrees
+from liveindex.models.ebsd.results import METHOD_CODE
+from liveindex.models.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +154,10 @@ def test_the_projection_centre_is_fitted_on_the_scan():
     refine_pc the PC is found again and the orientations are as good as at the true PC."""
     from dataclasses import replace
 
-    from liveindex.models.ebsd.geometry import DEFAULT_PC
-    from liveindex.stream.offline import index_source
-    from liveindex.models.ebsd.simulator import SimulatedScan
     from liveindex.models.ebsd.files import array_source
+    from liveindex.models.ebsd.geometry import DEFAULT_PC
+    from liveindex.models.ebsd.simulator import SimulatedScan
+    from liveindex.stream.offline import index_source
 
     scan = SimulatedScan((20, 20), noise="moderate", seed=4)
     given = replace(scan.geometry, pc=(DEFAULT_PC[0] + 0.012, DEFAULT_PC[1] - 0.010, DEFAULT_PC[2] + 0.015))
@@ -171,8 +171,8 @@ def test_the_projection_centre_is_fitted_on_the_scan():
 
 
 def test_refining_the_pc_needs_refinement(moderate_scan, frames):
-    from liveindex.stream.offline import index_source
     from liveindex.models.ebsd.files import array_source
+    from liveindex.stream.offline import index_source
 
     source = array_source(frames[:20], geometry=moderate_scan.geometry, phases=("ni",), name="x")
     with pytest.raises(InputError, match="drop --no-refine"):
