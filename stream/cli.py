@@ -19,6 +19,7 @@ DEFAULT_SINK = "tcp://127.0.0.1:5556"
 
 
 DEFAULT_MODALITY = "ebsd"
+PARTIAL_EXIT = 3  # a scan that ended with points missing (unless --allow-partial)
 ROLES = ("demo", "index", "publish", "worker")  # the commands that take a modality's options
 
 
@@ -90,7 +91,7 @@ def cmd_publish(args) -> int:
                           wait_for_workers=args.wait_for_workers, sink_timeout=args.sink_timeout,
                           worker_timeout=args.worker_timeout, store_timeout=args.store_timeout,
                           memory_limit=int(args.memory_limit * 1e6), spill_dir=args.spill_dir, preview=args.preview,
-                          keys=CurveKeys.load(args.keys), stop_event=_stop_on_signals())
+                          keys=CurveKeys.load(args.keys), stop_event=_stop_on_signals(), restart=args.restart)
     try:
         report = publisher.run(source, scan_id=args.scan_id)
     finally:
@@ -98,8 +99,9 @@ def cmd_publish(args) -> int:
     print(f"liveindex publish: scan {report.scan}, {report.frames} frames in {report.seconds:.2f} s "
           f"({report.frames_per_second:.0f} frames/s), {report.pages_resent} pages re-sent, "
           f"{report.frames_spilled} frames spilled to disk, peak page memory {report.peak_memory_bytes / 1e6:.1f} MB"
-          + (f", {report.frames_dropped} frames dropped (preview mode)" if report.frames_dropped else ""))
-    return 0
+          + (f", {report.frames_dropped} frames dropped (preview mode)" if report.frames_dropped else "")
+          + f"; {report.status}" + (f" ({report.reason})" if report.reason else ""))
+    return 0 if report.status == "complete" or args.allow_partial else PARTIAL_EXIT
 
 
 def cmd_worker(args) -> int:
@@ -203,6 +205,10 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--spill-dir", help="where waiting pages spill (default: the system's temporary folder)")
     p.add_argument("--preview", action="store_true",
                    help="preview-only mode: drop frames the workers cannot keep up with instead of spilling them")
+    p.add_argument("--restart", action="store_true",
+                   help="resume a scan another publisher started under the same --scan-id (the sink keeps what it has)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help=f"exit 0 for a scan that ended with points missing (default: exit {3})")
     _add_keys_option(p)
     p.set_defaults(func=cmd_publish)
 

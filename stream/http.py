@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 PAGE = resources.files("liveindex.stream").joinpath("web/index.html")
 EVENT_SECONDS = 0.25  # the page updates at 4 Hz
+IDLE_SECONDS = 30.0
 
 
 class LiveHttpServer:
@@ -52,9 +53,11 @@ class LiveHttpServer:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    provider = None  # set per server: the Sink (status, map_update, point_details, pattern_png, ipf_key_png,
-    # map_png, metrics_registry, file_path)
+    provider = None  # set per server: the sink's view (stream/live_view.SinkView)
     closing = None
+    # A connection that sends nothing (or stops reading an event stream) is closed after this
+    # long: each holds a thread.
+    timeout = IDLE_SECONDS
 
     def log_message(self, fmt, *args):  # keep the operator's console for pipeline news
         log.debug("http: " + fmt, *args)
@@ -97,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
                                {"Content-Disposition": f'attachment; filename="{Path(file).name}"'})
             else:
                 self._send(404, b"not found", "text/plain")
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
 
     def _events(self) -> None:

@@ -92,7 +92,7 @@ def index_file(source: ScanSource, out: Path, **options) -> dict:
         "setup": start.setup,
         **report,
         "source": source.metadata.get("source"),
-        "status": "success",
+        "status": "complete",
     }
     files = write_outputs(out_dir, name, maps=maps, start=start, summary=summary)
     summary["files"] = [str(p) for p in files]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from liveindex.models.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,8 @@ class PageStore:
         self.memory_limit = int(memory_limit)
         self.preview = preview
         self._spill_root = Path(spill_dir) if spill_dir else None
+        if self._spill_root is not None and self._spill_root.exists() and not self._spill_root.is_dir():
+            raise InputError(f"--spill-dir {self._spill_root} is a file; give a folder (it is made if missing)")
         self._spill_dir: Path | None = None  # made on first spill
         self._slots: dict[int, _Slot] = {}
         self.memory_bytes = 0

@@ -33,6 +33,7 @@ VERSION = 2
 # Scan and run ids name files in the sink's output folder: a safe character set, never a path.
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_POINTS = 200_000_000  # points a scan may have (the sink holds about 40 bytes a point)
+MAX_PAGE = 1_000_000  # points a page may carry
 
 # Kinds and the header fields each must carry, with their types.
 _INT = (int,)
@@ -175,8 +176,42 @@ def _check_header(header: dict) -> None:
         raise ProtocolError("frames page has a negative first index", header)
     if kind == "scan_end" and header["status"] not in SCAN_END_STATUSES:
         raise ProtocolError(f"scan_end status must be one of {SCAN_END_STATUSES}", header)
+    if kind in ("results", "frames") and not 0 <= header["count"] <= MAX_PAGE:
+        raise ProtocolError(f"{kind} page of {header['count']} points; at most {MAX_PAGE}", header)
+    if kind == "scan_end" and header["frames_sent"] < 0:
+        raise ProtocolError("scan_end frames_sent is negative", header)
+    if kind == "stored" and not (all(_is_int(p) for p in header["pages"])
+                                 and isinstance(header.get("refused", ""), str)):
+        raise ProtocolError("stored pages must be integers (and refused a reason)", header)
+    if kind == "credit" and not (0 <= header["pages"] <= 1000 and all(
+            isinstance(d, list) and len(d) == 2 and isinstance(d[0], str) and _is_int(d[1]) for d in header["done"])):
+        raise ProtocolError("credit must grant 0..1000 pages and list done pages as [scan, first]", header)
+    if kind == "heartbeat" and header["sender"] == "dispatcher":
+        _check_dispatcher_status(header)
     if kind == "scan_start":
         _check_scan_start(header)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# A dispatcher's heartbeat feeds the sink's metrics and the live page's worker list: every
+# field it may carry, checked here so that one bad beat is dropped whole and never reaches them.
+_DISPATCHER_COUNTS = ("frames_sent", "queue_depth", "backlog_frames", "spilled_frames", "dropped_frames", "memory_bytes")
+
+
+def _check_dispatcher_status(header: dict) -> None:
+    for name in _DISPATCHER_COUNTS:
+        if name in header and not (_is_int(header[name]) and 0 <= header[name] < 2**63):
+            raise ProtocolError(f"dispatcher heartbeat {name} must be a non-negative integer", header)
+    workers = header.get("workers", [])
+    if not (isinstance(workers, list) and len(workers) <= 10_000 and all(
+            isinstance(w, dict) and isinstance(w.get("name"), str) and isinstance(w.get("state"), str)
+            and _is_int(w.get("credit")) for w in workers)):
+        raise ProtocolError("dispatcher heartbeat workers must be a list of {name, state, credit}", header)
+    if "scan" in header and header["scan"] is not None and not isinstance(header["scan"], str):
+        raise ProtocolError("dispatcher heartbeat scan must be a scan id", header)
 
 
 def _check_scan_start(header: dict) -> None:

@@ -32,15 +32,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from liveindex.models.errors import TransportError
+from liveindex.models.errors import InputError, LiveIndexError, TransportError
 from liveindex.models.modality import ScanSource, empty_results
 
 from .page_store import PageStore
-from .protocol import encode
+from .protocol import SAFE_ID, encode
 from .security import stop_authenticator
 from .transport import Receiver, bound_endpoint, open_socket
 
 log = logging.getLogger(__name__)
+
+
+class ScanRefused(LiveIndexError):
+    """The sink refused the scan (its id is running or has results there, or no space)."""
 
 DEFAULT_MEMORY_LIMIT = 512_000_000  # bytes of pages held in memory before spilling to disk
 MAX_ACQUIRE_PER_LOOP = 32  # pages, so a fast detector clock cannot starve the sockets
@@ -80,6 +84,8 @@ class PublishReport:
     frames_spilled: int = 0
     frames_dropped: int = 0
     peak_memory_bytes: int = 0
+    status: str = "complete"  # complete: every frame's results stored at the sink; partial: not so (and why)
+    reason: str | None = None
 
     @property
     def frames_per_second(self) -> float:
@@ -91,7 +97,9 @@ class Publisher:
                  page_size: int = 128, rate: float | None = None, worker_timeout: float = 10.0,
                  store_timeout: float = 30.0, wait_for_workers: float = 60.0, sink_timeout: float = 10.0,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT, spill_dir=None, preview: bool = False, keys=None,
-                 stop_event: threading.Event | None = None):
+                 stop_event: threading.Event | None = None, restart: bool = False):
+        """``restart``: this publisher resumes a scan another one started under the same scan id
+        (the sink keeps the results it has and takes this run's too)."""
         self._own_context = context is None  # ended in close(), which is what delivers the scan_end
         self.context = context or zmq.Context()
         self.page_size = int(page_size)
@@ -100,7 +108,10 @@ class Publisher:
         self.store_timeout = store_timeout
         self.wait_for_workers = wait_for_workers
         self.memory_limit, self.spill_dir, self.preview = memory_limit, spill_dir, preview
+        PageStore(memory_limit=memory_limit, spill_dir=spill_dir).close()  # refuse a bad --spill-dir now
         self.stop_event = stop_event or threading.Event()
+        self.restart = restart
+        self.refused: str | None = None  # the sink's reason, where it refused the scan
         self.router = open_socket(self.context, zmq.ROUTER, bind=bind, keys=keys)
         # Sends to a worker that has gone raise instead of vanishing silently.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -129,10 +140,14 @@ class Publisher:
 
     # -- the scan ------------------------------------------------------------------------
     def run(self, source: ScanSource, *, scan_id: str | None = None) -> PublishReport:
+        if scan_id is not None and not SAFE_ID.match(scan_id):
+            raise InputError(f"--scan-id {scan_id!r} must be 1-128 letters, digits, '_', '.' or '-', starting with a "
+                             "letter or digit: it names the scan's files, never a path")
         scan = self.scan = scan_id or f"scan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         # ``run`` tells a sink a new scan under a reused id from this one's scan_start sent again.
         self.run_id = uuid.uuid4().hex
-        start = {"scan": scan, "run": self.run_id, **source.scan_start()}
+        start = {"scan": scan, "run": self.run_id, "t_start": time.time(), **source.scan_start(),
+                 **({"restart": True} if self.restart else {})}
         self.fields = source.modality.fields
         self.sink_start = encode("scan_start", start, source.truth_arrays())
         self.worker_start = encode("scan_start", start)  # workers need no ground truth
@@ -155,6 +170,8 @@ class Publisher:
                 if self.stop_event.is_set():
                     status = "abort"
                     break
+                if self.refused is not None:
+                    raise ScanRefused(f"the sink at {self.sink_address} refused scan {scan}: {self.refused}")
                 self._receive(timeout_ms=0 if self._can_send() else 20)
                 now = time.perf_counter()
                 self._acquire(now)
@@ -183,11 +200,18 @@ class Publisher:
             self._send_status()
             # Every page is stored by now (or the scan was stopped): a sink that has already
             # gone (``--once``) finishes without the scan_end, so never wait for it here.
-            self._send_sink(encode("scan_end", {"scan": scan, "frames_sent": int(self.next_first), "status": status}),
-                            block=False)
+            if self.refused is None:
+                self._send_sink(encode("scan_end", {"scan": scan, "run": self.run_id,
+                                                    "frames_sent": int(self.next_first), "status": status}),
+                                block=False)
             store = self.store
             report = PublishReport(scan, self.total, self.pages_sent, self.pages_resent, elapsed, self.t_first_sent,
                                    store.spilled_total, store.dropped_frames, store.peak_memory_bytes)
+            if status == "abort":
+                report.status, report.reason = "partial", (f"stopped after {self.next_first} of {self.total} frames; "
+                                                           f"{len(self.ledger)} pages not stored")
+            elif store.dropped_frames:
+                report.status, report.reason = "partial", f"preview mode dropped {store.dropped_frames} frames"
             store.close()
         log.info("scan %s published: %d frames in %.2f s (%.0f frames/s), %d pages re-sent, %d frames spilled to "
                  "disk, peak page memory %.1f MB", scan, self.total, elapsed, report.frames_per_second,
@@ -356,6 +380,9 @@ class Publisher:
             return
         if message.kind != "stored":
             self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages from the sink"))
+        elif message.header.get("refused") and message.header["scan"] == self.scan \
+                and message.header.get("run") in (None, self.run_id):
+            self.refused = message.header["refused"]
         elif message.header["scan"] == self.scan and message.header.get("run") in (None, self.run_id):
             # "complete": the sink has every point of the scan, so every page is stored, whatever
             # acknowledgement went missing; pages still out are duplicates nobody needs.

@@ -19,7 +19,8 @@ from .scan_state import ScanState
 class ScanRecord:
     scan: str
     state: ScanState | None = None  # the maps; None before the scan_start and once forgotten
-    run: str | None = None  # the run the record answers for (a reused scan id is a new run)
+    run: str | None = None  # the run that started it
+    runs: set = field(default_factory=set)  # its runs: the first, and a publisher's restarts (``restart``)
     done: bool = False  # finished (here or by an earlier sink): acknowledge, change nothing
     journal: Journal | None = None  # open while the scan runs
     dispatcher: bytes | None = None  # routing id of the dispatcher publishing it: where acks go

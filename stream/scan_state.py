@@ -42,10 +42,16 @@ class ScanState:
                           if spec.has_orientations and "quaternion" in self.truth else None)
         self.n_received = 0
         self.frames_by_worker: dict[str, int] = {}  # new points each worker filled
-        self.broken_quaternions = 0  # points that arrived with a NaN or non-unit quaternion
+        # Results refused for real points (a NaN or non-unit quaternion): the point stays
+        # unfilled, so the page is not acknowledged and its frames are indexed again.
+        self.rejected_points = 0
         self._summary_cache: tuple | None = None
         self.duplicates = 0
-        self.t_start = time.time()
+        # Wall clock of the scan's first start (the publisher's word; it survives a sink restart,
+        # whose journal replay would otherwise restart the scan's clock).
+        t_start = self.header.get("t_start")
+        self.t_start = float(t_start) if _is_time(t_start) else time.time()
+        self.outcome: tuple[str, str | None] | None = None  # (complete|partial|failed, reason) once finished
         self.t_first_result: float | None = None
         self.t_last_result: float | None = None
         self.end: dict | None = None
@@ -80,8 +86,11 @@ class ScanState:
     def phase_names(self) -> list[str]:
         return [p.name for p in self.spec.phases]
 
-    def add(self, message: Message) -> np.ndarray:
-        """Fill the points of a result page; returns the mask of the page's new points."""
+    def add(self, message: Message, *, replaying: bool = False) -> np.ndarray:
+        """Fill the points of a result page; returns the mask of the page's new points.
+
+        ``replaying``: the page comes from the journal; its arrival time is the worker's
+        (``t_done``), so rates and durations after a sink restart count from the scan's start."""
         check_results(message, self.spec)
         a = message.arrays
         indices = a["indices"]
@@ -96,12 +105,10 @@ class ScanState:
         values = {f.name: a[f.name] for f in self.spec.fields}
         broken = self._not_unit_quaternions(values)
         if broken.any():
-            # A point whose orientation is not a unit quaternion is not indexed, whatever it claims.
-            for name in ("phase_id", "quaternion", "confidence", "method"):
-                if name in values:
-                    mask = broken.reshape(-1, *([1] * (values[name].ndim - 1)))
-                    values[name] = np.where(mask, self.spec.field[name].allocate(1), values[name])
-            self.broken_quaternions += int(broken[fresh].sum())
+            # A result whose orientation is not a unit quaternion is refused: the point stays
+            # open for a valid answer (the page is sent again), it never becomes "not indexed".
+            self.rejected_points += int((fresh & broken).sum())
+            fresh &= ~broken
         if "confidence" in values:
             values["confidence"] = np.clip(np.nan_to_num(values["confidence"]), 0.0, 1.0)
         idx = indices[fresh]
@@ -115,9 +122,11 @@ class ScanState:
                 self._keep_previews(idx, preview[fresh])
             if "model" in message.header:
                 self.models.add(str(message.header["model"])[:300])
+            t_done = message.header["timings"].get("t_done")
+            now = float(t_done) if replaying and _is_time(t_done) else time.time()
             t_acquired = message.header["timings"].get("t_acquired")
-            if isinstance(t_acquired, (int, float)) and not isinstance(t_acquired, bool):
-                self.latency_s[idx] = max(0.0, time.time() - t_acquired)
+            if _is_time(t_acquired):
+                self.latency_s[idx] = max(0.0, now - t_acquired)
             if self.error_deg is not None and len(idx):
                 truth = {name: t[idx] for name, t in self.truth.items()}
                 self.error_deg[idx] = error_to_truth(self.maps["quaternion"][idx], self.maps["phase_id"][idx], truth,
@@ -129,9 +138,8 @@ class ScanState:
             self.frames_by_worker[worker] = self.frames_by_worker.get(worker, 0) + new
             self.n_received += new
             self.duplicates += len(indices) - new
-            now = time.time()
             self.t_first_result = self.t_first_result or now
-            self.t_last_result = now
+            self.t_last_result = max(self.t_last_result or now, now)
         return fresh
 
     def _not_unit_quaternions(self, values: dict) -> np.ndarray:
@@ -221,7 +229,7 @@ class ScanState:
         # Under the lock: boolean-mask indexing while the sink's loop sets points corrupted
         # the heap once (numpy sizes the result, then the mask grows under it).
         with self.lock:
-            key = (self.version, self.end is not None)
+            key = (self.version, self.end is not None, self.outcome)
             if self._summary_cache is None or self._summary_cache[0] != key:
                 self._summary_cache = (key, self._summary())  # O(points): once per change, not per viewer
             return dict(self._summary_cache[1])
@@ -243,10 +251,11 @@ class ScanState:
             "seconds": round((self.t_last_result or time.time()) - self.t_start, 3),
             "frames_per_second": round(self.frames_per_second, 1),
             "median_error_deg": None if err is None else round(err, 3),
-            "status": (self.end or {}).get("status", "running"),
+            "status": self.outcome[0] if self.outcome else "running",
+            "reason": self.outcome[1] if self.outcome else None,
             "last_result_time": self.t_last_result,
             "frames_by_worker": dict(self.frames_by_worker),
-            "broken_quaternions": self.broken_quaternions,
+            "rejected_points": self.rejected_points,
         }
         latency = self.latency_s[self.received]
         latency = latency[latency == latency]
@@ -261,3 +270,8 @@ class ScanState:
             if "phase_id" in self.truth:
                 summary["wrong_phase"] = int(np.count_nonzero(scored & (self.maps["phase_id"] != self.truth["phase_id"])))
         return summary
+
+
+def _is_time(value) -> bool:
+    """A plausible wall-clock time from a peer (seconds since the epoch, 2001..2286)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 1e9 < value < 1e10

@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from liveindex.models.errors import LiveIndexError, ProtocolError
+from liveindex.models.errors import InputError, LiveIndexError, ProtocolError
 
 from . import orientation_map
 from .http import LiveHttpServer
@@ -27,7 +29,7 @@ from .journal import SUFFIX as JOURNAL_SUFFIX
 from .journal import Journal, replay
 from .live_view import SinkView
 from .metrics import SinkMetrics
-from .protocol import Message, encode, without
+from .protocol import Message, ScanStart, encode, without
 from .scan_book import ScanRecord
 from .scan_state import ScanState
 from .security import stop_authenticator
@@ -53,13 +55,14 @@ class Sink:
         # A context of its own unless given one: ending it in ``run`` is what delivers the
         # last acknowledgements. A process that exits right after (``--once``, a child
         # process) otherwise drops them, and its publisher waits for pages it never hears of.
+        self.out_dir = Path(out_dir)
+        check_out_dir(self.out_dir)  # before saying ready: a sink that cannot write must not take scans
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.socket = open_socket(self.context, zmq.ROUTER, bind=bind, keys=keys)
         # An acknowledgement to a dispatcher that has gone raises, so it is kept for its successor.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = bound_endpoint(self.socket)
-        self.out_dir = Path(out_dir)
         self.max_scans = max_scans
         self.on_finished = on_finished  # called with the summaries so far after each scan is written
         self.finish_timeout = finish_timeout
@@ -155,6 +158,7 @@ class Sink:
                     record.run = json.loads(summary_path.read_text()).get("run")
                 except (OSError, ValueError, AttributeError):
                     record.run = None
+                record.runs = {record.run}
                 continue
             replayed = sum(self._accept(frames) for frames in replay(path))
             record = self.book.get(scan)
@@ -257,20 +261,17 @@ class Sink:
         scan = header["scan"]
         if kind == "results" and scan not in self.book and self._orphan_pages() >= MAX_ORPHAN_PAGES:
             raise ProtocolError("results for a scan that never started (orphan buffer full)", header)
+        if kind == "scan_start":
+            self._start(message, raw, identity)
+            return
         record = self._record(scan)
-        if kind in ("scan_start", "scan_end") and identity is not None:
+        if kind == "scan_end" and identity is not None and header.get("run") in record.runs:
             record.dispatcher = identity  # where this scan's acknowledgements go
         if record.done and record.state is None:  # finished by an earlier sink: acknowledge, change nothing
-            if kind == "scan_start" and header.get("run") != record.run:
-                log.info("scan %s starts again as a new run; its earlier outputs will be replaced", scan)
-                record.done = False
-            else:
-                if kind == "results":
-                    record.acks.append(header["first"])
-                return
-        if kind == "scan_start":
-            self._start(record, message, raw)
-        elif kind == "results":
+            if kind == "results":
+                record.acks.append(header["first"])
+            return
+        if kind == "results":
             if record.state is None:
                 record.orphans.append((message, raw))
             else:
@@ -301,27 +302,37 @@ class Sink:
             # first "complete" went astray (it waits on every page's acknowledgement).
             record.complete_untold = True
 
-    def _start(self, record: ScanRecord, message: Message, raw: list | None) -> None:
-        scan, run = record.scan, message.header.get("run")
-        if record.state is not None and record.state.spec.run == run:
+    def _start(self, message: Message, raw: list | None, identity: bytes | None) -> None:
+        header = message.header
+        scan, run = header["scan"], header.get("run")
+        record = self.book.get(scan)
+        if record is not None and (record.state is not None or record.done) and run in record.runs:
+            if identity is not None:
+                record.dispatcher = identity
             log.info("scan %s started again; keeping the results already in", scan)
             return
-        if record.state is not None or (self.out_dir / f"{scan}.json").exists():
-            log.info("scan %s starts again as a new run; starting a new map", scan)
-            # Nothing of the old run may answer for the new one: its pending acknowledgements,
-            # early results of another run, and the summary that marks it finished on restart.
-            (self.out_dir / f"{scan}.json").unlink(missing_ok=True)
-            record.close_journal()
-            orphans = [(m, r) for m, r in record.orphans if m.header.get("run") in (None, run)]
-            dispatcher = record.dispatcher
-            record = self.book[scan] = ScanRecord(scan, dispatcher=dispatcher, orphans=orphans)
+        refusal = None if raw is None and identity is None else self._refusal(record, message)  # a replay was taken once
+        if refusal is not None:
+            if identity is not None and raw is not None:
+                self._tell_refused(identity, scan, run, refusal)
+            raise ProtocolError(f"scan_start refused: {refusal}", header)
+        if record is not None and record.state is not None and not record.state.finished:
+            # A publisher restarted for the same scan (``restart``): the results stored stay, and
+            # results of either run fill it.
+            record.runs.add(run)
+            record.dispatcher = identity if identity is not None else record.dispatcher
+            self._journal(record, raw)
+            log.warning("scan %s restarted by its publisher (run %s); keeping the %d points already in", scan, run,
+                        record.state.n_received)
+            return
+        orphans = [(m, r) for m, r in (record.orphans if record is not None else []) if m.header.get("run") in (None, run)]
+        record = self.book[scan] = ScanRecord(scan, run=run, runs={run}, orphans=orphans,
+                                              dispatcher=identity if identity is not None else None)
         state = record.state = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy")
-        record.run = run
         self.current = state
         for method in state.spec.methods:  # every label exported from the start: dashboards see zeros, not gaps
             self.metrics.frames_by_method.labels(method.label)
         if raw is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             record.journal = Journal(self.out_dir / f"{scan}{JOURNAL_SUFFIX}")
             self._journal(record, raw)
         log.info("scan %s started (%s): %s points, phases %s", scan, state.spec.modality,
@@ -333,10 +344,44 @@ class Sink:
             except ProtocolError as exc:  # an early page that does not fit the scan: counted, the rest go on
                 self.receiver.reject(exc)
 
+    def _refusal(self, record: ScanRecord | None, message: Message) -> str | None:
+        """Why a scan_start cannot be taken (None: it can). Nothing a peer sends may discard
+        results already stored or outputs already written."""
+        header = message.header
+        scan = header["scan"]
+        running = record is not None and record.state is not None and not record.state.finished
+        if running and not header.get("restart"):
+            return (f"scan {scan} is running here under another run; a publisher that resumes it says so "
+                    "(liveindex publish --restart), any other needs its own --scan-id")
+        if not running and (record is not None and record.done or (self.out_dir / f"{scan}.json").exists()
+                            or (self.out_dir / f"{scan}{JOURNAL_SUFFIX}").exists()):
+            return (f"scan {scan} already has results in {self.out_dir} (another run); choose another --scan-id, or "
+                    "move its files away")
+        needed = _expected_bytes(ScanStart.from_header(header))
+        free = shutil.disk_usage(self.out_dir).free
+        if free < needed:
+            return (f"not enough free space in {self.out_dir} for scan {scan}: it needs about {needed / 1e6:.0f} MB, "
+                    f"{free / 1e6:.0f} MB are free; free space or start the sink with another --out")
+        return None
+
+    def _tell_refused(self, identity: bytes, scan: str, run, reason: str) -> None:
+        try:
+            self.socket.send_multipart([identity, *encode("stored", {"scan": scan, "run": run, "pages": [],
+                                                                     "refused": reason})], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the publisher is gone or busy; it learns nothing is stored and says so after its timeouts
+
     def _end(self, record: ScanRecord, message: Message, raw: list | None) -> None:
         state, header = record.state, message.header
         if state is None:
             raise ProtocolError("scan_end for a scan the sink never saw start", header)
+        if header.get("run") not in (None, *record.runs):
+            raise ProtocolError(f"scan_end from another run of scan {state.scan}; refused", header)
+        if header["status"] == "success" and header["frames_sent"] < state.size:
+            # A publisher that sent every frame says so; one that claims success early is wrong,
+            # and ending the scan on its word would lose the rest.
+            raise ProtocolError(f"scan_end claims success after {header['frames_sent']} of {state.size} frames; "
+                                "refused (the scan keeps waiting for its points)", header)
         if state.end is None and not state.finished:
             self._journal(record, raw)
         state.end = header
@@ -351,7 +396,7 @@ class Sink:
         state = record.state
         first = message.header["first"]
         run = message.header.get("run")
-        if run is not None and state.spec.run is not None and run != state.spec.run:
+        if run is not None and state.spec.run is not None and run not in record.runs:
             raise ProtocolError(f"results from another run of scan {state.scan} (a publisher restarted under the "
                                 "same scan id); dropped", message.header)
         if state.finished:
@@ -360,7 +405,13 @@ class Sink:
             if state.complete:
                 record.complete_untold = True
             return
-        fresh = state.add(message)
+        rejected = state.rejected_points
+        fresh = state.add(message, replaying=raw is None)
+        if state.rejected_points > rejected and raw is not None:
+            log.warning("scan %s page %d from %s: %d result(s) with a NaN or non-unit quaternion refused; those "
+                        "points wait for their page to be indexed again", state.scan, first,
+                        message.header["worker"], state.rejected_points - rejected)
+            self.metrics.bad_messages.inc()
         new = int(fresh.sum())
         if raw is not None and "preview" in message.arrays:
             raw = without(message, "preview")  # previews live in their own file, not the journal
@@ -424,16 +475,18 @@ class Sink:
             if record.deadline is None and quiet > self.idle_timeout:
                 log.error("scan %s: nothing for %.0f s and no scan_end; finishing it with %d of %d points",
                           state.scan, quiet, state.n_received, state.size)
-                self._finish(record)
+                self._finish(record, f"no scan_end and nothing for {quiet:.0f} s: the publisher was lost")
             elif record.deadline is not None and now > record.deadline:
                 log.error("scan %s: %d of %d points never arrived; writing them as not indexed",
                           state.scan, state.size - state.n_received, state.size)
-                self._finish(record)
+                self._finish(record, f"{state.size - state.n_received} points never arrived within --finish-timeout "
+                                     f"{self.finish_timeout:g} s after the scan_end")
 
-    def _finish(self, record: ScanRecord) -> None:
+    def _finish(self, record: ScanRecord, why: str | None = None) -> None:
         state = record.state
         if state.finished:
             return
+        state.outcome = outcome(state, why)
         state.finished = True
         record.done = True
         record.deadline = None
@@ -443,8 +496,6 @@ class Sink:
             state.previews.flush()
         record.close_journal()
         summary = state.summary()
-        if state.end is None:
-            summary["status"] = "success"
         err = summary.get("median_error_deg")
         if err is not None:
             self.metrics.error_median.set(err)
@@ -462,8 +513,11 @@ class Sink:
         self.finished.append(summary)
         if self.on_finished is not None:
             self.on_finished(list(self.finished))
-        log.info("scan %s done: %d points, %.0f frames/s%s", state.scan, state.size, summary["frames_per_second"],
-                 "" if err is None else f", median error {err:.2f} deg")
+        status, reason = state.outcome
+        (log.info if status == "complete" else log.error)(
+            "scan %s %s: %d of %d points, %.0f frames/s%s%s", state.scan, status, state.n_received, state.size,
+            summary["frames_per_second"], "" if err is None else f", median error {err:.2f} deg",
+            "" if reason is None else f" ({reason})")
 
     def _forget_finished_except(self, keep: ScanState) -> None:
         """Hold the maps of the scan just finished (still on the page) and of running scans
@@ -472,3 +526,41 @@ class Sink:
             state = record.state
             if state is not None and state.finished and state is not keep and state is not self.current:
                 record.state = None
+
+
+def outcome(state: ScanState, why: str | None = None) -> tuple[str, str | None]:
+    """(complete | partial | failed, the reason): a scan with points missing is never complete."""
+    missing = state.size - state.n_received
+    end = state.end or {}
+    if missing == 0:
+        return "complete", None
+    parts = [f"{missing} of {state.size} points missing"]
+    if end.get("status") == "fail":
+        parts.append(f"the publisher failed after sending {end.get('frames_sent')} frames")
+    elif end.get("status") == "abort":
+        parts.append(f"the publisher stopped the scan after sending {end.get('frames_sent')} frames")
+    elif why:
+        parts.append(why)
+    if state.rejected_points:
+        parts.append(f"{state.rejected_points} results refused (NaN or non-unit orientation)")
+    return ("failed" if end.get("status") == "fail" else "partial"), "; ".join(parts)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """The output folder exists (or is made) and takes files; InputError names the fix."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file; give the sink a folder (it is made if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".liveindex-write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"the sink cannot write to --out {out_dir} ({exc.strerror or exc}); give a folder it may "
+                         "write to") from None
+
+
+def _expected_bytes(start: ScanStart) -> int:
+    """About what a scan writes: its journal and output files (about twice the result bytes
+    each, for the HDF5, .ang, npz) and a 1 kB preview a point."""
+    per_point = sum(np.dtype(f.dtype).itemsize * int(np.prod(f.shape)) for f in start.fields) + 16
+    return start.size * (6 * per_point + 1024)

@@ -95,6 +95,18 @@ def write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary: 
         return _write_outputs(out_dir, name, maps=maps, start=start, summary=summary)
 
 
+def _annotate(path: Path, summary: dict) -> None:
+    """The scan's outcome in the HDF5 file's root attributes (liveindex_status: complete,
+    partial or failed; liveindex_reason; liveindex_missing), beside orix's own groups."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f.attrs["liveindex_status"] = str(summary.get("status", "complete"))
+        f.attrs["liveindex_reason"] = str(summary.get("reason") or "")
+        f.attrs["liveindex_missing"] = int(summary.get("missing", 0))
+        f.attrs["liveindex_modality"] = str(summary.get("modality", ""))
+
+
 def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary: dict) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +128,7 @@ def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary:
         props = [f.name for f in start.fields if f.shape == () and f.name not in ORIENTATION]
         xmap = crystal_map(maps, nav_shape=start.nav_shape, step=start.step, phases=start.phases, prop_fields=props)
         ang_options = {"confidence_index_prop": "confidence"} if "confidence" in props else {}
-        _atomic(out / f"{name}.h5", lambda p: orix_io.save(p, xmap, overwrite=True))
+        _atomic(out / f"{name}.h5", lambda p: (orix_io.save(p, xmap, overwrite=True), _annotate(p, summary)))
         _atomic(out / f"{name}.ang", lambda p: orix_io.save(p, xmap, overwrite=True, **ang_options))
 
     def _npz(path: Path) -> None:

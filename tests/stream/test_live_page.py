@@ -76,7 +76,7 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path,
             page.wait_for_function(f"+document.body.dataset.progress > {seen}", timeout=120_000)
             assert ipf_pixels() != early, "the orientation map did not change while the scan ran"
             page.wait_for_function("document.body.dataset.progress === '1.0000'", timeout=120_000)
-            page.wait_for_function("document.getElementById('badge').textContent === 'success'", timeout=120_000)
+            page.wait_for_function("document.getElementById('badge').textContent === 'complete'", timeout=120_000)
             assert "1,200 / 1,200 points (100.0%)" in page.inner_text("#progress-text")
 
             box = page.locator("#map-ipf").bounding_box()

@@ -218,4 +218,5 @@ def test_losing_the_last_worker_fails_the_scan_after_the_wait_and_says_so(cluste
     assert publisher.returncode == 2 and "no worker connected" in err and "liveindex worker" in err
     out, err = sink.communicate(timeout=120)
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["status"] == "fail" and 0 < summary["missing"] < 1600  # what arrived is kept and written
+    assert summary["status"] == "failed" and "the publisher failed" in summary["reason"]
+    assert 0 < summary["missing"] < 1600  # what arrived is kept and written

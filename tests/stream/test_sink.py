@@ -60,13 +60,16 @@ def test_results_early_out_of_order_duplicated_and_bad_still_fill_the_map_once(s
     assert xmap.shape == NAV and np.allclose(xmap.prop["confidence"], 0.7)
 
 
-def test_scan_end_with_missing_points_writes_them_as_not_indexed(sink, tmp_path):
+def test_scan_end_with_missing_points_writes_them_as_not_indexed_and_says_partial(sink, tmp_path):
     sink, push, thread = sink
     push.send_multipart(_start())
     push.send_multipart(_results(range(10)))
     push.send_multipart(encode("scan_end", {"scan": "s1", "frames_sent": 12, "status": "success"}))
     thread.join(20)
-    assert sink.finished[0]["missing"] == 2
+    summary = sink.finished[0]
+    assert summary["missing"] == 2 and summary["status"] == "partial"
+    assert "2 of 12 points missing" in summary["reason"] and "--finish-timeout" in summary["reason"]
+    assert json.loads((tmp_path / "s1.json").read_text())["status"] == "partial"
     xmap = orix_io.load(tmp_path / "s1.h5")
     assert (xmap.get_map_data("phase_id").ravel()[10:] == -1).all()
 
@@ -93,7 +96,7 @@ def test_http_is_read_only_and_serves_status_metrics_and_maps(sink):
         urllib.request.urlopen(base + "files/..%2F..%2Fetc%2Fpasswd")
 
 
-def test_a_restarted_sink_resumes_from_its_journal_and_a_new_run_under_the_same_id_starts_afresh(tmp_path):
+def test_a_restarted_sink_resumes_from_its_journal_and_a_new_run_under_the_same_id_is_refused(tmp_path):
     def start(run):
         return _start(run=run)
 
@@ -115,11 +118,24 @@ def test_a_restarted_sink_resumes_from_its_journal_and_a_new_run_under_the_same_
     sink.stop_event.set()
     thread.join(10)
     push.close(linger=0)
-    # A new sink process on the same folder: resumes run "a" and finishes it; then run "b" starts afresh.
-    sink, push, thread = run_sink([_results(range(6, 12)), start("b"), _results(range(12))], max_scans=2)
-    thread.join(30)
-    assert not thread.is_alive()
-    assert [(s["run"], s["received"]) for s in sink.finished] == [("a", 12), ("b", 12)]
+    # A new sink process on the same folder: resumes run "a" and finishes it; then run "b" under
+    # the same id is refused (told to its publisher), and run "a"'s files stay as they are.
+    sink, push, thread = run_sink([_results(range(6, 12))], max_scans=None)
+    for _ in range(200):
+        if sink.finished:
+            break
+        threading.Event().wait(0.05)
+    assert [(s["run"], s["received"], s["status"]) for s in sink.finished] == [("a", 12, "complete")]
+    written = (tmp_path / "s1.json").read_text()
+    push.send_multipart(start("b"))
+    assert push.poll(10_000)
+    refused = decode(push.recv_multipart()).header
+    assert refused["run"] == "b" and "already has results" in refused["refused"] and "--scan-id" in refused["refused"]
+    push.send_multipart(_results(range(12)))
+    sink.stop_event.set()
+    thread.join(10)
+    assert (tmp_path / "s1.json").read_text() == written and len(sink.finished) == 1
+    assert sink.receiver.bad_total >= 1
     push.close(linger=0)
 
 
@@ -134,8 +150,13 @@ def test_a_scan_whose_publisher_died_is_finished_after_the_idle_timeout(tmp_path
     thread.join(30)
     push.close(linger=0)
     assert not thread.is_alive()
-    assert sink.finished[0]["received"] == 5 and sink.finished[0]["missing"] == 7
-    assert (tmp_path / "s1.h5").exists()
+    summary = sink.finished[0]
+    assert summary["received"] == 5 and summary["missing"] == 7
+    assert summary["status"] == "partial" and "the publisher was lost" in summary["reason"]
+    import h5py
+
+    with h5py.File(tmp_path / "s1.h5") as f:
+        assert f.attrs["liveindex_status"] == "partial" and f.attrs["liveindex_missing"] == 7
 
 
 def test_a_finished_scan_tells_its_dispatcher_every_page_is_stored(tmp_path):
