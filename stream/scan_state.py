@@ -45,6 +45,7 @@ class ScanState:
         # Results refused for real points (a NaN or non-unit quaternion): the point stays
         # unfilled, so the page is not acknowledged and its frames are indexed again.
         self.rejected_points = 0
+        self.last_page_invalid = 0  # invalid results in the page last added
         self._summary_cache: tuple | None = None
         self.duplicates = 0
         # Wall clock of the scan's first start (the publisher's word; it survives a sink restart,
@@ -104,6 +105,7 @@ class ScanState:
         fresh &= keep
         values = {f.name: a[f.name] for f in self.spec.fields}
         broken = self._not_unit_quaternions(values)
+        self.last_page_invalid = int(broken.sum())
         if broken.any():
             # A result whose orientation is not a unit quaternion is refused: the point stays
             # open for a valid answer (the page is sent again), it never becomes "not indexed".

@@ -375,8 +375,8 @@ class Sink:
         state, header = record.state, message.header
         if state is None:
             raise ProtocolError("scan_end for a scan the sink never saw start", header)
-        if header.get("run") not in (None, *record.runs):
-            raise ProtocolError(f"scan_end from another run of scan {state.scan}; refused", header)
+        if state.spec.run is not None and header.get("run") not in record.runs:
+            raise ProtocolError(f"scan_end without this scan's run ({state.scan}); refused", header)
         if header["status"] == "success" and header["frames_sent"] < state.size:
             # A publisher that sent every frame says so; one that claims success early is wrong,
             # and ending the scan on its word would lose the rest.
@@ -396,7 +396,7 @@ class Sink:
         state = record.state
         first = message.header["first"]
         run = message.header.get("run")
-        if run is not None and state.spec.run is not None and run not in record.runs:
+        if state.spec.run is not None and run not in record.runs:
             raise ProtocolError(f"results from another run of scan {state.scan} (a publisher restarted under the "
                                 "same scan id); dropped", message.header)
         if state.finished:
@@ -405,13 +405,12 @@ class Sink:
             if state.complete:
                 record.complete_untold = True
             return
-        rejected = state.rejected_points
         fresh = state.add(message, replaying=raw is None)
-        if state.rejected_points > rejected and raw is not None:
-            log.warning("scan %s page %d from %s: %d result(s) with a NaN or non-unit quaternion refused; those "
-                        "points wait for their page to be indexed again", state.scan, first,
-                        message.header["worker"], state.rejected_points - rejected)
-            self.metrics.bad_messages.inc()
+        if state.last_page_invalid and raw is not None:
+            # Counted as a bad message (the page's valid results are kept); the points it held
+            # back wait for their page to be indexed again.
+            self.receiver.reject(ProtocolError(f"{state.last_page_invalid} result(s) with a NaN or non-unit "
+                                               "quaternion refused", message.header))
         new = int(fresh.sum())
         if raw is not None and "preview" in message.arrays:
             raw = without(message, "preview")  # previews live in their own file, not the journal

@@ -30,7 +30,7 @@ def scan_start_message(scan, nav_shape, *, run=None, truth=False, seed=0):
     return encode("scan_start", header, source.truth_arrays() if truth else None)
 
 
-def results_message(indices, scan, *, quaternion=None, phase_id=0, confidence=0.7, first=None, method=0):
+def results_message(indices, scan, *, quaternion=None, phase_id=0, confidence=0.7, first=None, method=0, run=None):
     """A results page of the fake modality as a worker sends it, for the given points."""
     indices = np.asarray(indices, np.int64)
     n = len(indices)
@@ -38,7 +38,8 @@ def results_message(indices, scan, *, quaternion=None, phase_id=0, confidence=0.
         quaternion = np.tile(np.float32([1, 0, 0, 0]), (n, 1))
     if first is None:
         first = int(indices[0]) if n else 0
-    return encode("results", {"scan": scan, "first": first, "count": n, "worker": "w", "timings": {}},
+    return encode("results", {"scan": scan, "first": first, "count": n, "worker": "w", "timings": {},
+                              **({"run": run} if run is not None else {})},
                   {"indices": indices, "phase_id": np.full(n, phase_id, np.int16),
                    "quaternion": np.asarray(quaternion, np.float32), "confidence": np.full(n, confidence, np.float32),
                    "method": np.full(n, method, np.uint8), "brightness": np.full(n, 0.5, np.float32),

@@ -184,16 +184,17 @@ def test_sink_after_fuzzing_still_completes_a_good_scan(running_sink):
     assert thread.is_alive()
 
 
-def test_sink_marks_nan_quaternions_not_indexed(tmp_path):
+def test_sink_refuses_nan_and_non_unit_quaternions_and_keeps_the_points_open(tmp_path):
     from liveindex.stream.protocol import decode as dec
     from liveindex.stream.scan_state import ScanState
 
     state = ScanState(dec(_start()))
     q = np.float32([[np.nan, 0, 0, 0], [1, 0, 0, 0], [0.2, 0.2, 0, 0]])
     state.add(dec(_results([0, 1, 2], quaternion=q)))
+    assert state.received[:3].tolist() == [False, True, False] and state.rejected_points == 2
     assert state.maps["phase_id"][:3].tolist() == [-1, 0, -1]
-    assert state.maps["confidence"][:3].tolist() == [0.0, pytest.approx(0.7), 0.0]
-    assert state.broken_quaternions == 2
+    state.add(dec(_results([0, 2])))  # valid answers for them, later
+    assert state.received[:3].all() and state.maps["phase_id"][:3].tolist() == [0, 0, 0]
     with pytest.raises(ProtocolError, match="phase ids"):
         state.add(dec(_results([3], phase_id=4)))
     with pytest.raises(ProtocolError, match="unknown method code"):
@@ -223,3 +224,72 @@ def test_file_readers_raise_input_errors_only(tmp_path_factory, position, patch,
         assert isinstance(exc, InputError) or "PC" in str(exc)
         return
     assert source.patterns.ndim == 3  # the damage left a readable array
+
+
+# -- the dispatcher: a rogue peer on the workers' socket cannot stop a scan ------------------------
+_ROGUE_BASES = [
+    ("credit", {"worker": "rogue", "pages": 1, "done": [["fuzz", 0]]}),
+    ("heartbeat", {"sender": "rogue", "state": "indexing", "prefetch": 2}),
+    ("scan_end", {"scan": "fuzz", "frames_sent": 1, "status": "success"}),
+    ("stored", {"scan": "fuzz", "pages": [0], "complete": True}),
+]
+_rogue_messages = st.one_of(
+    st.tuples(st.sampled_from(range(len(_ROGUE_BASES))), st.sampled_from(["pages", "done", "prefetch", "state",
+                                                                          "worker", "scan", "frames_sent"]),
+              _values).map(lambda t: ("field", t)),
+    st.tuples(st.sampled_from(range(len(_ROGUE_BASES))), st.integers(0, 200), st.binary(min_size=1, max_size=6))
+    .map(lambda t: ("bytes", t)),
+    st.binary(max_size=30).map(lambda b: ("garbage", b)),
+)
+
+
+def _rogue_frames(item):
+    what, value = item
+    if what == "garbage":
+        return [value]
+    which, *rest = value
+    kind, header = _ROGUE_BASES[which]
+    if what == "field":
+        name, new = rest
+        return [msgpack.packb({"v": 2, "kind": kind, **header, name: new, "buffers": []}, use_bin_type=True)]
+    position, patch = rest
+    data = bytearray(msgpack.packb({"v": 2, "kind": kind, **header, "buffers": []}, use_bin_type=True))
+    pos = position % len(data)
+    data[pos:pos + len(patch)] = patch
+    return [bytes(data)]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_rogue_messages, min_size=1, max_size=30))
+def test_dispatcher_loop_survives_a_rogue_peer_and_the_scan_completes(running_sink, items):
+    from liveindex.stream.publisher import Publisher
+    from liveindex.stream.worker import Worker
+
+    from ..fake_modality import FakeModality, FakeSource
+
+    sink, _, _ = running_sink
+    scan = f"fuzz-d{next(_examples)}"
+    publisher = Publisher(sink=sink.endpoint, page_size=8, worker_timeout=1.0, store_timeout=3.0)
+    stop = threading.Event()
+    worker = Worker(dispatcher=publisher.endpoint, sink=sink.endpoint, name="good", stop_event=stop)
+    worker_thread = threading.Thread(target=worker.run, daemon=True)
+    worker_thread.start()
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.connect(publisher.endpoint)
+    for item in items:
+        rogue.send_multipart(_rogue_frames(item))
+    try:
+        report = publisher.run(FakeSource(FakeModality(), (4, 6)), scan_id=scan)
+    finally:
+        rogue.close(linger=0)
+        stop.set()
+        worker_thread.join(10)
+        publisher.close()
+    assert report.status == "complete"
+    pause = threading.Event()
+    for _ in range(200):
+        if any(s["scan"] == scan for s in sink.finished):
+            break
+        pause.wait(0.05)
+    summary = next(s for s in sink.finished if s["scan"] == scan)
+    assert summary["status"] == "complete" and summary["received"] == 24

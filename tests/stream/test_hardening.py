@@ -212,7 +212,7 @@ def test_a_stopped_publisher_leaves_a_partial_scan_that_says_why(peer):
 
 
 def test_a_second_run_cannot_discard_a_running_scan_but_a_restart_resumes_it(peer):
-    peer.send(scan_start_message("s1", NAV, run="a"), results_message(range(6), "s1"))
+    peer.send(scan_start_message("s1", NAV, run="a"), results_message(range(6), "s1", run="a"))
     assert peer.until(lambda: peer.sink.scans.get("s1") is not None and peer.sink.scans["s1"].n_received == 6)
     peer.send(scan_start_message("s1", NAV, run="b"))
     refused = [h for h in peer.replies() if h.get("refused")]
@@ -221,11 +221,17 @@ def test_a_second_run_cannot_discard_a_running_scan_but_a_restart_resumes_it(pee
     restart = decode(scan_start_message("s1", NAV, run="c")).header
     peer.send(encode("scan_start", {**{k: v for k, v in restart.items() if k not in ("v", "kind", "buffers")},
                                     "restart": True}))
-    page = decode(results_message(range(6, 12), "s1")).header
-    peer.send(encode("results", {**{k: v for k, v in page.items() if k not in ("v", "kind", "buffers")}, "run": "c"},
-                     dict(decode(results_message(range(6, 12), "s1")).arrays)))
+    peer.send(results_message(range(6, 9), "s1", run="c"), results_message(range(9, 12), "s1", run="a"))
     summary = _finished(peer)
     assert summary["status"] == "complete" and summary["received"] == 12
+    assert peer.sink.receiver.bad_total == 1  # the refused start; no result of a run the scan has was refused
+
+
+def test_results_and_a_scan_end_without_the_scans_run_are_refused(peer):
+    peer.send(scan_start_message("s1", NAV, run="a"), results_message(range(12), "s1", run="rogue"),
+              results_message(range(12), "s1"), encode("scan_end", {"scan": "s1", "frames_sent": 0, "status": "abort"}))
+    assert peer.until(lambda: peer.sink.receiver.bad_total == 3)
+    assert peer.sink.scans["s1"].n_received == 0 and not peer.sink.finished
 
 
 def test_a_refused_scan_ends_the_publisher_with_the_sinks_reason(tmp_path):

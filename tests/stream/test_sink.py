@@ -22,8 +22,8 @@ def _start(scan="s1", run=None):
     return scan_start_message(scan, NAV, run=run)
 
 
-def _results(indices, scan="s1"):
-    return results_message(indices, scan, confidence=0.7)
+def _results(indices, scan="s1", run=None):
+    return results_message(indices, scan, confidence=0.7, run=run)
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_a_restarted_sink_resumes_from_its_journal_and_a_new_run_under_the_same_
         thread.start()
         return sink, push, thread
 
-    sink, push, thread = run_sink([start("a"), _results(range(6))], max_scans=None)
+    sink, push, thread = run_sink([start("a"), _results(range(6), run="a")], max_scans=None)
     for _ in range(100):  # until the sink has journaled the page
         if sink.scans.get("s1") is not None and sink.scans["s1"].n_received == 6:
             break
@@ -120,7 +120,7 @@ def test_a_restarted_sink_resumes_from_its_journal_and_a_new_run_under_the_same_
     push.close(linger=0)
     # A new sink process on the same folder: resumes run "a" and finishes it; then run "b" under
     # the same id is refused (told to its publisher), and run "a"'s files stay as they are.
-    sink, push, thread = run_sink([_results(range(6, 12))], max_scans=None)
+    sink, push, thread = run_sink([_results(range(6, 12), run="a")], max_scans=None)
     for _ in range(200):
         if sink.finished:
             break
