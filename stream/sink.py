@@ -495,6 +495,7 @@ class Sink:
             state.previews.flush()
         record.close_journal()
         summary = state.summary()
+        summary["bad_messages"] = self.receiver.bad_total  # counted by this sink process since it started
         err = summary.get("median_error_deg")
         if err is not None:
             self.metrics.error_median.set(err)
