@@ -46,6 +46,7 @@ class ScanState:
         # unfilled, so the page is not acknowledged and its frames are indexed again.
         self.rejected_points = 0
         self.last_page_invalid = 0  # invalid results in the page last added
+        self.dropped_points = 0  # points the dispatcher skipped (--preview) and sent as not indexed
         self._summary_cache: tuple | None = None
         self.duplicates = 0
         # Wall clock of the scan's first start (the publisher's word; it survives a sink restart,
@@ -140,6 +141,8 @@ class ScanState:
             self.frames_by_worker[worker] = self.frames_by_worker.get(worker, 0) + new
             self.n_received += new
             self.duplicates += len(indices) - new
+            if worker == "dispatcher":
+                self.dropped_points += new
             self.t_first_result = self.t_first_result or now
             self.t_last_result = max(self.t_last_result or now, now)
         return fresh
@@ -258,6 +261,7 @@ class ScanState:
             "last_result_time": self.t_last_result,
             "frames_by_worker": dict(self.frames_by_worker),
             "rejected_points": self.rejected_points,
+            "dropped_points": self.dropped_points,
         }
         latency = self.latency_s[self.received]
         latency = latency[latency == latency]

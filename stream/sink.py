@@ -532,9 +532,11 @@ def outcome(state: ScanState, why: str | None = None) -> tuple[str, str | None]:
     """(complete | partial | failed, the reason): a scan with points missing is never complete."""
     missing = state.size - state.n_received
     end = state.end or {}
-    if missing == 0:
+    if missing == 0 and not state.dropped_points:
         return "complete", None
-    parts = [f"{missing} of {state.size} points missing"]
+    parts = [f"{missing} of {state.size} points missing"] if missing else []
+    if state.dropped_points:
+        parts.append(f"{state.dropped_points} frames dropped unindexed (preview mode)")
     if end.get("status") == "fail":
         parts.append(f"the publisher failed after sending {end.get('frames_sent')} frames")
     elif end.get("status") == "abort":
