@@ -31,7 +31,8 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Always O_APPEND: after a torn record is cut off, the next record starts at the new end.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        # O_NOFOLLOW: a symlink planted in the output folder never redirects the journal elsewhere.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | (0 if append else os.O_TRUNC)
         self._fd = os.open(self.path, flags, 0o644)
         self._dirty = False
 

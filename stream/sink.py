@@ -160,7 +160,14 @@ class Sink:
                     record.run = None
                 record.runs = {record.run}
                 continue
-            replayed = sum(self._accept(frames) for frames in replay(path))
+            if path.is_symlink() or not path.is_file():
+                log.warning("%s is not a journal the sink wrote (a link, or not a file); ignoring it", path)
+                continue
+            try:
+                replayed = sum(self._accept(frames) for frames in replay(path))
+            except OSError as exc:
+                log.error("cannot read the journal %s (%s); ignoring it", path, exc.strerror or exc)
+                continue
             record = self.book.get(scan)
             state = record.state if record is not None else None
             if state is None:
@@ -333,7 +340,12 @@ class Sink:
         for method in state.spec.methods:  # every label exported from the start: dashboards see zeros, not gaps
             self.metrics.frames_by_method.labels(method.label)
         if raw is not None:
-            record.journal = Journal(self.out_dir / f"{scan}{JOURNAL_SUFFIX}")
+            try:
+                record.journal = Journal(self.out_dir / f"{scan}{JOURNAL_SUFFIX}")
+            except OSError as exc:  # the disk refused: maps in memory, no page acknowledged until it takes them
+                log.error("cannot create the journal of scan %s in %s (%s): results stay in memory and on the live "
+                          "page, and the publisher keeps every page; free space or fix the folder", scan, self.out_dir,
+                          exc.strerror or exc)
             self._journal(record, raw)
         log.info("scan %s started (%s): %s points, phases %s", scan, state.spec.modality,
                  "x".join(map(str, state.nav_shape[::-1])), ", ".join(state.phase_names))

@@ -297,3 +297,17 @@ def test_a_stopped_publisher_exits_non_zero_and_says_partial(tmp_path):
     finally:
         sink.terminate()
         sink.wait(20)
+
+
+def test_a_symlink_planted_in_out_never_takes_the_journal_outside(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s1.journal").symlink_to(tmp_path / "outside.journal")  # dangling: exists() is False
+    peer = Peer(out)
+    try:
+        peer.send(scan_start_message("s1", NAV), results_message(range(6), "s1"))
+        assert peer.until(lambda: "s1" in peer.sink.scans and peer.sink.scans["s1"].n_received == 6)
+        assert not peer.replies(timeout_ms=1000)  # nothing journaled, so nothing acknowledged
+    finally:
+        peer.close()
+    assert not (tmp_path / "outside.journal").exists()
