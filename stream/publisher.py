@@ -435,6 +435,7 @@ class Publisher:
         status = {
             "sender": "dispatcher",
             "scan": self.scan,
+            "run": self.run_id,
             "frames_sent": int(self.next_first),
             "queue_depth": int(self.total - self.next_first + sum(p.count for p in self.ledger.values())),
             "backlog_frames": int(waiting),

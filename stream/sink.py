@@ -292,6 +292,9 @@ class Sink:
     def _heartbeat(self, header: dict, identity: bytes | None) -> None:
         if header.get("sender") != "dispatcher":
             return
+        record = self.book.get(header.get("scan")) if isinstance(header.get("scan"), str) else None
+        if record is not None and header.get("run") not in record.runs:
+            return  # not this scan's publisher: it neither shows on the page nor gets acknowledgements
         self.dispatcher_status = header
         self.dispatcher_heard = time.monotonic()
         self.metrics.queue_depth.set(header.get("queue_depth", 0))
@@ -299,7 +302,6 @@ class Sink:
         self.metrics.backlog.set(header.get("backlog_frames", 0))
         self.metrics.backlog_spilled.set(header.get("spilled_frames", 0))
         self.metrics.frames_dropped.set(header.get("dropped_frames", 0))
-        record = self.book.get(header.get("scan")) if isinstance(header.get("scan"), str) else None
         if record is None:
             return
         if identity is not None:

@@ -311,3 +311,20 @@ def test_a_symlink_planted_in_out_never_takes_the_journal_outside(tmp_path):
     finally:
         peer.close()
     assert not (tmp_path / "outside.journal").exists()
+
+
+def test_a_heartbeat_of_another_run_gets_no_acknowledgements_and_does_not_show(peer):
+    real = zmq.Context.instance().socket(zmq.DEALER)
+    real.connect(peer.sink.endpoint)
+    try:
+        real.send_multipart(scan_start_message("s1", NAV, run="a"))
+        assert peer.until(lambda: "s1" in peer.sink.scans)
+        peer.send(encode("heartbeat", {"sender": "dispatcher", "scan": "s1", "run": "rogue", "workers": [
+            {"name": "fake", "state": "indexing", "credit": 9}]}))
+        real.send_multipart(results_message(range(6), "s1", run="a"))
+        assert real.poll(10_000)  # the acknowledgement goes to the scan's own publisher
+        assert decode(real.recv_multipart()).header["pages"] == [0]
+        assert not peer.replies(timeout_ms=500)
+        assert peer.sink.dispatcher_status.get("run") != "rogue"
+    finally:
+        real.close(linger=0)
