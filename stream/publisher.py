@@ -351,7 +351,10 @@ class Publisher:
             return
         worker = self.workers.get(identity)
         if worker is None:
-            worker = self.workers[identity] = WorkerState(name=message.header.get("worker") or message.header.get("sender", "?"))
+            # The kind's own validated name field (credit: worker, heartbeat: sender), never another
+            # field a peer may fill with anything: the name goes into the dispatcher's status.
+            name = message.header["worker"] if message.kind == "credit" else message.header.get("sender", "?")
+            worker = self.workers[identity] = WorkerState(name=str(name)[:100])
             log.info("worker %s connected", worker.name)
             if not self._announce_scan(identity):  # it prepares the scan's indexer before its first page
                 return
@@ -364,7 +367,7 @@ class Publisher:
                     page.t_done, page.done_seq = worker.last_seen, worker.pages_done
                     worker.pages_done += 1
         elif message.kind == "heartbeat":
-            worker.state = str(message.header.get("state", worker.state))
+            worker.state = str(message.header.get("state", worker.state))[:60]
             if "prefetch" in message.header:
                 # Credit is re-derived every beat from the worker's slots and the pages it
                 # holds by our ledger, so a credit message lost on the way costs a second,

@@ -11,7 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from liveindex.models.ebsd.files import load_file
@@ -261,6 +261,7 @@ def _rogue_frames(item):
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_rogue_messages, min_size=1, max_size=30))
+@example([("field", (1, "worker", 1.0))])  # found by this test: a heartbeat's stray field became a worker's name
 def test_dispatcher_loop_survives_a_rogue_peer_and_the_scan_completes(running_sink, items):
     from liveindex.stream.publisher import Publisher
     from liveindex.stream.worker import Worker
