@@ -261,8 +261,10 @@ def main() -> int:
         thread.join(0.2)
         now = time.monotonic()
         acquiring = publisher.next_first < publisher.total
-        if not acquiring and not bad.paused.is_set():
-            bad.paused.set()  # the scan's last pages: the bad peer has said its piece
+        if publisher.next_first >= 0.97 * publisher.total and not bad.paused.is_set():
+            # The bad peer stops with the scan's last 3% still to come, so that the final sink
+            # has counted all it sent before it writes its count into the scan's summary.
+            bad.paused.set()
         if thread.is_alive() and acquiring and now >= next_worker_kill:
             victim = parts.workers.pop(0)
             victim.process.kill()
@@ -270,7 +272,7 @@ def main() -> int:
             worker_kills += 1
             parts.start_workers(publisher.endpoint)
             next_worker_kill = time.monotonic() + args.kill_worker_every
-        if thread.is_alive() and acquiring and now >= next_sink_kill:
+        if thread.is_alive() and publisher.next_first < 0.97 * publisher.total and now >= next_sink_kill:
             # Every bad message sent so far is counted by this sink before it dies.
             bad.paused.set()
             deadline = time.monotonic() + 30
@@ -284,7 +286,8 @@ def main() -> int:
             parts.sink.process.join(10)
             sink_kills += 1
             parts.sink = parts.start_sink()
-            bad.paused.clear()
+            if publisher.next_first < 0.97 * publisher.total:
+                bad.paused.clear()
             next_sink_kill = time.monotonic() + args.kill_sink_every
     report = result["report"]
     parts.sink.wait(600)

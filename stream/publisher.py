@@ -47,7 +47,8 @@ class ScanRefused(LiveIndexError):
     """The sink refused the scan (its id is running or has results there, or no space)."""
 
 DEFAULT_MEMORY_LIMIT = 512_000_000  # bytes of pages held in memory before spilling to disk
-MAX_ACQUIRE_PER_LOOP = 32  # pages, so a fast detector clock cannot starve the sockets
+MAX_ACQUIRE_PER_LOOP = 32
+MAX_CREDIT = 1000  # pages a worker may ask for ahead (a peer's larger claims are cut to this)  # pages, so a fast detector clock cannot starve the sockets
 
 
 @dataclass
@@ -360,7 +361,7 @@ class Publisher:
                 return
         worker.last_seen = time.perf_counter()
         if message.kind == "credit":
-            worker.credit += message.header["pages"]
+            worker.credit = min(worker.credit + message.header["pages"], MAX_CREDIT)
             for scan, first in message.header["done"]:
                 page = self.ledger.get(first) if scan == self.scan else None
                 if page is not None and page.worker == identity:
@@ -368,12 +369,13 @@ class Publisher:
                     worker.pages_done += 1
         elif message.kind == "heartbeat":
             worker.state = str(message.header.get("state", worker.state))[:60]
-            if "prefetch" in message.header:
+            prefetch = message.header.get("prefetch")
+            if isinstance(prefetch, int) and not isinstance(prefetch, bool):
                 # Credit is re-derived every beat from the worker's slots and the pages it
                 # holds by our ledger, so a credit message lost on the way costs a second,
                 # not a worker (and a new dispatcher learns a running worker's slots).
                 held = sum(1 for p in self.ledger.values() if p.worker == identity and p.t_done is None)
-                worker.credit = max(0, int(message.header["prefetch"]) - held)
+                worker.credit = max(0, min(prefetch, MAX_CREDIT) - held)
         else:
             self.receiver.reject(ValueError(f"dispatcher does not take {message.kind!r} messages from workers"))
 

@@ -105,7 +105,7 @@ class ScanState:
         keep[first_pos] = True
         fresh &= keep
         values = {f.name: a[f.name] for f in self.spec.fields}
-        broken = self._not_unit_quaternions(values)
+        broken = self.not_unit_quaternions(values)
         self.last_page_invalid = int(broken.sum())
         if broken.any():
             # A result whose orientation is not a unit quaternion is refused: the point stays
@@ -147,7 +147,7 @@ class ScanState:
             self.t_last_result = max(self.t_last_result or now, now)
         return fresh
 
-    def _not_unit_quaternions(self, values: dict) -> np.ndarray:
+    def not_unit_quaternions(self, values: dict) -> np.ndarray:
         q = values.get("quaternion")
         if q is None or not self.spec.has_orientations:
             return np.zeros(len(next(iter(values.values()))), bool)

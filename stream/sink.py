@@ -29,7 +29,7 @@ from .journal import SUFFIX as JOURNAL_SUFFIX
 from .journal import Journal, replay
 from .live_view import SinkView
 from .metrics import SinkMetrics
-from .protocol import Message, ScanStart, encode, without
+from .protocol import Message, ScanStart, check_results, encode, without
 from .scan_book import ScanRecord
 from .scan_state import ScanState
 from .security import stop_authenticator
@@ -414,6 +414,13 @@ class Sink:
             raise ProtocolError(f"results from another run of scan {state.scan} (a publisher restarted under the "
                                 "same scan id); dropped", message.header)
         if state.finished:
+            # Judged as any page is (a bad one counted the same whenever it comes), then
+            # acknowledged: the scan has what it needs.
+            check_results(message, state.spec)
+            invalid = int(state.not_unit_quaternions(message.arrays).sum())
+            if invalid:
+                self.receiver.reject(ProtocolError(f"{invalid} result(s) with a NaN or non-unit quaternion refused",
+                                                   message.header))
             self.metrics.duplicates.inc(message.header["count"])
             record.acks.append(first)
             if state.complete:

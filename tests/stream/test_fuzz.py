@@ -262,6 +262,7 @@ def _rogue_frames(item):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_rogue_messages, min_size=1, max_size=30))
 @example([("field", (1, "worker", 1.0))])  # found by this test: a heartbeat's stray field became a worker's name
+@example([("field", (1, "prefetch", 1.8446744073709556e+19))])  # found by this test: a credit too large to send
 def test_dispatcher_loop_survives_a_rogue_peer_and_the_scan_completes(running_sink, items):
     from liveindex.stream.publisher import Publisher
     from liveindex.stream.worker import Worker
