@@ -506,7 +506,7 @@ class Sink:
         state = record.state
         if state.finished:
             return
-        state.outcome = outcome(state, why)
+        status, reason = outcome(state, why)  # shown once the files are written, with their links
         state.finished = True
         record.done = True
         record.deadline = None
@@ -515,7 +515,7 @@ class Sink:
         if state.previews is not None:
             state.previews.flush()
         record.close_journal()
-        summary = state.summary()
+        summary = {**state.summary(), "status": status, "reason": reason}
         summary["bad_messages"] = self.receiver.bad_total  # counted by this sink process since it started
         err = summary.get("median_error_deg")
         if err is not None:
@@ -530,11 +530,11 @@ class Sink:
                       "journal keeps the results)", state.scan, exc, exc_info=not isinstance(exc, LiveIndexError))
             summary["error"] = str(exc)
         state.status = summary
+        state.outcome = (status, reason)
         self._forget_finished_except(state)
         self.finished.append(summary)
         if self.on_finished is not None:
             self.on_finished(list(self.finished))
-        status, reason = state.outcome
         (log.info if status == "complete" else log.error)(
             "scan %s %s: %d of %d points, %.0f frames/s%s%s", state.scan, status, state.n_received, state.size,
             summary["frames_per_second"], "" if err is None else f", median error {err:.2f} deg",

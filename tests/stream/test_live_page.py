@@ -88,7 +88,7 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path,
                 == case["maps"]
             page.wait_for_function("document.getElementById('pattern').naturalWidth > 0", timeout=10_000)
             assert page.evaluate("document.getElementById('pattern').naturalWidth") == case["preview"]
-            assert page.locator("#downloads a").count() >= 5
+            page.wait_for_function("document.querySelectorAll('#downloads a').length >= 5", timeout=30_000)
             assert page.evaluate("document.getElementById('ipf-key').naturalWidth") > 50
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / f"live-page-{modality}.png"), full_page=True)
