@@ -81,12 +81,10 @@ def index_file(source: ScanSource, out: Path, **options) -> dict:
     else:
         out_dir, name = out, Path(source.metadata.get("source", "scan")).stem
     start = ScanStart.from_header({"scan": name, **source.scan_start()})
-    indexed = (np.count_nonzero(maps["phase_id"] >= 0) if "phase_id" in maps
-               else np.count_nonzero(maps["method"] != start.not_indexed_code) if "method" in maps else source.size)
     summary = {
         "scan": name,
         "points": source.size,
-        "indexed": int(indexed),
+        "indexed": int(np.count_nonzero(start.indexed(maps))),
         "seconds": round(seconds, 3),
         "frames_per_second": round(source.size / seconds, 1) if seconds else None,
         "setup": start.setup,

@@ -289,6 +289,15 @@ class ScanStart:
     def has_orientations(self) -> bool:
         return "phase_id" in self.field and "quaternion" in self.field
 
+    def indexed(self, arrays: dict) -> np.ndarray:
+        """Which points of these field arrays were indexed: a phase where the scan has phases,
+        else a method other than "none", else every point."""
+        if "phase_id" in arrays:
+            return arrays["phase_id"] >= 0
+        if "method" in arrays:
+            return arrays["method"] != self.not_indexed_code
+        return np.ones(len(next(iter(arrays.values()))), bool)
+
 
 def _check_spec(spec, header) -> tuple[str, str, list[int]]:
     if not (isinstance(spec, list) and len(spec) == 3):

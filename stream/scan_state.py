@@ -93,11 +93,9 @@ class ScanState:
 
         ``replaying``: the page comes from the journal; its arrival time is the worker's
         (``t_done``), so rates and durations after a sink restart count from the scan's start."""
-        check_results(message, self.spec)
+        broken = self.judge(message)
         a = message.arrays
         indices = a["indices"]
-        if len(indices) and (indices.min() < 0 or indices.max() >= self.size):
-            raise ProtocolError(f"result indices run outside the scan's {self.size} points", message.header)
         fresh = ~self.received[indices]
         # A page may repeat an index within itself; keep the first occurrence.
         _, first_pos = np.unique(indices, return_index=True)
@@ -105,7 +103,6 @@ class ScanState:
         keep[first_pos] = True
         fresh &= keep
         values = {f.name: a[f.name] for f in self.spec.fields}
-        broken = self.not_unit_quaternions(values)
         self.last_page_invalid = int(broken.sum())
         if broken.any():
             # A result whose orientation is not a unit quaternion is refused: the point stays
@@ -147,10 +144,17 @@ class ScanState:
             self.t_last_result = max(self.t_last_result or now, now)
         return fresh
 
-    def not_unit_quaternions(self, values: dict) -> np.ndarray:
-        q = values.get("quaternion")
+    def judge(self, message: Message) -> np.ndarray:
+        """Check a result page against the scan (declared fields, indices inside it; a
+        ProtocolError otherwise) and return the mask of its invalid results: orientations
+        that are not unit quaternions."""
+        check_results(message, self.spec)
+        indices = message.arrays["indices"]
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.size):
+            raise ProtocolError(f"result indices run outside the scan's {self.size} points", message.header)
+        q = message.arrays.get("quaternion")
         if q is None or not self.spec.has_orientations:
-            return np.zeros(len(next(iter(values.values()))), bool)
+            return np.zeros(len(indices), bool)
         q = np.nan_to_num(q.astype(np.float64), nan=9.0, posinf=9.0, neginf=9.0)
         return ~(np.abs(np.linalg.norm(q, axis=1) - 1) < 1e-2)
 
@@ -241,9 +245,7 @@ class ScanState:
 
     def _summary(self) -> dict:
         err = self.median_error()
-        indexed = (int(np.count_nonzero(self.maps["phase_id"] >= 0)) if "phase_id" in self.maps
-                   else int(np.count_nonzero(self.maps["method"] != self.spec.not_indexed_code))
-                   if "method" in self.maps else self.n_received)
+        indexed = int(np.count_nonzero(self.spec.indexed(self.maps) & self.received))
         summary = {
             "scan": self.scan,
             "run": self.header.get("run"),

@@ -29,7 +29,7 @@ from .journal import SUFFIX as JOURNAL_SUFFIX
 from .journal import Journal, replay
 from .live_view import SinkView
 from .metrics import SinkMetrics
-from .protocol import Message, ScanStart, check_results, encode, without
+from .protocol import Message, ScanStart, encode, without
 from .scan_book import ScanRecord
 from .scan_state import ScanState
 from .security import stop_authenticator
@@ -416,8 +416,7 @@ class Sink:
         if state.finished:
             # Judged as any page is (a bad one counted the same whenever it comes), then
             # acknowledged: the scan has what it needs.
-            check_results(message, state.spec)
-            invalid = int(state.not_unit_quaternions(message.arrays).sum())
+            invalid = int(state.judge(message).sum())
             if invalid:
                 self.receiver.reject(ProtocolError(f"{invalid} result(s) with a NaN or non-unit quaternion refused",
                                                    message.header))
@@ -456,10 +455,7 @@ class Sink:
         self.metrics.duplicates.inc(len(fresh) - new)
         spec = state.spec
         arrays = message.arrays
-        if "phase_id" in arrays:
-            self.metrics.frames_indexed.inc(int((arrays["phase_id"][fresh] >= 0).sum()))
-        elif "method" in arrays:
-            self.metrics.frames_indexed.inc(int((arrays["method"][fresh] != spec.not_indexed_code).sum()))
+        self.metrics.frames_indexed.inc(int((spec.indexed(arrays) & fresh).sum()))
         if "method" in arrays:
             for code, n in enumerate(np.bincount(arrays["method"][fresh], minlength=len(spec.methods))):
                 if n:
