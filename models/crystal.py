@@ -67,13 +67,17 @@ class PhaseRecord:
         object.__setattr__(self, "atoms", tuple(atoms))
 
     # -- the wire -------------------------------------------------------------------------
-    def to_wire(self) -> dict:
+    def to_wire(self, *, payload: bool = True) -> dict:
+        """The record as a plain dict. ``payload=False`` leaves out ``extra["payload"]`` (a
+        modality's binary model of the phase, a master pattern say: it travels to workers in
+        scan_start but has no place in JSON summaries and the live page)."""
         wire = {"name": self.name, "space_group": self.space_group, "lattice": list(self.lattice),
                 "atoms": [list(a) for a in self.atoms], "point_group": self.point_group_name}
         if self.source is not None:
             wire["source"] = self.source
-        if self.extra:
-            wire["extra"] = dict(self.extra)
+        extra = {k: v for k, v in self.extra.items() if payload or k != "payload"}
+        if extra:
+            wire["extra"] = extra
         return wire
 
     @classmethod
@@ -119,13 +123,61 @@ class PhaseRecord:
 
         structure = Structure(atoms=[Atom(el, (x, y, z), occupancy=occ) for el, x, y, z, occ in self.atoms],
                               lattice=Lattice(*self.lattice))
-        return Phase(self.name, space_group=self.space_group, structure=structure)
+        phase = Phase(self.name, space_group=self.space_group, structure=structure)
+        # orix re-bases the lattice to its own axes (e1 || a, e3 || c*) keeping the atoms'
+        # Cartesian positions, which moves their fractional coordinates wherever diffpy's
+        # base differs (every hexagonal and trigonal cell: hcp Ti's (1/3, 2/3, 1/4) became
+        # (0.577, 0.577, 1/4), and its structure factors nonsense). Fractional coordinates
+        # are what the structure means: put them back in the new base.
+        rebased = phase.structure
+        for atom, (_, x, y, z, _) in zip(rebased, self.atoms):
+            atom.xyz = np.array([x, y, z], float)
+        phase.structure = rebased
+        return phase
 
     def describe(self) -> str:
         a, b, c, al, be, ga = self.lattice
         return (f"{self.name}: space group {self.space_group}, point group {self.point_group_name}, Laue class "
                 f"{self.laue.name} ({self.crystal_system}), a={a:g} b={b:g} c={c:g} A, "
                 f"alpha={al:g} beta={be:g} gamma={ga:g} deg, {len(self.atoms)} atoms")
+
+
+def record_from_cif(path, *, name: str | None = None, source: str | None = None) -> PhaseRecord:
+    """A phase from a CIF: space group, lattice and every atom of the cell (diffpy.structure
+    expands the asymmetric unit with the CIF's symmetry operations). The name is ``name``, else
+    the file's stem; InputError (one line) for a file that is not a usable CIF."""
+    import warnings
+    from pathlib import Path
+
+    from diffpy.structure.parsers import p_cif
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"CIF {path} does not exist; give the path of a .cif file")
+    parser = p_cif.P_cif()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            structure = parser.parseFile(str(path))
+        space_group = int(parser.spacegroup.number)
+    except Exception as exc:  # diffpy raises StructureFormatError, ValueError, AttributeError...
+        raise InputError(f"cannot read {path} as a CIF ({type(exc).__name__}: {str(exc)[:200]}); it needs a cell, "
+                         "a space group (_symmetry_Int_Tables_number or the H-M symbol) and atom sites") from None
+    if not len(structure):
+        raise InputError(f"{path} has no atom sites (_atom_site_fract_x/y/z); a phase needs its atoms")
+    atoms = tuple((_element(atom.element), *(float(v) % 1.0 for v in atom.xyz), float(atom.occupancy))
+                  for atom in structure)
+    name = name or re.sub(r"[^A-Za-z0-9_.+()\- ]", "_", path.stem)[:64] or "phase"
+    return PhaseRecord(name=name, space_group=space_group, lattice=tuple(structure.lattice.abcABG()), atoms=atoms,
+                       source=source or f"cif:{path.name}")
+
+
+def _element(symbol: str) -> str:
+    """'Ti1', 'Fe2+', 'O2-' -> 'Ti', 'Fe', 'O' (the scattering factor tables know elements)."""
+    match = re.match(r"[A-Z][a-z]?", symbol.strip().capitalize())
+    if not match:
+        raise InputError(f"atom type {symbol!r} names no element; use element symbols in _atom_site_type_symbol")
+    return match.group(0)
 
 
 def phases_from_wire(records) -> list[PhaseRecord]:

@@ -161,7 +161,7 @@ class SinkView:
             "spilled_frames": dispatcher.get("spilled_frames"), "dropped_frames": dispatcher.get("dropped_frames"),
             "modality": spec.modality, "setup": spec.setup, "setup_rows": _setup_rows(spec),
             "phases": state.phase_names,
-            "phase_records": [p.to_wire() for p in spec.phases],
+            "phase_records": [p.to_wire(payload=False) for p in spec.phases],
             "methods": [m.to_wire() for m in spec.methods],
             "fields": [f.to_wire()[:3] for f in spec.fields],
             "maps": live_maps(state),

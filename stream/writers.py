@@ -140,7 +140,7 @@ def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary:
         _atomic(out / f"{name}_{map_name}.png", lambda p, rgb=rgb: p.write_bytes(png_bytes(rgb)))
     summary = {**summary, "files": [p.name for p in written] + [f"{name}.json"], "modality": start.modality,
                "methods": [m.label for m in start.methods], "fields": [f.to_wire()[:3] for f in start.fields],
-               "phases": [p.to_wire() for p in start.phases]}
+               "phases": [p.to_wire(payload=False) for p in start.phases]}
     _atomic(out / f"{name}.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     log.info("wrote %s", ", ".join(str(p) for p in written))
     return written

@@ -13,12 +13,11 @@ import numpy as np
 
 from liveindex.models import modality as modalities
 from liveindex.models.arrays import ArraySource, check_pattern_array
-from liveindex.models.crystal import PhaseRecord
 from liveindex.models.errors import InputError
 from liveindex.models.modality import FRAME_DTYPES, ScanSource
 
 from .geometry import DetectorGeometry
-from .master_patterns import phase_record
+from .master_patterns import phases_from_spec, record_of
 from .simulator import SimulatedScan
 
 log = logging.getLogger(__name__)
@@ -35,9 +34,9 @@ class SimulatedSource(ScanSource):
         self.geometry = scan.geometry
         self.pattern_shape = tuple(scan.geometry.pattern_shape)
         self.setup = scan.geometry.to_wire()
-        self.phases = [phase_record(scan.phase)]
+        self.phases = [record_of(key) for key in scan.phases]
         self.dtype = "uint8"
-        self.truth = {"quaternion": scan.truth, "phase_id": np.zeros(scan.size, np.int16)}
+        self.truth = {"quaternion": scan.truth, "phase_id": scan.truth_phase.astype(np.int16)}
         self.metadata = {"source": "simulated", "noise": scan.noise, "seed": scan.seed,
                          "grains": int(len(scan.grain_rotations))}
 
@@ -57,7 +56,8 @@ def array_source(patterns, *, geometry: DetectorGeometry, phases=("ni",), step=(
 
 
 def phase_records(phases) -> list:
-    return [p if isinstance(p, PhaseRecord) else phase_record(p) for p in phases]
+    """Records, built-in names, phase keys or files (as --phases takes them) -> records."""
+    return phases_from_spec(phases)
 
 
 def load_file(path, *, geometry: DetectorGeometry | None = None, phases=("ni",)) -> ArraySource:

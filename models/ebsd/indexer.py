@@ -37,13 +37,14 @@ import logging
 
 import numpy as np
 
-from liveindex.models.crystal import quaternion_multiply
+from liveindex.models.crystal import PhaseRecord, quaternion_multiply
 from liveindex.models.ebsd.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build, working_geometry
-from liveindex.models.ebsd.master_patterns import check_phases, point_group
+from liveindex.models.ebsd.master_patterns import check_phases, point_group, register
 from liveindex.models.errors import InputError
 from liveindex.models.onnx_runtime import choose_providers
 
 from .geometry import DetectorGeometry
+from .confidence import confidence, explained_share, white_noise_share
 from .matcher import TemplateIndexer
 from .preprocess import Preprocessor, StaticBackground
 from .refiner import Refiner
@@ -60,6 +61,8 @@ PAGE_MIN_POINTS = 4  # ... each found at this many points at least: a grain, not
 CONFIDENCE_THRESHOLD = 0.19
 CONFIDENCE_WIDTH = 0.015
 DEFAULT_MIN_CONFIDENCE = 0.0
+# A second phase whose best template scores within this of the first's is refined too.
+CONTENTION = 0.05
 
 
 def confidence_from_ncc(ncc: np.ndarray) -> np.ndarray:
@@ -114,7 +117,7 @@ class ScanIndexer:
         if indexer not in INDEXERS:
             raise InputError(f"indexer {indexer!r} is not one of {', '.join(INDEXERS)}")
         self.geometry = geometry
-        self.phases = check_phases(phases)
+        self.phases = check_phases([register(p) if isinstance(p, PhaseRecord) else p for p in phases])
         try:
             self.preprocess = Preprocessor.for_shape(geometry.pattern_shape, signal_mask=signal_mask)
         except ValueError as exc:
@@ -143,6 +146,7 @@ class ScanIndexer:
         self._providers, self._threads = providers, threads
         if refine:
             self.refine_at(geometry)
+            self._white_share = white_noise_share(self.preprocess)
         self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
 
     def refine_at(self, geometry: DetectorGeometry) -> None:
@@ -216,11 +220,22 @@ class ScanIndexer:
             self._match(flat, todo, result)
         if self.refiners:
             self._rescue_from_the_page(flat, valid, result)
+            self._judge(flat, valid, result)
         unsure = result.confidence < self.min_confidence
         result.phase_id[~valid | unsure] = -1
         result.confidence[~valid] = 0.0
         result.method[~valid] = METHOD_CODE["none"]
         return result
+
+    def _judge(self, flat: np.ndarray, valid: np.ndarray, result: IndexResult) -> None:
+        """Each answer's confidence from its refined NCC and the share of its pattern's
+        structure it explains (models/ebsd/confidence.py): one render per point."""
+        for p, refiner in enumerate(self.refiners):
+            rows = np.flatnonzero(valid & (result.phase_id == p))
+            if len(rows):
+                explained = explained_share(self.preprocess, flat[rows], refiner.render(result.quaternion[rows]),
+                                            result.score[rows], self._white_share)
+                result.confidence[rows] = confidence(result.score[rows], explained)
 
     def _network_first(self, flat: np.ndarray, todo: np.ndarray, result: IndexResult) -> np.ndarray:
         """The network answers what it can of ``todo``; returns the rows left to matching.
@@ -290,8 +305,29 @@ class ScanIndexer:
             mine = np.flatnonzero(phase == p)
             if len(mine):
                 self._refine(p, part[mine], indices[p][mine], result, rows[mine])
+        if len(self.phases) > 1:
+            self._refine_runner_up(part, rows, best_scores, indices, result)
         result.confidence[rows] = confidence_from_ncc(result.score[rows])
         result.method[rows] = METHOD_CODE["tm+refined"]
+
+    def _refine_runner_up(self, part: np.ndarray, rows: np.ndarray, best_scores: np.ndarray, indices, result) -> None:
+        """Where a second phase's best template scored within CONTENTION of the first's, refine
+        it too and keep the better refined fit: the templates sit on a 3 deg grid, and a
+        similar phase's template can outscore the right one's before refinement (fcc/bcc)."""
+        order = np.argsort(-best_scores, axis=0)
+        columns = np.arange(len(rows))
+        runner = order[1]
+        contested = np.flatnonzero(best_scores[runner, columns] >= best_scores[order[0], columns] - CONTENTION)
+        for p in range(len(self.phases)):
+            mine = contested[runner[contested] == p]
+            if not len(mine):
+                continue
+            q, ncc = self.refiners[p].refine(part[mine], self.indexers[p].dictionary.rotations[indices[p][mine, 0]])
+            better = ncc > result.score[rows[mine]]
+            target = rows[mine[better]]
+            result.phase_id[target] = p
+            result.quaternion[target] = q[better]
+            result.score[target] = ncc[better]
 
     def _refine(self, p: int, flat: np.ndarray, candidates: np.ndarray, result: IndexResult, rows: np.ndarray) -> None:
         refiner, rotations = self.refiners[p], self.indexers[p].dictionary.rotations
@@ -364,9 +400,9 @@ class ScanIndexer:
         return quaternions[chosen]
 
     def _equivalents(self, p: int, q: np.ndarray) -> np.ndarray:
-        """(..., B, 4) orientations -> (..., S, B, 4): each times phase p's proper symmetry
-        operators, in q's dtype."""
-        return quaternion_multiply(q[..., None, :, :], self._symmetry[p][:, None, :].astype(q.dtype))
+        """(..., B, 4) orientations -> (..., S, B, 4): phase p's proper symmetry operators times
+        each (orix's convention: the equivalents of q are s * q), in q's dtype."""
+        return quaternion_multiply(self._symmetry[p][:, None, :].astype(q.dtype), q[..., None, :, :])
 
     @staticmethod
     def _close(a: np.ndarray, equivalents: np.ndarray) -> np.ndarray:

@@ -47,7 +47,9 @@ class EBSD(Modality):
             parser.add_argument("--tilt", type=float, help="sample tilt in degrees (default: the file's, else 70)")
         if role in ("index", "publish", "demo"):
             parser.add_argument("--phases", default="ni",
-                                help="comma-separated expected phases (built in: ni, fe, ni3al)")
+                                help="comma-separated expected phases: built-in names (ni, fe, ni3al), CIF files "
+                                     "(kinematical master pattern from the atoms) or EMsoft master-pattern .h5 files "
+                                     "(dynamical), each optionally NAME=path (default: ni)")
         if role in ("publish", "demo"):
             parser.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"],
                                 help="noise of the simulated detector")
@@ -71,10 +73,10 @@ class EBSD(Modality):
 
     def open_source(self, args, *, role: str):
         from .files import SimulatedSource, load_file
-        from .master_patterns import check_phases
+        from .master_patterns import phases_from_spec
         from .simulator import SimulatedScan, parse_nav_shape
 
-        phases = check_phases(getattr(args, "phases", "ni").split(","))
+        phases = phases_from_spec(getattr(args, "phases", "ni"))
         geometry = _geometry(args)
         if getattr(args, "file", None):
             return load_file(args.file, geometry=geometry, phases=phases)
@@ -82,10 +84,8 @@ class EBSD(Modality):
             nav_shape = parse_nav_shape(getattr(args, "simulate", None) or getattr(args, "scan", "40x40"))
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        if len(phases) != 1:
-            raise InputError(f"the EBSD simulator renders one phase; name one with --phases (got {phases})")
         return SimulatedSource(SimulatedScan(nav_shape, noise=getattr(args, "noise", "moderate"),
-                                             seed=getattr(args, "seed", 0), geometry=geometry, phase=phases[0]))
+                                             seed=getattr(args, "seed", 0), geometry=geometry, phase=phases))
 
     def add_commands(self, subparsers) -> None:
         from .cli import add_commands
@@ -109,11 +109,11 @@ class EBSD(Modality):
     def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1, providers: str = "auto",
                 progress: bool = False, reason: str = "") -> "EBSDPageIndexer":
         from .geometry import DetectorGeometry
-        from .master_patterns import master_pattern_name
+        from .master_patterns import register
 
         options = dict(options or {})
         geometry = DetectorGeometry.from_wire(scan_start["setup"]).with_shape(scan_start["pattern_shape"])
-        names = [master_pattern_name(p) for p in phases_from_wire(scan_start["phases"])]
+        names = [register(p) for p in phases_from_wire(scan_start["phases"])]
         refine_pc = options.pop("refine_pc", False)
         key = (geometry.cache_key(), tuple(names), _options_key(options), threads, providers, refine_pc)
         with self._lock:

@@ -50,13 +50,15 @@ class SimulatedScan:
     """A polycrystal scan whose frames are rendered on demand, page by page."""
 
     def __init__(self, nav_shape=(40, 40), *, geometry: DetectorGeometry | None = None, noise: str = "moderate",
-                 grain_size: float = 8.0, phase: str = "ni", seed: int = 0):
+                 grain_size: float = 8.0, phase="ni", seed: int = 0):
         if noise not in NOISE_LEVELS:
             raise ValueError(f"noise level {noise!r} unknown; use one of {sorted(NOISE_LEVELS)}")
         self.nav_shape = tuple(nav_shape)
         self.geometry = geometry or DetectorGeometry()
         self.noise = noise
-        self.phase = phase
+        # One phase key (or record), or several: then each grain gets one of them at random.
+        self.phases = _phase_keys(phase)
+        self.phase = self.phases[0]
         self.seed = seed
         rng = np.random.default_rng(seed)
         ny, nx = self.nav_shape
@@ -70,6 +72,10 @@ class SimulatedScan:
         q *= np.sign(q[:, :1]) / np.linalg.norm(q, axis=1, keepdims=True)
         self.grain_rotations = q.astype(np.float32)
         self.truth = self.grain_rotations[self.grain_of_point]  # (N, 4)
+        # Drawn after the orientations, so a one-phase scan is the same as before phases came.
+        self.grain_phase = (rng.integers(0, len(self.phases), n_grains) if len(self.phases) > 1
+                            else np.zeros(n_grains, np.int64)).astype(np.int16)
+        self.truth_phase = self.grain_phase[self.grain_of_point]  # (N,) index into self.phases
         self._grain_patterns = self._render_grains()
         self._background = _background_shape(self.geometry)
 
@@ -82,11 +88,15 @@ class SimulatedScan:
 
         from liveindex.models.ebsd.master_patterns import master_pattern
 
-        mp = master_pattern(self.phase)
-        sim = mp.get_patterns(Rotation(self.grain_rotations), self.geometry.kikuchipy_detector(),
-                              energy=self.geometry.energy_kv, compute=True, dtype_out=np.float32,
-                              show_progressbar=False)
-        patterns = np.asarray(sim.data, dtype=np.float32).reshape(-1, *self.geometry.pattern_shape)
+        patterns = np.empty((len(self.grain_rotations), *self.geometry.pattern_shape), np.float32)
+        for p, key in enumerate(self.phases):
+            mine = np.flatnonzero(self.grain_phase == p)
+            if not len(mine):
+                continue
+            sim = master_pattern(key).get_patterns(Rotation(self.grain_rotations[mine]),
+                                                   self.geometry.kikuchipy_detector(), energy=self.geometry.energy_kv,
+                                                   compute=True, dtype_out=np.float32, show_progressbar=False)
+            patterns[mine] = np.asarray(sim.data, dtype=np.float32).reshape(-1, *self.geometry.pattern_shape)
         lo = patterns.min(axis=(1, 2), keepdims=True)
         hi = patterns.max(axis=(1, 2), keepdims=True)
         return (patterns - lo) / np.maximum(hi - lo, 1e-6)
@@ -100,6 +110,15 @@ class SimulatedScan:
         if level.counts is not None:
             signal = rng.poisson(signal * level.counts).astype(np.float32) / level.counts
         return np.clip(signal * 200.0, 0, 255).astype(np.uint8)
+
+
+def _phase_keys(phase) -> list[str]:
+    """A phase key, record or name, or a list of them -> phase keys (records are registered)."""
+    from liveindex.models.crystal import PhaseRecord
+    from liveindex.models.ebsd.master_patterns import check_phases, register
+
+    items = list(phase) if isinstance(phase, (list, tuple)) else [phase]
+    return check_phases([register(p) if isinstance(p, PhaseRecord) else p for p in items])
 
 
 def _nearest_seed(points: np.ndarray, seeds: np.ndarray, chunk: int = 65536) -> np.ndarray:
