@@ -71,6 +71,7 @@ def cmd_demo(args) -> int:
 
 def cmd_index(args) -> int:
     from .offline import index_file
+    from .scan_state import missing_phase_warning
 
     modality = _modality(args)
     source = modality.open_source(args, role="index")
@@ -79,6 +80,9 @@ def cmd_index(args) -> int:
                          **modality.indexing_options(args))
     print(f"liveindex index: {summary['points']} patterns, {summary['indexed']} indexed, "
           f"{summary['frames_per_second']} patterns/s; wrote {', '.join(summary['files'])}")
+    warning = missing_phase_warning(summary)
+    if warning:
+        print(f"liveindex index: {warning}")
     return 0
 
 

@@ -85,6 +85,7 @@ def index_file(source: ScanSource, out: Path, **options) -> dict:
         "scan": name,
         "points": source.size,
         "indexed": int(np.count_nonzero(start.indexed(maps))),
+        "unexplained": int(np.count_nonzero(start.unexplained(maps))),
         "seconds": round(seconds, 3),
         "frames_per_second": round(source.size / seconds, 1) if seconds else None,
         "setup": start.setup,

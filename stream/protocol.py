@@ -289,6 +289,18 @@ class ScanStart:
     def has_orientations(self) -> bool:
         return "phase_id" in self.field and "quaternion" in self.field
 
+    def unexplained(self, arrays: dict) -> np.ndarray:
+        """Points that were answered (a method other than "none") but that no listed phase
+        explains: they kept no phase (below the modality's minimum confidence) or their
+        confidence is below 0.5 (the contract: above 0.5 means right). Many of them mean a
+        phase is probably missing from the list, or patterns too poor to index."""
+        if "phase_id" not in arrays or "method" not in arrays:
+            return np.zeros(len(next(iter(arrays.values()))), bool)
+        doubtful = arrays["phase_id"] < 0
+        if "confidence" in arrays:
+            doubtful = doubtful | (arrays["confidence"] < 0.5)
+        return doubtful & (arrays["method"] != self.not_indexed_code)
+
     def indexed(self, arrays: dict) -> np.ndarray:
         """Which points of these field arrays were indexed: a phase where the scan has phases,
         else a method other than "none", else every point."""

@@ -264,6 +264,7 @@ class ScanState:
             "frames_by_worker": dict(self.frames_by_worker),
             "rejected_points": self.rejected_points,
             "dropped_points": self.dropped_points,
+            "unexplained": int(np.count_nonzero(self.spec.unexplained(self.maps) & self.received)),
         }
         latency = self.latency_s[self.received]
         latency = latency[latency == latency]
@@ -278,6 +279,20 @@ class ScanState:
             if "phase_id" in self.truth:
                 summary["wrong_phase"] = int(np.count_nonzero(scored & (self.maps["phase_id"] != self.truth["phase_id"])))
         return summary
+
+
+MISSING_PHASE_SHARE = 0.01  # unexplained points above this share of the answered ones get a warning
+
+
+def missing_phase_warning(summary: dict) -> str | None:
+    """The line the log, the page and ``liveindex index`` show where many points fit no listed
+    phase (confidence below 0.5, or no phase kept)."""
+    unexplained = summary.get("unexplained") or 0
+    answered = max(summary.get("received", summary.get("points", 0)) or 0, 1)
+    if unexplained < 10 or unexplained < MISSING_PHASE_SHARE * answered:
+        return None
+    return (f"{unexplained:,}".replace(",", " ") + f" points ({unexplained / answered:.0%}) fit no listed phase: "
+            "is a phase missing? (add it to --phases; or the patterns are too poor to index surely)")
 
 
 def _is_time(value) -> bool:

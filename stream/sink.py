@@ -31,7 +31,7 @@ from .live_view import SinkView
 from .metrics import SinkMetrics
 from .protocol import Message, ScanStart, encode, without
 from .scan_book import ScanRecord
-from .scan_state import ScanState
+from .scan_state import ScanState, missing_phase_warning
 from .security import stop_authenticator
 from .transport import Receiver, bound_endpoint, open_socket
 from .writers import write_outputs
@@ -535,6 +535,9 @@ class Sink:
             "scan %s %s: %d of %d points, %.0f frames/s%s%s", state.scan, status, state.n_received, state.size,
             summary["frames_per_second"], "" if err is None else f", median error {err:.2f} deg",
             "" if reason is None else f" ({reason})")
+        warning = missing_phase_warning(summary)
+        if warning:
+            log.warning("scan %s: %s", state.scan, warning)
 
     def _forget_finished_except(self, keep: ScanState) -> None:
         """Hold the maps of the scan just finished (still on the page) and of running scans

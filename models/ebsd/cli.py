@@ -107,3 +107,7 @@ def add_commands(sub) -> None:
     v.add_argument("--seed", type=int, help="held-out seed (default: as the bundle recorded)")
     v.add_argument("--json", help="also write the figures to this file")
     v.set_defaults(func=cmd_eval)
+
+    from .phases_cli import add_phases_command
+
+    add_phases_command(sub)

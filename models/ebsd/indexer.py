@@ -43,8 +43,8 @@ from liveindex.models.ebsd.master_patterns import check_phases, point_group, reg
 from liveindex.models.errors import InputError
 from liveindex.models.onnx_runtime import choose_providers
 
-from .geometry import DetectorGeometry
 from .confidence import confidence, explained_share, white_noise_share
+from .geometry import DetectorGeometry
 from .matcher import TemplateIndexer
 from .preprocess import Preprocessor, StaticBackground
 from .refiner import Refiner

@@ -239,6 +239,35 @@ def disorientation_degrees(q, truth, phase: str = "ni"):
     return angles(q, truth, proper_operators(record_of(phase).space_group))
 
 
+def describe_phase(record: PhaseRecord, *, n_reflectors: int = 12) -> str:
+    """What liveindex understood of a phase: symmetry, lattice, atoms, its master pattern and
+    (kinematical) the strongest reflector families, as ``liveindex phases show`` prints it."""
+    a, b, c, alpha, beta, gamma = record.lattice
+    key = phase_key(record)
+    payload = _payload(record)
+    lines = [f"phase {record.name} (key {key}, from {record.source})",
+             f"  space group {record.space_group} ({record.orix_phase().space_group.short_name}), point group "
+             f"{record.point_group_name}, Laue class {record.laue.name}, {record.crystal_system}",
+             f"  lattice a={a:.4f} b={b:.4f} c={c:.4f} angstrom, alpha={alpha:.2f} beta={beta:.2f} gamma={gamma:.2f} deg",
+             f"  {len(record.atoms)} atoms in the cell: " + ", ".join(
+                 f"{el} ({x:.4f}, {y:.4f}, {z:.4f}){'' if occ == 1 else f' occ {occ:g}'}"
+                 for el, x, y, z, occ in record.atoms[:8]) + (" ..." if len(record.atoms) > 8 else "")]
+    if key in DYNAMICAL:
+        lines.append("  master pattern: dynamical (EMsoft, shipped with kikuchipy)")
+    elif payload is not None:
+        shape = "x".join(str(v) for v in payload["shape"][1:])
+        lines.append(f"  master pattern: dynamical ({shape} Lambert, {payload['energy_kv']:g} kV), from the file, "
+                     "carried to the workers in the phase record")
+    else:
+        lines.append(f"  master pattern: kinematical from the atoms ({ENERGY_KV:g} kV, reflectors with d >= "
+                     f"{KINEMATICAL_MIN_D} angstrom and |F| >= {KINEMATICAL_MIN_F} of the strongest)")
+        hkl, d, f = reflectors(record.orix_phase())
+        lines.append(f"  {len(hkl)} reflector families; the strongest {min(n_reflectors, len(hkl))}:")
+        lines += [f"    {{{' '.join(str(v) for v in h)}}}  d={dd:.4f} A  |F|={ff:.2f}"
+                  for h, dd, ff in zip(hkl[:n_reflectors], d, f)]
+    return "\n".join(lines)
+
+
 # -- phases from the command line and from files ------------------------------------------------
 def phases_from_spec(spec) -> list[PhaseRecord]:
     """``--phases`` -> records: comma-separated built-in names, CIF paths, master-pattern files
@@ -276,7 +305,7 @@ def phase_from_file(path, *, name: str | None = None) -> PhaseRecord:
     path = Path(path)
     if not path.is_file():
         known = ", ".join(sorted(KNOWN_PHASES))
-        raise InputError(f"phase {str(path)!r} is neither built in ({known}) nor a file; give a CIF or an EMsoft "
+        raise InputError(f"unknown phase {str(path)!r}: neither built in ({known}) nor a file; give a CIF or an EMsoft "
                          "master-pattern .h5 path")
     if path.suffix.lower() == ".cif":
         return record_from_cif(path, name=name, source=f"cif:{path.name}")
@@ -310,17 +339,44 @@ def _record_from_master_pattern_file(path: Path, *, name: str | None) -> PhaseRe
     packed = zlib.compress(scaled.tobytes(), 6)
     phase = mp.phase
     structure = phase.structure
-    atoms = tuple((str(a.element), *(float(v) % 1.0 for v in a.xyz), float(a.occupancy)) for a in structure)
-    record_name = name or (phase.name if phase.name else "") or path.stem
-    record_name = re.sub(r"[^A-Za-z0-9_.+()\- ]", "_", record_name)[:64]
     if phase.space_group is None:
         raise InputError(f"{path} does not say the phase's space group; liveindex needs it for the symmetry")
+    lattice = tuple(structure.lattice.abcABG())
+    if max(lattice[:3]) < 1.0:  # EMsoft (and kikuchipy reading it) keep nm; a cell under 1 angstrom is none
+        lattice = tuple(v * 10.0 for v in lattice[:3]) + lattice[3:]
+    atoms = _full_cell([(_element_symbol(a.element), *(float(v) for v in a.xyz), float(a.occupancy))
+                        for a in structure], int(phase.space_group.number))
+    record_name = name or (phase.name if phase.name else "") or path.stem
+    record_name = re.sub(r"[^A-Za-z0-9_.+()\- ]", "_", record_name)[:64]
     payload = {"master_pattern": packed, "shape": list(scaled.shape), "dtype": "float16",
                "energy_kv": float(MASTER_PATTERN_ENERGY_KV),
                "sha256": hashlib.sha256(packed).hexdigest()}
     return PhaseRecord(name=record_name, space_group=int(phase.space_group.number),
-                       lattice=tuple(structure.lattice.abcABG()), atoms=atoms, source=f"master:{path.name}",
+                       lattice=lattice, atoms=atoms, source=f"master:{path.name}",
                        extra={"payload": payload})
+
+
+_ELEMENTS = ("H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
+             "Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb "
+             "Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm").split()
+
+
+def _element_symbol(element) -> str:
+    """EMsoft files name elements by atomic number ('28'); records use symbols ('Ni')."""
+    text = str(element).strip()
+    if text.isdigit() and 1 <= int(text) <= len(_ELEMENTS):
+        return _ELEMENTS[int(text) - 1]
+    return text
+
+
+def _full_cell(atoms, space_group: int) -> tuple:
+    """Asymmetric-unit atoms -> every atom of the cell, by the space group's operations."""
+    from diffpy.structure.spacegroups import GetSpaceGroup
+    from diffpy.structure.symmetryutilities import ExpandAsymmetricUnit
+
+    expanded = ExpandAsymmetricUnit(GetSpaceGroup(space_group), [a[1:4] for a in atoms])
+    return tuple((el, *(float(v) % 1.0 for v in xyz), occ)
+                 for (el, _, _, _, occ), positions in zip(atoms, expanded.expandedpos) for xyz in positions)
 
 
 def _payload(record: PhaseRecord) -> dict | None:

@@ -113,7 +113,10 @@ class EBSD(Modality):
 
         options = dict(options or {})
         geometry = DetectorGeometry.from_wire(scan_start["setup"]).with_shape(scan_start["pattern_shape"])
-        names = [register(p) for p in phases_from_wire(scan_start["phases"])]
+        records = phases_from_wire(scan_start["phases"])
+        names = [register(p) for p in records]
+        if options.get("min_confidence") is None:
+            options["min_confidence"] = default_min_confidence(records)
         refine_pc = options.pop("refine_pc", False)
         key = (geometry.cache_key(), tuple(names), _options_key(options), threads, providers, refine_pc)
         with self._lock:
@@ -129,6 +132,19 @@ class EBSD(Modality):
                     self._indexers.popitem(last=False)
             self._indexers.move_to_end(key)
         return EBSDPageIndexer(indexer, refine_pc=refine_pc)
+
+
+USER_PHASES_MIN_CONFIDENCE = 0.5
+
+
+def default_min_confidence(records) -> float:
+    """0.5 where any phase comes from a file (the user's own list: a point no listed phase
+    explains is marked, not mapped as the nearest phase); 0 for built-in phases only, where
+    every point keeps its best answer as before."""
+    from .master_patterns import BUILTIN_SOURCE
+
+    user_given = any(not (r.source or "").startswith(BUILTIN_SOURCE) for r in records)
+    return USER_PHASES_MIN_CONFIDENCE if user_given else 0.0
 
 
 class EBSDPageIndexer:
@@ -187,9 +203,11 @@ def _geometry(args):
 def _add_indexing_arguments(p) -> None:
     p.add_argument("--no-refine", action="store_true",
                    help="template matching only (faster, about 1.4 deg median instead of 0.05-0.5 deg)")
-    p.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
-                   help="points with confidence below C (0..1) get phase -1; confidence above 0.5 means right "
-                        "(within 3 deg) at least 99%% of the time (default 0: keep every point)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="C",
+                   help="points with confidence below C (0..1) get phase -1 (they fit no listed phase well enough); "
+                        "confidence above 0.5 means right phase and within 3 deg at least 99%% of the time "
+                        "(default: 0.5 where a scan's phases come from files, the user's own material; 0 for the "
+                        "built-in phases)")
     p.add_argument("--static-background", metavar="FILE.npy",
                    help="the detector's static background (default: each scan's running mean frame)")
     p.add_argument("--signal-mask", metavar="FILE.npy",
@@ -202,7 +220,7 @@ def _add_indexing_arguments(p) -> None:
 
 
 def _indexing_options(args) -> dict:
-    if not 0.0 <= args.min_confidence <= 1.0:
+    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
         raise InputError(f"--min-confidence {args.min_confidence} is outside 0..1; confidence 0.5 is the point "
                          "above which at least 99% of points are right")
     background = None
