@@ -1,66 +1,91 @@
-"""Fit the confidence calibration: refined NCC -> probability that a point is right (< 3 deg).
+"""Fit and check the confidence (models/ebsd/confidence.py) on right and wrong-phase answers.
 
-Indexes simulated scans with known orientations at every noise level (plus a harsher one,
-so there are enough wrong points to see the tail), pools the refined NCC of each point with
-whether it landed within 3 deg, and prints:
+Sets (simulated, 25x25 points, grain size 2, moderate and hard noise): each built-in or test
+phase indexed with itself (right answers) and with a phase that is not the scan's (fcc
+austenite/Ni, bcc ferrite, hcp Ti in every pairing: wrong answers), plus the real kikuchipy Ni
+scan (right answers, real patterns). Per point: refined NCC and the explained share E. Fits
+a logistic in log NCC and log E (wrong points weighted 5x) on seed 1, reports on seed 2 per
+set: how often confidence > 0.5, and over all sets how often a point above 0.5 is right
+(phase and within 3 deg). Prints the constants to put in models/ebsd/confidence.py.
 
-- the smallest NCC threshold above which at least 99.5% of points are right (the 0.5 point
-  of the confidence, with margin over the 99% promise),
-- the logistic width that fits the right/wrong split around it,
-- and, for the constants in stream/scan_indexer.py, how often points above confidence 0.5
-  are right per noise level.
-
-    .venv/bin/python benchmarks/calibrate_confidence.py [--size 30] [--seeds 11,12]
+    .venv/bin/python benchmarks/calibrate_confidence.py
 """
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
-from liveindex.models.ebsd.indexer import ScanIndexer, confidence_from_ncc
-from liveindex.models.ebsd.master_patterns import disorientation_degrees
-from liveindex.models.ebsd.simulator import NOISE_LEVELS, NoiseLevel, SimulatedScan
+from liveindex.models.ebsd import confidence as conf
+from liveindex.models.ebsd.confidence import explained_share
+from liveindex.models.ebsd.indexer import ScanIndexer
+from liveindex.models.ebsd.master_patterns import disorientation_degrees, phases_from_spec, register
+from liveindex.models.ebsd.simulator import SimulatedScan
 
-EXTRA_LEVELS = {"harsh": NoiseLevel(contrast=0.2, counts=20.0)}
+DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "tests" / "data"
+
+
+def features(indexer: ScanIndexer, frames: np.ndarray, background=None):
+    result = indexer.index(frames, indexer.new_background() if background is None else background)
+    flat, valid = indexer.preprocess(frames, indexer.new_background())
+    rendered = indexer.refiners[0].render(result.quaternion)
+    explained = explained_share(indexer.preprocess, flat, rendered, result.score, indexer._white_share)
+    return result, np.stack([np.log(np.maximum(result.score, 1e-3)), np.log(np.maximum(explained, 1e-3))], 1)
+
+
+def simulated_sets(seed: int):
+    ti = register(phases_from_spec(str(DATA / "ti.cif"))[0])
+    fe = register(phases_from_spec(str(DATA / "ferrite.cif"))[0])
+    pairs = [("ni", "ni"), ("fe", "fe"), (ti, ti), ("fe", "ni"), (ti, "ni"), ("ni", "fe"), ("ni", ti), (ti, fe),
+             (fe, ti), ("ni", fe)]
+    indexers = {}
+    for noise in ("moderate", "hard"):
+        for scan_phase, listed in pairs:
+            scan = SimulatedScan((25, 25), noise=noise, phase=scan_phase, seed=seed, grain_size=2)
+            if listed not in indexers:
+                indexers[listed] = ScanIndexer(scan.geometry, [listed], progress=False, indexer="templates")
+            result, x = features(indexers[listed], scan.render(0, scan.size))
+            right = (np.asarray(disorientation_degrees(result.quaternion, scan.truth, scan_phase)) < 3
+                     if scan_phase == listed else np.zeros(scan.size, bool))
+            name = f"{'right' if scan_phase == listed else 'wrong'} {_name(scan_phase)} as {_name(listed)} {noise}"
+            yield name, x, right
+
+
+def real_nickel():
+    import kikuchipy as kp
+
+    from liveindex.models.ebsd.files import python_source
+
+    source, carried = python_source(kp.data.nickel_ebsd_small(), phases=["ni"])
+    indexer = ScanIndexer(source.geometry, ["ni"], progress=False, static_background=carried["static_background"])
+    _, x = features(indexer, source.read(0, source.size))
+    return "right real Ni scan (kikuchipy)", x, np.ones(source.size, bool)
+
+
+def _name(key: str) -> str:
+    return key.split("-")[0]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=30, help="scan side (points); grain size 1, so every point differs")
-    parser.add_argument("--seeds", default="11,12")
-    args = parser.parse_args()
-    NOISE_LEVELS.update(EXTRA_LEVELS)
-    indexer = None
-    ncc, right, level = [], [], []
-    for noise in ("clean", "moderate", "hard", "harsh"):
-        for seed in map(int, args.seeds.split(",")):
-            scan = SimulatedScan((args.size, args.size), noise=noise, seed=seed, grain_size=1)
-            indexer = indexer or ScanIndexer(scan.geometry, ["ni"], progress=False)
-            result = indexer.index(scan.render(0, scan.size))
-            error = np.asarray(disorientation_degrees(result.quaternion, scan.truth))
-            ncc.append(result.score)
-            right.append(error < 3)
-            level += [noise] * scan.size
-    ncc, right, level = np.concatenate(ncc), np.concatenate(right), np.array(level)
-    order = np.argsort(-ncc)
-    precision = np.cumsum(right[order]) / np.arange(1, len(order) + 1)
-    ok = np.flatnonzero(precision >= 0.995)
-    threshold = float(ncc[order][ok.max()]) if len(ok) else float("nan")
-    # Logistic width by a one-parameter maximum likelihood around that threshold.
-    widths = np.geomspace(0.002, 0.1, 60)
-    loglik = [np.sum(np.where(right, -np.logaddexp(0, -(ncc - threshold) / w), -np.logaddexp(0, (ncc - threshold) / w)))
-              for w in widths]
-    width = float(widths[int(np.argmax(loglik))])
-    print(f"{len(ncc)} points, {int((~right).sum())} wrong; >=99.5% right above NCC {threshold:.4f}; logistic width "
-          f"{width:.4f}")
-    confidence = confidence_from_ncc(ncc)
-    for noise in dict.fromkeys(level):
-        mine = level == noise
-        sure = mine & (confidence > 0.5)
-        print(f"  {noise:9s} confidence > 0.5 on {sure.sum() / mine.sum():6.1%} of points; of those "
-              f"{right[sure].mean():.2%} right; right points below 0.5: {int((right & mine & ~sure).sum())}")
+    from sklearn.linear_model import LogisticRegression
+
+    real = real_nickel()
+    train = list(simulated_sets(1)) + [real]
+    x = np.concatenate([s[1] for s in train])
+    y = np.concatenate([s[2] for s in train])
+    weight = np.concatenate([np.where(s[2], 60.0 if s is real else 1.0, 5.0) for s in train])
+    model = LogisticRegression(C=10, max_iter=5000).fit(x, y, sample_weight=weight)
+    (a, b), c = model.coef_[0], model.intercept_[0]
+    print(f"fitted: COEF_LOG_NCC = {a:.2f}, COEF_LOG_EXPLAINED = {b:.2f}, INTERCEPT = {c:.2f} "
+          f"(in use: {conf.COEF_LOG_NCC}, {conf.COEF_LOG_EXPLAINED}, {conf.INTERCEPT})")
+    print("held-out seed, the constants in use:")
+    sure_right, sure = 0, 0
+    for name, x, right in list(simulated_sets(2)) + [real]:
+        c = conf.confidence(np.exp(x[:, 0]), np.exp(x[:, 1]))
+        above = c > 0.5
+        sure += int(above.sum())
+        sure_right += int((above & right).sum())
+        print(f"  {name:34s} confidence > 0.5: {above.mean():6.1%}   right: {right.mean():6.1%}")
+    print(f"points above 0.5 that are right (phase and within 3 deg): {sure_right / max(sure, 1):.2%} of {sure}")
 
 
 if __name__ == "__main__":

@@ -231,6 +231,13 @@ class Modality(ABC):
         """The scan to publish or index: ``args.file`` read, else (publish, demo) simulated."""
         raise InputError(f"modality {self.name} has no sources")
 
+    def python_source(self, patterns, *, setup=None, phases=None, step=None) -> tuple[ScanSource, dict]:
+        """The scan behind ``liveindex.index(patterns, ...)`` in Python: an array (numpy, dask)
+        or the field library's own object (a kikuchipy signal for EBSD); ``setup`` in the
+        modality's terms (EBSD: a kikuchipy EBSDDetector or a dict). Returns the source and
+        the indexing options the object itself carries (a static background, say)."""
+        raise InputError(f"modality {self.name} has no Python API source; index a file with liveindex index")
+
     def add_commands(self, subparsers) -> None:
         """Extra ``liveindex`` sub-commands (training, export)."""
 

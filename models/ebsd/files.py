@@ -113,3 +113,54 @@ def _load_with_kikuchipy(path: Path, *, geometry, phases) -> ArraySource:
     step = tuple(steps) if len(steps) == 2 else (1.0, steps[0])
     return array_source(patterns, geometry=geometry, phases=phases, step=step, name=str(path),
                         metadata={"format": type(signal).__name__})
+
+
+def python_source(patterns, *, detector=None, phases=("ni",), step=None) -> tuple[ArraySource, dict]:
+    """``liveindex.index``'s source: a kikuchipy EBSD signal (its detector, static background and
+    step), or a numpy/dask array of (N, H, W) or (ny, nx, H, W) patterns with ``detector`` (a
+    kikuchipy EBSDDetector or a dict). Returns the source and the options the signal carries."""
+    carried = {}
+    name = "array"
+    if hasattr(patterns, "axes_manager") and hasattr(patterns, "detector"):  # a kikuchipy EBSD signal
+        signal = patterns
+        detector = detector if detector is not None else signal.detector
+        background = getattr(signal, "static_background", None)
+        if isinstance(background, np.ndarray) and background.shape == tuple(signal.axes_manager.signal_shape[::-1]):
+            carried["static_background"] = background
+        if step is None:
+            scales = [abs(a.scale) for a in signal.axes_manager.navigation_axes][::-1]
+            step = tuple(scales) if len(scales) == 2 else (1.0, scales[0]) if scales else (1.0, 1.0)
+        name = f"kikuchipy {type(signal).__name__}"
+        patterns = signal.data
+        if patterns.ndim == 3 and signal.axes_manager.navigation_dimension == 1:
+            patterns = patterns[None]
+    if detector is None:
+        raise InputError("liveindex.index needs the detector geometry for an array: pass detector=EBSDDetector(...) "
+                         "or detector={'pc': (x, y, z), 'convention': 'bruker', 'sample_tilt': 70}")
+    if patterns.dtype.name not in FRAME_DTYPES:
+        patterns = patterns.astype(np.float32)
+    geometry = _geometry_of(detector, tuple(patterns.shape[-2:]))
+    source = array_source(patterns, geometry=geometry, phases=phases, step=step or (1.0, 1.0), name=name)
+    return source, carried
+
+
+def _geometry_of(detector, pattern_shape) -> DetectorGeometry:
+    """A kikuchipy EBSDDetector or a dict -> DetectorGeometry (PC in the Bruker convention)."""
+    if isinstance(detector, DetectorGeometry):
+        return detector.with_shape(pattern_shape)
+    if hasattr(detector, "pc_average"):
+        return DetectorGeometry(pattern_shape=pattern_shape, pc=tuple(float(v) for v in detector.pc_average),
+                                sample_tilt=float(detector.sample_tilt), tilt=float(detector.tilt),
+                                binning=int(detector.binning), px_size=float(detector.px_size))
+    if isinstance(detector, dict):
+        values = dict(detector)
+        if "pc" not in values:
+            raise InputError("the detector dict has no 'pc'; give {'pc': (x, y, z), 'convention': 'bruker'}")
+        pc = tuple(float(v) for v in values.pop("pc"))
+        convention = values.pop("convention", "bruker")
+        known = {"sample_tilt", "tilt", "binning", "px_size", "energy_kv"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"detector keys {unknown} are not known; use pc, convention, {', '.join(sorted(known))}")
+        return DetectorGeometry.from_convention(pc, convention, pattern_shape=pattern_shape, **values)
+    raise InputError(f"detector must be a kikuchipy EBSDDetector or a dict, not {type(detector).__name__}")

@@ -87,6 +87,11 @@ class EBSD(Modality):
         return SimulatedSource(SimulatedScan(nav_shape, noise=getattr(args, "noise", "moderate"),
                                              seed=getattr(args, "seed", 0), geometry=geometry, phase=phases))
 
+    def python_source(self, patterns, *, setup=None, phases=None, step=None):
+        from .files import python_source
+
+        return python_source(patterns, detector=setup, phases=phases if phases is not None else ("ni",), step=step)
+
     def add_commands(self, subparsers) -> None:
         from .cli import add_commands
 
@@ -224,7 +229,9 @@ def _indexing_options(args) -> dict:
         raise InputError(f"--min-confidence {args.min_confidence} is outside 0..1; confidence 0.5 is the point "
                          "above which at least 99% of points are right")
     background = None
-    if args.static_background:
+    if isinstance(args.static_background, np.ndarray):  # the Python API passes arrays
+        background = args.static_background.astype(np.float32)
+    elif args.static_background:
         try:
             background = np.load(args.static_background).astype(np.float32)
         except (OSError, ValueError) as exc:
@@ -234,15 +241,18 @@ def _indexing_options(args) -> dict:
             raise InputError(f"the static background {args.static_background} has shape {background.shape}; "
                              "give one (H, W) frame")
     mask = None
-    if args.signal_mask:
+    if isinstance(args.signal_mask, np.ndarray):
+        mask = args.signal_mask
+    elif args.signal_mask:
         try:
             mask = np.load(args.signal_mask)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read the signal mask {args.signal_mask}: {exc}; give a .npy of one (H, W) "
                              "boolean array, True where the pattern is") from None
+    if mask is not None:
         if mask.ndim != 2 or not (mask.dtype == bool or np.isin(mask, (0, 1)).all()):
-            raise InputError(f"the signal mask {args.signal_mask} is {mask.dtype} of shape {mask.shape}; give one "
-                             "(H, W) array of booleans (or 0/1), True where the pattern is")
+            raise InputError(f"the signal mask is {mask.dtype} of shape {mask.shape}; give one (H, W) array of "
+                             "booleans (or 0/1), True where the pattern is")
         mask = mask.astype(bool)
     return {"refine": not args.no_refine, "min_confidence": args.min_confidence, "static_background": background,
             "signal_mask": mask, "indexer": args.indexer, "bundle": args.bundle}
