@@ -7,7 +7,11 @@ high-contrast bands put the spectrum at low frequencies (IQ near 1), noise sprea
 IQ). The value is scale-free (the mean is removed; scaling cancels in the ratio), so the
 unit-variance normalisation kikuchipy does first changes nothing but rounding.
 
-Cost, measured on 60x60 uint8 frames, one core: COST_NOTE.
+Cost of a 128-frame page of 60x60 uint8 frames on one core: about 1.9 ms on a quiet machine
+(scipy's single-precision real FFT over the half spectrum, the weights folded onto it, one
+small matmul for both sums; numpy's rfft2 took 26 ms), and 3.9 ms against 79 ms for indexing
+the same pages at moderate noise (hybrid, refined) measured in one run on the two shared,
+busy cores: 4.9% of indexing.
 """
 
 from __future__ import annotations
