@@ -157,7 +157,7 @@ def test_index_under_another_modality_writes_its_declared_fields(tmp_path):
     proc = run_cli("index", tmp_path / "fake.npy", "--modality", "fake", "--out", tmp_path / "out.h5", timeout=120)
     assert proc.returncode == 0, proc.stderr
     xmap = orix_io.load(tmp_path / "out.h5")
-    assert xmap.shape == (5, 8) and set(xmap.prop) >= {"confidence", "method", "brightness"}
+    assert xmap.shape == (5, 8) and set(xmap.prop) >= {"confidence", "method", "iq", "fit", "kam"}
     np.testing.assert_array_equal(xmap.phase_id, source.truth["phase_id"])
     hexagonal = source.truth["phase_id"] == 1
     angle = Orientation(xmap.rotations.data[hexagonal], symmetry.D6h).angle_with(
