@@ -54,6 +54,9 @@ class PhaseRecord:
                 or not all(v < 180 for v in lattice[3:]):
             raise InputError(f"phase {self.name}: lattice {self.lattice!r} must be a, b, c (angstrom) and alpha, "
                              "beta, gamma (degrees, below 180), all positive")
+        if min(lattice[:3]) < 1.0:
+            raise InputError(f"phase {self.name}: lattice lengths {lattice[:3]} below 1 angstrom look like nanometres; "
+                             "give a, b, c in angstrom (nickel: 3.524, not 0.3524)")
         object.__setattr__(self, "lattice", lattice)
         atoms = []
         for atom in self.atoms:
@@ -117,23 +120,27 @@ class PhaseRecord:
         return self.point_group.system
 
     def orix_phase(self):
-        """orix Phase with the structure (lattice and atoms), for writers and simulation."""
+        """orix Phase with the structure (lattice and atoms), for writers and simulation.
+
+        The lattice is built in orix's alignment (e1 || a, e3 || c*) before the atoms go in:
+        orix re-aligns a diffpy lattice (e1 || a*) by keeping the atoms' Cartesian positions,
+        which moved every atom of a hexagonal or trigonal cell ((1/3, 2/3, 1/4) became
+        (0.577, 0.577, 0.25)); cubic, tetragonal and orthorhombic cells were unaffected."""
         from diffpy.structure import Atom, Lattice, Structure
         from orix.crystal_map import Phase
 
+        lattice = Lattice(*self.lattice)
+        base = _orix_aligned_base(lattice.base)
         structure = Structure(atoms=[Atom(el, (x, y, z), occupancy=occ) for el, x, y, z, occ in self.atoms],
-                              lattice=Lattice(*self.lattice))
-        phase = Phase(self.name, space_group=self.space_group, structure=structure)
-        # orix re-bases the lattice to its own axes (e1 || a, e3 || c*) keeping the atoms'
-        # Cartesian positions, which moves their fractional coordinates wherever diffpy's
-        # base differs (every hexagonal and trigonal cell: hcp Ti's (1/3, 2/3, 1/4) became
-        # (0.577, 0.577, 1/4), and its structure factors nonsense). Fractional coordinates
-        # are what the structure means: put them back in the new base.
-        rebased = phase.structure
-        for atom, (_, x, y, z, _) in zip(rebased, self.atoms):
-            atom.xyz = np.array([x, y, z], float)
-        phase.structure = rebased
-        return phase
+                              lattice=Lattice(base=base))
+        return Phase(self.name, space_group=self.space_group, structure=structure)
+
+    def hkl_families(self, max_families: int = 8, min_dspacing: float = 0.5) -> list[tuple[tuple[int, int, int], float]]:
+        """The phase's strongest reflector families, strongest first, as OIM lists them in an
+        .ang header: [((h, k, l), relative intensity 0..100)], one (h, k, l) per family (unique
+        by the point group), higher orders of a stronger family left out (they are its band).
+        See ``hkl_families``."""
+        return list(hkl_families(self.space_group, self.lattice, self.atoms, max_families, min_dspacing))
 
     def describe(self) -> str:
         a, b, c, al, be, ga = self.lattice
@@ -178,6 +185,97 @@ def _element(symbol: str) -> str:
     if not match:
         raise InputError(f"atom type {symbol!r} names no element; use element symbols in _atom_site_type_symbol")
     return match.group(0)
+
+
+def _orix_aligned_base(base: np.ndarray) -> np.ndarray:
+    """The structure matrix (rows a, b, c) turned so that a lies along e1 and c* along e3, as
+    orix keeps it (orix's ``new_structure_matrix_from_alignment(x="a", z="c*")``)."""
+    a, b, c = (np.asarray(v, float) for v in base)
+    e1 = a / np.linalg.norm(a)
+    c_star = np.cross(a, b)
+    e3 = c_star / np.linalg.norm(c_star)
+    e2 = np.cross(e3, e1)
+    frame = np.stack([e1, e2, e3])  # rows: the new axes in the old coordinates
+    return np.asarray(base, float) @ frame.T
+
+
+@functools.lru_cache(maxsize=64)
+def hkl_families(space_group: int, lattice: tuple, atoms: tuple, max_families: int = 8,
+                 min_dspacing: float = 0.5) -> tuple:
+    """((h, k, l), relative intensity) of a phase's strongest reflector families.
+
+    Families are the point group's unique (hkl) with d >= ``min_dspacing`` angstrom (diffsims'
+    ``ReciprocalLatticeVector``), scored by the kinematical structure factor |F| of every atom
+    of the cell (the records' atoms expanded by the space group, diffpy), with diffsims' X-ray
+    atomic scattering factors at s = 1/(2d); a family that is a multiple n(hkl) of a stronger
+    allowed family is left out (the same band: {222} beside {111}). Strongest first, ties by d (larger
+    first); intensity as a percentage of the strongest. Without atoms: the reflections the
+    space group's centring allows, largest d first (intensity 100).
+    """
+    from diffpy.structure import Atom
+    from diffpy.structure.spacegroups import GetSpaceGroup
+    from diffpy.structure.symmetryutilities import expandPosition
+    from diffsims.crystallography import ReciprocalLatticeVector
+    from diffsims.structure_factor.atomic_scattering_factor import get_kinematical_atomic_scattering_factor
+
+    record = PhaseRecord("families", int(space_group), tuple(lattice), tuple(atoms))
+    phase = record.orix_phase()
+    vectors = ReciprocalLatticeVector.from_min_dspacing(phase, min_dspacing).unique(use_symmetry=True)
+    hkl = np.rint(vectors.hkl).astype(int)
+    d = np.asarray(vectors.dspacing, float)
+    if record.atoms:
+        sg = GetSpaceGroup(int(space_group))
+        sites = []  # (element, occupancy, (n, 3) positions of its orbit)
+        for element, x, y, z, occupancy in record.atoms:
+            positions = np.asarray(expandPosition(sg, [x, y, z])[0], float) % 1.0
+            sites.append((element, occupancy, positions))
+        # Records may list the whole cell: keep each position once.
+        seen, unique_sites = set(), []
+        for element, occupancy, positions in sites:
+            keep = []
+            for pos in positions:
+                key = (element, *np.round(pos, 4) % 1.0)
+                if key not in seen:
+                    seen.add(key)
+                    keep.append(pos)
+            if keep:
+                unique_sites.append((element, occupancy, np.array(keep)))
+        s = 1.0 / (2.0 * d)
+        f_total = np.zeros(len(hkl), complex)
+        for element, occupancy, positions in unique_sites:
+            atom = Atom(element, occupancy=occupancy)
+            f = np.array([get_kinematical_atomic_scattering_factor(atom, si) for si in s])
+            f_total += f * np.exp(2j * np.pi * (hkl @ positions.T)).sum(axis=1)
+        strength = np.abs(f_total)
+        allowed = strength > 1e-6 * max(strength.max(), 1e-12)
+    else:
+        strength = np.ones(len(hkl))
+        allowed = np.asarray(vectors.allowed, bool) if hasattr(vectors, "allowed") else np.ones(len(hkl), bool)
+    rows = np.flatnonzero(allowed)
+    rows = rows[np.lexsort((-d[rows], -np.round(strength[rows], 9)))]
+    # A higher order n (h'k'l') of a stronger allowed family is the same band: left out.
+    row_of = {tuple(hkl[i]): i for i in rows}
+    order = []
+    for i in rows:
+        if len(order) == max_families:
+            break
+        g = int(np.gcd.reduce(np.abs(hkl[i])))
+        lower = [tuple(v) for n in range(2, g + 1) if g % n == 0
+                 for v in np.rint(ReciprocalLatticeVector(phase, hkl=[hkl[i] // n]).symmetrise().hkl).astype(int)]
+        if not any(row_of.get(v) is not None and strength[row_of[v]] >= strength[i] for v in lower):
+            order.append(i)
+    top = strength[order].max() if len(order) else 1.0
+    return tuple((_display_hkl(phase, hkl[i]), float(100.0 * strength[i] / top)) for i in order)
+
+
+def _display_hkl(phase, hkl) -> tuple[int, int, int]:
+    """The symmetric equivalent of (hkl) with the most non-negative, then the largest, indices
+    ((2, 0, 0) rather than (0, -2, 0))."""
+    from diffsims.crystallography import ReciprocalLatticeVector
+
+    equivalents = np.rint(ReciprocalLatticeVector(phase, hkl=[hkl]).symmetrise().hkl).astype(int)
+    best = max(equivalents.tolist(), key=lambda v: (sum(x >= 0 for x in v), v))
+    return tuple(int(x) for x in best)
 
 
 def phases_from_wire(records) -> list[PhaseRecord]:

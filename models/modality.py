@@ -17,8 +17,19 @@ modality (EBSD Kikuchi patterns, TEM spot patterns, ...) is one package under
   fields for one page. Preprocessing, matching, refinement and rescue stay inside.
 
 Where the fields include ``phase_id`` and ``quaternion`` the runtime makes orientation maps
-of them (IPF colours, disorientation against truth, orix CrystalMap files); other fields go
-to the HDF5 ``prop`` and the npz beside it.
+of them (IPF colours, disorientation against truth, kernel average misorientation, orix
+CrystalMap files, EDAX ``.ang`` and Oxford ``.ctf``); other fields go to the HDF5 ``prop``
+and the npz beside it. Two more field names have a meaning to the writers, as ``phase_id``
+and ``quaternion`` do (``QUALITY_FIELD``, ``FIT_FIELD``): ``iq``, a per-point pattern
+quality (higher is better: the .ang IQ column, the .ctf band contrast, the IQ map), and
+``fit``, a per-point misfit of the answer (lower is better, as OIM's fit and AZtec's MAD:
+the .ang fit and .ctf MAD columns).
+
+What the vendor files' headers need from the setup (EBSD: the projection centre in the
+TSL convention, the working distance, the tilts) comes from one optional hook,
+``export_header(setup, pattern_shape)``, which the sink calls through this registry when it
+writes a finished scan (``ExportHeader`` lists what it may answer). A sink that cannot load
+the modality writes the files without those values and says so in its log.
 
 This module imports numpy only: the runtime loads it everywhere, and a modality's heavy
 libraries load inside ``prepare`` and ``open_source``.
@@ -45,6 +56,8 @@ FRAME_DTYPES = ("uint8", "uint16", "uint32", "float32")
 FIELD_DTYPES = ("uint8", "uint16", "int16", "int32", "int64", "float32", "float64")
 NOT_INDEXED = "none"  # the method label of a point nobody indexed
 ORIENTATION_FIELDS = ("phase_id", "quaternion")
+QUALITY_FIELD = "iq"  # per-point pattern quality, higher is better (.ang IQ, .ctf BC, the IQ map)
+FIT_FIELD = "fit"  # per-point misfit of the answer, lower is better (.ang fit, .ctf MAD); NaN: none
 _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_FIELD_VALUES = 4096  # values per point in one field (an embedding of 4096 is plenty)
 
@@ -145,6 +158,58 @@ def methods_from_wire(wire) -> tuple[Method, ...]:
 def empty_results(fields, n: int) -> dict[str, np.ndarray]:
     """A page of ``n`` points that nobody indexed: every field at its fill."""
     return {f.name: f.allocate(n) for f in fields}
+
+
+@dataclass(frozen=True)
+class ExportHeader:
+    """What a modality tells the file writers about a scan's setup (``Modality.export_header``);
+    every value is optional (None: unknown, written as the format's "unknown", 0 in .ang).
+
+    ``pc_tsl``: the projection centre in the EDAX/TSL convention (x*, y*, z*), the .ang header's;
+    ``working_distance_mm``, ``energy_kv``, ``sample_tilt_deg``, ``detector_tilt_deg``: the .ang
+    and .ctf headers' (TSL WorkingDistance; Oxford KV, TiltAngle, WorkingDistance);
+    ``detector``: name -> number, text or list of numbers, stored as the attributes of the HDF5
+    file's ``detector`` group (EBSD: PC in every convention, pattern shape, pixel size, binning);
+    ``files``: name suffix -> text of extra files written beside the outputs as ``<scan><suffix>``
+    (EBSD: ``_detector.txt``, the detector as kikuchipy's ``EBSDDetector.save`` writes it).
+    """
+
+    pc_tsl: tuple[float, float, float] | None = None
+    working_distance_mm: float | None = None
+    energy_kv: float | None = None
+    sample_tilt_deg: float | None = None
+    detector_tilt_deg: float | None = None
+    detector: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.pc_tsl is not None:
+            pc = tuple(float(v) for v in self.pc_tsl)
+            if len(pc) != 3 or not all(np.isfinite(pc)):
+                raise InputError(f"export header pc_tsl {self.pc_tsl!r} must be three finite numbers")
+            object.__setattr__(self, "pc_tsl", pc)
+        for name in ("working_distance_mm", "energy_kv", "sample_tilt_deg", "detector_tilt_deg"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+                    raise InputError(f"export header {name} {value!r} must be a finite number")
+                object.__setattr__(self, name, float(value))
+        for suffix, text in self.files.items():
+            if not (isinstance(suffix, str) and _FILE_SUFFIX.match(suffix) and isinstance(text, str)):
+                raise InputError(f"export header file {suffix!r} must be a suffix such as '_detector.txt' with text")
+
+    def summary(self) -> dict:
+        """The header as plain JSON values (the scan's summary keeps it)."""
+        out = {k: getattr(self, k) for k in ("working_distance_mm", "energy_kv", "sample_tilt_deg",
+                                              "detector_tilt_deg") if getattr(self, k) is not None}
+        if self.pc_tsl is not None:
+            out["pc_tsl"] = list(self.pc_tsl)
+        if self.detector:
+            out["detector"] = dict(self.detector)
+        return out
+
+
+_FILE_SUFFIX = re.compile(r"^_[a-z0-9_]{1,32}\.[a-z0-9]{1,8}$")
 
 
 @runtime_checkable
@@ -249,6 +314,12 @@ class Modality(ABC):
     def describe_setup(self, setup: dict) -> list[tuple[str, str]]:
         """(label, value) pairs the live page shows for the setup."""
         return [(str(k), str(v)) for k, v in setup.items()]
+
+    def export_header(self, setup: dict, pattern_shape) -> ExportHeader:
+        """What the vendor files' headers say about this setup (optional: nothing by default).
+        The sink calls it when it writes a finished scan; it must be cheap and import nothing
+        heavy (no simulation library), as it runs in the sink's loop."""
+        return ExportHeader()
 
     @abstractmethod
     def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1,

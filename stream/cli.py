@@ -182,7 +182,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="index a saved scan (.npy or a file format the modality reads)")
     p.add_argument("file")
-    p.add_argument("--out", help="OUT.h5 or OUT.ang (the other outputs go beside it) or a folder")
+    p.add_argument("--out", help="OUT.h5, OUT.ang or OUT.ctf (the other outputs go beside it) or a folder")
     _add_modality_options(p, modality, "index")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])

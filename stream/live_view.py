@@ -110,8 +110,10 @@ def point_details(state: ScanState, index: int) -> dict:
                 rows.append(["method", (method.description or method.label) if method else str(int(value))])
             else:
                 shown = round(float(value), 4) if f.dtype.startswith("float") else int(value)
+                if isinstance(shown, float) and not np.isfinite(shown):
+                    shown = None  # JSON has no NaN (a fit where the method has none)
                 details[f.name] = shown
-                rows.append([f.name, f"{shown:.3f}" if isinstance(shown, float) else str(shown)])
+                rows.append([f.name, "-" if shown is None else f"{shown:.3f}" if isinstance(shown, float) else str(shown)])
         if spec.has_orientations and phase_id is not None and phase_id >= 0:
             q = values["quaternion"].astype(float)
             details["quaternion"] = [round(float(v), 5) for v in q]

@@ -25,7 +25,7 @@ from .writers import write_outputs
 
 log = logging.getLogger(__name__)
 
-OUTPUT_SUFFIXES = (".h5", ".ang")
+OUTPUT_SUFFIXES = (".h5", ".ang", ".ctf")
 CALIBRATION_POINTS = 1024  # the first points a modality may calibrate its setup on (EBSD: --refine-pc)
 
 
@@ -38,7 +38,8 @@ def index_source(source: ScanSource, *, threads: int = 0, providers: str = "auto
     the graphs are small, and a core per page beats every core on each graph (2 cores: 1.9x
     against 1.4x), as the live pipeline's one-thread workers do. A page indexer with a
     ``calibrate`` hook (EBSD's PC fit) gets the scan's first points first; what it found
-    goes into ``report``, its time into the seconds."""
+    goes into ``report`` (a ``setup`` there is the calibrated setup, which the written files
+    describe), its time into the seconds."""
     workers = threads or os.cpu_count() or 1
     modality = source.modality
     start = {"scan": "offline", **source.scan_start()}
@@ -80,7 +81,11 @@ def index_file(source: ScanSource, out: Path, **options) -> dict:
         out_dir, name = out.parent, out.stem
     else:
         out_dir, name = out, Path(source.metadata.get("source", "scan")).stem
-    start = ScanStart.from_header({"scan": name, **source.scan_start()})
+    header = {"scan": name, **source.scan_start()}
+    calibrated = report.pop("setup", None)  # a calibrate hook's setup (EBSD: the fitted PC) describes the scan
+    if isinstance(calibrated, dict):
+        header["setup"] = calibrated
+    start = ScanStart.from_header(header)
     summary = {
         "scan": name,
         "points": source.size,

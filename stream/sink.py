@@ -583,6 +583,7 @@ def check_out_dir(out_dir: Path) -> None:
 
 def _expected_bytes(start: ScanStart) -> int:
     """About what a scan writes: its journal and output files (about twice the result bytes
-    each, for the HDF5, .ang, npz) and a 1 kB preview a point."""
+    each, for the HDF5, .ang, .ctf, npz: about 110 and 70 bytes a point for the two text
+    files, within the margin) and a 1 kB preview a point."""
     per_point = sum(np.dtype(f.dtype).itemsize * int(np.prod(f.shape)) for f in start.fields) + 16
     return start.size * (6 * per_point + 1024)

@@ -1,11 +1,25 @@
 """Finished-scan outputs: every declared field, whatever the modality.
 
-- orix HDF5 and EDAX ``.ang`` where the fields include ``phase_id`` and ``quaternion``
-  (stream/orientation_map.py), other scalar fields as the CrystalMap's properties;
-- ``<name>_maps.npz``: every field as a flat array (vector fields too: an embedding);
-- PNG maps: IPF-Z and phase, confidence, method (the modality's colours), and each other
-  scalar field stretched over its range;
+Where the fields include ``phase_id`` and ``quaternion`` (stream/orientation_map.py):
+
+- ``<name>.h5``: orix HDF5 (rotations, phases with their structures, every other scalar
+  field and the KAM map as the CrystalMap's properties), the scan's outcome in the root
+  attributes and the modality's detector description in the ``detector`` group;
+- ``<name>.ang`` (EDAX/TSL OIM) and ``<name>.ctf`` (Oxford AZtec), stream/vendor_files.py;
+- ``<name>_kam.png``: kernel average misorientation.
+
+Always:
+
+- ``<name>_maps.npz``: every field as a flat array (vector fields too: an embedding), and
+  ``kam`` where there are orientations;
+- PNG maps: IPF-Z and phase, confidence, method (the modality's colours), the pattern
+  quality ``iq`` in grey, and each other scalar field stretched over its range;
+- files the modality's ``export_header`` adds (EBSD: ``<name>_detector.txt``, kikuchipy's);
 - ``<name>.json``: the scan's summary.
+
+The vendor headers' setup values (EBSD: the PC in the TSL convention, working distance,
+kV, tilts) come from the modality's ``export_header``, asked through the registry; a sink
+that cannot load the modality writes the files without them and says so in its log.
 
 Maps are flat arrays plus the in-data mask, as orix's CrystalMap keeps them, so the
 files load straight into orix, kikuchipy and MTEX.
@@ -22,9 +36,19 @@ from pathlib import Path
 import numpy as np
 
 from liveindex.models.errors import LiveIndexError
+from liveindex.models.modality import QUALITY_FIELD, ExportHeader
 
-from .orientation_map import ORIENTATION, ORIX_LOCK, crystal_map, ipf_colours, phase_rgb
+from .orientation_map import (
+    KAM_MAX_DEG,
+    ORIENTATION,
+    ORIX_LOCK,
+    crystal_map,
+    ipf_colours,
+    kernel_average_misorientation,
+    phase_rgb,
+)
 from .protocol import ScanStart
+from .vendor_files import write_ang, write_ctf
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +79,14 @@ def extra_scalar_fields(start: ScanStart) -> list[str]:
             if f.shape == () and f.name not in (*ORIENTATION, "confidence", "method")]
 
 
+def grey_rgb(levels: np.ndarray) -> np.ndarray:
+    """(N,) uint8 levels -> (N, 3) grey, as OIM and AZtec show image quality and band contrast."""
+    return np.repeat(levels[:, None], 3, axis=1)
+
+
 def map_images(maps: dict, start: ScanStart) -> dict[str, np.ndarray]:
-    """RGB images (ny, nx, 3) of every map the fields allow."""
+    """RGB images (ny, nx, 3) of every map the fields allow (and of ``kam`` where ``maps``
+    carries one: 0 to KAM_MAX_DEG degrees, not indexed black)."""
     ny, nx = start.nav_shape
     images = {}
     if start.has_orientations:
@@ -68,7 +98,13 @@ def map_images(maps: dict, start: ScanStart) -> dict[str, np.ndarray]:
         palette = np.array([m.rgb for m in start.methods], np.uint8)
         images["method"] = palette[np.minimum(maps["method"], len(palette) - 1)]
     for name in extra_scalar_fields(start):
-        images[name] = confidence_rgb(scalar_levels(maps[name]))
+        levels = scalar_levels(maps[name])
+        images[name] = grey_rgb(levels) if name == QUALITY_FIELD else confidence_rgb(levels)
+    if "kam" in maps:
+        kam = np.asarray(maps["kam"], np.float64)
+        rgb = confidence_rgb((np.clip(np.nan_to_num(kam / KAM_MAX_DEG), 0, 1) * 255).astype(np.uint8))
+        rgb[~np.isfinite(kam)] = 0
+        images["kam"] = rgb
     return {name: rgb.reshape(ny, nx, 3) for name, rgb in images.items()}
 
 
@@ -85,8 +121,8 @@ def png_bytes(rgb: np.ndarray, min_width: int = 400) -> bytes:
 
 
 def write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary: dict) -> list[Path]:
-    """Write <name>.h5, <name>.ang (orientation fields), <name>_maps.npz, <name>_<map>.png and
-    <name>.json; returns the paths.
+    """Write <name>.h5, <name>.ang, <name>.ctf (orientation fields), <name>_maps.npz,
+    <name>_<map>.png, the modality's extra files and <name>.json; returns the paths.
 
     Each file is written under a temporary name and renamed, so a full disk leaves no
     half-written file behind that looks complete; the error says which file and why.
@@ -95,9 +131,21 @@ def write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary: 
         return _write_outputs(out_dir, name, maps=maps, start=start, summary=summary)
 
 
-def _annotate(path: Path, summary: dict) -> None:
+def export_header(start: ScanStart) -> tuple[ExportHeader | None, str | None]:
+    """The modality's ``export_header`` for the scan's setup, asked through the registry; None
+    and the reason where this process cannot load the modality or the hook fails."""
+    from liveindex.models import modality as modalities
+
+    try:
+        return modalities.load(start.modality).export_header(start.setup, start.pattern_shape), None
+    except Exception as exc:  # an unknown modality, one not installed here, or a setup it refuses
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _annotate(path: Path, summary: dict, header: ExportHeader | None) -> None:
     """The scan's outcome in the HDF5 file's root attributes (liveindex_status: complete,
-    partial or failed; liveindex_reason; liveindex_missing), beside orix's own groups."""
+    partial or failed; liveindex_reason; liveindex_missing), beside orix's own groups; the
+    modality's detector description as the attributes of a ``detector`` group."""
     import h5py
 
     with h5py.File(path, "r+") as f:
@@ -105,6 +153,10 @@ def _annotate(path: Path, summary: dict) -> None:
         f.attrs["liveindex_reason"] = str(summary.get("reason") or "")
         f.attrs["liveindex_missing"] = int(summary.get("missing", 0))
         f.attrs["liveindex_modality"] = str(summary.get("modality", ""))
+        if header is not None and header.detector:
+            group = f.require_group("detector")
+            for key, value in header.detector.items():
+                group.attrs[str(key)] = value if not isinstance(value, (list, tuple)) else np.asarray(value)
 
 
 def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary: dict) -> list[Path]:
@@ -122,14 +174,24 @@ def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary:
             raise LiveIndexError(f"cannot write {path}: {exc.strerror or exc}; free space or choose --out elsewhere") from None
         written.append(path)
 
+    maps = dict(maps)
+    header, why = export_header(start)
+    if header is None:
+        log.warning("scan %s: modality %r could not describe its setup here (%s); the .ang and .ctf headers are "
+                    "written without the projection centre, working distance and tilts", name, start.modality, why)
     if start.has_orientations:
         from orix import io as orix_io
 
-        props = [f.name for f in start.fields if f.shape == () and f.name not in ORIENTATION]
+        maps["kam"] = kernel_average_misorientation(maps["quaternion"], maps["phase_id"], start.nav_shape,
+                                                    start.phases)
+        props = [f.name for f in start.fields if f.shape == () and f.name not in ORIENTATION] + ["kam"]
         xmap = crystal_map(maps, nav_shape=start.nav_shape, step=start.step, phases=start.phases, prop_fields=props)
-        ang_options = {"confidence_index_prop": "confidence"} if "confidence" in props else {}
-        _atomic(out / f"{name}.h5", lambda p: (orix_io.save(p, xmap, overwrite=True), _annotate(p, summary)))
-        _atomic(out / f"{name}.ang", lambda p: orix_io.save(p, xmap, overwrite=True, **ang_options))
+        _atomic(out / f"{name}.h5", lambda p: (orix_io.save(p, xmap, overwrite=True),
+                                                _annotate(p, {**summary, "modality": start.modality}, header)))
+        _atomic(out / f"{name}.ang", lambda p: write_ang(p, maps, start, header, scan_id=name))
+        _atomic(out / f"{name}.ctf", lambda p: write_ctf(p, maps, start, header, scan_id=name))
+    for suffix, text in (header.files.items() if header is not None else ()):
+        _atomic(out / f"{name}{suffix}", lambda p, text=text: p.write_text(text))
 
     def _npz(path: Path) -> None:
         with open(path, "wb") as f:
@@ -140,7 +202,8 @@ def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary:
         _atomic(out / f"{name}_{map_name}.png", lambda p, rgb=rgb: p.write_bytes(png_bytes(rgb)))
     summary = {**summary, "files": [p.name for p in written] + [f"{name}.json"], "modality": start.modality,
                "methods": [m.label for m in start.methods], "fields": [f.to_wire()[:3] for f in start.fields],
-               "phases": [p.to_wire(payload=False) for p in start.phases]}
+               "phases": [p.to_wire(payload=False) for p in start.phases],
+               "export_header": header.summary() if header is not None else {"unavailable": why}}
     _atomic(out / f"{name}.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     log.info("wrote %s", ", ".join(str(p) for p in written))
     return written

@@ -42,7 +42,8 @@ def results_message(indices, scan, *, quaternion=None, phase_id=0, confidence=0.
                               **({"run": run} if run is not None else {})},
                   {"indices": indices, "phase_id": np.full(n, phase_id, np.int16),
                    "quaternion": np.asarray(quaternion, np.float32), "confidence": np.full(n, confidence, np.float32),
-                   "method": np.full(n, method, np.uint8), "brightness": np.full(n, 0.5, np.float32),
+                   "method": np.full(n, method, np.uint8), "iq": np.full(n, 0.5, np.float32),
+                   "fit": np.full(n, 0.1, np.float32),
                    "embedding": np.zeros((n, 3), np.float32)})
 
 

@@ -4,8 +4,11 @@ Its "detector" writes each point's orientation and phase into the first pixels o
 uint16 frame (the rest is noise), and its indexer reads them back, so every result can be
 checked against the truth exactly. Two phases: a cubic one (m-3m) and hexagonal titanium
 (6/mmm, D6h), so orientation maps, disorientation and the writers are exercised with each
-phase's own symmetry. Fields beyond the orientation ones: ``brightness`` (a scalar, to the
-HDF5 properties) and ``embedding`` (a vector, to the npz).
+phase's own symmetry. Fields beyond the orientation ones: ``iq`` (a scalar: the frame's
+brightness, the writers' pattern-quality field), ``fit`` (a scalar, the writers' misfit
+field: 1 - confidence, NaN where not indexed) and ``embedding`` (a vector, to the npz). Its
+``export_header`` answers from the setup (the "gain" sets the working distance), so the
+vendor files' headers are exercised without EBSD.
 
 Registered for tests by LIVEINDEX_MODALITIES="fake=tests.fake_modality:FakeModality"
 (tests/conftest.py), which child processes inherit.
@@ -20,11 +23,12 @@ import numpy as np
 from liveindex.models.arrays import ArraySource
 from liveindex.models.crystal import PhaseRecord
 from liveindex.models.errors import InputError
-from liveindex.models.modality import Field, Method, Modality, ScanSource
+from liveindex.models.modality import ExportHeader, Field, Method, Modality, ScanSource
 
 SHAPE = (16, 16)
 SCALE = 30000.0  # a quaternion component q is stored as (q + 1) * SCALE
 UNREADABLE = 65535  # pixel (0, 5) at this value: a frame the indexer cannot read
+EXPORT_PC_TSL = (0.41, 0.72, 0.53)  # what export_header says the fake detector's PC is
 PHASES = (
     PhaseRecord("cubic-test", 225, (4.0, 4.0, 4.0, 90.0, 90.0, 90.0), (("Ni", 0.0, 0.0, 0.0, 1.0),), "fake:cubic"),
     PhaseRecord("ti-hcp", 194, (2.95, 2.95, 4.68, 90.0, 90.0, 120.0), (("Ti", 1 / 3, 2 / 3, 0.25, 1.0),), "fake:hcp"),
@@ -35,7 +39,8 @@ FIELDS = (
     Field("quaternion", "float32", (4,), [1.0, 0.0, 0.0, 0.0]),
     Field("confidence", "float32", (), 0.0),
     Field("method", "uint8", (), 1),
-    Field("brightness", "float32", (), 0.0),
+    Field("iq", "float32", (), 0.0),
+    Field("fit", "float32", (), 0.0),
     Field("embedding", "float32", (3,), 0.0),
 )
 
@@ -95,7 +100,8 @@ class FakeIndexer:
             "quaternion": q.astype(np.float32),
             "confidence": np.where(readable, 0.9, 0.0).astype(np.float32),
             "method": np.where(readable, 0, 1).astype(np.uint8),
-            "brightness": (frames.reshape(n, -1).mean(axis=1) * self.gain / 1000).astype(np.float32),
+            "iq": (frames.reshape(n, -1).mean(axis=1) * self.gain / 1000).astype(np.float32),
+            "fit": np.where(readable, 0.1, np.nan).astype(np.float32),
             "embedding": (frames[:, 1, :3] / 1000).astype(np.float32),
         }
 
@@ -132,6 +138,12 @@ class FakeModality(Modality):
 
     def describe_setup(self, setup: dict) -> list[tuple[str, str]]:
         return [("gain", f"{setup.get('gain')}")]
+
+    def export_header(self, setup: dict, pattern_shape) -> ExportHeader:
+        gain = self.check_setup(setup, pattern_shape)["gain"]
+        return ExportHeader(pc_tsl=EXPORT_PC_TSL, working_distance_mm=10.0 * gain, energy_kv=15.0,
+                            sample_tilt_deg=70.0, detector={"gain": gain, "pc_tsl": list(EXPORT_PC_TSL)},
+                            files={"_fake.txt": f"gain {gain}\n"})
 
     def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1, providers: str = "auto",
                 progress: bool = False, reason: str = "") -> FakeIndexer:

@@ -66,3 +66,19 @@ def test_a_bad_setup_is_refused_with_a_named_error(name):
     modality = modalities.load(name)
     with pytest.raises(InputError):
         modality.check_setup({"pc": [5, 5, 5], "gain": -1}, (60, 60))
+
+
+@pytest.mark.parametrize("name", MODALITIES)
+def test_export_header_describes_the_setup_for_the_vendor_files(name):
+    from liveindex.models.modality import ExportHeader
+
+    modality = modalities.load(name)
+    source = _demo_source(modality)
+    header = modality.export_header(source.setup, source.pattern_shape)
+    assert isinstance(header, ExportHeader)
+    summary = header.summary()
+    import json
+
+    json.dumps(summary)  # the scan's summary keeps it
+    if header.pc_tsl is not None:
+        assert len(header.pc_tsl) == 3 and all(np.isfinite(header.pc_tsl))

@@ -36,9 +36,9 @@ EXPLAINED_BLUR = 1.0  # Gaussian sigma of L, working pixels: Kikuchi bands are 2
 # moderate and hard noise (right answers, and wrong-phase fits in every pairing of fcc, bcc
 # and hcp, weighted 5x) and the real kikuchipy Ni scan (right answers: real patterns leave
 # more structure unexplained than simulated ones, E about 0.43, and must not read as wrong).
-COEF_LOG_NCC = 8.85
-COEF_LOG_EXPLAINED = 7.75
-INTERCEPT = 13.25
+COEF_LOG_NCC = 10.61
+COEF_LOG_EXPLAINED = 9.31
+INTERCEPT = 15.89
 WHITE_NOISE_FRAMES = 64
 
 

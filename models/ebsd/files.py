@@ -7,6 +7,7 @@ frames by index range, so a page lost with a worker can be rendered or read agai
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,15 @@ def load_file(path, *, geometry: DetectorGeometry | None = None, phases=("ni",))
     return _load_with_kikuchipy(path, geometry=geometry, phases=phases)
 
 
+def _working_distance(signal) -> float | None:
+    """The working distance (mm) kikuchipy read from the file, where it has one."""
+    try:
+        wd = float(signal.metadata.get_item("Acquisition_instrument.SEM.working_distance"))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return wd if 0 < wd < 1000 else None
+
+
 def _load_with_kikuchipy(path: Path, *, geometry, phases) -> ArraySource:
     import kikuchipy as kp
 
@@ -109,6 +119,9 @@ def _load_with_kikuchipy(path: Path, *, geometry, phases) -> ArraySource:
                                     binning=int(det.binning), px_size=float(det.px_size))
         log.info("using the detector geometry stored in %s: PC %s (Bruker), sample tilt %.1f deg",
                  path, tuple(round(v, 4) for v in geometry.pc), geometry.sample_tilt)
+    wd = _working_distance(signal)
+    if wd is not None and geometry.working_distance_mm is None:
+        geometry = replace(geometry, working_distance_mm=wd)  # for the .ang and .ctf headers
     steps = [abs(a.scale) for a in signal.axes_manager.navigation_axes][::-1] or [1.0]
     step = tuple(steps) if len(steps) == 2 else (1.0, steps[0])
     return array_source(patterns, geometry=geometry, phases=phases, step=step, name=str(path),

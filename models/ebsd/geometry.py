@@ -31,6 +31,7 @@ class DetectorGeometry:
     binning: int = 1
     px_size: float = 70.0
     energy_kv: float = 20.0
+    working_distance_mm: float | None = None  # where the file says (the .ang and .ctf headers); simulation unaffected
 
     def __post_init__(self):
         object.__setattr__(self, "pattern_shape", tuple(int(n) for n in self.pattern_shape))
@@ -42,6 +43,9 @@ class DetectorGeometry:
             raise GeometryError(f"detector tilt {self.tilt} deg is outside [-90, 90]")
         if len(self.pattern_shape) != 2 or min(self.pattern_shape) < 2:
             raise GeometryError(f"pattern shape {self.pattern_shape} must be two sizes of at least 2 pixels")
+        wd = self.working_distance_mm
+        if wd is not None and (isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0 < wd < 1000):
+            raise GeometryError(f"working distance {wd!r} mm must be a number in (0, 1000)")
 
     @classmethod
     def from_convention(cls, pc, convention: str = "bruker", **kwargs) -> "DetectorGeometry":
@@ -66,7 +70,8 @@ class DetectorGeometry:
 
     @classmethod
     def from_wire(cls, d: dict) -> "DetectorGeometry":
-        known = {k: d[k] for k in ("pattern_shape", "pc", "sample_tilt", "tilt", "binning", "px_size", "energy_kv") if k in d}
+        known = {k: d[k] for k in ("pattern_shape", "pc", "sample_tilt", "tilt", "binning", "px_size", "energy_kv",
+                                   "working_distance_mm") if k in d}
         try:
             return cls(**known)
         except (TypeError, ValueError) as exc:

@@ -20,7 +20,7 @@ from liveindex.models.crystal import phases_from_wire
 from liveindex.models.errors import InputError
 from liveindex.models.modality import Modality
 
-from .results import FIELDS, METHODS
+from .results import FIELDS, METHODS, NCC_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,15 @@ class EBSD(Modality):
         pc = setup.get("pc") or []
         return [("PC (Bruker)", ", ".join(f"{v:.4f}" for v in pc)),
                 ("sample tilt", f"{setup.get('sample_tilt')}°"), ("detector tilt", f"{setup.get('tilt')}°"),
-                ("binning", str(setup.get("binning"))), ("beam energy", f"{setup.get('energy_kv')} kV")]
+                ("binning", str(setup.get("binning"))), ("beam energy", f"{setup.get('energy_kv')} kV")] + (
+            [("working distance", f"{setup['working_distance_mm']} mm")] if setup.get("working_distance_mm") else [])
+
+    def export_header(self, setup: dict, pattern_shape):
+        """The PC in the TSL convention (the .ang header), tilts, kV, working distance where the
+        setup has one, the detector for the HDF5 file and kikuchipy's detector file."""
+        from .conventions import export_header
+
+        return export_header(setup, pattern_shape)
 
     def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1, providers: str = "auto",
                 progress: bool = False, reason: str = "") -> "EBSDPageIndexer":
@@ -165,11 +173,17 @@ class EBSDPageIndexer:
         return self.indexer.model_name
 
     def index(self, frames: np.ndarray) -> dict[str, np.ndarray]:
-        return self.indexer.index(frames, self.background).fields()
+        from .quality import image_quality
+
+        fields = self.indexer.index(frames, self.background).fields()
+        fields["iq"] = image_quality(frames)
+        fields["fit"] = fit_from_score(fields)
+        return fields
 
     def calibrate(self, frames: np.ndarray) -> dict | None:
         """With ``refine_pc``: fit the projection centre on these first frames' sure points and
-        refine every later page at it; returns what the fit found (for OUT.json)."""
+        refine every later page at it; returns what the fit found (for OUT.json) and, as
+        ``setup``, the setup with the fitted PC (the written files' headers use it)."""
         if not self.refine_pc:
             return None
         from .pc_fit import fit_scan_pc
@@ -179,7 +193,16 @@ class EBSDPageIndexer:
         log.info("%s", fit.describe(given))
         return {"pc_refinement": {"pc": list(fit.geometry.pc), "given_pc": list(given.pc), "points": fit.points,
                                   "mean_ncc_before": round(fit.ncc_before, 5),
-                                  "mean_ncc_after": round(fit.ncc_after, 5), "convention": "bruker"}}
+                                  "mean_ncc_after": round(fit.ncc_after, 5), "convention": "bruker"},
+                "setup": fit.geometry.to_wire()}  # the files' headers (the .ang PC) take the fitted PC
+
+
+def fit_from_score(fields: dict[str, np.ndarray]) -> np.ndarray:
+    """The ``fit`` field: 1 - NCC of the answer (the refined NCC where it was refined; the best
+    template's where matching was not refined), lower is better, as OIM's fit and AZtec's MAD
+    (but not in degrees); NaN where there is no NCC (the network alone) and where not indexed."""
+    has_ncc = np.isin(fields["method"], NCC_METHODS) & (fields["phase_id"] >= 0)
+    return np.where(has_ncc, 1.0 - fields["score"], np.nan).astype(np.float32)
 
 
 def _options_key(options: dict) -> tuple:

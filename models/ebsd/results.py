@@ -26,7 +26,17 @@ FIELDS = (
     Field("confidence", "float32", (), 0.0, "calibrated: above 0.5 right (within 3 deg) at least 99% of the time"),
     Field("method", "uint8", (), METHOD_CODE["none"], "code of what answered (METHODS)"),
     Field("score", "float32", (), 0.0, "similarity of the answer: refined NCC, else the best match's NCC"),
+    # Two more, for the vendor files (models/modality.py QUALITY_FIELD, FIT_FIELD): added by
+    # EBSDPageIndexer.index from the raw frames and the score.
+    Field("iq", "float32", (), 0.0, "image quality of the raw frame (Krieger Lassen, as kikuchipy's "
+                                    "get_image_quality): the .ang IQ and .ctf band contrast"),
+    Field("fit", "float32", (), 0.0, "1 - NCC of the answer (refined where it was refined), lower is "
+                                              "better: the .ang fit and .ctf MAD columns; NaN where no NCC "
+                                              "(network alone, not indexed)"),
 )
+# Methods whose score is an NCC of the pattern against the answer's simulated pattern (the
+# network alone scores a probability instead).
+NCC_METHODS = tuple(METHOD_CODE[label] for label in ("tm", "tm+refined", "nn+refined"))
 
 
 @dataclass

@@ -33,6 +33,17 @@ def test_index_kikuchipy_written_file(tmp_path):
     xmap = orix_io.load(tmp_path / "ni.ang")
     assert xmap.shape == (3, 3)
     assert (xmap.phase_id >= 0).all()
+    # The file's own detector and working distance reach the .ang header (PC in the TSL
+    # convention), the .ctf and kikuchipy's detector file.
+    header = {w[1]: w[2:] for w in (line.split() for line in (tmp_path / "ni.ang").read_text().splitlines())
+              if w[:1] == ["#"] and len(w) > 2}
+    np.testing.assert_allclose([float(header[k][0]) for k in ("x-star", "y-star", "z-star")],
+                               signal.detector.pc_tsl().reshape(-1, 3).mean(axis=0), atol=1e-6)  # liveindex: the mean PC
+    assert float(header["WorkingDistance"][0]) == pytest.approx(24.7)
+    assert (orix_io.load(tmp_path / "ni.ctf").phase_id >= 0).all()
+    detector = kp.detectors.EBSDDetector.load(tmp_path / "ni_detector.txt")
+    np.testing.assert_allclose(detector.pc_average, signal.detector.pc_average, atol=1e-6)
+    assert (xmap.prop["iq"] > 0).all()
     # On real patterns, liveindex (matching at 30x30, then refining) must land where
     # kikuchipy's dictionary indexing at 60x60 followed by its own refinement lands.
     reference = _kikuchipy_refined_indexing(signal)
@@ -157,7 +168,7 @@ def test_index_under_another_modality_writes_its_declared_fields(tmp_path):
     proc = run_cli("index", tmp_path / "fake.npy", "--modality", "fake", "--out", tmp_path / "out.h5", timeout=120)
     assert proc.returncode == 0, proc.stderr
     xmap = orix_io.load(tmp_path / "out.h5")
-    assert xmap.shape == (5, 8) and set(xmap.prop) >= {"confidence", "method", "brightness"}
+    assert xmap.shape == (5, 8) and set(xmap.prop) >= {"confidence", "method", "iq", "fit", "kam"}
     np.testing.assert_array_equal(xmap.phase_id, source.truth["phase_id"])
     hexagonal = source.truth["phase_id"] == 1
     angle = Orientation(xmap.rotations.data[hexagonal], symmetry.D6h).angle_with(

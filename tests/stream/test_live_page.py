@@ -25,7 +25,7 @@ ARTIFACTS = Path(os.environ.get("LIVEINDEX_ARTIFACTS", Path(__file__).resolve().
 CASES = {
     "ebsd": {"settings": {"noise": "moderate"}, "words": ("ni", "confidence", "Euler", "PC (Bruker)"), "preview": 30,
              "maps": ["ipf", "phase", "confidence", "method"]},
-    "fake": {"settings": {}, "words": ("confidence", "Euler", "brightness", "gain"), "preview": 16,
+    "fake": {"settings": {}, "words": ("confidence", "Euler", "iq", "gain"), "preview": 16,
              "maps": ["ipf", "phase", "confidence", "method"]},
 }
 

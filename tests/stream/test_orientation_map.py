@@ -71,7 +71,8 @@ def test_a_hexagonal_phase_round_trips_through_the_sink_h5_and_ang_with_its_own_
         push.send_multipart(encode("results", {"scan": "hex", "first": 0, "count": n, "worker": "w", "timings": {}},
                                    {"indices": np.arange(n, dtype=np.int64), "phase_id": phase_true,
                                     "quaternion": answer, "confidence": np.full(n, 0.9, np.float32),
-                                    "method": np.zeros(n, np.uint8), "brightness": np.arange(n, dtype=np.float32),
+                                    "method": np.zeros(n, np.uint8), "iq": np.arange(n, dtype=np.float32),
+                                    "fit": np.full(n, 0.2, np.float32),
                                     "embedding": np.ones((n, 3), np.float32)}))
         thread.join(30)
         assert not thread.is_alive()
@@ -89,7 +90,7 @@ def test_a_hexagonal_phase_round_trips_through_the_sink_h5_and_ang_with_its_own_
     same_sign = np.where(answer[:, :1] < 0, -answer, answer)  # orix keeps w >= 0 (q and -q are one rotation)
     np.testing.assert_allclose(xmap.rotations.data, same_sign, atol=1e-6)
     np.testing.assert_array_equal(xmap.phase_id, phase_true)
-    np.testing.assert_allclose(xmap.prop["brightness"], np.arange(n))
+    np.testing.assert_allclose(xmap.prop["iq"], np.arange(n))
     ang = orix_io.load(tmp_path / "hex.ang")
     hex_id = next(i for i, p in ang.phases if p.point_group.laue.name == "6/mmm")  # .ang keeps the proper group, 622
     on_hex = ang.phase_id == hex_id
@@ -100,7 +101,7 @@ def test_a_hexagonal_phase_round_trips_through_the_sink_h5_and_ang_with_its_own_
     assert np.max(got.angle_with(want, degrees=True)) < 0.1
     maps = np.load(tmp_path / "hex_maps.npz")
     assert maps["embedding"].shape == (n, 3) and maps["quaternion"].shape == (n, 4)
-    for name in ("ipf", "phase", "confidence", "method", "brightness"):
+    for name in ("ipf", "phase", "confidence", "method", "iq", "fit", "kam"):
         assert (tmp_path / f"hex_{name}.png").stat().st_size > 100
 
 

@@ -30,7 +30,7 @@ def test_frames_round_trip_keeps_values_dtype_and_shape():
 
 def test_results_round_trip_and_match_the_declared_fields():
     msg = decode(_bytes(results_message(range(4), "s1")))
-    for name in ("indices", "phase_id", "quaternion", "confidence", "method", "brightness", "embedding"):
+    for name in ("indices", "phase_id", "quaternion", "confidence", "method", "iq", "fit", "embedding"):
         assert msg.arrays[name].shape[0] == 4
     check_results(msg, ScanStart.from_header(decode(scan_start_message("s1", (2, 3))).header))
 
@@ -100,7 +100,7 @@ def test_results_are_checked_against_the_declared_fields():
                             {k: v for k, v in page.arrays.items() if k != "embedding"}))
     with pytest.raises(ProtocolError, match="lack the declared field 'embedding'"):
         check_results(missing, start)
-    arrays = {**page.arrays, "brightness": page.arrays["brightness"].astype(np.float64)}
+    arrays = {**page.arrays, "iq": page.arrays["iq"].astype(np.float64)}
     wrong = decode(encode("results", {k: v for k, v in page.header.items() if k not in ("v", "kind", "buffers")}, arrays))
     with pytest.raises(ProtocolError, match="declared float32"):
         check_results(wrong, start)

@@ -166,6 +166,7 @@ def test_the_projection_centre_is_fitted_on_the_scan():
     report = {}
     fitted, _ = index_source(source, progress=False, indexer="templates", refine_pc=True, report=report)
     assert np.abs(np.array(report["pc_refinement"]["pc"]) - DEFAULT_PC).max() < 0.003, report
+    assert report["setup"]["pc"] == report["pc_refinement"]["pc"]  # what `liveindex index` writes the files with
     assert np.median(disorientation_degrees(off["quaternion"], scan.truth)) > 0.8
     assert np.median(disorientation_degrees(fitted["quaternion"], scan.truth)) < 0.3
 
