@@ -39,6 +39,12 @@ EXPLAINED_BLUR = 1.0  # Gaussian sigma of L, working pixels: Kikuchi bands are 2
 COEF_LOG_NCC = 10.61
 COEF_LOG_EXPLAINED = 9.31
 INTERCEPT = 15.89
+# With the reliability R (best template near the answer / best distinct one; models/ebsd/
+# indexer.py _compare_solutions): coefficients of log NCC, log E, log R, and the intercept.
+# R does not depend on how well the model renders the pattern (both templates are rendered
+# alike), so real patterns, which leave more structure unexplained (E about 0.43 on
+# kikuchipy's Ni scan), still read as right where one orientation stands out.
+RELIABLE = (10.76, 9.28, 0.0, 14.35)
 WHITE_NOISE_FRAMES = 64
 
 
@@ -62,10 +68,19 @@ def explained_share(preprocess: Preprocessor, patterns: np.ndarray, templates: n
     return (explained / np.maximum(explained + unexplained, 1e-12)).astype(np.float32)
 
 
-def confidence(ncc: np.ndarray, explained: np.ndarray) -> np.ndarray:
-    """Refined NCC and explained share -> confidence in [0, 1]."""
+def confidence(ncc: np.ndarray, explained: np.ndarray, reliability: np.ndarray | None = None) -> np.ndarray:
+    """Refined NCC, explained share and (where the point was matched) reliability -> confidence
+    in [0, 1]. Rows with a reliability use the three-feature logistic, the others (the
+    network's answers) the two-feature one."""
     logit = (COEF_LOG_NCC * np.log(np.maximum(ncc, 1e-3)) + COEF_LOG_EXPLAINED * np.log(np.maximum(explained, 1e-3))
              + INTERCEPT)
+    if reliability is not None:
+        known = np.isfinite(reliability)
+        if known.any():
+            logit = np.asarray(logit, np.float64).copy()
+            logit[known] = (RELIABLE[0] * np.log(np.maximum(ncc[known], 1e-3))
+                            + RELIABLE[1] * np.log(np.maximum(explained[known], 1e-3))
+                            + RELIABLE[2] * np.log(np.maximum(reliability[known], 1e-3)) + RELIABLE[3])
     return (1.0 / (1.0 + np.exp(-np.clip(logit, -50, 50)))).astype(np.float32)
 
 

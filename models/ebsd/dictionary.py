@@ -81,6 +81,19 @@ class DictionarySpec:
         return (root or cache_dir()) / "dictionaries" / self.key
 
 
+def int8_templates(folder: Path, n_pixels: int, n_templates: int) -> tuple[np.ndarray, float]:
+    """The int8 templates as (N, P) rows (a template's pixels contiguous, for gathering a few
+    per pattern) and their scale: template ≈ row · scale."""
+    data = np.fromfile(folder / "templates_int8.bin", np.int8).reshape(n_pixels, n_templates)
+    scale_file = folder / "templates_int8_scale.npy"
+    if scale_file.exists():
+        scale = float(np.load(scale_file))
+    else:  # a dictionary cached before the scale was kept: the same rule as the matcher's
+        templates = np.fromfile(folder / "templates.bin", np.float32)
+        scale = max(float(np.abs(templates).max()), 1e-12) / 127.0
+    return np.ascontiguousarray(data.T), scale
+
+
 @dataclass
 class Dictionary:
     spec: DictionarySpec
@@ -88,6 +101,7 @@ class Dictionary:
     rotations: np.ndarray  # (N, 4) float32 unit quaternions, orix convention
     top_k: int
     quantized_matcher_path: Path | None = None  # the same match in int8 (CPU): see _write_quantized_matcher_graph
+    coarse_matcher_path: Path | None = None  # a first match on principal components (CPU): see _write_coarse_matcher
 
     @property
     def size(self) -> int:
@@ -121,7 +135,13 @@ def load_or_build(spec: DictionarySpec, *, top_k: int = 4, reason: str = "", roo
     quantized = folder / f"matcher_top{top_k}_int8_v2.onnx"
     if not quantized.exists():
         _write_quantized_matcher_graph(quantized, n_pixels=meta["n_pixels"], n_templates=len(rotations), top_k=top_k)
-    return Dictionary(spec, matcher, rotations, top_k, quantized)
+    coarse = folder / f"matcher_top{top_k}_pca{COARSE_COMPONENTS}_int8.onnx"
+    if not coarse.exists() and meta["n_pixels"] > 2 * COARSE_COMPONENTS:
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not coarse.exists():
+                _write_coarse_matcher(coarse, n_pixels=meta["n_pixels"], n_templates=len(rotations), top_k=top_k)
+    return Dictionary(spec, matcher, rotations, top_k, quantized, coarse if coarse.exists() else None)
 
 
 def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:
@@ -198,6 +218,7 @@ def _write_quantized_matcher_graph(path: Path, *, n_pixels: int, n_templates: in
     tmp = data.with_suffix(f".tmp{os.getpid()}")
     np.round(templates / scale).astype(np.int8).tofile(tmp)
     os.replace(tmp, data)
+    np.save(folder / "templates_int8_scale.npy", np.array(scale, np.float32))
     _write_top_k_graph(path, "ncc_matcher_int8", [
         helper.make_node("DynamicQuantizeLinear", ["patterns"], ["patterns_u8", "pattern_scale", "pattern_zero"]),
         helper.make_node("MatMulInteger", ["patterns_u8", "templates_int8", "pattern_zero"], ["dots"]),
@@ -206,6 +227,43 @@ def _write_quantized_matcher_graph(path: Path, *, n_pixels: int, n_templates: in
         helper.make_node("Mul", ["template_scale", "pattern_scale"], ["dot_scale"]),
         helper.make_node("Mul", ["top_dots_float", "dot_scale"], ["top_scores"]),
     ], [_external_tensor("templates_int8", TensorProto.INT8, (n_pixels, n_templates), data.name),
+        numpy_helper.from_array(scale, "template_scale")], n_pixels=n_pixels, n_templates=n_templates, top_k=top_k)
+
+
+COARSE_COMPONENTS = 192
+
+
+def _write_coarse_matcher(path: Path, *, n_pixels: int, n_templates: int, top_k: int) -> None:
+    """A first, cheaper match: patterns and templates projected on the templates' first
+    COARSE_COMPONENTS principal components (a (P, K) basis from the eigenvectors of T Tᵀ), then
+    the int8 product on those K numbers instead of P pixels (192 of 900 at 30x30: 4.7x fewer
+    multiply-adds). Its ranking is not the full one's, but the right basin is among its top
+    16 about as often at moderate noise (99% for hcp Ti), and the indexer matches every point
+    that still refines to a doubtful fit against the full dictionary (ScanIndexer._match)."""
+    folder = path.parent
+    templates = np.fromfile(folder / "templates.bin", np.float32).reshape(n_pixels, n_templates)
+    covariance = np.zeros((n_pixels, n_pixels), np.float64)
+    for start in range(0, n_templates, 8192):  # in blocks: T Tᵀ without a float64 copy of T
+        block = templates[:, start:start + 8192].astype(np.float64)
+        covariance += block @ block.T
+    _, vectors = np.linalg.eigh(covariance)
+    basis = np.ascontiguousarray(vectors[:, ::-1][:, :COARSE_COMPONENTS]).astype(np.float32)  # (P, K)
+    projected = basis.T @ templates  # (K, N)
+    scale = np.float32(max(float(np.abs(projected).max()), 1e-12) / 127.0)
+    data = folder / f"templates_pca{COARSE_COMPONENTS}_int8.bin"
+    tmp = data.with_suffix(f".tmp{os.getpid()}")
+    np.round(projected / scale).astype(np.int8).tofile(tmp)
+    os.replace(tmp, data)
+    _write_top_k_graph(path, "ncc_matcher_pca_int8", [
+        helper.make_node("MatMul", ["patterns", "basis"], ["components"]),
+        helper.make_node("DynamicQuantizeLinear", ["components"], ["components_u8", "pattern_scale", "pattern_zero"]),
+        helper.make_node("MatMulInteger", ["components_u8", "templates_pca", "pattern_zero"], ["dots"]),
+        helper.make_node("TopK", ["dots", "k"], ["top_dots", "top_indices"], axis=1),
+        helper.make_node("Cast", ["top_dots"], ["top_dots_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["template_scale", "pattern_scale"], ["dot_scale"]),
+        helper.make_node("Mul", ["top_dots_float", "dot_scale"], ["top_scores"]),
+    ], [numpy_helper.from_array(basis, "basis"),
+        _external_tensor("templates_pca", TensorProto.INT8, (COARSE_COMPONENTS, n_templates), data.name),
         numpy_helper.from_array(scale, "template_scale")], n_pixels=n_pixels, n_templates=n_templates, top_k=top_k)
 
 

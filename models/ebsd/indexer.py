@@ -63,6 +63,13 @@ CONFIDENCE_WIDTH = 0.015
 DEFAULT_MIN_CONFIDENCE = 0.0
 # A second phase whose best template scores within this of the first's is refined too.
 CONTENTION = 0.05
+# Where more than this share of a page stays doubtful after the coarse first pass (hard noise),
+# the next PAGES_WITHOUT_COARSE pages are matched on every pixel straight away.
+COARSE_MAX_DOUBTFUL = 0.3
+PAGES_WITHOUT_COARSE = 3
+# A distinct second solution scoring within this fraction of the answer's flags the point
+# (pseudo-symmetry): relative, as template NCCs scale with the pattern's noise.
+PSEUDO_SYMMETRY_MARGIN = 0.03
 
 
 def confidence_from_ncc(ncc: np.ndarray) -> np.ndarray:
@@ -125,6 +132,7 @@ class ScanIndexer:
         self.min_confidence = float(min_confidence)
         self.mode = indexer
         self._pages_without_network = 0
+        self._pages_without_coarse = 0
         self._background = None
         if static_background is not None:
             if tuple(static_background.shape) != tuple(geometry.pattern_shape):
@@ -235,7 +243,10 @@ class ScanIndexer:
             if len(rows):
                 explained = explained_share(self.preprocess, flat[rows], refiner.render(result.quaternion[rows]),
                                             result.score[rows], self._white_share)
-                result.confidence[rows] = confidence(result.score[rows], explained)
+                result.confidence[rows] = confidence(result.score[rows], explained, result.reliability[rows])
+        # A flag for sure answers only: where the fit itself is doubtful, a second solution that
+        # scores as well is noise, and the low confidence already says so.
+        result.pseudo_symmetry[result.confidence < 0.5] = 0
 
     def _network_first(self, flat: np.ndarray, todo: np.ndarray, result: IndexResult) -> np.ndarray:
         """The network answers what it can of ``todo``; returns the rows left to matching.
@@ -286,9 +297,32 @@ class ScanIndexer:
         return left
 
     def _match(self, flat: np.ndarray, rows: np.ndarray, result: IndexResult) -> None:
-        """Template matching of ``rows`` over every phase, refined (with rescue) where refinement is on."""
+        """Template matching of ``rows`` over every phase, refined (with rescue) where refinement is on.
+
+        With refinement on the CPU, a first pass matches on the dictionary's principal
+        components (dictionary._write_coarse_matcher: a fifth of the work); only the rows it
+        leaves doubtful (refined NCC below CONFIDENCE_THRESHOLD) are matched against every
+        pixel, and the better refined fit of the two is kept."""
+        coarse = bool(self.refiners) and all(m.coarse_session is not None for m in self.indexers)
+        if self._pages_without_coarse:  # recent pages were mostly doubtful: the first pass only cost
+            self._pages_without_coarse -= 1
+            coarse = False
+        self._match_pass(flat, rows, result, coarse=coarse)
+        if not coarse:
+            return
+        doubtful = rows[result.score[rows] < CONFIDENCE_THRESHOLD]
+        if len(doubtful) > COARSE_MAX_DOUBTFUL * len(rows):
+            self._pages_without_coarse = PAGES_WITHOUT_COARSE
+        if len(doubtful):
+            full = IndexResult.empty(len(flat))
+            self._match_pass(flat, doubtful, full, coarse=False)
+            better = doubtful[full.score[doubtful] > result.score[doubtful]]
+            for name in ("phase_id", "quaternion", "score", "confidence", "method", "pseudo_symmetry", "reliability"):
+                getattr(result, name)[better] = getattr(full, name)[better]
+
+    def _match_pass(self, flat: np.ndarray, rows: np.ndarray, result: IndexResult, *, coarse: bool) -> None:
         part = flat[rows]
-        scores, indices = zip(*(matcher.match(part) for matcher in self.indexers))
+        scores, indices = zip(*(self._ranked(matcher, part, coarse) for matcher in self.indexers))
         best_scores = np.stack([s[:, 0] for s in scores])  # (phases, B)
         phase = np.argmax(best_scores, axis=0)
         top_score = best_scores[phase, np.arange(len(rows))]
@@ -305,10 +339,40 @@ class ScanIndexer:
             mine = np.flatnonzero(phase == p)
             if len(mine):
                 self._refine(p, part[mine], indices[p][mine], result, rows[mine])
+                self._compare_solutions(p, scores[p][mine], indices[p][mine], result, rows[mine])
         if len(self.phases) > 1:
             self._refine_runner_up(part, rows, best_scores, indices, result)
         result.confidence[rows] = confidence_from_ncc(result.score[rows])
         result.method[rows] = METHOD_CODE["tm+refined"]
+
+    def _compare_solutions(self, p: int, scores: np.ndarray, candidates: np.ndarray, result: IndexResult,
+                           rows: np.ndarray) -> None:
+        """The answer against the best distinct solution, from the matcher's top templates:
+        ``reliability`` = best template near the refined answer / best template more than
+        DISTINCT_DEG from it (about 1 where nothing stands out: a phase that is not the
+        pattern's; 1.6-3 for right answers at moderate noise, real patterns included), and
+        the pseudo-symmetry flag where the distinct one scores within PSEUDO_SYMMETRY_MARGIN
+        (a fraction) of the near one. Matched rows only: the network gives no second solution."""
+        answer = result.quaternion[rows].astype(np.float64)[:, None, :]  # (D, 1, 4)
+        templates = self.indexers[p].dictionary.rotations[candidates].astype(np.float64)  # (D, K, 4)
+        near = self._close(answer, self._equivalents(p, templates))[:, 0, :]  # (D, K)
+        best_near = np.where(near, scores, -np.inf).max(axis=1)
+        best_distinct = np.where(near, -np.inf, scores).max(axis=1)
+        flag = np.isfinite(best_near) & (best_distinct >= best_near * (1 - PSEUDO_SYMMETRY_MARGIN))
+        result.pseudo_symmetry[rows] = flag.astype(np.uint8)
+        known = np.isfinite(best_near) & np.isfinite(best_distinct) & (best_distinct > 0)
+        result.reliability[rows] = np.where(known, best_near / np.where(known, best_distinct, 1.0), np.nan)
+
+    @staticmethod
+    def _ranked(matcher, part: np.ndarray, coarse: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The matcher's top templates with their scores on every pixel, best first: a coarse
+        pass's approximate ranking is redone with the exact scores (a few dot products)."""
+        scores, indices = matcher.match(part, coarse=coarse)
+        if not coarse:
+            return scores, indices
+        exact = matcher.exact_scores(part, indices)
+        order = np.argsort(-exact, axis=1, kind="stable")
+        return np.take_along_axis(exact, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
     def _refine_runner_up(self, part: np.ndarray, rows: np.ndarray, best_scores: np.ndarray, indices, result) -> None:
         """Where a second phase's best template scored within CONTENTION of the first's, refine

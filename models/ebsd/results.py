@@ -33,6 +33,13 @@ FIELDS = (
     Field("fit", "float32", (), 0.0, "1 - NCC of the answer (refined where it was refined), lower is "
                                               "better: the .ang fit and .ctf MAD columns; NaN where no NCC "
                                               "(network alone, not indexed)"),
+    Field("pseudo_symmetry", "uint8", (), 0, "1 where the second-best distinct solution (more than 5 deg "
+                                             "away) scored within 3% of the answer's: a pseudo-symmetric "
+                                             "variant the pattern cannot tell apart; 0 otherwise or unchecked "
+                                             "(the network's answers)"),
+    Field("reliability", "float32", (), float("nan"), "best template near the answer over the best template more "
+                                                       "than 5 deg from it (ASTAR's reliability as a ratio): about 1 "
+                                                       "where no orientation stands out; NaN where not matched"),
 )
 # Methods whose score is an NCC of the pattern against the answer's simulated pattern (the
 # network alone scores a probability instead).
@@ -46,16 +53,20 @@ class IndexResult:
     confidence: np.ndarray  # (B,) float32 in [0, 1]
     method: np.ndarray  # (B,) uint8 codes of METHODS
     score: np.ndarray  # (B,) float32 raw similarity of the best match
+    pseudo_symmetry: np.ndarray  # (B,) uint8: 1 where a distinct second solution scored as well (see FIELDS)
+    reliability: np.ndarray  # (B,) float32: best near / best distinct template score; NaN where not matched
 
     @classmethod
     def empty(cls, n: int) -> "IndexResult":
         q = np.zeros((n, 4), np.float32)
         q[:, 0] = 1.0
         return cls(np.full(n, -1, np.int16), q, np.zeros(n, np.float32),
-                   np.full(n, METHOD_CODE["none"], np.uint8), np.zeros(n, np.float32))
+                   np.full(n, METHOD_CODE["none"], np.uint8), np.zeros(n, np.float32), np.zeros(n, np.uint8),
+                   np.full(n, np.nan, np.float32))
 
 
     def fields(self) -> dict[str, np.ndarray]:
         """The declared result fields of these points."""
         return {"phase_id": self.phase_id, "quaternion": self.quaternion, "confidence": self.confidence,
-                "method": self.method, "score": self.score}
+                "method": self.method, "score": self.score, "pseudo_symmetry": self.pseudo_symmetry,
+                "reliability": self.reliability}
