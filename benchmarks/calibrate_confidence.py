@@ -33,7 +33,7 @@ def features(indexer: ScanIndexer, frames: np.ndarray, background=None):
     rendered = indexer.refiners[0].render(result.quaternion)
     explained = explained_share(indexer.preprocess, flat, rendered, result.score, indexer._white_share)
     return result, np.stack([np.log(np.maximum(result.score, 1e-3)), np.log(np.maximum(explained, 1e-3)),
-                             np.log(np.maximum(np.nan_to_num(result.reliability, nan=1.0), 1e-3))], 1)
+                             np.log(np.where(result.reliability > 0, result.reliability, 1.0))], 1)
 
 
 def simulated_sets(seed: int):

@@ -36,15 +36,15 @@ EXPLAINED_BLUR = 1.0  # Gaussian sigma of L, working pixels: Kikuchi bands are 2
 # moderate and hard noise (right answers, and wrong-phase fits in every pairing of fcc, bcc
 # and hcp, weighted 5x) and the real kikuchipy Ni scan (right answers: real patterns leave
 # more structure unexplained than simulated ones, E about 0.43, and must not read as wrong).
-COEF_LOG_NCC = 10.61
-COEF_LOG_EXPLAINED = 9.31
-INTERCEPT = 15.89
+COEF_LOG_NCC = 10.59
+COEF_LOG_EXPLAINED = 9.28
+INTERCEPT = 14.21
 # With the reliability R (best template near the answer / best distinct one; models/ebsd/
 # indexer.py _compare_solutions): coefficients of log NCC, log E, log R, and the intercept.
 # R does not depend on how well the model renders the pattern (both templates are rendered
 # alike), so real patterns, which leave more structure unexplained (E about 0.43 on
 # kikuchipy's Ni scan), still read as right where one orientation stands out.
-RELIABLE = (10.76, 9.28, 0.0, 14.35)
+RELIABLE = (7.15, 8.84, 8.1, 7.68)
 WHITE_NOISE_FRAMES = 64
 
 
@@ -75,7 +75,7 @@ def confidence(ncc: np.ndarray, explained: np.ndarray, reliability: np.ndarray |
     logit = (COEF_LOG_NCC * np.log(np.maximum(ncc, 1e-3)) + COEF_LOG_EXPLAINED * np.log(np.maximum(explained, 1e-3))
              + INTERCEPT)
     if reliability is not None:
-        known = np.isfinite(reliability)
+        known = np.isfinite(reliability) & (reliability > 0)  # 0: not matched (the network's answers)
         if known.any():
             logit = np.asarray(logit, np.float64).copy()
             logit[known] = (RELIABLE[0] * np.log(np.maximum(ncc[known], 1e-3))

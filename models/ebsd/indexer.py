@@ -361,7 +361,7 @@ class ScanIndexer:
         flag = np.isfinite(best_near) & (best_distinct >= best_near * (1 - PSEUDO_SYMMETRY_MARGIN))
         result.pseudo_symmetry[rows] = flag.astype(np.uint8)
         known = np.isfinite(best_near) & np.isfinite(best_distinct) & (best_distinct > 0)
-        result.reliability[rows] = np.where(known, best_near / np.where(known, best_distinct, 1.0), np.nan)
+        result.reliability[rows] = np.where(known, best_near / np.where(known, best_distinct, 1.0), 0.0)
 
     @staticmethod
     def _ranked(matcher, part: np.ndarray, coarse: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -37,9 +37,9 @@ FIELDS = (
                                              "away) scored within 3% of the answer's: a pseudo-symmetric "
                                              "variant the pattern cannot tell apart; 0 otherwise or unchecked "
                                              "(the network's answers)"),
-    Field("reliability", "float32", (), float("nan"), "best template near the answer over the best template more "
+    Field("reliability", "float32", (), 0.0, "best template near the answer over the best template more "
                                                        "than 5 deg from it (ASTAR's reliability as a ratio): about 1 "
-                                                       "where no orientation stands out; NaN where not matched"),
+                                                       "where no orientation stands out; 0 where not matched (the network's)"),
 )
 # Methods whose score is an NCC of the pattern against the answer's simulated pattern (the
 # network alone scores a probability instead).
@@ -54,7 +54,7 @@ class IndexResult:
     method: np.ndarray  # (B,) uint8 codes of METHODS
     score: np.ndarray  # (B,) float32 raw similarity of the best match
     pseudo_symmetry: np.ndarray  # (B,) uint8: 1 where a distinct second solution scored as well (see FIELDS)
-    reliability: np.ndarray  # (B,) float32: best near / best distinct template score; NaN where not matched
+    reliability: np.ndarray  # (B,) float32: best near / best distinct template score; 0 where not matched
 
     @classmethod
     def empty(cls, n: int) -> "IndexResult":
@@ -62,7 +62,7 @@ class IndexResult:
         q[:, 0] = 1.0
         return cls(np.full(n, -1, np.int16), q, np.zeros(n, np.float32),
                    np.full(n, METHOD_CODE["none"], np.uint8), np.zeros(n, np.float32), np.zeros(n, np.uint8),
-                   np.full(n, np.nan, np.float32))
+                   np.zeros(n, np.float32))
 
 
     def fields(self) -> dict[str, np.ndarray]:
