@@ -64,9 +64,10 @@ DEFAULT_MIN_CONFIDENCE = 0.0
 # A second phase whose best template scores within this of the first's is refined too.
 CONTENTION = 0.05
 # Where more than this share of a page stays doubtful after the coarse first pass (hard noise),
-# the next PAGES_WITHOUT_COARSE pages are matched on every pixel straight away.
-COARSE_MAX_DOUBTFUL = 0.3
-PAGES_WITHOUT_COARSE = 3
+# the next PAGES_WITHOUT_COARSE pages are matched on every pixel straight away (at hard noise a
+# coarse page costs both passes for most of its points: tried again one page in eleven).
+COARSE_MAX_DOUBTFUL = 0.1
+PAGES_WITHOUT_COARSE = 10
 # A distinct second solution scoring within this fraction of the answer's flags the point
 # (pseudo-symmetry): relative, as template NCCs scale with the pattern's noise.
 PSEUDO_SYMMETRY_MARGIN = 0.03
