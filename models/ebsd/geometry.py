@@ -53,7 +53,8 @@ class DetectorGeometry:
             from kikuchipy.detectors import EBSDDetector
 
             shape = kwargs.get("pattern_shape", DEFAULT_PATTERN_SHAPE)
-            detector = EBSDDetector(shape=shape, pc=pc, convention=convention, px_size=kwargs.get("px_size", 70.0))
+            detector = EBSDDetector(shape=shape, pc=pc, convention=convention, px_size=kwargs.get("px_size", 70.0),
+                                    binning=kwargs.get("binning", 1))
             pc = tuple(np.asarray(detector.pc_average, dtype=float))
         return cls(pc=pc, **kwargs)
 

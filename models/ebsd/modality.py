@@ -45,6 +45,9 @@ class EBSD(Modality):
                                 help="projection centre; Bruker convention unless --pc-convention says otherwise")
             parser.add_argument("--pc-convention", default="bruker", choices=list(PC_CONVENTIONS))
             parser.add_argument("--tilt", type=float, help="sample tilt in degrees (default: the file's, else 70)")
+            parser.add_argument("--step", nargs="+", type=float, metavar="DX [DY]",
+                                help="scan step in micrometres, one value for a square grid (default: the file's; "
+                                     ".npy arrays store none: 1)")
         if role in ("index", "publish", "demo"):
             parser.add_argument("--phases", default="ni",
                                 help="comma-separated expected phases: built-in names (ni, fe, ni3al), CIF files "
@@ -77,15 +80,29 @@ class EBSD(Modality):
         from .simulator import SimulatedScan, parse_nav_shape
 
         phases = phases_from_spec(getattr(args, "phases", "ni"))
-        geometry = _geometry(args)
         if getattr(args, "file", None):
-            return load_file(args.file, geometry=geometry, phases=phases)
+            source = load_file(args.file, phases=phases, pc=getattr(args, "pc", None),
+                               pc_convention=getattr(args, "pc_convention", "bruker"), tilt=getattr(args, "tilt", None),
+                               step=getattr(args, "step", None))
+            # The file's static background reaches the indexer through indexing_options, which
+            # `liveindex index` calls after this (live workers use their own, or the running mean).
+            args.file_static_background = source.file_setup.static_background
+            if role == "publish" and source.file_setup.static_background is not None:
+                log.info("the file's static background is not sent to workers: they subtract the scan's running mean "
+                         "frame unless started with --static-background FILE.npy")
+            return source
+        geometry = _geometry(args)
         try:
             nav_shape = parse_nav_shape(getattr(args, "simulate", None) or getattr(args, "scan", "40x40"))
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        return SimulatedSource(SimulatedScan(nav_shape, noise=getattr(args, "noise", "moderate"),
-                                             seed=getattr(args, "seed", 0), geometry=geometry, phase=phases))
+        source = SimulatedSource(SimulatedScan(nav_shape, noise=getattr(args, "noise", "moderate"),
+                                               seed=getattr(args, "seed", 0), geometry=geometry, phase=phases))
+        if getattr(args, "step", None):
+            from .files import step_of
+
+            source.step = step_of(None, args.step)
+        return source
 
     def add_commands(self, subparsers) -> None:
         from .cli import add_commands
@@ -236,8 +253,10 @@ def _indexing_options(args) -> dict:
     if not 0.0 <= args.min_confidence <= 1.0:
         raise InputError(f"--min-confidence {args.min_confidence} is outside 0..1; confidence 0.5 is the point "
                          "above which at least 99% of points are right")
-    background = None
+    background = getattr(args, "file_static_background", None)  # open_source's: the file's own
     if args.static_background:
+        if background is not None:
+            log.info("static background from --static-background, not the file's")
         try:
             background = np.load(args.static_background).astype(np.float32)
         except (OSError, ValueError) as exc:

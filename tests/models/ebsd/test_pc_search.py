@@ -87,6 +87,35 @@ def test_index_with_refine_pc_recovers_a_pc_005_off():
     assert np.median(disorientation_degrees(fitted["quaternion"], scan.truth)) < 0.3
 
 
+@pytest.mark.slow
+def test_calibrate_prints_the_pc_in_every_convention(tmp_path):
+    """`liveindex calibrate FILE --pc START` as a real process on a simulated scan saved as .npy."""
+    import json
+
+    from liveindex.models.ebsd.geometry import DetectorGeometry
+    from liveindex.models.ebsd.simulator import SimulatedScan
+
+    from ...conftest import run_cli
+
+    scan = SimulatedScan((20, 20), noise="moderate", seed=8)
+    path = tmp_path / "scan.npy"
+    np.save(path, scan.render(0, scan.size).reshape(20, 20, 60, 60))
+    start = np.array(DEFAULT_PC) + np.array([-0.05, 0.05, -0.05])
+    proc = run_cli("calibrate", path, "--pc", *start, "--json", tmp_path / "pc.json", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("  ")}
+    bruker = [float(v) for v in lines["Bruker"][2::2]]
+    assert np.abs(np.array(bruker) - DEFAULT_PC).max() < 0.003, proc.stdout
+    fitted = DetectorGeometry(pc=tuple(bruker))
+    for label, convention in (("TSL/EDAX", "tsl"), ("Oxford", "oxford"), ("EMsoft", "emsoft")):
+        printed = [float(v) for v in lines[label][2:7:2]]
+        assert printed == pytest.approx(fitted.pc_in(convention), rel=1e-3, abs=2e-2), (label, proc.stdout)
+    assert "mean NCC of the patterns" in proc.stdout
+    assert f"liveindex index {path} --pc" in proc.stdout
+    report = json.loads((tmp_path / "pc.json").read_text())
+    assert report["pc"] == pytest.approx(bruker, abs=1e-4) and report["mean_ncc_after"] > report["mean_ncc_before"]
+
+
 def test_too_few_patterns_to_search_is_one_clear_error(moderate_scan):
     from liveindex.models.ebsd.pc_fit import calibrate_pc
 
