@@ -122,6 +122,23 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from . import cache
+
+    if getattr(args, "cache_command", None) != "clear":
+        print(cache.describe())
+        return 0
+    kinds = {kind for kind, flag in (("dictionaries", args.dictionaries), ("master_patterns", args.master_patterns),
+                                     ("network_codebooks", args.codebooks)) if flag or args.all}
+    kinds = kinds or {"dictionaries"}
+    removed, kept = cache.clear(kinds)
+    freed = sum(e.size for e in removed) / 1e6
+    print(f"liveindex cache clear: removed {len(removed)} item(s) ({', '.join(sorted(kinds))}), {freed:.1f} MB, from "
+          f"{cache.cache_root()}" + (f"; kept {len(kept)} dictionar{'y' if len(kept) == 1 else 'ies'} in use by a "
+                                     f"running process: {', '.join(e.path.name for e in kept)}" if kept else ""))
+    return 0
+
+
 def add_commands(sub) -> None:
     """Add ``models``, ``calibrate`` and ``cache`` to the top-level parser's subparsers."""
     from .modality import PC_CONVENTIONS
@@ -146,6 +163,15 @@ def add_commands(sub) -> None:
     c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     c.add_argument("--json", help="also write what the search found to this file")
     c.set_defaults(func=cmd_calibrate, min_confidence=0.0, no_refine=False, indexer="hybrid", bundle=None)
+
+    k = sub.add_parser("cache", help="show the on-disk cache (dictionaries, master patterns, code books) or clear it")
+    ksub = k.add_subparsers(dest="cache_command")
+    clear = ksub.add_parser("clear", help="remove cached files (default: the dictionaries); each is rebuilt when needed")
+    clear.add_argument("--dictionaries", action="store_true", help="template dictionaries (the default)")
+    clear.add_argument("--master-patterns", action="store_true", help="computed kinematical master patterns")
+    clear.add_argument("--codebooks", action="store_true", help="the network's code books")
+    clear.add_argument("--all", action="store_true", help="everything liveindex cached")
+    k.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("models", help="train, export and evaluate the phase/orientation network bundle")
     msub = p.add_subparsers(dest="models_command", required=True)
