@@ -53,8 +53,14 @@ def calibrate_pc(frames: np.ndarray, geometry: DetectorGeometry, phases, *, sign
                      mask=preprocess.mask, search_range=search_range, threads=threads, providers=providers)
 
 
+POOR_FIT = 0.15  # mean NCC below which the patterns are not explained at any PC searched
+
+
 def log_fit(fit: PCSearchResult) -> None:
     log.info("%s", fit.describe())
+    if fit.ncc_after < POOR_FIT:
+        log.warning("the patterns fit poorly even at the fitted projection centre (mean NCC %.3f; above 0.4 is usual): "
+                    "check --phases, the PC convention (--pc-convention) and the sample tilt (--tilt)", fit.ncc_after)
     if fit.at_edge:
         log.warning("the fitted projection centre lies at the edge of the searched ±%g; the true one may lie "
                     "further: run liveindex calibrate again from it (--pc %s)", fit.search_range,
