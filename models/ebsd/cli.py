@@ -85,11 +85,17 @@ CALIBRATION_FRAMES = 1024  # the scan's first points the PC is searched on, as `
 
 
 def cmd_calibrate(args) -> int:
+    from liveindex.models.errors import InputError
+
     from .files import load_file
     from .master_patterns import phases_from_spec, register
     from .modality import PC_CONVENTIONS, _indexing_options
     from .pc_fit import calibrate_pc, log_fit
+    from .pc_search import MIN_PATTERNS
 
+    if args.points < MIN_PATTERNS or args.frames < args.points:
+        raise InputError(f"--points {args.points} --frames {args.frames}: the PC is fitted on at least {MIN_PATTERNS} "
+                         "patterns, chosen among at least as many frames (defaults 48 and 1024)")
     source = load_file(args.file, phases=phases_from_spec(args.phases), pc=args.pc, pc_convention=args.pc_convention,
                        tilt=args.tilt, need_pc=False)
     args.file_static_background = source.file_setup.static_background

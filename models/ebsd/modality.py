@@ -45,7 +45,7 @@ class EBSD(Modality):
                                 help="projection centre; Bruker convention unless --pc-convention says otherwise")
             parser.add_argument("--pc-convention", default="bruker", choices=list(PC_CONVENTIONS))
             parser.add_argument("--tilt", type=float, help="sample tilt in degrees (default: the file's, else 70)")
-            parser.add_argument("--step", nargs="+", type=float, metavar="DX [DY]",
+            parser.add_argument("--step", nargs="+", type=float, metavar=("DX", "DY"),
                                 help="scan step in micrometres, one value for a square grid (default: the file's; "
                                      ".npy arrays store none: 1)")
         if role in ("index", "publish", "demo"):
