@@ -1,7 +1,8 @@
-"""``liveindex models train|export|eval``: the network bundle's life cycle.
+"""EBSD's own commands: ``liveindex models train|export|eval`` (the network bundle's life
+cycle), ``liveindex calibrate FILE`` (the projection centre) and ``liveindex cache``.
 
-The EBSD modality adds the ``models`` group (``EBSD.add_commands``); nothing here imports
-torch until ``train`` or ``export`` runs.
+The EBSD modality adds them (``EBSD.add_commands``); nothing here imports torch until
+``train`` or ``export`` runs.
 """
 
 from __future__ import annotations
@@ -80,8 +81,104 @@ def cmd_eval(args) -> int:
     return 0
 
 
+CALIBRATION_FRAMES = 1024  # the scan's first points the PC is searched on, as `index --refine-pc`
+
+
+def cmd_calibrate(args) -> int:
+    from liveindex.models.errors import InputError
+
+    from .files import load_file
+    from .master_patterns import phases_from_spec, register
+    from .modality import PC_CONVENTIONS, _indexing_options
+    from .pc_fit import calibrate_pc, log_fit
+    from .pc_search import MIN_PATTERNS
+
+    if args.points < MIN_PATTERNS or args.frames < args.points:
+        raise InputError(f"--points {args.points} --frames {args.frames}: the PC is fitted on at least {MIN_PATTERNS} "
+                         "patterns, chosen among at least as many frames (defaults 48 and 1024)")
+    source = load_file(args.file, phases=phases_from_spec(args.phases), pc=args.pc, pc_convention=args.pc_convention,
+                       tilt=args.tilt, need_pc=False)
+    args.file_static_background = source.file_setup.static_background
+    options = _indexing_options(args)  # --static-background (else the file's) and --signal-mask, checked as index does
+    frames = source.read(0, min(source.size, args.frames))
+    fit = calibrate_pc(frames, source.geometry, [register(p) for p in source.phases],
+                       signal_mask=options["signal_mask"], static_background=options["static_background"],
+                       search_range=args.range, points=args.points, threads=args.threads)
+    log_fit(fit)
+    g = fit.geometry
+    names = {"bruker": ("Bruker", "PCx PCy PCz"), "tsl": ("TSL/EDAX", "x* y* z*"), "oxford": ("Oxford", "PCx PCy DD"),
+             "emsoft": ("EMsoft", "xpc ypc L")}
+    print(f"liveindex calibrate: projection centre of {args.file}, searched within ±{fit.search_range:g} of "
+          f"({', '.join(f'{v:.4f}' for v in fit.start.pc)}) (Bruker) on {fit.points} patterns in {fit.seconds:.1f} s:")
+    for convention in ("bruker", "tsl", "oxford", "emsoft"):
+        label, fields = names[convention]
+        values = g.pc_in(convention)
+        digits = 2 if convention == "emsoft" else 4
+        note = (f"  (pixels of the unbinned detector, L in um, for a {g.px_size:g} um pixel and binning {g.binning})"
+                if convention == "emsoft" else "")
+        print(f"  {label:9s} {'  '.join(f'{n} {v:.{digits}f}' for n, v in zip(fields.split(), values))}{note}")
+    print(f"  mean NCC of the patterns {fit.ncc_before:.3f} at the start, {fit.ncc_after:.3f} at the fitted PC")
+    if fit.at_edge:
+        print(f"  the fitted PC lies at the edge of the search: run again from it "
+              f"(liveindex calibrate {args.file} --pc {' '.join(f'{v:.4f}' for v in g.pc)})")
+    print(f"index with: liveindex index {args.file} --pc {' '.join(f'{v:.4f}' for v in g.pc)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"file": str(args.file), **fit.report(),
+                                               **{f"pc_{c}": list(g.pc_in(c)) for c in PC_CONVENTIONS}}, indent=1))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from . import cache
+
+    if getattr(args, "cache_command", None) != "clear":
+        print(cache.describe())
+        return 0
+    kinds = {kind for kind, flag in (("dictionaries", args.dictionaries), ("master_patterns", args.master_patterns),
+                                     ("network_codebooks", args.codebooks)) if flag or args.all}
+    kinds = kinds or {"dictionaries"}
+    removed, kept = cache.clear(kinds)
+    freed = sum(e.size for e in removed) / 1e6
+    print(f"liveindex cache clear: removed {len(removed)} item(s) ({', '.join(sorted(kinds))}), {freed:.1f} MB, from "
+          f"{cache.cache_root()}" + (f"; kept {len(kept)} dictionar{'y' if len(kept) == 1 else 'ies'} in use by a "
+                                     f"running process: {', '.join(e.path.name for e in kept)}" if kept else ""))
+    return 0
+
+
 def add_commands(sub) -> None:
-    """Add ``models`` with its subcommands to the top-level parser's subparsers."""
+    """Add ``models``, ``calibrate`` and ``cache`` to the top-level parser's subparsers."""
+    from .modality import PC_CONVENTIONS
+    from .pc_search import PATTERNS, SEARCH_RANGE
+
+    c = sub.add_parser("calibrate", help="find a scan's projection centre (global search from a start up to 0.05 off)")
+    c.add_argument("file", help="a saved scan: .npy or a pattern file kikuchipy reads")
+    c.add_argument("--pc", nargs=3, metavar=("X", "Y", "Z"), type=float,
+                   help="where to start (default: the file's PC, else the simulated detector's)")
+    c.add_argument("--pc-convention", default="bruker", choices=list(PC_CONVENTIONS))
+    c.add_argument("--tilt", type=float, help="sample tilt in degrees (default: the file's, else 70)")
+    c.add_argument("--phases", default="ni", help="comma-separated expected phases, as index takes them (default: ni)")
+    c.add_argument("--range", type=float, default=SEARCH_RANGE,
+                   help=f"search each PC coordinate within the start ± this (default {SEARCH_RANGE})")
+    c.add_argument("--points", type=int, default=PATTERNS, help=f"patterns the PC is fitted on (default {PATTERNS})")
+    c.add_argument("--frames", type=int, default=CALIBRATION_FRAMES,
+                   help=f"the scan's first points the patterns are chosen among (default {CALIBRATION_FRAMES})")
+    c.add_argument("--static-background", metavar="FILE.npy", help="the detector's static background (default: the "
+                                                                   "file's, else the mean of the frames)")
+    c.add_argument("--signal-mask", metavar="FILE.npy", help="boolean (H, W) array, True where the detector carries "
+                                                             "pattern")
+    c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    c.add_argument("--json", help="also write what the search found to this file")
+    c.set_defaults(func=cmd_calibrate, min_confidence=0.0, no_refine=False, indexer="hybrid", bundle=None)
+
+    k = sub.add_parser("cache", help="show the on-disk cache (dictionaries, master patterns, code books) or clear it")
+    ksub = k.add_subparsers(dest="cache_command")
+    clear = ksub.add_parser("clear", help="remove cached files (default: the dictionaries); each is rebuilt when needed")
+    clear.add_argument("--dictionaries", action="store_true", help="template dictionaries (the default)")
+    clear.add_argument("--master-patterns", action="store_true", help="computed kinematical master patterns")
+    clear.add_argument("--codebooks", action="store_true", help="the network's code books")
+    clear.add_argument("--all", action="store_true", help="everything liveindex cached")
+    k.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("models", help="train, export and evaluate the phase/orientation network bundle")
     msub = p.add_subparsers(dest="models_command", required=True)
 

@@ -9,7 +9,6 @@ file lock instead of building it twice.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.models.ebsd.preprocess import Preprocessor
 
+from . import cache
 from .master_patterns import master_pattern, point_group
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Dictionary:
     top_k: int
     quantized_matcher_path: Path | None = None  # the same match in int8 (CPU): see _write_quantized_matcher_graph
     coarse_matcher_path: Path | None = None  # a first match on principal components (CPU): see _write_coarse_matcher
+    in_use: object = None  # cache.InUse: the shared lock that keeps the cache's limit from evicting it
 
     @property
     def size(self) -> int:
@@ -119,14 +120,15 @@ def load_or_build(spec: DictionarySpec, *, top_k: int = 4, reason: str = "", roo
                   progress: bool = True) -> Dictionary:
     """The dictionary for ``spec``, from the cache or built now (and cached)."""
     folder = spec.folder(root)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = folder.parent / f"{spec.key}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first to finish building
-        if not (folder / "meta.json").exists():
-            log.info("building the %s template dictionary %s (%s): one-off, cached in %s",
-                     spec.phase, spec.key, reason or "no cached dictionary for this geometry", folder)
-            _build(spec, folder, progress=progress)
+
+    def build() -> None:
+        log.info("building the %s template dictionary %s (%s): one-off, cached in %s",
+                 spec.phase, spec.key, reason or "no cached dictionary for this geometry", folder)
+        _build(spec, folder, progress=progress)
+
+    # Built under an exclusive lock per key (a second worker waits for the first), then held
+    # under a shared one while in use, so the cache's size limit never evicts it (cache.py).
+    in_use = cache.use_dictionary(folder, build, ready=lambda: (folder / "meta.json").exists())
     meta = json.loads((folder / "meta.json").read_text())
     rotations = np.load(folder / "rotations.npy")
     matcher = folder / f"matcher_top{top_k}.onnx"
@@ -137,11 +139,10 @@ def load_or_build(spec: DictionarySpec, *, top_k: int = 4, reason: str = "", roo
         _write_quantized_matcher_graph(quantized, n_pixels=meta["n_pixels"], n_templates=len(rotations), top_k=top_k)
     coarse = folder / f"matcher_top{top_k}_pca{COARSE_COMPONENTS}_int8.onnx"
     if not coarse.exists() and meta["n_pixels"] > 2 * COARSE_COMPONENTS:
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not coarse.exists():
-                _write_coarse_matcher(coarse, n_pixels=meta["n_pixels"], n_templates=len(rotations), top_k=top_k)
-    return Dictionary(spec, matcher, rotations, top_k, quantized, coarse if coarse.exists() else None)
+        # No lock: two workers writing it at once write the same bytes, each file by an
+        # atomic rename (the per-key lock is held shared while the dictionary is in use).
+        _write_coarse_matcher(coarse, n_pixels=meta["n_pixels"], n_templates=len(rotations), top_k=top_k)
+    return Dictionary(spec, matcher, rotations, top_k, quantized, coarse if coarse.exists() else None, in_use)
 
 
 def _build(spec: DictionarySpec, folder: Path, *, progress: bool) -> None:

@@ -57,7 +57,8 @@ class DetectorGeometry:
             from kikuchipy.detectors import EBSDDetector
 
             shape = kwargs.get("pattern_shape", DEFAULT_PATTERN_SHAPE)
-            detector = EBSDDetector(shape=shape, pc=pc, convention=convention, px_size=kwargs.get("px_size", 70.0))
+            detector = EBSDDetector(shape=shape, pc=pc, convention=convention, px_size=kwargs.get("px_size", 70.0),
+                                    binning=kwargs.get("binning", 1))
             pc = tuple(np.asarray(detector.pc_average, dtype=float))
         return cls(pc=pc, **kwargs)
 
@@ -81,6 +82,18 @@ class DetectorGeometry:
 
     def with_shape(self, shape) -> "DetectorGeometry":
         return replace(self, pattern_shape=tuple(shape))
+
+    def pc_in(self, convention: str) -> tuple[float, ...]:
+        """The PC in another vendor's convention (kikuchipy's converters): TSL/EDAX and Oxford
+        as fractions, EMsoft as (xpc, ypc) in unbinned detector pixels and L in micrometres
+        for this geometry's pixel size and binning."""
+        convention = convention.lower()
+        if convention not in PC_CONVENTIONS:
+            raise GeometryError(f"unknown PC convention {convention!r}; use one of {PC_CONVENTIONS}")
+        detector = self.kikuchipy_detector()
+        convert = {"bruker": detector.pc_bruker, "tsl": detector.pc_tsl, "edax": detector.pc_tsl,
+                   "oxford": detector.pc_oxford, "emsoft": detector.pc_emsoft}[convention]
+        return tuple(float(v) for v in np.asarray(convert()).reshape(-1, 3).mean(axis=0))
 
     def kikuchipy_detector(self):
         from kikuchipy.detectors import EBSDDetector

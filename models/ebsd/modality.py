@@ -45,6 +45,9 @@ class EBSD(Modality):
                                 help="projection centre; Bruker convention unless --pc-convention says otherwise")
             parser.add_argument("--pc-convention", default="bruker", choices=list(PC_CONVENTIONS))
             parser.add_argument("--tilt", type=float, help="sample tilt in degrees (default: the file's, else 70)")
+            parser.add_argument("--step", nargs="+", type=float, metavar=("DX", "DY"),
+                                help="scan step in micrometres, one value for a square grid (default: the file's; "
+                                     ".npy arrays store none: 1)")
         if role in ("index", "publish", "demo"):
             parser.add_argument("--phases", default="ni",
                                 help="comma-separated expected phases: built-in names (ni, fe, ni3al), CIF files "
@@ -77,15 +80,29 @@ class EBSD(Modality):
         from .simulator import SimulatedScan, parse_nav_shape
 
         phases = phases_from_spec(getattr(args, "phases", "ni"))
-        geometry = _geometry(args)
         if getattr(args, "file", None):
-            return load_file(args.file, geometry=geometry, phases=phases)
+            source = load_file(args.file, phases=phases, pc=getattr(args, "pc", None),
+                               pc_convention=getattr(args, "pc_convention", "bruker"), tilt=getattr(args, "tilt", None),
+                               step=getattr(args, "step", None))
+            # The file's static background reaches the indexer through indexing_options, which
+            # `liveindex index` calls after this (live workers use their own, or the running mean).
+            args.file_static_background = source.file_setup.static_background
+            if role == "publish" and source.file_setup.static_background is not None:
+                log.info("the file's static background is not sent to workers: they subtract the scan's running mean "
+                         "frame unless started with --static-background FILE.npy")
+            return source
+        geometry = _geometry(args)
         try:
             nav_shape = parse_nav_shape(getattr(args, "simulate", None) or getattr(args, "scan", "40x40"))
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        return SimulatedSource(SimulatedScan(nav_shape, noise=getattr(args, "noise", "moderate"),
-                                             seed=getattr(args, "seed", 0), geometry=geometry, phase=phases))
+        source = SimulatedSource(SimulatedScan(nav_shape, noise=getattr(args, "noise", "moderate"),
+                                               seed=getattr(args, "seed", 0), geometry=geometry, phase=phases))
+        if getattr(args, "step", None):
+            from .files import step_of
+
+            source.step = step_of(None, args.step)
+        return source
 
     def python_source(self, patterns, *, setup=None, phases=None, step=None):
         from .files import python_source
@@ -131,20 +148,30 @@ class EBSD(Modality):
         if options.get("min_confidence") is None:
             options["min_confidence"] = default_min_confidence(records)
         refine_pc = options.pop("refine_pc", False)
-        key = (geometry.cache_key(), tuple(names), _options_key(options), threads, providers, refine_pc)
+        reason = reason or f"scan {scan_start.get('scan', '')} has geometry {geometry.cache_key()}"
+
+        def build(at: DetectorGeometry, why: str = reason):
+            return self._scan_indexer(at, names, options, threads=threads, providers=providers, progress=progress,
+                                      reason=why)
+
+        return EBSDPageIndexer(build, geometry, names, options, refine_pc=refine_pc)
+
+    def _scan_indexer(self, geometry, names, options: dict, *, threads: int, providers: str, progress: bool,
+                      reason: str):
+        """The ScanIndexer for this geometry, phases and options: the one kept from an earlier scan, or a new one."""
+        key = (geometry.cache_key(), tuple(names), _options_key(options), threads, providers)
         with self._lock:
             indexer = self._indexers.get(key)
             if indexer is None:
                 from .indexer import ScanIndexer
 
                 indexer = ScanIndexer(geometry, names, threads=threads, providers=providers, progress=progress,
-                                      reason=reason or f"scan {scan_start.get('scan', '')} has geometry "
-                                                       f"{geometry.cache_key()}", **options)
+                                      reason=reason, **options)
                 self._indexers[key] = indexer
                 while len(self._indexers) > KEEP_INDEXERS:
                     self._indexers.popitem(last=False)
             self._indexers.move_to_end(key)
-        return EBSDPageIndexer(indexer, refine_pc=refine_pc)
+        return indexer
 
 
 USER_PHASES_MIN_CONFIDENCE = 0.5
@@ -161,12 +188,31 @@ def default_min_confidence(records) -> float:
 
 
 class EBSDPageIndexer:
-    """One scan's pages: the shared ScanIndexer with the scan's own static background."""
+    """One scan's pages: the shared ScanIndexer with the scan's own static background.
 
-    def __init__(self, indexer, *, refine_pc: bool = False):
-        self.indexer = indexer
-        self.background = indexer.new_background()
+    With ``refine_pc`` the ScanIndexer is built only once ``calibrate`` has found the PC, so
+    that its dictionary is made for the PC the scan is indexed at (at the given PC, 0.05 off,
+    the best templates are wrong for about half of the points)."""
+
+    def __init__(self, build, geometry, phases, options: dict, *, refine_pc: bool = False):
+        self._build = build  # geometry -> ScanIndexer
+        self.geometry, self.phases, self.options = geometry, list(phases), options
         self.refine_pc = refine_pc
+        self._indexer = None
+        self._lock = threading.Lock()
+        if not refine_pc:
+            self._use(build(geometry))
+
+    def _use(self, indexer) -> None:
+        self.background = indexer.new_background()
+        self._indexer = indexer
+
+    @property
+    def indexer(self):
+        with self._lock:
+            if self._indexer is None:  # refine_pc without calibrate: index at the given PC
+                self._use(self._build(self.geometry))
+            return self._indexer
 
     @property
     def model_name(self) -> str:
@@ -175,25 +221,27 @@ class EBSDPageIndexer:
     def index(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         from .quality import image_quality
 
-        fields = self.indexer.index(frames, self.background).fields()
+        indexer = self.indexer
+        fields = indexer.index(frames, self.background).fields()
         fields["iq"] = image_quality(frames)
         fields["fit"] = fit_from_score(fields)
         return fields
 
     def calibrate(self, frames: np.ndarray) -> dict | None:
-        """With ``refine_pc``: fit the projection centre on these first frames' sure points and
-        refine every later page at it; returns what the fit found (for OUT.json) and, as
-        ``setup``, the setup with the fitted PC (the written files' headers use it)."""
+        """With ``refine_pc``: search the projection centre on these first frames (pc_fit.py) and
+        index every page at it; returns what the search found (for OUT.json) and, as ``setup``,
+        the setup with the fitted PC (the written files' headers use it)."""
         if not self.refine_pc:
             return None
-        from .pc_fit import fit_scan_pc
+        from .pc_fit import calibrate_pc, log_fit
 
-        given = self.indexer.geometry
-        fit = fit_scan_pc(self.indexer, frames)
-        log.info("%s", fit.describe(given))
-        return {"pc_refinement": {"pc": list(fit.geometry.pc), "given_pc": list(given.pc), "points": fit.points,
-                                  "mean_ncc_before": round(fit.ncc_before, 5),
-                                  "mean_ncc_after": round(fit.ncc_after, 5), "convention": "bruker"},
+        fit = calibrate_pc(frames, self.geometry, self.phases, signal_mask=self.options.get("signal_mask"),
+                           static_background=self.options.get("static_background"))
+        log_fit(fit)
+        with self._lock:
+            self.geometry = fit.geometry
+            self._use(self._build(fit.geometry, "the projection centre --refine-pc found"))
+        return {"pc_refinement": fit.report(),
                 "setup": fit.geometry.to_wire()}  # the files' headers (the .ang PC) take the fitted PC
 
 
@@ -251,10 +299,12 @@ def _indexing_options(args) -> dict:
     if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
         raise InputError(f"--min-confidence {args.min_confidence} is outside 0..1; confidence 0.5 is the point "
                          "above which at least 99% of points are right")
-    background = None
+    background = getattr(args, "file_static_background", None)  # open_source's: the file's own
     if isinstance(args.static_background, np.ndarray):  # the Python API passes arrays
         background = args.static_background.astype(np.float32)
     elif args.static_background:
+        if background is not None:
+            log.info("static background from --static-background, not the file's")
         try:
             background = np.load(args.static_background).astype(np.float32)
         except (OSError, ValueError) as exc:

@@ -13,10 +13,11 @@ from ..conftest import disorientation, error_lines, run_cli
 def test_index_npy_file_is_accurate(tmp_path, moderate_scan):
     path = tmp_path / "scan.npy"
     np.save(path, moderate_scan.render(0, moderate_scan.size).reshape(20, 20, 60, 60))
-    proc = run_cli("index", path, "--out", tmp_path / "result.h5")
+    proc = run_cli("index", path, "--out", tmp_path / "result.h5", "--step", "0.5", "0.25")
     assert proc.returncode == 0, proc.stderr
     xmap = orix_io.load(tmp_path / "result.h5")
     assert xmap.shape == (20, 20)
+    assert (xmap.dy, xmap.dx) == (0.25, 0.5)  # --step DX DY, micrometres
     assert np.median(disorientation(xmap.rotations.data, moderate_scan.truth)) < 2.5
     assert (tmp_path / "result.ang").exists() and (tmp_path / "result_ipf.png").exists()
 
@@ -126,7 +127,7 @@ def test_malformed_address():
 
 def test_unknown_phase():
     proc = run_cli("publish", "--simulate", "4x4", "--phases", "unobtainium", timeout=60)
-    _assert_one_line_error(proc, "unknown phase", "unobtainium")
+    _assert_one_line_error(proc, "phase 'unobtainium' is neither built in", "CIF")
 
 
 def test_keys_are_made_once_and_never_overwritten_and_a_missing_key_folder_is_named(tmp_path):

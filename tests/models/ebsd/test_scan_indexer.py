@@ -116,8 +116,8 @@ def test_points_no_start_fits_are_rescued_from_their_page(moderate_scan, frames,
     matcher = indexer.indexers[0]
     real_match, rng = matcher.match, np.random.default_rng(0)
 
-    def random_for_half(flat, **options):
-        scores, indices = real_match(flat, **options)
+    def random_for_half(flat):
+        scores, indices = real_match(flat)
         indices = indices.copy()
         indices[::2] = rng.integers(0, matcher.dictionary.size, indices[::2].shape)
         return scores, indices
@@ -146,35 +146,3 @@ def test_a_signal_mask_keeps_what_lies_outside_it_out(moderate_scan, frames):
     assert np.median(err) < 0.4 and np.mean(err < 3) >= 0.99
     with pytest.raises(InputError, match="signal mask"):
         ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, signal_mask=circle, indexer="network")
-
-
-@pytest.mark.slow
-def test_the_projection_centre_is_fitted_on_the_scan():
-    """Frames simulated at the default PC, indexed as if the PC were 0.01-0.015 off: with
-    refine_pc the PC is found again and the orientations are as good as at the true PC."""
-    from dataclasses import replace
-
-    from liveindex.models.ebsd.files import array_source
-    from liveindex.models.ebsd.geometry import DEFAULT_PC
-    from liveindex.models.ebsd.simulator import SimulatedScan
-    from liveindex.stream.offline import index_source
-
-    scan = SimulatedScan((20, 20), noise="moderate", seed=4)
-    given = replace(scan.geometry, pc=(DEFAULT_PC[0] + 0.012, DEFAULT_PC[1] - 0.010, DEFAULT_PC[2] + 0.015))
-    source = array_source(scan.render(0, scan.size), geometry=given, phases=("ni",), name="offset-pc")
-    off, _ = index_source(source, progress=False, indexer="templates")
-    report = {}
-    fitted, _ = index_source(source, progress=False, indexer="templates", refine_pc=True, report=report)
-    assert np.abs(np.array(report["pc_refinement"]["pc"]) - DEFAULT_PC).max() < 0.003, report
-    assert report["setup"]["pc"] == report["pc_refinement"]["pc"]  # what `liveindex index` writes the files with
-    assert np.median(disorientation_degrees(off["quaternion"], scan.truth)) > 0.8
-    assert np.median(disorientation_degrees(fitted["quaternion"], scan.truth)) < 0.3
-
-
-def test_refining_the_pc_needs_refinement(moderate_scan, frames):
-    from liveindex.models.ebsd.files import array_source
-    from liveindex.stream.offline import index_source
-
-    source = array_source(frames[:20], geometry=moderate_scan.geometry, phases=("ni",), name="x")
-    with pytest.raises(InputError, match="drop --no-refine"):
-        index_source(source, progress=False, refine=False, refine_pc=True)
