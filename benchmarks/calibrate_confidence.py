@@ -36,11 +36,16 @@ def features(indexer: ScanIndexer, frames: np.ndarray, background=None):
                              np.log(np.where(result.reliability > 0, result.reliability, 1.0))], 1)
 
 
-def simulated_sets(seed: int):
+# Ordered and disordered crystals of one orientation (L1_2 Ni3Al and fcc Ni) differ only by
+# weak superlattice bands: measured and reported, but not fitted on (see main).
+ORDERED_DISORDERED = [("ni3al", "ni"), ("ni", "ni3al")]
+
+
+def simulated_sets(seed: int, pairs=None):
     ti = register(phases_from_spec(str(DATA / "ti.cif"))[0])
     fe = register(phases_from_spec(str(DATA / "ferrite.cif"))[0])
-    pairs = [("ni", "ni"), ("fe", "fe"), (ti, ti), ("fe", "ni"), (ti, "ni"), ("ni", "fe"), ("ni", ti), (ti, fe),
-             (fe, ti), ("ni", fe)]
+    pairs = pairs or [("ni", "ni"), ("fe", "fe"), (ti, ti), ("fe", "ni"), (ti, "ni"), ("ni", "fe"), ("ni", ti),
+                      (ti, fe), (fe, ti), ("ni", fe)]
     indexers = {}
     for noise in ("moderate", "hard"):
         for scan_phase, listed in pairs:
@@ -106,6 +111,17 @@ def main() -> None:
         sure_right += int((above & right).sum())
         print(f"  {name:34s} confidence > 0.5: {above.mean():6.1%}   right: {right.mean():6.1%}")
     print(f"points above 0.5 that are right (phase and within 3 deg): {sure_right / max(sure, 1):.2%} of {sure}")
+    # Ordered/disordered: the same orientation, a phase told apart only by superlattice bands.
+    # Not fitted on: NCC, explained share and reliability cannot see them (the latent maps are
+    # for that); shown so that nobody reads the figure above as covering them.
+    print("ordered / disordered (same orientation; the wrong phase's fit is as good as the right one's):")
+    for name, x, right in simulated_sets(2, ORDERED_DISORDERED):
+        c = conf.confidence(np.exp(x[:, 0]), np.exp(x[:, 1]), np.exp(x[:, 2]))
+        above = c > 0.5
+        sure += int(above.sum())
+        sure_right += int((above & right).sum())
+        print(f"  {name:34s} confidence > 0.5: {above.mean():6.1%}   right: {right.mean():6.1%}")
+    print(f"with them: points above 0.5 that are right: {sure_right / max(sure, 1):.2%} of {sure}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_malformed_address():
 
 def test_unknown_phase():
     proc = run_cli("publish", "--simulate", "4x4", "--phases", "unobtainium", timeout=60)
-    _assert_one_line_error(proc, "phase 'unobtainium' is neither built in", "CIF")
+    _assert_one_line_error(proc, "unknown phase 'unobtainium'", "neither built in", "CIF")
 
 
 def test_keys_are_made_once_and_never_overwritten_and_a_missing_key_folder_is_named(tmp_path):

@@ -116,8 +116,8 @@ def test_points_no_start_fits_are_rescued_from_their_page(moderate_scan, frames,
     matcher = indexer.indexers[0]
     real_match, rng = matcher.match, np.random.default_rng(0)
 
-    def random_for_half(flat):
-        scores, indices = real_match(flat)
+    def random_for_half(flat, **options):
+        scores, indices = real_match(flat, **options)
         indices = indices.copy()
         indices[::2] = rng.integers(0, matcher.dictionary.size, indices[::2].shape)
         return scores, indices
