@@ -281,7 +281,8 @@ class ScanState:
         return summary
 
 
-MISSING_PHASE_SHARE = 0.01  # unexplained points above this share of the answered ones get a warning
+MISSING_PHASE_SHARE = 0.01  # unexplained points above this share of the answered ones are counted in a line
+MISSING_PHASE_QUESTION = 0.1  # ... and above this share the line asks whether a phase is missing
 
 
 def missing_phase_warning(summary: dict) -> str | None:
@@ -291,8 +292,10 @@ def missing_phase_warning(summary: dict) -> str | None:
     answered = max(summary.get("received", summary.get("points", 0)) or 0, 1)
     if unexplained < 10 or unexplained < MISSING_PHASE_SHARE * answered:
         return None
-    return (f"{unexplained:,}".replace(",", " ") + f" points ({unexplained / answered:.0%}) fit no listed phase: "
-            "is a phase missing? (add it to --phases; or the patterns are too poor to index surely)")
+    count = f"{unexplained:,}".replace(",", " ") + f" points ({unexplained / answered:.0%})"
+    if unexplained < MISSING_PHASE_QUESTION * answered:  # a few noisy patterns in a right scan look like this
+        return f"{count} fit no listed phase surely (confidence below 0.5)"
+    return f"{count} fit no listed phase: is a phase missing? (add it to --phases; or the patterns are too poor to index)"
 
 
 def _is_time(value) -> bool:

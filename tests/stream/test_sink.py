@@ -195,3 +195,14 @@ def test_a_finished_scan_tells_its_dispatcher_every_page_is_stored(tmp_path):
         thread.join(5)
         dispatcher.close(linger=0)
         sink.close()
+
+
+def test_the_missing_phase_line_counts_a_few_and_asks_about_many():
+    from liveindex.stream.scan_state import missing_phase_warning
+
+    assert missing_phase_warning({"unexplained": 5, "received": 100}) is None  # fewer than 10
+    assert missing_phase_warning({"unexplained": 9, "received": 10_000}) is None  # under 1%
+    few = missing_phase_warning({"unexplained": 300, "received": 10_000})
+    assert few.startswith("300 points (3%)") and "surely" in few and "missing" not in few
+    many = missing_phase_warning({"unexplained": 1840, "received": 10_000})
+    assert many.startswith("1 840 points (18%) fit no listed phase: is a phase missing?")
