@@ -243,11 +243,12 @@ def _write_coarse_matcher(path: Path, *, n_pixels: int, n_templates: int, top_k:
     that still refines to a doubtful fit against the full dictionary (ScanIndexer._match)."""
     folder = path.parent
     templates = np.fromfile(folder / "templates.bin", np.float32).reshape(n_pixels, n_templates)
-    covariance = np.zeros((n_pixels, n_pixels), np.float64)
-    for start in range(0, n_templates, 8192):  # in blocks: T Tᵀ without a float64 copy of T
-        block = templates[:, start:start + 8192].astype(np.float64)
-        covariance += block @ block.T
-    _, vectors = np.linalg.eigh(covariance)
+    # The basis from a random eighth of the templates (at least 8192): 192 components of 900
+    # pixels are estimated as well from 8 000 samples as from 60 000, at a fraction of the time.
+    sample = np.random.default_rng(0).choice(n_templates, min(n_templates, max(8192, n_templates // 8)),
+                                             replace=False)
+    block = templates[:, np.sort(sample)].astype(np.float64)
+    _, vectors = np.linalg.eigh(block @ block.T)
     basis = np.ascontiguousarray(vectors[:, ::-1][:, :COARSE_COMPONENTS]).astype(np.float32)  # (P, K)
     projected = basis.T @ templates  # (K, N)
     scale = np.float32(max(float(np.abs(projected).max()), 1e-12) / 127.0)
