@@ -215,20 +215,36 @@ def _write_quantized_matcher_graph(path: Path, *, n_pixels: int, n_templates: in
     folder = path.parent
     data = folder / "templates_int8.bin"
     templates = np.fromfile(folder / "templates.bin", np.float32).reshape(n_pixels, n_templates)
-    scale = np.float32(max(float(np.abs(templates).max()), 1e-12) / 127.0)
-    tmp = data.with_suffix(f".tmp{os.getpid()}")
-    np.round(templates / scale).astype(np.int8).tofile(tmp)
-    os.replace(tmp, data)
+    scale = _write_int8(templates, data)
     np.save(folder / "templates_int8_scale.npy", np.array(scale, np.float32))
-    _write_top_k_graph(path, "ncc_matcher_int8", [
-        helper.make_node("DynamicQuantizeLinear", ["patterns"], ["patterns_u8", "pattern_scale", "pattern_zero"]),
-        helper.make_node("MatMulInteger", ["patterns_u8", "templates_int8", "pattern_zero"], ["dots"]),
+    _write_top_k_graph(path, "ncc_matcher_int8", _int8_top_k_nodes("patterns", "templates_int8"),
+                       [_external_tensor("templates_int8", TensorProto.INT8, (n_pixels, n_templates), data.name),
+                        numpy_helper.from_array(scale, "template_scale")],
+                       n_pixels=n_pixels, n_templates=n_templates, top_k=top_k)
+
+
+def _write_int8(values: np.ndarray, data: Path) -> np.float32:
+    """``values`` quantized with one symmetric scale (the largest magnitude over 127) and written
+    to ``data`` atomically; returns the scale."""
+    scale = np.float32(max(float(np.abs(values).max()), 1e-12) / 127.0)
+    tmp = data.with_suffix(f".tmp{os.getpid()}")
+    np.round(values / scale).astype(np.int8).tofile(tmp)
+    os.replace(tmp, data)
+    return scale
+
+
+def _int8_top_k_nodes(rows: str, templates: str) -> list:
+    """``rows`` (float) quantized page by page, the integer product with the int8 ``templates``,
+    TopK on the integer dots (one scale for all, so their order is the scores'), and only the
+    top k scaled back by ``template_scale`` times the page's scale."""
+    return [
+        helper.make_node("DynamicQuantizeLinear", [rows], ["rows_u8", "row_scale", "row_zero"]),
+        helper.make_node("MatMulInteger", ["rows_u8", templates, "row_zero"], ["dots"]),
         helper.make_node("TopK", ["dots", "k"], ["top_dots", "top_indices"], axis=1),
         helper.make_node("Cast", ["top_dots"], ["top_dots_float"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["template_scale", "pattern_scale"], ["dot_scale"]),
+        helper.make_node("Mul", ["template_scale", "row_scale"], ["dot_scale"]),
         helper.make_node("Mul", ["top_dots_float", "dot_scale"], ["top_scores"]),
-    ], [_external_tensor("templates_int8", TensorProto.INT8, (n_pixels, n_templates), data.name),
-        numpy_helper.from_array(scale, "template_scale")], n_pixels=n_pixels, n_templates=n_templates, top_k=top_k)
+    ]
 
 
 COARSE_COMPONENTS = 192
@@ -250,20 +266,11 @@ def _write_coarse_matcher(path: Path, *, n_pixels: int, n_templates: int, top_k:
     block = templates[:, np.sort(sample)].astype(np.float64)
     _, vectors = np.linalg.eigh(block @ block.T)
     basis = np.ascontiguousarray(vectors[:, ::-1][:, :COARSE_COMPONENTS]).astype(np.float32)  # (P, K)
-    projected = basis.T @ templates  # (K, N)
-    scale = np.float32(max(float(np.abs(projected).max()), 1e-12) / 127.0)
     data = folder / f"templates_pca{COARSE_COMPONENTS}_int8.bin"
-    tmp = data.with_suffix(f".tmp{os.getpid()}")
-    np.round(projected / scale).astype(np.int8).tofile(tmp)
-    os.replace(tmp, data)
+    scale = _write_int8(basis.T @ templates, data)  # the templates' components (K, N)
     _write_top_k_graph(path, "ncc_matcher_pca_int8", [
         helper.make_node("MatMul", ["patterns", "basis"], ["components"]),
-        helper.make_node("DynamicQuantizeLinear", ["components"], ["components_u8", "pattern_scale", "pattern_zero"]),
-        helper.make_node("MatMulInteger", ["components_u8", "templates_pca", "pattern_zero"], ["dots"]),
-        helper.make_node("TopK", ["dots", "k"], ["top_dots", "top_indices"], axis=1),
-        helper.make_node("Cast", ["top_dots"], ["top_dots_float"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["template_scale", "pattern_scale"], ["dot_scale"]),
-        helper.make_node("Mul", ["top_dots_float", "dot_scale"], ["top_scores"]),
+        *_int8_top_k_nodes("components", "templates_pca"),
     ], [numpy_helper.from_array(basis, "basis"),
         _external_tensor("templates_pca", TensorProto.INT8, (COARSE_COMPONENTS, n_templates), data.name),
         numpy_helper.from_array(scale, "template_scale")], n_pixels=n_pixels, n_templates=n_templates, top_k=top_k)

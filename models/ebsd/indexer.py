@@ -22,9 +22,10 @@ Per page:
    match probably landed in the wrong basin, so up to ``RESCUE_CANDIDATES`` more templates
    that are distinct orientations (more than ``DISTINCT_DEG`` apart) are refined too and
    the best refined NCC wins. On good frames almost no point needs it;
-5. confidence = sigmoid((NCC - threshold) / width), calibrated so that points above 0.5
-   are within 3 deg of the truth at least 99% of the time (benchmarks/calibrate_confidence.py);
-   points below ``min_confidence`` get phase -1. Without refinement: the network's
+5. confidence (models/ebsd/confidence.py, ``_judge``) from the refined NCC, the share of the
+   pattern's structure the answer explains and, for matched points, the reliability;
+   calibrated by benchmarks/calibrate_confidence.py so that points above 0.5 are right
+   (phase and within 3 deg) at least 99% of the time on its sets; points below ``min_confidence`` get phase -1. Without refinement: the network's
    phase x orientation confidence, or template matching's best NCC.
 
 Results carry the method: nn, tm, nn+refined, tm+refined (protocol.METHODS).
@@ -57,9 +58,8 @@ RESCUE_CANDIDATES = 10  # distinct extra starts refined for a point whose first 
 DISTINCT_DEG = 5.0
 PAGE_CANDIDATES = 8  # orientations of a page's sure points tried for its still-doubtful points
 PAGE_MIN_POINTS = 4  # ... each found at this many points at least: a grain, not a coincidence
-# Refined NCC at 30x30 -> confidence; fitted by benchmarks/calibrate_confidence.py.
+# Refined NCC at 30x30 below which an answer is doubtful: rescued, matched again.
 CONFIDENCE_THRESHOLD = 0.19
-CONFIDENCE_WIDTH = 0.015
 DEFAULT_MIN_CONFIDENCE = 0.0
 # A second phase whose best template scores within this of the first's is refined too.
 CONTENTION = 0.05
@@ -71,11 +71,6 @@ PAGES_WITHOUT_COARSE = 10
 # A distinct second solution scoring within this fraction of the answer's flags the point
 # (pseudo-symmetry): relative, as template NCCs scale with the pattern's noise.
 PSEUDO_SYMMETRY_MARGIN = 0.03
-
-
-def confidence_from_ncc(ncc: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-(np.asarray(ncc, np.float64) - CONFIDENCE_THRESHOLD) / CONFIDENCE_WIDTH))).astype(
-        np.float32)
 
 
 def dictionary_spec(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION,
@@ -291,7 +286,6 @@ class ScanIndexer:
             mine = phase == p
             if mine.any():
                 result.quaternion[rows[mine]], result.score[rows[mine]] = self.refiners[p].refine(flat[rows[mine]], q[mine])
-        result.confidence[rows] = confidence_from_ncc(result.score[rows])
         result.method[rows] = METHOD_CODE["nn+refined"]
         if self.mode == "hybrid":  # a start that refined to a poor fit: match it from scratch
             left = np.concatenate([left, rows[result.score[rows] < CONFIDENCE_THRESHOLD]])
@@ -343,7 +337,6 @@ class ScanIndexer:
                 self._compare_solutions(p, scores[p][mine], indices[p][mine], result, rows[mine])
         if len(self.phases) > 1:
             self._refine_runner_up(part, rows, best_scores, indices, result)
-        result.confidence[rows] = confidence_from_ncc(result.score[rows])
         result.method[rows] = METHOD_CODE["tm+refined"]
 
     def _compare_solutions(self, p: int, scores: np.ndarray, candidates: np.ndarray, result: IndexResult,
@@ -434,7 +427,6 @@ class ScanIndexer:
             result.quaternion[rows] = q_more[better]
             result.score[rows] = ncc_more[better]
             result.phase_id[rows] = p
-        result.confidence[doubtful] = confidence_from_ncc(result.score[doubtful])
 
     def _best_start(self, p: int, flat: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(D, P) patterns, (D, R, 4) candidate starts each -> the best refined (D, 4) and its NCC (D,).
