@@ -71,6 +71,18 @@ def real_nickel():
     return "right real Ni scan (kikuchipy)", x, np.ones(source.size, bool)
 
 
+def report(sets) -> tuple[int, int]:
+    """Print each set's share above confidence 0.5 (the constants in use) and how much of it is
+    right; returns how many points were above 0.5 and how many of those were right."""
+    sure = sure_right = 0
+    for name, x, right in sets:
+        above = conf.confidence(np.exp(x[:, 0]), np.exp(x[:, 1]), np.exp(x[:, 2])) > 0.5
+        sure += int(above.sum())
+        sure_right += int((above & right).sum())
+        print(f"  {name:34s} confidence > 0.5: {above.mean():6.1%}   right: {right.mean():6.1%}")
+    return sure, sure_right
+
+
 def fit(x: np.ndarray, y: np.ndarray, weight: np.ndarray, LogisticRegression) -> tuple:
     """Logistic regression, then the intercept lowered until the training points above 0.5 are
     right at least TARGET_PRECISION of the time (the promise is 99%; the margin is for unseen
@@ -103,24 +115,14 @@ def main() -> None:
                                   ([0, 1, 2], "matched answers (log NCC, log E, log R): RELIABLE", conf.RELIABLE)):
         print(f"fitted for {name}: {fit(x[:, columns], y, weight, LogisticRegression)} (in use: {in_use})")
     print("held-out seed, the constants in use (every point matched, so the RELIABLE model):")
-    sure_right, sure = 0, 0
-    for name, x, right in list(simulated_sets(2)) + [real]:
-        c = conf.confidence(np.exp(x[:, 0]), np.exp(x[:, 1]), np.exp(x[:, 2]))
-        above = c > 0.5
-        sure += int(above.sum())
-        sure_right += int((above & right).sum())
-        print(f"  {name:34s} confidence > 0.5: {above.mean():6.1%}   right: {right.mean():6.1%}")
+    sure, sure_right = report(list(simulated_sets(2)) + [real])
     print(f"points above 0.5 that are right (phase and within 3 deg): {sure_right / max(sure, 1):.2%} of {sure}")
     # Ordered/disordered: the same orientation, a phase told apart only by superlattice bands.
     # Not fitted on: NCC, explained share and reliability cannot see them (the latent maps are
     # for that); shown so that nobody reads the figure above as covering them.
     print("ordered / disordered (same orientation; the wrong phase's fit is as good as the right one's):")
-    for name, x, right in simulated_sets(2, ORDERED_DISORDERED):
-        c = conf.confidence(np.exp(x[:, 0]), np.exp(x[:, 1]), np.exp(x[:, 2]))
-        above = c > 0.5
-        sure += int(above.sum())
-        sure_right += int((above & right).sum())
-        print(f"  {name:34s} confidence > 0.5: {above.mean():6.1%}   right: {right.mean():6.1%}")
+    more, more_right = report(simulated_sets(2, ORDERED_DISORDERED))
+    sure, sure_right = sure + more, sure_right + more_right
     print(f"with them: points above 0.5 that are right: {sure_right / max(sure, 1):.2%} of {sure}")
 
 
