@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .orientation_map import PHASE_COLOURS, euler_degrees, ipf_key_png
+from .protocol import plain
 from .scan_state import ScanState
 from .writers import map_images, png_bytes
 
@@ -161,13 +162,13 @@ class SinkView:
             "workers_up": len(workers), "workers": workers,
             "queue_depth": dispatcher.get("queue_depth"), "backlog_frames": dispatcher.get("backlog_frames"),
             "spilled_frames": dispatcher.get("spilled_frames"), "dropped_frames": dispatcher.get("dropped_frames"),
-            "modality": spec.modality, "setup": spec.setup, "setup_rows": _setup_rows(spec),
+            "modality": spec.modality, "setup": plain(spec.setup), "setup_rows": _setup_rows(spec),
             "phases": state.phase_names,
             "phase_records": [p.to_wire(payload=False) for p in spec.phases],
             "methods": [m.to_wire() for m in spec.methods],
             "fields": [f.to_wire()[:3] for f in spec.fields],
             "maps": live_maps(state),
-            "pattern_shape": list(spec.pattern_shape), "metadata": spec.metadata,
+            "pattern_shape": list(spec.pattern_shape), "metadata": plain(spec.metadata),
             "nav_shape": list(state.nav_shape), "bad_messages": sink.receiver.bad_total,
             "models": sorted(state.models),
         })
@@ -231,5 +232,5 @@ def _setup_rows(spec) -> list[list[str]]:
     try:
         rows = modalities.load(spec.modality).describe_setup(spec.setup)
     except Exception:  # an unknown modality, or one whose package is not installed here
-        rows = [(str(k), str(v)) for k, v in spec.setup.items()]
+        rows = [(str(k), str(v)) for k, v in plain(spec.setup).items()]
     return [[str(k)[:60], str(v)[:200]] for k, v in rows]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from liveindex.models.modality import ScanSource, empty_results
 from liveindex.models.onnx_runtime import blas_threads
 
-from .protocol import ScanStart
+from .protocol import ScanStart, plain
 from .writers import write_outputs
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def index_file(source: ScanSource, out: Path, **options) -> dict:
         "unexplained": int(np.count_nonzero(start.unexplained(maps))),
         "seconds": round(seconds, 3),
         "frames_per_second": round(source.size / seconds, 1) if seconds else None,
-        "setup": start.setup,
+        "setup": plain(start.setup),
         **report,
         "source": source.metadata.get("source"),
         "status": "complete",

@@ -350,6 +350,19 @@ def _check_arrays(message: Message) -> None:
                                 f"{preview.dtype}{preview.shape}", header)
 
 
+def plain(value):
+    """``value`` (a scan_start's setup or metadata) with every byte string replaced by its size,
+    so that it goes into JSON (the live page, the scan's summary): a modality may carry binary
+    data in its setup (EBSD: the file's static background) and a peer may send anything."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def without(message: Message, *names: str) -> list:
     """The message encoded again without some of its arrays (the sink journals results
     without their previews, which it keeps in a file of their own)."""

@@ -87,9 +87,10 @@ class EBSD(Modality):
             # The file's static background reaches the indexer through indexing_options, which
             # `liveindex index` calls after this (live workers use their own, or the running mean).
             args.file_static_background = source.file_setup.static_background
-            if role == "publish" and source.file_setup.static_background is not None:
-                log.info("the file's static background is not sent to workers: they subtract the scan's running mean "
-                         "frame unless started with --static-background FILE.npy")
+            if source.file_setup.static_background is not None:
+                # Workers on other hosts have no copy of the file: the background travels in
+                # the scan_start setup (a worker's own --static-background still wins).
+                source.setup[SETUP_BACKGROUND] = background_to_wire(source.file_setup.static_background)
             return source
         geometry = _geometry(args)
         try:
@@ -120,14 +121,20 @@ class EBSD(Modality):
 
         if not isinstance(setup, dict):
             raise InputError("the EBSD setup must be a map of the detector geometry (pc, sample_tilt, tilt, ...)")
-        return DetectorGeometry.from_wire(setup).with_shape(pattern_shape).to_wire()
+        checked = DetectorGeometry.from_wire(setup).with_shape(pattern_shape).to_wire()
+        if setup.get(SETUP_BACKGROUND) is not None:
+            background_from_wire(setup[SETUP_BACKGROUND], pattern_shape)  # refuses a malformed one
+            checked[SETUP_BACKGROUND] = setup[SETUP_BACKGROUND]
+        return checked
 
     def describe_setup(self, setup: dict) -> list[tuple[str, str]]:
         pc = setup.get("pc") or []
         return [("PC (Bruker)", ", ".join(f"{v:.4f}" for v in pc)),
                 ("sample tilt", f"{setup.get('sample_tilt')}°"), ("detector tilt", f"{setup.get('tilt')}°"),
                 ("binning", str(setup.get("binning"))), ("beam energy", f"{setup.get('energy_kv')} kV")] + (
-            [("working distance", f"{setup['working_distance_mm']} mm")] if setup.get("working_distance_mm") else [])
+            [("working distance", f"{setup['working_distance_mm']} mm")] if setup.get("working_distance_mm") else []) + (
+            [("static background", "the file's ({}x{})".format(*setup[SETUP_BACKGROUND].get("shape", ("?", "?"))))]
+            if isinstance(setup.get(SETUP_BACKGROUND), dict) else [])
 
     def export_header(self, setup: dict, pattern_shape):
         """The PC in the TSL convention (the .ang header), tilts, kV, working distance where the
@@ -147,6 +154,9 @@ class EBSD(Modality):
         names = [register(p) for p in records]
         if options.get("min_confidence") is None:
             options["min_confidence"] = default_min_confidence(records)
+        if options.get("static_background") is None and scan_start["setup"].get(SETUP_BACKGROUND) is not None:
+            options["static_background"] = background_from_wire(scan_start["setup"][SETUP_BACKGROUND],
+                                                                 scan_start["pattern_shape"])
         refine_pc = options.pop("refine_pc", False)
         reason = reason or f"scan {scan_start.get('scan', '')} has geometry {geometry.cache_key()}"
 
@@ -172,6 +182,30 @@ class EBSD(Modality):
                     self._indexers.popitem(last=False)
             self._indexers.move_to_end(key)
         return indexer
+
+
+SETUP_BACKGROUND = "static_background"  # the file's static background, in the scan_start setup
+
+
+def background_to_wire(background: np.ndarray) -> dict:
+    background = np.ascontiguousarray(background, np.float32)
+    return {"shape": list(background.shape), "float32": background.tobytes()}
+
+
+def background_from_wire(wire, pattern_shape) -> np.ndarray:
+    """The setup's static background as an (H, W) float32 array; InputError (one line) where it
+    is not one finite frame of the scan's pattern shape."""
+    try:
+        shape = tuple(int(v) for v in wire["shape"])
+        data = np.frombuffer(wire["float32"], np.float32)
+        if shape != tuple(int(v) for v in pattern_shape) or data.size != int(np.prod(shape)):
+            raise ValueError(f"{data.size} values for shape {shape}, patterns {tuple(pattern_shape)}")
+        if not np.isfinite(data).all():
+            raise ValueError("values that are not finite")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"the scan's static background is malformed ({exc}); send one (H, W) float32 frame of the "
+                         "patterns' shape, or none") from None
+    return data.reshape(shape).copy()
 
 
 USER_PHASES_MIN_CONFIDENCE = 0.5
