@@ -179,12 +179,41 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
                        source=source or f"cif:{path.name}")
 
 
-def _element(symbol: str) -> str:
-    """'Ti1', 'Fe2+', 'O2-' -> 'Ti', 'Fe', 'O' (the scattering factor tables know elements)."""
-    match = re.match(r"[A-Z][a-z]?", symbol.strip().capitalize())
+ELEMENTS = ("H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
+            "Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb "
+            "Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm").split()
+
+
+def _element(symbol) -> str:
+    """'Ti1', 'Fe2+', 'O2-' -> 'Ti', 'Fe', 'O'; EMsoft's atomic numbers ('28') -> 'Ni' (the
+    scattering factor tables know element symbols)."""
+    text = str(symbol).strip()
+    if text.isdigit() and 1 <= int(text) <= len(ELEMENTS):
+        return ELEMENTS[int(text) - 1]
+    match = re.match(r"[A-Z][a-z]?", text.capitalize())
     if not match:
         raise InputError(f"atom type {symbol!r} names no element; use element symbols in _atom_site_type_symbol")
     return match.group(0)
+
+
+def full_cell(atoms, space_group: int) -> tuple:
+    """Atoms (element, x, y, z, occupancy) of the asymmetric unit or of the whole cell -> every
+    atom of the cell, by the space group's operations (diffpy), each position once, mod 1."""
+    from diffpy.structure.spacegroups import GetSpaceGroup
+    from diffpy.structure.symmetryutilities import ExpandAsymmetricUnit
+
+    if not atoms:
+        return ()
+    expanded = ExpandAsymmetricUnit(GetSpaceGroup(int(space_group)), [a[1:4] for a in atoms])
+    cell, seen = [], set()
+    for (element, _, _, _, occupancy), positions in zip(atoms, expanded.expandedpos):
+        for xyz in positions:
+            xyz = tuple(float(v) % 1.0 for v in xyz)
+            key = (element, *(round(v, 4) % 1.0 for v in xyz))  # a mixed site keeps each element
+            if key not in seen:
+                seen.add(key)
+                cell.append((element, *xyz, float(occupancy)))
+    return tuple(cell)
 
 
 def _orix_aligned_base(base: np.ndarray) -> np.ndarray:
@@ -213,8 +242,6 @@ def hkl_families(space_group: int, lattice: tuple, atoms: tuple, max_families: i
     space group's centring allows, largest d first (intensity 100).
     """
     from diffpy.structure import Atom
-    from diffpy.structure.spacegroups import GetSpaceGroup
-    from diffpy.structure.symmetryutilities import expandPosition
     from diffsims.crystallography import ReciprocalLatticeVector
     from diffsims.structure_factor.atomic_scattering_factor import get_kinematical_atomic_scattering_factor
 
@@ -224,28 +251,14 @@ def hkl_families(space_group: int, lattice: tuple, atoms: tuple, max_families: i
     hkl = np.rint(vectors.hkl).astype(int)
     d = np.asarray(vectors.dspacing, float)
     if record.atoms:
-        sg = GetSpaceGroup(int(space_group))
-        sites = []  # (element, occupancy, (n, 3) positions of its orbit)
-        for element, x, y, z, occupancy in record.atoms:
-            positions = np.asarray(expandPosition(sg, [x, y, z])[0], float) % 1.0
-            sites.append((element, occupancy, positions))
-        # Records may list the whole cell: keep each position once.
-        seen, unique_sites = set(), []
-        for element, occupancy, positions in sites:
-            keep = []
-            for pos in positions:
-                key = (element, *np.round(pos, 4) % 1.0)
-                if key not in seen:
-                    seen.add(key)
-                    keep.append(pos)
-            if keep:
-                unique_sites.append((element, occupancy, np.array(keep)))
         s = 1.0 / (2.0 * d)
         f_total = np.zeros(len(hkl), complex)
-        for element, occupancy, positions in unique_sites:
-            atom = Atom(element, occupancy=occupancy)
-            f = np.array([get_kinematical_atomic_scattering_factor(atom, si) for si in s])
-            f_total += f * np.exp(2j * np.pi * (hkl @ positions.T)).sum(axis=1)
+        factors = {}  # (element, occupancy) -> f(s) of every family
+        for element, x, y, z, occupancy in full_cell(record.atoms, space_group):
+            if (element, occupancy) not in factors:
+                atom = Atom(element, occupancy=occupancy)
+                factors[element, occupancy] = np.array([get_kinematical_atomic_scattering_factor(atom, si) for si in s])
+            f_total += factors[element, occupancy] * np.exp(2j * np.pi * (hkl @ np.array([x, y, z])))
         strength = np.abs(f_total)
         allowed = strength > 1e-6 * max(strength.max(), 1e-12)
     else:

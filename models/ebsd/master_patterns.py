@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liveindex.models.crystal import PhaseRecord, point_group_of
+from liveindex.models.crystal import PhaseRecord, _element, full_cell, point_group_of
 from liveindex.models.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -344,8 +344,8 @@ def _record_from_master_pattern_file(path: Path, *, name: str | None) -> PhaseRe
     lattice = tuple(structure.lattice.abcABG())
     if max(lattice[:3]) < 1.0:  # EMsoft (and kikuchipy reading it) keep nm; a cell under 1 angstrom is none
         lattice = tuple(v * 10.0 for v in lattice[:3]) + lattice[3:]
-    atoms = _full_cell([(_element_symbol(a.element), *(float(v) for v in a.xyz), float(a.occupancy))
-                        for a in structure], int(phase.space_group.number))
+    atoms = full_cell([(_element(a.element), *(float(v) for v in a.xyz), float(a.occupancy)) for a in structure],
+                      int(phase.space_group.number))
     record_name = name or (phase.name if phase.name else "") or path.stem
     record_name = re.sub(r"[^A-Za-z0-9_.+()\- ]", "_", record_name)[:64]
     payload = {"master_pattern": packed, "shape": list(scaled.shape), "dtype": "float16",
@@ -354,29 +354,6 @@ def _record_from_master_pattern_file(path: Path, *, name: str | None) -> PhaseRe
     return PhaseRecord(name=record_name, space_group=int(phase.space_group.number),
                        lattice=lattice, atoms=atoms, source=f"master:{path.name}",
                        extra={"payload": payload})
-
-
-_ELEMENTS = ("H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
-             "Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb "
-             "Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm").split()
-
-
-def _element_symbol(element) -> str:
-    """EMsoft files name elements by atomic number ('28'); records use symbols ('Ni')."""
-    text = str(element).strip()
-    if text.isdigit() and 1 <= int(text) <= len(_ELEMENTS):
-        return _ELEMENTS[int(text) - 1]
-    return text
-
-
-def _full_cell(atoms, space_group: int) -> tuple:
-    """Asymmetric-unit atoms -> every atom of the cell, by the space group's operations."""
-    from diffpy.structure.spacegroups import GetSpaceGroup
-    from diffpy.structure.symmetryutilities import ExpandAsymmetricUnit
-
-    expanded = ExpandAsymmetricUnit(GetSpaceGroup(space_group), [a[1:4] for a in atoms])
-    return tuple((el, *(float(v) % 1.0 for v in xyz), occ)
-                 for (el, _, _, _, occ), positions in zip(atoms, expanded.expandedpos) for xyz in positions)
 
 
 def _payload(record: PhaseRecord) -> dict | None:

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from liveindex.models.crystal import PhaseRecord
+from liveindex.models.crystal import ELEMENTS, PhaseRecord
+from liveindex.models.crystal import full_cell as crystal_full_cell
 
 POSITION_TOLERANCE = 1e-3  # fractional; CIF coordinates carry 4-5 digits
 ORDERING_Z_RATIO = 0.5  # the ordered child's lighter element: atomic number about half
@@ -75,17 +76,8 @@ def ordering_evidence(patterns: np.ndarray, answers: np.ndarray, ncc: np.ndarray
 
 
 def full_cell(record: PhaseRecord) -> list[tuple]:
-    """Every atom of the cell (records may hold the asymmetric unit), one per position."""
-    from .master_patterns import _full_cell
-
-    if not record.atoms:
-        return []
-    cell = []
-    for atom in _full_cell(record.atoms, record.space_group):
-        xyz = np.asarray(atom[1:4]) % 1.0
-        if not any(_same_position(xyz, np.asarray(other[1:4])) for other in cell):
-            cell.append((atom[0], *(float(v) for v in xyz), float(atom[4])))
-    return cell
+    """Every atom of the record's cell (records may hold the asymmetric unit)."""
+    return list(crystal_full_cell(record.atoms, record.space_group))
 
 
 def _translations(sites: list[tuple]) -> list[np.ndarray]:
@@ -122,10 +114,8 @@ def _ordered(cell: list[tuple], translations: list[np.ndarray]) -> list[tuple]:
 
 
 def _lighter_element(symbol: str) -> str:
-    from .master_patterns import _ELEMENTS
-
-    z = _ELEMENTS.index(symbol) + 1 if symbol in _ELEMENTS else 26
-    return _ELEMENTS[max(3, round(z * ORDERING_Z_RATIO)) - 1]
+    z = ELEMENTS.index(symbol) + 1 if symbol in ELEMENTS else 26
+    return ELEMENTS[max(3, round(z * ORDERING_Z_RATIO)) - 1]
 
 
 def _same_position(a: np.ndarray, b: np.ndarray) -> bool:
