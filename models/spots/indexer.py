@@ -124,8 +124,9 @@ class SpotIndexer:
             other = (cand_p[:, j] != phase) | ((self._apart(cand_q[:, j], q, phase) > DISTINCT_DEG)
                                                & (self._apart(cand_q[:, j], mate_q, phase) > DISTINCT_DEG))
             q2 = np.where(other, np.maximum(q2, cand_s[:, j]), q2)
-        reliability = np.clip(1.0 - q2 / np.maximum(q1, 1e-12), 0.0, 1.0)
-        conf = confidence(reliability, q1)
+        refined_reliability = np.clip(1.0 - q2 / np.maximum(q1, 1e-12), 0.0, 1.0)
+        reliability = self._match_reliability(scores, templates)
+        conf = confidence(reliability, refined_reliability, q1)
         indexed = (q1 >= MIN_SCORE) & (conf >= self.min_confidence)
         method = np.where(indexed, METHOD_CODES["refined" if self.refine_answers else "template"],
                           METHOD_CODES["none"]).astype(np.uint8)
@@ -144,6 +145,25 @@ class SpotIndexer:
             "center": centers.astype(np.float32),
         }
 
+    def _match_reliability(self, scores: np.ndarray, templates: np.ndarray) -> np.ndarray:
+        """ASTAR's reliability on the matching scores: 1 - S2/S1, S1 the best template's score and
+        S2 the best of the top-K templates that are another phase or another beam direction
+        (more than DISTINCT_DEG away: neighbours on the grid are the same solution)."""
+        b, k = templates.shape
+        q = self.template_q[templates.reshape(-1)].reshape(b, k, 4)
+        phase = self.template_phase[templates]
+        v = _beam_directions(q)  # (b, k, 3)
+        cos = np.cos(np.deg2rad(DISTINCT_DEG))
+        same = np.zeros((b, k), bool)
+        for p, record in enumerate(self.phases):
+            ops = rotation_matrices(proper_operators(record.space_group))  # (S, 3, 3)
+            orbit = np.einsum("sij,bj->bsi", ops, v[:, 0])  # (b, S, 3) the best's equivalent directions
+            near = np.abs(np.einsum("bsi,bki->bks", orbit, v)).max(2) >= cos  # +-v: the same pattern
+            same |= (phase == p) & (phase[:, :1] == p) & near
+        s2 = np.where(same, -np.inf, scores).max(1)
+        s2 = np.where(np.isfinite(s2), s2, 0.0)
+        return np.clip(1.0 - s2 / np.maximum(scores[:, 0], 1e-12), 0.0, 1.0)
+
     def _refine(self, q: np.ndarray, phase: np.ndarray, polar: np.ndarray, rows: np.ndarray):
         matrices = rotation_matrices(q)
         out, score = matrices.copy(), np.zeros(len(q))
@@ -161,6 +181,12 @@ class SpotIndexer:
             if mine.any():
                 out[mine] = disorientation_degrees(a[mine], b[mine], proper_operators(record.space_group))
         return out
+
+
+def _beam_directions(q: np.ndarray) -> np.ndarray:
+    """(..., 4) orientations -> (..., 3) crystal directions along the beam (R @ e_z)."""
+    w, x, y, z = np.moveaxis(q, -1, 0)
+    return np.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], -1)
 
 
 def spot_quality(polar: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 frames (B, H, W) and beam centres (B, 2) ->
   GridSample onto the polar grid (R radii x 360 angles, ellipticity in the grid) ->
-  gamma 0.5 -> minus each radius' mean over the angle (the amorphous rings, the diffuse
+  gamma 0.5 -> minus each radius' median over the angle (the amorphous rings, the diffuse
   background), ReLU -> unit norm: the polar image (also an output, for refinement) ->
   angular DFT (MatMul with cos/sin of the harmonics 2k, k = 1..K) ->
   for every template and every in-plane angle at once: one MatMul batched over the K
@@ -30,7 +30,7 @@ from .templates import PolarGrid
 log = logging.getLogger(__name__)
 
 OPSET = 18
-TOP_K = 8
+TOP_K = 32  # the best for refinement, the rest for the reliability's second-best solution
 IN_PLANE_STEPS = 90  # in-plane angles over 180 degrees (2 degrees; refinement goes finer)
 GAMMA = 0.5
 
@@ -77,7 +77,7 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
         ("shape_b1hw", np.array([0, 1, h, w], np.int64)), ("shape_b112", np.array([0, 1, 1, 2], np.int64)),
         ("shape_bra", np.array([0, r, a], np.int64)), ("shape_br2k", np.array([0, 0, 2, k], np.int64)),
         ("shape_kb2r", np.array([0, 0, -1], np.int64)), ("shape_kb2n", np.array([0, 0, 2, n], np.int64)),
-        ("shape_bn2k", np.array([0, 0, -1], np.int64)), ("k", np.array([min(top_k, n)], np.int64)),
+        ("shape_bn2k", np.array([0, 0, -1], np.int64)), ("k", np.array([min(top_k, n)], np.int64)), ("half", np.array([a // 2], np.int64)),
         ("axis_a", np.array([2], np.int64)), ("axes_ra", np.array([1, 2], np.int64)),
     ]]
     nodes = [
@@ -89,7 +89,13 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
         helper.make_node("Reshape", ["polar4", "shape_bra"], ["polar_raw"]),
         helper.make_node("Relu", ["polar_raw"], ["polar_pos"]),
         helper.make_node("Pow", ["polar_pos", "gamma"], ["polar_g"]),
-        helper.make_node("ReduceMean", ["polar_g", "axis_a"], ["ring_mean"], keepdims=1),
+        # Each radius' background is its median over the angle (TopK of half, its least):
+        # a mean took the spots of a busy ring (zone axes) into the background and cut the
+        # weaker ones to 0, which biased the refined tilt by 3-6 deg.
+        helper.make_node("TopK", ["polar_g", "half"], ["upper_half", "upper_index"], axis=2),
+        helper.make_node("ReduceMin", ["upper_half", "axis_a"], ["ring_mean"], keepdims=1),
+        # No noise threshold above the background: cutting at 1 or 2 standard deviations of
+        # the radius lost 3-7% of the points within 3 deg (400 moderate patterns).
         helper.make_node("Sub", ["polar_g", "ring_mean"], ["polar_c"]),
         helper.make_node("Relu", ["polar_c"], ["polar_s"]),
         helper.make_node("ReduceSumSquare", ["polar_s", "axes_ra"], ["ss"], keepdims=1),

@@ -32,7 +32,11 @@ from .diffraction import lab_vectors, matrices_to_quaternions, reflections, spot
 log = logging.getLogger(__name__)
 
 VERSION = 1
-EXCITATION_WIDTH = 0.02  # 1/angstrom: the library's rel-rod width (thickness about 50 nm)
+EXCITATION_WIDTH = 0.035  # 1/angstrom: the refinement's rel-rod width (thickness about 30 nm)
+# The library's templates take a wider rel-rod: a template then also holds the spots that a beam
+# direction up to about a grid step away excites, so the true direction's neighbour on the grid
+# still matches.
+MATCH_WIDTH = float(os.environ.get("LIVEINDEX_SPOTS_MATCH_WIDTH", "0.06"))
 SPOT_SIGMA = 1.2  # pixels: a spot's blur in the templates (the simulator's moderate blur)
 INTENSITY_POWER = 0.5  # template weight |I|^0.5, as the patterns' gamma
 
@@ -149,7 +153,7 @@ def library_key(phase: PhaseRecord, setup: dict, pattern_shape, grid: PolarGrid,
                                                   [[a[0], *(round(x, 6) for x in a[1:])] for a in phase.atoms]],
                           "kv": setup["kv"], "cal": setup["calibration"], "prec": setup["precession"],
                           "shape": list(pattern_shape), "grid": [grid.r_min, grid.r_max, grid.harmonics],
-                          "res": resolution, "width": EXCITATION_WIDTH}, sort_keys=True)
+                          "res": resolution, "width": MATCH_WIDTH}, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()[:20]
 
 
@@ -172,7 +176,7 @@ def build_library(phase: PhaseRecord, setup: dict, pattern_shape, grid: PolarGri
     for a in range(0, len(mats), 512):
         lab = lab_vectors(mats[a:a + 512], refl.g)
         inten = spot_intensities(lab, refl.f2, wavelength_a=wavelength(setup["kv"]),
-                                 precession_deg=setup["precession"], excitation_width=EXCITATION_WIDTH)
+                                 precession_deg=setup["precession"], excitation_width=MATCH_WIDTH)
         re, im = fourier_templates(lab[..., :2] / setup["calibration"], inten, grid)
         reals.append(re)
         imags.append(im)
