@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 TOP_K = 32  # the best for refinement, the rest for the reliability's second-best solution
-IN_PLANE_STEPS = 90  # in-plane angles over 180 degrees (2 degrees; refinement goes finer)
+IN_PLANE_STEPS = 60  # in-plane angles over 180 degrees (3 degrees; refinement goes finer)
 GAMMA = 0.5
 
 

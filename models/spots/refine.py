@@ -18,7 +18,7 @@ from .diffraction import axis_rotations, lab_vectors, reflections, spot_intensit
 from .templates import EXCITATION_WIDTH, INTENSITY_POWER, PolarGrid
 
 NEAR_SPHERE = 0.06  # 1/angstrom: reflections followed (a 2-degree move shifts |g| 1.2/A by 0.04)
-STEPS_DEG = (1.0, 0.5, 0.25, 0.125, 0.0625)
+STEPS_DEG = (1.0, 0.5, 0.25, 0.125)  # a 1/16 deg step more changed no figure
 MOVES_PER_STEP = 2
 
 

@@ -36,7 +36,7 @@ EXCITATION_WIDTH = 0.035  # 1/angstrom: the refinement's rel-rod width (thicknes
 # The library's templates take a wider rel-rod: a template then also holds the spots that a beam
 # direction up to about a grid step away excites, so the true direction's neighbour on the grid
 # still matches.
-MATCH_WIDTH = float(os.environ.get("LIVEINDEX_SPOTS_MATCH_WIDTH", "0.06"))
+MATCH_WIDTH = 0.06  # 0.035, 0.06, 0.09: 78.3, 78.7, 80.0% within 3 deg (300 clean patterns): within noise
 SPOT_SIGMA = 1.2  # pixels: a spot's blur in the templates (the simulator's moderate blur)
 INTENSITY_POWER = 0.5  # template weight |I|^0.5, as the patterns' gamma
 
@@ -44,19 +44,21 @@ INTENSITY_POWER = 0.5  # template weight |I|^0.5, as the patterns' gamma
 @dataclass(frozen=True)
 class PolarGrid:
     """The matcher's polar sampling: radii r_min..r_max in pixels (one bin a pixel), ``angles``
-    bins over 360 degrees, ``harmonics`` K angular harmonics (2k, k = 1..K)."""
+    bins over 360 degrees, ``harmonics`` K angular harmonics (2k, k = 1..K). K = 20 (3-degree
+    detail) matched as well as 30 on 300 moderate patterns and ran 1.3x faster with 60 in-plane
+    steps instead of 90."""
 
     r_min: float
     r_max: float
     angles: int = 360
-    harmonics: int = 30
+    harmonics: int = 20
 
     @property
     def radii(self) -> np.ndarray:
         return np.arange(self.r_min, self.r_max + 1e-9, 1.0)
 
     @classmethod
-    def for_shape(cls, pattern_shape, *, harmonics: int = 30) -> "PolarGrid":
+    def for_shape(cls, pattern_shape, *, harmonics: int = 20) -> "PolarGrid":
         h, w = pattern_shape
         return cls(r_min=max(4.0, round(0.05 * min(h, w))), r_max=float(min(h, w) // 2 - 3), harmonics=harmonics)
 
