@@ -57,7 +57,8 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
     from onnx import TensorProto, helper, numpy_helper
 
     h, w = pattern_shape
-    n, r, k = real.shape
+    n, rb, k = real.shape  # rb: radial bins of RADIAL_BIN radii each
+    r = len(grid.radii)
     a = grid.angles
     offsets = polar_offsets(grid, ellipticity)
     scale = np.array([2.0 / (w - 1), 2.0 / (h - 1)])
@@ -65,17 +66,18 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
     theta = np.deg2rad(np.arange(a) * 360.0 / a)
     harm = 2 * np.arange(1, k + 1)
     dft = np.concatenate([np.cos(np.outer(theta, harm)), -np.sin(np.outer(theta, harm))], 1).astype(np.float32)
-    weights = np.zeros((k, 2 * r, 2 * n), np.float32)
-    tr, ti = real.transpose(2, 1, 0), imag.transpose(2, 1, 0)  # (K, R, N)
-    weights[:, :r, :n], weights[:, r:, :n] = tr, ti
-    weights[:, :r, n:], weights[:, r:, n:] = ti, -tr
+    weights = np.zeros((k, 2 * rb, 2 * n), np.float32)
+    tr, ti = real.transpose(2, 1, 0), imag.transpose(2, 1, 0)  # (K, Rb, N)
+    weights[:, :rb, :n], weights[:, rb:, :n] = tr, ti
+    weights[:, :rb, n:], weights[:, rb:, n:] = ti, -tr
     alpha = np.arange(steps) * np.pi / steps
     inverse = np.concatenate([2 * np.cos(np.outer(harm, alpha)), -2 * np.sin(np.outer(harm, alpha))], 0)
     inits = [numpy_helper.from_array(v, name) for name, v in [
         ("offsets", offsets_norm), ("dft", dft), ("weights", weights), ("inverse", inverse.astype(np.float32)),
         ("eps", np.array(1e-6, np.float32)), ("gamma", np.array(GAMMA, np.float32)),
         ("shape_b1hw", np.array([0, 1, h, w], np.int64)), ("shape_b112", np.array([0, 1, 1, 2], np.int64)),
-        ("shape_bra", np.array([0, r, a], np.int64)), ("shape_br2k", np.array([0, 0, 2, k], np.int64)),
+        ("shape_bra", np.array([0, r, a], np.int64)),
+        ("shape_bin", np.array([0, rb, r // rb, a], np.int64)), ("shape_br2k", np.array([0, 0, 2, k], np.int64)),
         ("shape_kb2r", np.array([0, 0, -1], np.int64)), ("shape_kb2n", np.array([0, 0, 2, n], np.int64)),
         ("shape_bn2k", np.array([0, 0, -1], np.int64)), ("k", np.array([min(top_k, n)], np.int64)), ("half", np.array([a // 2], np.int64)),
         ("axis_a", np.array([2], np.int64)), ("axes_ra", np.array([1, 2], np.int64)),
@@ -102,7 +104,9 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
         helper.make_node("Sqrt", ["ss"], ["norm0"]),
         helper.make_node("Add", ["norm0", "eps"], ["norm"]),
         helper.make_node("Div", ["polar_s", "norm"], ["polar"]),
-        helper.make_node("MatMul", ["polar", "dft"], ["spec"]),  # (B, R, 2K)
+        helper.make_node("Reshape", ["polar", "shape_bin"], ["polar_pairs"]),  # (B, Rb, bin, A)
+        helper.make_node("ReduceSum", ["polar_pairs", "axis_a"], ["polar_binned"], keepdims=0),  # (B, Rb, A)
+        helper.make_node("MatMul", ["polar_binned", "dft"], ["spec"]),  # (B, Rb, 2K)
         helper.make_node("Reshape", ["spec", "shape_br2k"], ["spec4"]),  # (B, R, 2, K)
         helper.make_node("Transpose", ["spec4"], ["spec_k"], perm=[3, 0, 2, 1]),  # (K, B, 2, R)
         helper.make_node("Reshape", ["spec_k", "shape_kb2r"], ["spec_kb"]),  # (K, B, 2R)
