@@ -157,9 +157,11 @@ def fourier_templates(xy_px: np.ndarray, intensity: np.ndarray, grid: PolarGrid,
 
 
 def cache_dir() -> Path:
-    from liveindex.models.ebsd.cache import cache_root  # the one cache rule (modality-neutral)
-
-    return cache_root() / "spot_templates"
+    """``<cache>/spot_templates``: the cache root by EBSD's rule (models/ebsd/cache.py, not
+    imported here: one modality does not load another): ``LIVEINDEX_CACHE``, else
+    ``$XDG_CACHE_HOME/liveindex``, else ``~/.cache/liveindex``."""
+    root = os.environ.get("LIVEINDEX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "liveindex"
+    return Path(root) / "spot_templates"
 
 
 def library_key(phase: PhaseRecord, setup: dict, pattern_shape, grid: PolarGrid, resolution: float) -> str:
