@@ -91,3 +91,15 @@ def test_amorphous_frames_are_not_indexed(indexer, phases):
 def test_an_unreadable_page_is_not_an_exception(indexer):
     fields = indexer.index(np.zeros((3, 128, 128), np.uint16))
     assert (fields["phase_id"] == -1).all()
+
+
+def test_the_python_api_indexes_a_spot_array(phases):
+    import liveindex
+
+    ev = make_set(phases, SETUP, 12, noise="moderate", seed=14, near_zone=1.0)
+    xmap = liveindex.index(ev.frames.reshape(3, 4, 128, 128), {"calibration": 0.03, "precession": 1.0},
+                           phases="ferrite,austenite,cementite", modality="spots", progress=False, threads=1,
+                           providers="cpu")
+    assert xmap.shape == (3, 4)
+    assert (xmap.phase_id == ev.phase_id).mean() >= 0.8
+    assert "reliability" in xmap.prop and "ambiguous" in xmap.prop
