@@ -129,7 +129,8 @@ class SpotIndexer:
             q2 = np.where(other, np.maximum(q2, cand_s[:, j]), q2)
         refined_reliability = np.clip(1.0 - q2 / np.maximum(q1, 1e-12), 0.0, 1.0)
         reliability = self._match_reliability(scores, templates)
-        conf = confidence(reliability, refined_reliability, q1)
+        explained = self._explained(q, phase, polar)
+        conf = confidence(reliability, refined_reliability, q1, explained)
         indexed = (q1 >= MIN_SCORE) & (conf >= self.min_confidence)
         method = np.where(indexed, METHOD_CODES["refined" if self.refine_answers else "template"],
                           METHOD_CODES["none"]).astype(np.uint8)
@@ -142,6 +143,7 @@ class SpotIndexer:
             "reliability": np.where(indexed, reliability, 0.0).astype(np.float32),
             "ambiguous": np.where(indexed, ambiguous, 0).astype(np.uint8),
             "score": q1.astype(np.float32),
+            "explained": explained.astype(np.float32),
             "fit": np.where(indexed, 1.0 - q1, np.nan).astype(np.float32),
             "iq": spot_quality(polar),
             "vbf": virtual_bright_field(data, centers),
@@ -166,6 +168,15 @@ class SpotIndexer:
         s2 = np.where(same, -np.inf, scores).max(1)
         s2 = np.where(np.isfinite(s2), s2, 0.0)
         return np.clip(1.0 - s2 / np.maximum(scores[:, 0], 1e-12), 0.0, 1.0)
+
+    def _explained(self, q: np.ndarray, phase: np.ndarray, polar: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(q))
+        matrices = rotation_matrices(q)
+        for p, refiner in enumerate(self.refiners):
+            mine = np.flatnonzero(phase == p)
+            if len(mine):
+                out[mine] = refiner.explained(matrices[mine], polar, mine)
+        return out
 
     def _refine(self, q: np.ndarray, phase: np.ndarray, polar: np.ndarray, rows: np.ndarray):
         matrices = rotation_matrices(q)

@@ -68,6 +68,33 @@ class SpotRefiner:
                  + fr * fa * flat[base + (r0 + 1) * self.angles + a1])
         return (w * value).sum(1) / np.maximum(np.sqrt((w**2).sum(1)), 1e-12)
 
+    def explained(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(n,) fraction of each pattern's polar-image energy within about 1.5 pixels of the
+        orientation's predicted spots: near 1 where the answer accounts for every spot seen,
+        low where the pattern has spots it does not predict."""
+        g, f2 = self._subset(matrices)
+        lab = np.einsum("nsi,nij->nsj", g, matrices, optimize=True)
+        inten = spot_intensities(lab, f2, wavelength_a=self.wavelength, precession_deg=self.setup["precession"],
+                                 excitation_width=EXCITATION_WIDTH)
+        n, n_r, n_a = len(matrices), polar.shape[1], self.angles
+        r = np.hypot(lab[..., 0], lab[..., 1]) / self.setup["calibration"] - self.grid.r_min
+        a = (np.arctan2(lab[..., 1], lab[..., 0]) % (2 * np.pi)) * (n_a / (2 * np.pi))
+        seen = (inten > 1e-3 * np.maximum(inten.max(1, keepdims=True), 1e-12)) & (r > -1.5) & (r < n_r + 0.5)
+        mask = np.zeros((n, n_r, n_a), bool)
+        spot, idx = np.nonzero(seen)
+        if len(spot):
+            rr, aa = r[spot, idx], a[spot, idx]
+            half = np.ceil(1.5 / np.maximum(rr + self.grid.r_min, 1.0) * n_a / (2 * np.pi)).astype(int)
+            for dr in (-1, 0, 1):
+                ri = np.clip(np.rint(rr).astype(int) + dr, 0, n_r - 1)
+                for da in range(-int(half.max()), int(half.max()) + 1):
+                    ok = np.abs(da) <= half
+                    ai = (np.rint(aa).astype(int) + da) % n_a
+                    mask[spot[ok], ri[ok], ai[ok]] = True
+        energy = polar[rows] ** 2
+        total = np.maximum(energy.sum(axis=(1, 2)), 1e-12)
+        return (energy * mask).sum(axis=(1, 2)) / total
+
     def refine(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray):
         """(n, 3, 3) start orientations, polar images, (n,) image rows -> refined (n, 3, 3), scores (n,)."""
         g, f2 = self._subset(matrices)

@@ -16,6 +16,7 @@ FIELDS = (
     Field("reliability", "float32", (), 0.0, "1 - Q2/Q1 of the best and the best other solution (ASTAR's index)"),
     Field("ambiguous", "uint8", (), 0, "1: the answer turned 180 deg about the beam fits as well (kinematical)"),
     Field("score", "float32", (), 0.0, "correlation of the answer's spots with the pattern"),
+    Field("explained", "float32", (), 0.0, "fraction of the pattern's spot energy at the answer's predicted spots"),
     Field("fit", "float32", (), 0.0, "1 - score where indexed (lower is better), NaN where not"),
     Field("iq", "float32", (), 0.0, "pattern sharpness: energy fraction in the brightest 1% of the polar image"),
     Field("vbf", "float32", (), 0.0, "virtual bright field: counts in the direct beam"),
