@@ -28,16 +28,12 @@ READERS = {  # suffix -> rosettasciio plugin module
 
 
 class LazyFrames:
-    """(N, H, W) frames of a dask or numpy 4D array, read page by page."""
+    """(N, H, W) frames of a lazy (dask) 3D or 4D array, computed a page at a time."""
 
     def __init__(self, data):
         self.data = data
         self.shape = (int(np.prod(data.shape[:-2])), *data.shape[-2:])
-        self.ndim = 3
         self.dtype = np.dtype(data.dtype)
-
-    def reshape(self, *shape):
-        return self
 
     def __getitem__(self, sl):
         flat = self.data.reshape(self.shape)
@@ -100,6 +96,8 @@ def load_file(path, *, modality, setup: dict, phases) -> ScanSource:
     if isinstance(data, np.ndarray):
         return ArraySource(data, modality=modality, setup=setup, phases=phases, step=facts.get("step", (1.0, 1.0)),
                            name=Path(path).name)
+    # An ArraySource over one frame checks the setup and dtype; the lazy frames then replace it
+    # (ArraySource reshapes its array, which would compute a dask array whole).
     source = ArraySource(np.zeros((1, *data.shape[-2:]), data.dtype), modality=modality, setup=setup, phases=phases,
                          step=facts.get("step", (1.0, 1.0)), name=Path(path).name)
     source.patterns = LazyFrames(data)
