@@ -68,9 +68,9 @@ class SpotPatternRenderer:
         return lab[..., :2], intensity
 
     def render(self, xy: np.ndarray, intensity: np.ndarray, centers: np.ndarray, noise: SpotNoise, rng,
-               amorphous: np.ndarray | None = None) -> np.ndarray:
+               amorphous: np.ndarray | None = None, beam: np.ndarray | None = None) -> np.ndarray:
         """(B, G, 2) spot positions (1/angstrom), (B, G) intensities (0: absent), (B, 2) beam
-        centres (x, y) -> (B, H, W) uint16 frames."""
+        centres (x, y) -> (B, H, W) uint16 frames; ``beam``: (B,) direct-beam strength (default 1)."""
         h, w = self.pattern_shape
         b = len(xy)
         cal = self.setup["calibration"]
@@ -90,7 +90,8 @@ class SpotPatternRenderer:
         bi, gi = np.nonzero(keep)
         _stamp(frames, bi, pos[bi, gi], amp[bi, gi], noise.blur)
         # The direct beam, broader and far brighter than any spot.
-        _stamp(frames, np.arange(b), centers, np.full(b, DIRECT_BEAM_COUNTS), 2.0)
+        strength = np.ones(b) if beam is None else np.asarray(beam, float)
+        _stamp(frames, np.arange(b), centers, DIRECT_BEAM_COUNTS * strength, 2.0)
         yy, xx = np.mgrid[0:h, 0:w]
         r = np.hypot(xx[None] - centers[:, 0, None, None], yy[None] - centers[:, 1, None, None]) * cal
         ring = np.exp(-0.5 * ((r - AMORPHOUS_G) / 0.08) ** 2)
@@ -181,4 +182,8 @@ class SimulatedSpotScan:
         inten[amorphous] = 0.0
         centers = self.centers[sl] + rng.normal(0.0, self.noise.jitter, (len(inten), 2)) if self.noise.jitter \
             else self.centers[sl]
-        return self.renderer.render(xy, inten, centers, self.noise, rng, amorphous=amorphous)
+        # The direct beam dims with thickness (narrower rel-rods): the virtual bright field shows
+        # the grains; the amorphous film is thin.
+        width = self.grain_width[self.grain_of_point[sl]]
+        beam = np.where(amorphous, 1.2, 0.5 + (width - 0.015) / 0.015 * 0.6)
+        return self.renderer.render(xy, inten, centers, self.noise, rng, amorphous=amorphous, beam=beam)
