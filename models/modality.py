@@ -330,7 +330,7 @@ class Modality(ABC):
 # Built-in modalities by name, imported only when a scan names one. Tests (and other
 # packages) add theirs with ``register`` or LIVEINDEX_MODALITIES="name=module:attribute,...";
 # a name a peer sends is only ever looked up here, never imported as a module path.
-BUILTIN = {"ebsd": "liveindex.models.ebsd.modality:EBSD"}
+BUILTIN = {"ebsd": "liveindex.models.ebsd.modality:EBSD", "spots": "liveindex.models.spots.modality:Spots"}
 _registered: dict[str, str] = {}
 _loaded: dict[str, Modality] = {}
 

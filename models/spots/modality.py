@@ -1,0 +1,174 @@
+"""TEM / 4D-STEM / precession spot patterns behind the modality contract.
+
+Setup (setup.py): beam energy, reciprocal-space calibration, precession angle, beam centre
+(given, or found per frame), ellipticity, scan rotation. Phases: built-in steel phases
+(ferrite, austenite, cementite) or CIFs. Indexing (indexer.py): polar template matching as an
+ONNX graph, refinement, the 180-degree ambiguity flag, reliability and confidence. A scan's
+indexer (libraries and matcher graph, seconds to build the first time, cached on disk) is
+kept for the next scan with the same setup, phases and options.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from liveindex.models.crystal import phases_from_wire
+from liveindex.models.errors import InputError
+from liveindex.models.modality import ExportHeader, Modality
+
+from .results import FIELDS, METHODS
+
+log = logging.getLogger(__name__)
+
+KEEP_INDEXERS = 4
+SIMULATED_CALIBRATION = 0.03  # 1/angstrom per pixel: 128 pixels span +-1.9/A (the benchmark's)
+
+
+class Spots(Modality):
+    name = "spots"
+    description = "TEM / 4D-STEM / precession spot patterns: polar template matching (ONNX) + refinement"
+    fields = FIELDS
+    methods = METHODS
+
+    def __init__(self):
+        self._indexers: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- command line -----------------------------------------------------------------------
+    def add_arguments(self, parser, *, role: str) -> None:
+        if role in ("index", "publish", "demo"):
+            parser.add_argument("--phases", default="ferrite,austenite,cementite",
+                                help="comma-separated phases: built-in names (ferrite, austenite, cementite) or CIF "
+                                     "files, each optionally NAME=path (default: ferrite,austenite,cementite)")
+            parser.add_argument("--kv", type=float, default=200.0, help="beam energy in kV (default 200)")
+            parser.add_argument("--calibration", type=float, default=None,
+                                help="reciprocal-space pixel size in 1/angstrom per pixel (default: the file's; "
+                                     f"simulated scans {SIMULATED_CALIBRATION})")
+            parser.add_argument("--precession", type=float, default=None,
+                                help="precession angle in degrees (default: 0 for files, 1 for simulated scans)")
+            parser.add_argument("--center", nargs=2, type=float, metavar=("X", "Y"),
+                                help="direct-beam centre in pixels (default: found in each frame)")
+            parser.add_argument("--ellipticity", nargs=2, type=float, metavar=("RATIO", "ANGLE"),
+                                help="elliptical distortion: axis ratio and axis angle in degrees (default 1 0)")
+            parser.add_argument("--scan-rotation", type=float, default=0.0,
+                                help="rotation between scan and detector axes in degrees (default 0)")
+        if role in ("publish", "demo"):
+            parser.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"],
+                                help="noise of the simulated detector")
+            parser.add_argument("--seed", type=int, default=0, help="seed of the simulated scan")
+            parser.add_argument("--pattern-size", type=int, default=128, help="simulated frames are N x N (default 128)")
+        if role in ("index", "worker", "demo"):
+            parser.add_argument("--resolution", type=float, default=2.0,
+                                help="template library sampling of beam directions in degrees (default 2)")
+            parser.add_argument("--no-refine", action="store_true", help="template matching only (faster, coarser)")
+            parser.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
+                                help="points with confidence below C (0..1) are left not indexed (default 0)")
+
+    def indexing_options(self, args) -> dict:
+        min_conf = getattr(args, "min_confidence", 0.0)
+        if not 0.0 <= min_conf <= 1.0:
+            raise InputError(f"--min-confidence {min_conf} is outside 0..1")
+        resolution = getattr(args, "resolution", 2.0)
+        if not 0.5 <= resolution <= 10.0:
+            raise InputError(f"--resolution {resolution} deg is outside 0.5..10; 2 is the default")
+        return {"resolution": resolution, "refine": not getattr(args, "no_refine", False), "min_confidence": min_conf}
+
+    def _setup_from_args(self, args, *, simulated: bool) -> dict:
+        setup = {"kv": getattr(args, "kv", 200.0), "scan_rotation": getattr(args, "scan_rotation", 0.0) or 0.0}
+        calibration = getattr(args, "calibration", None)
+        setup["calibration"] = calibration if calibration is not None else (SIMULATED_CALIBRATION if simulated else None)
+        precession = getattr(args, "precession", None)
+        setup["precession"] = precession if precession is not None else (1.0 if simulated else 0.0)
+        if getattr(args, "center", None):
+            setup["center"] = list(args.center)
+        if getattr(args, "ellipticity", None):
+            setup["ellipticity"] = list(args.ellipticity)
+        return setup
+
+    def open_source(self, args, *, role: str):
+        from .files import SimulatedSpotSource, load_file
+        from .phases import phases_from_spec
+        from .setup import check_setup
+        from .simulator import SimulatedSpotScan
+
+        phases = phases_from_spec(getattr(args, "phases", None) or "ferrite,austenite,cementite")
+        if getattr(args, "file", None):
+            return load_file(args.file, modality=self, setup=self._setup_from_args(args, simulated=False),
+                             phases=phases)
+        text = getattr(args, "simulate", None) or getattr(args, "scan", "20x20")
+        try:
+            nx, ny = (int(v) for v in str(text).lower().split("x"))
+            if nx < 1 or ny < 1:
+                raise ValueError
+        except ValueError:
+            raise InputError(f"scan size {text!r} must look like 40x40 (width x height)") from None
+        size = int(getattr(args, "pattern_size", 128))
+        if not 32 <= size <= 1024:
+            raise InputError(f"--pattern-size {size} must be 32..1024 pixels")
+        setup = check_setup(self._setup_from_args(args, simulated=True), (size, size))
+        scan = SimulatedSpotScan((ny, nx), phases, setup, pattern_shape=(size, size),
+                                 noise=getattr(args, "noise", "moderate"), seed=getattr(args, "seed", 0))
+        return SimulatedSpotSource(self, scan, setup, phases)
+
+    def python_source(self, patterns, *, setup=None, phases=None, step=None):
+        from liveindex.models.arrays import ArraySource
+
+        from .phases import phases_from_spec
+
+        if not isinstance(setup, dict):
+            raise InputError("spot patterns need setup={'calibration': ..., 'kv': ..., 'precession': ...}")
+        records = phases_from_spec(phases if phases is not None else "ferrite,austenite,cementite")
+        data = np.asarray(patterns)
+        return ArraySource(data, modality=self, setup=setup, phases=records, step=step or (1.0, 1.0)), {}
+
+    # -- a scan -------------------------------------------------------------------------------
+    def check_setup(self, setup: dict, pattern_shape) -> dict:
+        from .setup import check_setup
+
+        return check_setup(setup, pattern_shape)
+
+    def describe_setup(self, setup: dict) -> list[tuple[str, str]]:
+        from .setup import describe
+
+        return describe(setup)
+
+    def export_header(self, setup: dict, pattern_shape) -> ExportHeader:
+        """Beam energy for the .ang/.ctf headers; the reciprocal-space setup for the HDF5 file."""
+        detector = {"calibration_per_angstrom": float(setup.get("calibration") or 0.0),
+                    "precession_deg": float(setup.get("precession") or 0.0),
+                    "pattern_shape": [int(n) for n in pattern_shape]}
+        if setup.get("center") is not None:
+            detector["center"] = [float(v) for v in setup["center"]]
+        kv = setup.get("kv")
+        return ExportHeader(energy_kv=float(kv) if kv is not None else None, detector=detector)
+
+    def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1, providers: str = "auto",
+                progress: bool = False, reason: str = ""):
+        from .indexer import SpotIndexer
+        from .setup import check_setup
+
+        options = dict(options or {})
+        shape = tuple(int(n) for n in scan_start["pattern_shape"])
+        setup = check_setup(scan_start["setup"], shape)
+        records = phases_from_wire(scan_start["phases"])
+        for record in records:
+            if not record.atoms:
+                raise InputError(f"phase {record.name} has no atoms; spot intensities need the atom sites of a CIF")
+        key = (repr(sorted(setup.items())), shape, tuple(repr(r.to_wire()) for r in records),
+               repr(sorted(options.items())), threads, providers)
+        with self._lock:
+            indexer = self._indexers.get(key)
+            if indexer is None:
+                indexer = SpotIndexer(setup, records, shape, resolution=options.get("resolution", 2.0),
+                                      refine=options.get("refine", True),
+                                      min_confidence=options.get("min_confidence", 0.0), providers=providers,
+                                      threads=threads)
+                self._indexers[key] = indexer
+                while len(self._indexers) > KEEP_INDEXERS:
+                    self._indexers.popitem(last=False)
+            self._indexers.move_to_end(key)
+        return indexer
