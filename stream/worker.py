@@ -233,8 +233,10 @@ class Worker:
             return None
         bad = int(np.count_nonzero(fields["method"] == start.not_indexed_code)) if "method" in fields else 0
         if bad and job.error is None:
-            log.warning("scan %s frames %d..%d: %d pattern(s) the indexer could not read (NaN/inf, no contrast) "
-                        "left unindexed", header["scan"], header["first"], header["first"] + count - 1, bad)
+            # The modality's "not indexed": unreadable frames (NaN/inf, no contrast) or ones with
+            # nothing to index (an amorphous region of a spot-pattern scan); one line a page.
+            log.info("scan %s frames %d..%d: %d pattern(s) left unindexed (unreadable, no contrast or nothing to "
+                     "index)", header["scan"], header["first"], header["first"] + count - 1, bad)
         self.frames_done += count
         self.metrics.frames.inc(count)
         self.metrics.pages.inc()
