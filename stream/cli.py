@@ -192,7 +192,15 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--simulate", default="40x40", metavar="WxH", help="simulated scan size (default)")
     src.add_argument("--file", help="replay a saved scan instead")
+    src.add_argument("--follow", metavar="FILE",
+                     help="index a file while the acquisition writes it (NORDIF .dat, EDAX .up1/.up2, Oxford .ebsp): "
+                          "frames are read as they are complete; the scan ends with the expected count, or partial "
+                          "once the file stops growing for --follow-timeout seconds")
     _add_modality_options(p, modality, "publish")
+    p.add_argument("--follow-timeout", type=float, default=10.0, metavar="S",
+                   help="with --follow: end the scan (partial) once the file has not grown for S seconds (default 10)")
+    p.add_argument("--scan-shape", metavar="WxH",
+                   help="the scan's columns x rows, where the file or detector does not say it")
     p.add_argument("--bind", default=DEFAULT_DISPATCHER, help=f"dispatcher address workers connect to ({DEFAULT_DISPATCHER})")
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"the sink's address ({DEFAULT_SINK})")
     p.add_argument("--page-size", type=int, default=128)

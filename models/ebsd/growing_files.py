@@ -86,7 +86,11 @@ def _read(path: Path, offset: int, size: int) -> bytes:
     return data
 
 
-def _nav_shape(scan_shape, expected: int | None, what: str):
+def _nav_shape(scan_shape, expected: int | None, what: str, known=None):
+    """(ny, nx): the user's --scan-shape (checked against the file's count), else the file's own
+    ``known`` shape, else a square of ``expected`` points."""
+    if scan_shape is None and known is not None:
+        return int(known[0]), int(known[1])
     if scan_shape is not None:
         ny, nx = scan_shape
         if expected is not None and ny * nx != expected:
@@ -116,7 +120,7 @@ def _nordif(path: Path, scan_shape):
     shape = signal.data.shape
     sy, sx = shape[-2:]
     nav = shape[:-2] if len(shape) == 4 else (1, shape[0]) if len(shape) == 3 else (1, 1)
-    ny, nx = _nav_shape(scan_shape, int(np.prod(nav)), "Setting.txt")
+    ny, nx = _nav_shape(scan_shape, int(np.prod(nav)), "Setting.txt", known=nav)
     layout = RecordLayout("NORDIF .dat", 0, sy * sx, (sy, sx), "uint8", ny * nx)
     return layout, (ny, nx), read_setup(signal, path)
 
@@ -128,18 +132,18 @@ def _edax(path: Path, scan_shape):
     if version == 2:
         raise InputError(f"{path} is an EDAX binary file of version 2, which has no published layout; "
                          "export version 1 or 3")
-    expected = None
+    expected = known = None
     if version >= 3:
         nx, ny = struct.unpack("<2I", _read(path, 17, 8))
         hexagonal = _read(path, 25, 1)[0]
         dx, dy = struct.unpack("<2d", _read(path, 26, 16))
         # A hexagonal grid's points are taken in file order, as kikuchipy reads it (one row):
         # its header's columns and rows do not give the count, so --scan-shape does.
-        expected = None if hexagonal else nx * ny
+        expected, known = (None, None) if hexagonal else (nx * ny, (ny, nx))
         if dx > 0 and dy > 0:
             setup.step = (float(dy), float(dx))
             del setup.missing["step"]
-    ny, nx = _nav_shape(scan_shape, expected, f"{path.name} (EDAX version {version})")
+    ny, nx = _nav_shape(scan_shape, expected, f"{path.name} (EDAX version {version})", known=known)
     layout = RecordLayout("EDAX .up1/.up2", offset, sx * sy * np.dtype(dtype).itemsize, (sy, sx), dtype, ny * nx)
     return layout, (ny, nx), setup
 

@@ -80,6 +80,18 @@ class EBSD(Modality):
         from .simulator import SimulatedScan, parse_nav_shape
 
         phases = phases_from_spec(getattr(args, "phases", "ni"))
+        if getattr(args, "follow", None):
+            from .growing_files import follow_file
+
+            scan_shape = getattr(args, "scan_shape", None)
+            try:
+                scan_shape = parse_nav_shape(scan_shape) if scan_shape else None
+            except ValueError as exc:
+                raise InputError(f"--scan-shape: {exc}") from None
+            return follow_file(args.follow, phases=phases, pc=getattr(args, "pc", None),
+                               pc_convention=getattr(args, "pc_convention", "bruker"), tilt=getattr(args, "tilt", None),
+                               step=getattr(args, "step", None), scan_shape=scan_shape,
+                               follow_timeout=args.follow_timeout)
         if getattr(args, "file", None):
             source = load_file(args.file, phases=phases, pc=getattr(args, "pc", None),
                                pc_convention=getattr(args, "pc_convention", "bruker"), tilt=getattr(args, "tilt", None),
