@@ -159,9 +159,19 @@ def _oxford(path: Path, scan_shape):
     (start0,) = struct.unpack("<q", _read(path, table, 8))
     if start0 <= table:
         raise _HeaderNotWritten("the table of pattern positions is not written yet")
-    # The table ends where the first record starts: the smallest position it lists.
-    starts = np.frombuffer(_read(path, table, start0 - table), "<i8")
-    end = int(starts[starts > table].min())
+    # The table ends where the first record starts: the smallest position it lists (read in
+    # pieces: its first entry may point at the last record, far past what is written yet).
+    end, at = start0, table
+    while at < end:
+        with open(path, "rb") as f:
+            f.seek(at)
+            data = f.read(min(end - at, 8192))
+        if len(data) < 8:
+            raise _HeaderNotWritten("the table of pattern positions is not written yet")
+        piece = np.frombuffer(data[:len(data) // 8 * 8], "<i8")
+        listed = piece[piece > table]
+        end = min(end, int(listed.min())) if len(listed) else end
+        at += 8 * len(piece)
     starts = np.frombuffer(_read(path, table, end - table), "<i8")
     if (starts <= 0).any():
         raise _HeaderNotWritten("the table of pattern positions is not complete yet")

@@ -4,8 +4,9 @@ as NORDIF does during acquisition, with its ``Setting.txt`` beside it. For testi
 
     python -m liveindex.models.ebsd.nordif_writer PATTERNS.npy FOLDER --rate 1000
 
-``PATTERNS.npy`` holds (ny, nx, H, W) uint8 frames. ``--torn`` writes each frame in two
-halves with a pause between (a reader must wait for the second half); ``--stop-after N``
+``PATTERNS.npy`` holds (ny, nx, H, W) uint8 frames. ``--torn`` writes every tenth frame in
+two halves 20 ms apart (a reader must wait for the second half; the frames after it are
+then written late, at once, to keep the rate); ``--stop-after N``
 ends the acquisition early (the follower must end the scan partial). The file's write times
 go to ``FOLDER/write_times.npy`` (wall clock, one per frame) for latency measurements.
 """
@@ -100,7 +101,7 @@ def acquire(patterns: np.ndarray, path, *, rate: float, torn: bool = False, stop
             due = min(n, int((time.perf_counter() - t0) * rate) + 1)
             for i in range(written, due):
                 data = memoryview(frames[i]).cast("B")
-                if torn:
+                if torn and i % 10 == 0:
                     half = len(data) // 2
                     os.write(fd, data[:half])
                     time.sleep(0.02)  # the reader sees half a frame meanwhile
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("patterns", help="(ny, nx, H, W) uint8 .npy")
     parser.add_argument("folder")
     parser.add_argument("--rate", type=float, default=1000.0, help="frames/s (default 1000)")
-    parser.add_argument("--torn", action="store_true", help="write each frame in two halves 20 ms apart")
+    parser.add_argument("--torn", action="store_true", help="write every tenth frame in two halves 20 ms apart")
     parser.add_argument("--stop-after", type=int, help="stop after this many frames (an acquisition cut short)")
     parser.add_argument("--start-delay", type=float, default=0.0, help="seconds between Setting.txt and frame 0")
     args = parser.parse_args(argv)
