@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import struct
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,9 @@ def _nordif(path: Path, scan_shape):
     if not (path.parent / "Setting.txt").exists():
         raise InputError(f"{path}: no Setting.txt beside it; NORDIF writes the scan and pattern size there")
     try:
-        signal = kp.load(path, lazy=True)  # reads Setting.txt and the background .bmp; no frame is read
+        with warnings.catch_warnings():  # a missing background .bmp: read_setup says so in its own words
+            warnings.filterwarnings("ignore", message="Could not read static background")
+            signal = kp.load(path, lazy=True)  # reads Setting.txt and the background .bmp; no frame is read
     except Exception as exc:  # the reader raises many types for a damaged Setting.txt
         raise InputError(f"cannot read {path.parent / 'Setting.txt'} ({type(exc).__name__}: {exc})") from None
     shape = signal.data.shape
