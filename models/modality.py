@@ -317,6 +317,12 @@ class Modality(ABC):
         """The scan to publish or index: ``args.file`` read, else (publish, demo) simulated."""
         raise InputError(f"modality {self.name} has no sources")
 
+    def detector_setup(self, args, pattern_shape) -> tuple[dict, list[PhaseRecord], tuple[float, float]]:
+        """(setup, phases, step) of a scan whose frames come from a detector stream
+        (``liveindex publish --detector``): the stream carries frames and the scan shape, the
+        modality's options (``args``) the rest."""
+        raise InputError(f"modality {self.name} does not take frames from a detector stream")
+
     def python_source(self, patterns, *, setup=None, phases=None, step=None) -> tuple[ScanSource, dict]:
         """The scan behind ``liveindex.index(patterns, ...)`` in Python: an array (numpy, dask)
         or the field library's own object (a kikuchipy signal for EBSD); ``setup`` in the
