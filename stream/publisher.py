@@ -277,8 +277,10 @@ class Publisher:
                 return
             if first is None:
                 self.live_end = frames  # the end reason
-                log.info("scan %s: the acquisition ended after %d of %d frames%s", self.scan, self.next_first,
-                         self.total, f" ({frames})" if frames else "")
+                seconds = time.perf_counter() - self.t0
+                log.info("scan %s: the acquisition ended after %d of %d frames in %.2f s (%.0f frames/s)%s", self.scan,
+                         self.next_first, self.total, seconds, self.next_first / max(seconds, 1e-9),
+                         f" ({frames})" if frames else "")
                 continue
             count = len(frames)
             self.next_first = first + count
