@@ -122,7 +122,7 @@ def cmd_replay(args) -> int:
     return replay(args.file, kind=args.kind, rate=args.rate, host=args.host, port=args.port,
                   control_port=args.control_port, trigger_port=args.trigger_port,
                   scan_shape=parse_scan_shape(args.scan_shape) if args.scan_shape else None, folder=args.folder,
-                  stop_event=_stop_on_signals())
+                  stop_event=_stop_on_signals(), announce=lambda line: print(line, flush=True))
 
 
 def cmd_worker(args) -> int:
@@ -213,7 +213,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                      help="index a file while the acquisition writes it (NORDIF .dat, EDAX .up1/.up2, Oxford .ebsp): "
                           "frames are read as they are complete; the scan ends with the expected count, or partial "
                           "once the file stops growing for --follow-timeout seconds")
-    src.add_argument("--detector", choices=["merlin"],
+    src.add_argument("--detector", choices=["merlin", "dectris"],
                      help="receive frames from a detector's stream (one receiver, passive: waits for the acquisition "
                           "to be armed; scan shape and frame size from its header); --modality picks the indexer")
     _add_modality_options(p, modality, "publish")
@@ -222,7 +222,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--scan-shape", metavar="WxH",
                    help="the scan's columns x rows, where the file or detector does not say it")
     p.add_argument("--host", default="127.0.0.1", help="with --detector: the detector's data host (127.0.0.1)")
-    p.add_argument("--port", type=int, help="with --detector: its data port (Merlin 6342)")
+    p.add_argument("--port", type=int, help="with --detector: its data port (Merlin 6342, DECTRIS 9999)")
     p.add_argument("--arm-timeout", type=float, default=600.0, metavar="S",
                    help="with --detector: seconds to wait for an acquisition to start (default 600)")
     p.add_argument("--bind", default=DEFAULT_DISPATCHER, help=f"dispatcher address workers connect to ({DEFAULT_DISPATCHER})")
@@ -250,11 +250,13 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("replay", help="serve a saved scan as a detector stream, through libertem-live's simulator")
     p.add_argument("file", help=".npy of (ny, nx, H, W) frames, or (N, H, W) with --scan-shape")
-    p.add_argument("--as", dest="kind", choices=["merlin"], default="merlin", help="the detector to play (merlin)")
+    p.add_argument("--as", dest="kind", choices=["merlin", "dectris"], default="merlin",
+                   help="the detector to play: merlin (libertem-live-mib-sim) or dectris (libertem-live-dectris-sim)")
     p.add_argument("--rate", type=float, help="frames/s (default: the simulator's full rate)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
-    p.add_argument("--port", type=int, default=6342, help="data port (Merlin's 6342)")
-    p.add_argument("--control-port", type=int, default=6341)
+    p.add_argument("--port", type=int, default=6342, help="Merlin's data port (6342); a DECTRIS stream's is chosen "
+                                                           "by its simulator and printed")
+    p.add_argument("--control-port", type=int, default=6341, help="Merlin's control port, or DECTRIS's REST API port")
     p.add_argument("--trigger-port", type=int, default=6343)
     p.add_argument("--scan-shape", metavar="WxH")
     p.add_argument("--folder", help="where the .mib and .hdr are written (default: beside FILE)")

@@ -12,8 +12,8 @@ source decodes each stack straight into the page being filled (one copy) and rel
 slot at once, so the detector is never held up by indexing: pages go to the publisher's page
 store (memory, then disk) whatever the workers' speed.
 
-Only Quantum Detectors Merlin is wired up here; DECTRIS SIMPLON and ASI Timepix3 use the same
-libertem-live pattern (``libertem_dectris``, ``libertem_asi_tpx3``) but are not built yet.
+Quantum Detectors Merlin (libertem-qd-mpx) and DECTRIS SIMPLON (libertem-dectris) are wired
+up; ASI Timepix3 (``libertem_asi_tpx3``, the same pattern) is not built yet.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from liveindex.models.modality import FRAME_DTYPES, ScanSource
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("merlin",)
-DEFAULT_PORTS = {"merlin": 6342}  # the Merlin software's data port
+DETECTORS = ("merlin", "dectris")
+DEFAULT_PORTS = {"merlin": 6342, "dectris": 9999}  # Merlin's data port; the DCU's zmq stream
 STACK_FRAMES = 16  # frames the receiver hands over at a time: a page fills in steps of this
 
 
@@ -41,8 +41,9 @@ def open_detector(kind: str, *, host: str, port: int | None, modality, args, arm
     """Connect to the detector's stream and wait (up to ``arm_timeout`` s) for an acquisition."""
     if kind not in DETECTORS:
         raise InputError(f"--detector {kind!r}: this liveindex receives {', '.join(DETECTORS)}")
-    return MerlinSource(host=host, port=port or DEFAULT_PORTS[kind], modality=modality, args=args,
-                        arm_timeout=arm_timeout, stop_event=stop_event)
+    cls = {"merlin": MerlinSource, "dectris": DectrisSource}[kind]
+    return cls(host=host, port=port or DEFAULT_PORTS[kind], modality=modality, args=args, arm_timeout=arm_timeout,
+               stop_event=stop_event)
 
 
 def parse_scan_shape(text: str) -> tuple[int, int]:
@@ -56,10 +57,103 @@ def parse_scan_shape(text: str) -> tuple[int, int]:
     return ny, nx
 
 
-class MerlinSource(ScanSource):
-    """One Merlin acquisition received through libertem-qd-mpx (passive mode)."""
+class StreamSource(ScanSource):
+    """Frames of one acquisition from a libertem-live receiver (its shared-memory ring) and the
+    matching ``CamClient`` that decodes them; subclasses connect and describe the acquisition."""
 
     live = True
+
+    def _begin(self, *, frames: int, nav, pattern_shape, modality, args, metadata: dict, what: str) -> None:
+        """Scan shape (``--scan-shape`` wins), the first stack (its dtype) and the modality's setup."""
+        scan_shape = getattr(args, "scan_shape", None)
+        if scan_shape:
+            nav = parse_scan_shape(scan_shape)
+        if nav is None:
+            side = int(round(frames ** 0.5))
+            if side * side != frames:
+                raise InputError(f"the {what} acquisition of {frames} frames does not carry its scan shape; give "
+                                 "--scan-shape WxH")
+            nav = (side, side)
+        if int(np.prod(nav)) != frames:
+            raise InputError(f"scan shape {nav[1]}x{nav[0]} has {int(np.prod(nav))} points but the acquisition has "
+                             f"{frames} frames; give the acquisition's scan shape with --scan-shape WxH")
+        self.nav_shape = (int(nav[0]), int(nav[1]))
+        self.pattern_shape = tuple(int(v) for v in pattern_shape)
+        # The dtype comes with the frames: take the first stack now (scan_start needs it).
+        self._pending = self._conn.get_next_stack(max_size=STACK_FRAMES)
+        if self._pending is None or len(self._pending) == 0:
+            raise TransportError(f"the {what} acquisition ended before its first frame")
+        dtype = np.dtype(self._pending.get_dtype_string()).newbyteorder("=")
+        self.dtype = dtype.name if dtype.name in FRAME_DTYPES else "float32"
+        self.modality = modality
+        setup, phases, step = modality.detector_setup(args, self.pattern_shape)
+        self.setup = modality.check_setup(dict(setup), self.pattern_shape)
+        self.phases, self.step = list(phases), tuple(step)
+        self.truth = {}
+        self.metadata = metadata
+        self._what = what
+        self._raw_dtype = dtype
+        self._frames = np.empty((0, *self.pattern_shape), dtype)  # decoded, not yet read
+        self._first = 0  # index of _frames[0]
+        self._received = 0
+        self._times: list[tuple[int, float]] = []  # (first index of a stack, when it was decoded)
+        self.end_reason = None
+        log.info("%s acquisition: %d frames of %s %s, scan %dx%d", what, frames, self.dtype, self.pattern_shape,
+                 self.nav_shape[1], self.nav_shape[0])
+
+    def arrived(self, timeout: float) -> int:
+        """Takes the next stack from the receiver (it blocks until one is there, or the stream ends)."""
+        if self.end_reason is not None:
+            return self._received
+        stack = self._pending if self._pending is not None else self._conn.get_next_stack(
+            max_size=min(STACK_FRAMES, self.size - self._received))
+        self._pending = None
+        if stack is None or len(stack) == 0:
+            self.end_reason = (f"the {self._what} stream ended after {self._received} of {self.size} frames"
+                               if self._received < self.size else "")
+            return self._received
+        n = len(stack)
+        decoded = np.empty((n, *self.pattern_shape), self._raw_dtype)
+        self._cam.decode_range_into_buffer(stack, decoded, 0, n)
+        self._cam.done(stack)  # the slot goes back to the receiver at once (the handle is freed)
+        self._times.append((self._received, time.time()))
+        self._frames = decoded if not len(self._frames) else np.concatenate([self._frames, decoded])
+        self._received += n
+        if self._received >= self.size:
+            self.end_reason = ""
+        return self._received
+
+    def read(self, first: int, count: int) -> np.ndarray:
+        if first != self._first or count > len(self._frames):
+            raise IndexError(f"frames {first}..{first + count - 1} were read already or have not arrived")
+        page, self._frames = self._frames[:count], self._frames[count:]
+        self._first += count
+        return np.ascontiguousarray(page, self.dtype)
+
+    def frame_times(self, first: int, count: int) -> np.ndarray:
+        """When each frame was received (neither receiver exposes a per-frame wall-clock time
+        from the detector: DECTRIS's are relative to the series start and stay in the receiver)."""
+        starts = np.array([s for s, _ in self._times])
+        stamps = np.array([t for _, t in self._times])
+        return stamps[np.searchsorted(starts, np.arange(first, first + count), side="right") - 1]
+
+    def close(self) -> None:
+        for name in ("_cam", "_conn"):
+            part = getattr(self, name, None)
+            if part is not None:
+                try:
+                    part.close()
+                except Exception as exc:  # closing a receiver that already ended
+                    log.debug("closing the %s receiver %s: %s", getattr(self, "_what", "detector"), name, exc)
+                setattr(self, name, None)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+class MerlinSource(StreamSource):
+    """One Merlin acquisition received through libertem-qd-mpx (passive mode)."""
 
     def __init__(self, *, host: str, port: int, modality, args, arm_timeout: float, stop_event=None):
         try:
@@ -86,88 +180,64 @@ class MerlinSource(ScanSource):
             raise TransportError(f"no Merlin acquisition started on {host}:{port} within {arm_timeout:.0f} s "
                                  "(--arm-timeout); arm the detector, or check --host/--port")
         self._cam = libertem_qd_mpx.CamClient(self._conn.get_socket_path())
-        n = int(config.frames_in_acquisition())
-        nav = config.nav_shape()
-        scan_shape = getattr(args, "scan_shape", None)
-        if scan_shape:
-            nav = parse_scan_shape(scan_shape)
-        if nav is None:
+        try:
+            self._begin(frames=int(config.frames_in_acquisition()), nav=config.nav_shape(),
+                        pattern_shape=config.detector_shape(), modality=modality, args=args, what="Merlin",
+                        metadata={"source": f"Merlin at {host}:{port}",
+                                  "frames_per_trigger": int(config.frames_per_trigger())})
+        except BaseException:
             self.close()
-            raise InputError(f"the Merlin acquisition of {n} frames does not carry its scan shape; give --scan-shape WxH")
-        if int(np.prod(nav)) != n:
+            raise
+
+class DectrisSource(StreamSource):
+    """One DECTRIS SIMPLON series (ARINA, QUADRO, EIGER) received through libertem-dectris in
+    passive mode: whatever drives the scan arms the detector; frames arrive bitshuffle/LZ4
+    compressed and are decompressed into the page. The detector's header carries the frame
+    count and size, not the scan shape (``--scan-shape``; a square count is taken as square)."""
+
+    def __init__(self, *, host: str, port: int, modality, args, arm_timeout: float, stop_event=None):
+        try:
+            import libertem_dectris
+        except ImportError:
+            raise InputError("--detector dectris needs libertem-live's receiver: pip install 'liveindex[detectors]'") \
+                from None
+        self._folder = tempfile.mkdtemp(prefix="liveindex-dectris-")
+        try:
+            # 2048 slots of a stack each: a generous ring (compressed frames are much smaller
+            # than bytes_per_frame, the uncompressed 16-bit size of a 512x512 frame here).
+            self._conn = libertem_dectris.DectrisConnection(
+                uri=f"tcp://{host}:{int(port)}", handle_path=os.path.join(self._folder, "shm"),
+                frame_stack_size=STACK_FRAMES, num_slots=2048, bytes_per_frame=512 * 512 * 2, huge=False)
+            self._conn.start_passive()
+        except Exception as exc:  # the Rust receiver raises its own types
+            self._cleanup()
+            raise TransportError(f"cannot receive from the DECTRIS stream tcp://{host}:{port} ({exc}); check "
+                                 "--host/--port (the DCU's zmq stream port)") from None
+        log.info("waiting for a DECTRIS series on tcp://%s:%d (up to %.0f s)", host, port, arm_timeout)
+        armed, deadline = None, time.monotonic() + arm_timeout
+        while armed is None and time.monotonic() < deadline and not (stop_event and stop_event.is_set()):
+            armed = self._conn.wait_for_arm(timeout=0.5)
+        if armed is None:
             self.close()
-            raise InputError(f"scan shape {nav[1]}x{nav[0]} has {int(np.prod(nav))} points but the acquisition has {n} "
-                             "frames; give the acquisition's scan shape with --scan-shape WxH")
-        self.nav_shape = (int(nav[0]), int(nav[1]))
-        self.pattern_shape = tuple(int(v) for v in config.detector_shape())
-        # The dtype comes with the frames: take the first stack now (scan_start needs it).
-        self._pending = self._conn.get_next_stack(max_size=STACK_FRAMES)
-        if self._pending is None or len(self._pending) == 0:
+            raise TransportError(f"no DECTRIS series was armed on tcp://{host}:{port} within {arm_timeout:.0f} s "
+                                 "(--arm-timeout); arm the detector, or check --host/--port")
+        config, series = armed
+        self._cam = libertem_dectris.CamClient(self._conn.get_socket_path())
+        try:
+            shape = (_config_value(config, "y_pixels_in_detector"), _config_value(config, "x_pixels_in_detector"))
+            self._begin(frames=int(config.get_num_frames()), nav=None, pattern_shape=shape, modality=modality,
+                        args=args, what="DECTRIS", metadata={"source": f"DECTRIS at {host}:{port}",
+                                                              "series": int(series)})
+        except BaseException:
             self.close()
-            raise TransportError("the Merlin acquisition ended before its first frame")
-        dtype = np.dtype(self._pending.get_dtype_string()).newbyteorder("=")
-        self.dtype = dtype.name if dtype.name in FRAME_DTYPES else "float32"
-        self.modality = modality
-        setup, phases, step = modality.detector_setup(args, self.pattern_shape)
-        self.setup = modality.check_setup(dict(setup), self.pattern_shape)
-        self.phases, self.step = list(phases), tuple(step)
-        self.truth = {}
-        self.metadata = {"source": f"Merlin at {host}:{port}", "frames_per_trigger": int(config.frames_per_trigger())}
-        self._raw_dtype = dtype
-        self._frames = np.empty((0, *self.pattern_shape), dtype)  # decoded, not yet read
-        self._first = 0  # index of _frames[0]
-        self._received = 0
-        self._times: list[tuple[int, float]] = []  # (first index of a stack, when it was decoded)
-        self.end_reason: str | None = None
-        log.info("Merlin acquisition: %d frames of %s %s, scan %dx%d", n, self.dtype, self.pattern_shape,
-                 self.nav_shape[1], self.nav_shape[0])
+            raise
 
-    def arrived(self, timeout: float) -> int:
-        """Takes the next stack from the receiver (it blocks until one is there, or the stream ends)."""
-        if self.end_reason is not None:
-            return self._received
-        stack = self._pending if self._pending is not None else self._conn.get_next_stack(
-            max_size=min(STACK_FRAMES, self.size - self._received))
-        self._pending = None
-        if stack is None or len(stack) == 0:
-            self.end_reason = (f"the Merlin stream ended after {self._received} of {self.size} frames"
-                               if self._received < self.size else "")
-            return self._received
-        n = len(stack)
-        decoded = np.empty((n, *self.pattern_shape), self._raw_dtype)
-        self._cam.decode_range_into_buffer(stack, decoded, 0, n)
-        self._cam.done(stack)  # the slot goes back to the receiver at once (the handle is freed)
-        self._times.append((self._received, time.time()))
-        self._frames = decoded if not len(self._frames) else np.concatenate([self._frames, decoded])
-        self._received += n
-        if self._received >= self.size:
-            self.end_reason = ""
-        return self._received
 
-    def read(self, first: int, count: int) -> np.ndarray:
-        if first != self._first or count > len(self._frames):
-            raise IndexError(f"frames {first}..{first + count - 1} were read already or have not arrived")
-        page, self._frames = self._frames[:count], self._frames[count:]
-        self._first += count
-        return np.ascontiguousarray(page, self.dtype)
+def _config_value(config, name: str) -> int:
+    """A field of libertem-dectris's DetectorConfig, which Python sees only in its repr."""
+    import re
 
-    def frame_times(self, first: int, count: int) -> np.ndarray:
-        """When each frame was received (the Merlin stream carries no per-frame wall clock time
-        the receiver exposes)."""
-        starts = np.array([s for s, _ in self._times])
-        stamps = np.array([t for _, t in self._times])
-        return stamps[np.searchsorted(starts, np.arange(first, first + count), side="right") - 1]
-
-    def close(self) -> None:
-        for name in ("_cam", "_conn"):
-            part = getattr(self, name, None)
-            if part is not None:
-                try:
-                    part.close()
-                except Exception as exc:  # closing a receiver that already ended
-                    log.debug("closing the Merlin %s: %s", name, exc)
-                setattr(self, name, None)
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        shutil.rmtree(self._folder, ignore_errors=True)
+    match = re.search(rf"{name}: (\d+)", repr(config))
+    if match is None:
+        raise TransportError(f"the DECTRIS detector config does not say {name}: {config!r}")
+    return int(match.group(1))
