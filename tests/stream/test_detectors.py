@@ -1,17 +1,19 @@
-"""Detector streams: `liveindex replay --as merlin` runs libertem-live's own Merlin simulator
-(libertem-live-mib-sim) on a .mib written from a scan, and `liveindex publish --detector merlin`
+"""Detector streams: `liveindex replay --as merlin|dectris` runs libertem-live's own simulators
+(libertem-live-mib-sim on a .mib, libertem-live-dectris-sim on a recorded SIMPLON stream with
+bitshuffle/LZ4 frames, both written from a scan), and `liveindex publish --detector ...`
 receives it as the client; real workers and sink on loopback. EBSD frames for now (the
 detector path is modality-neutral: --modality picks the indexer)."""
 
 import json
 import socket
+import struct
 import time
 
 import numpy as np
 import pytest
 
 from liveindex.models.errors import InputError
-from liveindex.stream.replay import load_frames, write_mib
+from liveindex.stream.replay import load_frames, write_mib, write_simplon_dump
 
 from ..conftest import run_cli, start_cli
 
@@ -112,3 +114,75 @@ def _wait_for_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError(f"the simulator never listened on port {port}")
+
+
+def _records(path):
+    data, at, out = path.read_bytes(), 0, []
+    while at < len(data):
+        (n,) = struct.unpack("<q", data[at:at + 8])
+        out.append(data[at + 8:at + 8 + n])
+        at += 8 + n
+    return out
+
+
+def test_the_simplon_dump_holds_the_frames_bitshuffle_lz4_compressed(tmp_path):
+    """The recorded stream's messages in SIMPLON's order, and each frame's blob decompresses
+    (through the bitshuffle filter, written back as a chunk) to the frame."""
+    h5py = pytest.importorskip("h5py")
+    hdf5plugin = pytest.importorskip("hdf5plugin", reason="liveindex[detectors] (libertem-live) is not installed")
+    frames = np.random.default_rng(1).integers(0, 3000, (2, 3, 6, 5)).astype(np.uint16)
+    records = _records(write_simplon_dump(frames, tmp_path / "scan.simplon", series=4))
+    assert len(records) == 2 + 4 * 6 + 1
+    assert json.loads(records[0]) == {"htype": "dheader-1.0", "header_detail": "basic", "series": 4}
+    config = json.loads(records[1])
+    assert (config["ntrigger"], config["x_pixels_in_detector"], config["y_pixels_in_detector"],
+            config["bit_depth_image"]) == (6, 5, 6, 16)
+    assert json.loads(records[-1])["htype"] == "dseries_end-1.0"
+    with h5py.File(tmp_path / "check.h5", "w") as f:
+        check = f.create_dataset("x", shape=(6, 6, 5), dtype=np.uint16, chunks=(1, 6, 5),
+                                 **hdf5plugin.Bitshuffle(nelems=0, cname="lz4"))
+        for i in range(6):
+            image, image_d, blob, config_i = records[2 + 4 * i:6 + 4 * i]
+            assert json.loads(image)["frame"] == i and json.loads(image_d)["encoding"] == "bs16-lz4<"
+            assert json.loads(config_i)["htype"] == "dconfig-1.0"
+            check.id.write_direct_chunk((i, 0, 0), blob)
+        np.testing.assert_array_equal(check[...], frames.reshape(6, 6, 5))
+
+
+@pytest.mark.slow
+def test_every_frame_of_a_dectris_stream_at_the_simulator_s_full_rate_is_indexed(tmp_path):
+    pytest.importorskip("libertem_dectris", reason="liveindex[detectors] (libertem-live) is not installed")
+    from liveindex.models.ebsd.simulator import SimulatedScan
+
+    scan = SimulatedScan((12, 16), noise="moderate", seed=9)
+    np.save(tmp_path / "scan.npy", scan.render(0, scan.size).reshape(12, 16, 60, 60))
+    (api,) = _free_ports(1)
+    sink_addr, disp_addr = f"ipc://{tmp_path}/sink.sock", f"ipc://{tmp_path}/dispatch.sock"
+    out = tmp_path / "out"
+    sink = start_cli("sink", "--bind", sink_addr, "--out", out, "--http-port", "0", "--once")
+    workers = [start_cli("worker", "--dispatcher", disp_addr, "--sink", sink_addr, "--name", f"w{i}") for i in range(2)]
+    sim = start_cli("replay", tmp_path / "scan.npy", "--as", "dectris", "--control-port", api, "--folder",
+                    tmp_path / "simplon")
+    try:
+        line = sim.stdout.readline()  # says where the stream is, once the simulator listens and is armed
+        assert "DECTRIS stream of 192 frames on tcp://127.0.0.1:" in line, line + sim.stderr.read()
+        port = int(line.split("tcp://127.0.0.1:")[1].split(",")[0])
+        publish = run_cli("publish", "--detector", "dectris", "--port", port, "--scan-shape", "16x12", "--pc", *PC,
+                          "--bind", disp_addr, "--sink", sink_addr, "--scan-id", "dectris", "--page-size", 32,
+                          "--arm-timeout", 60, timeout=300)
+        assert publish.returncode == 0, publish.stderr
+        assert "192 frames" in publish.stdout and "complete" in publish.stdout
+        assert "DECTRIS acquisition: 192 frames of uint8 (60, 60), scan 16x12" in publish.stderr
+        sink_out, _ = sink.communicate(timeout=120)
+        summary = json.loads(sink_out.strip().splitlines()[-1])
+        assert summary["status"] == "complete" and summary["received"] == 192 and summary["dropped_points"] == 0
+        maps = np.load(out / "dectris_maps.npz")
+        assert (maps["phase_id"] == 0).all()
+        from liveindex.models.ebsd.master_patterns import disorientation_degrees
+
+        assert np.median(disorientation_degrees(maps["quaternion"], scan.truth)) < 2.5  # the frames, in order
+    finally:
+        for p in [sim, sink, *workers]:
+            p.terminate()
+        for p in [sim, sink, *workers]:
+            p.wait(30)
