@@ -1,10 +1,11 @@
-"""A Merlin detector stream at the simulator's full rate (or --rate) through the pipeline.
+"""A detector stream at the simulator's full rate (or --rate) through the pipeline.
 
-    python benchmarks/detector_stream.py [--scan 60x50] [--rate FPS] [--workers 2] [--indexer network]
+    python benchmarks/detector_stream.py [--as merlin|dectris] [--scan 60x50] [--rate FPS] [--workers 2] [--indexer network]
 
-Real processes on loopback: `liveindex replay --as merlin` (libertem-live's own
-libertem-live-mib-sim serving a .mib written from a simulated EBSD scan), `liveindex publish
---detector merlin` as its one client, N workers (warmed first on a short simulated scan of the
+Real processes on loopback: `liveindex replay --as merlin|dectris` (libertem-live's own
+libertem-live-mib-sim serving a .mib, or libertem-live-dectris-sim a recorded SIMPLON stream
+with bitshuffle/LZ4 frames, written from a simulated EBSD scan), `liveindex publish
+--detector ...` as its one client, N workers (warmed first on a short simulated scan of the
 same geometry) and a sink. Figures: the rate at which the publisher received the acquisition
 (its log: "the acquisition ended after N of N frames in S s"), the sink's per-frame latency
 from reception to the map (p50/p99), and whether any frame was dropped or missing. The loose
@@ -48,6 +49,7 @@ def free_ports(n):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--as", dest="kind", default="merlin", choices=["merlin", "dectris"])
     parser.add_argument("--scan", default="60x50")
     parser.add_argument("--rate", type=float, help="frames/s (default: the simulator's full rate)")
     parser.add_argument("--workers", type=int, default=2)
@@ -77,17 +79,19 @@ def main() -> int:
                                "--bind", dispatcher, "--sink", sink_addr, "--scan-id", "warm"],
                               capture_output=True, text=True, timeout=600)
         assert warm.returncode == 0, warm.stderr
-        sim = cli("replay", tmp / "scan.npy", "--as", "merlin", "--port", data, "--control-port", control,
-                  "--trigger-port", trigger, "--folder", tmp / "mib", *(["--rate", args.rate] if args.rate else []))
+        sim = cli("replay", tmp / "scan.npy", "--as", args.kind, "--port", data, "--control-port", control,
+                  "--trigger-port", trigger, "--folder", tmp / "sim", *(["--rate", args.rate] if args.rate else []))
+        line = sim.stdout.readline()  # where the stream is served
         threading.Thread(target=sim.stdout.read, daemon=True).start()
-        for line in sim.stderr:  # the simulator logs once it listens
-            if "listening" in line.lower() or "waiting" in line.lower():
-                break
         threading.Thread(target=sim.stderr.read, daemon=True).start()
-        time.sleep(1.0)
-        publish = subprocess.run([sys.executable, "-m", "liveindex.stream", "publish", "--detector", "merlin", "--port",
-                                  str(data), "--pc", *PC, "--bind", dispatcher, "--sink", sink_addr, "--scan-id",
-                                  "merlin", "--page-size", str(args.page_size), "--arm-timeout", "120"],
+        if args.kind == "dectris":
+            data = int(line.split("tcp://127.0.0.1:")[1].split(",")[0])
+        else:
+            time.sleep(3.0)  # the Merlin simulator listens a moment after it starts
+        publish = subprocess.run([sys.executable, "-m", "liveindex.stream", "publish", "--detector", args.kind,
+                                  "--port", str(data), "--scan-shape", f"{nx}x{ny}", "--pc", *PC, "--bind",
+                                  dispatcher, "--sink", sink_addr, "--scan-id", "stream", "--page-size",
+                                  str(args.page_size), "--arm-timeout", "120"],
                                  capture_output=True, text=True, timeout=900)
     finally:
         for p in [sim, sink, *workers]:
@@ -98,11 +102,12 @@ def main() -> int:
                 p.wait(30)
     received = re.search(r"acquisition ended after (\d+) of (\d+) frames in ([\d.]+) s \((\d+) frames/s\)",
                          publish.stderr)
-    summary = json.loads((out / "merlin.json").read_text())
-    maps = np.load(out / "merlin_maps.npz")
+    assert publish.returncode == 0, publish.stderr[-3000:]
+    summary = json.loads((out / "stream.json").read_text())
+    maps = np.load(out / "stream_maps.npz")
     error = float(np.median(disorientation_degrees(maps["quaternion"], scan.truth)))
     print(f"load: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
-    print(f"{scan.size} frames of 60x60 uint8 from libertem-live-mib-sim "
+    print(f"{scan.size} frames of 60x60 uint8 from libertem-live-{'mib' if args.kind == 'merlin' else 'dectris'}-sim "
           f"({'full rate' if not args.rate else f'{args.rate:g} frames/s'}); {args.workers} workers, "
           f"--indexer {args.indexer}, pages of {args.page_size}")
     if received:
