@@ -233,6 +233,8 @@ class Publisher:
                 report.status, report.reason = "partial", self.live_end
                 report.frames = int(self.next_first)
             elif status == "abort":
+                if self.feed is not None:  # a live source: the frames acquired, not the frames expected
+                    report.frames = int(self.next_first)
                 report.status, report.reason = "partial", (f"stopped after {self.next_first} of {self.total} frames; "
                                                            f"{len(self.ledger)} pages not stored")
             elif store.dropped_frames:
