@@ -47,8 +47,19 @@ def test_replay_refuses_what_it_cannot_serve(tmp_path):
         load_frames(tmp_path / "flat.npy", (2, 2))
     with pytest.raises(InputError, match="uint8, uint16 or uint32"):
         write_mib(np.zeros((1, 1, 4, 4), np.float32), tmp_path / "f.mib")
+    with pytest.raises(InputError, match="uint8, uint16 or uint32"):
+        write_simplon_dump(np.zeros((1, 1, 4, 4), np.float32), tmp_path / "f.simplon")
     proc = run_cli("replay", tmp_path / "scan.h5", "--as", "merlin")
     assert proc.returncode == 2 and "replay serves .npy scans" in proc.stderr
+
+
+def test_a_detector_that_is_never_armed_is_named_after_arm_timeout():
+    pytest.importorskip("libertem_dectris", reason="liveindex[detectors] (libertem-live) is not installed")
+    (port,) = _free_ports(1)
+    proc = run_cli("publish", "--detector", "dectris", "--port", port, "--arm-timeout", 1, "--pc", *PC,
+                   "--sink-timeout", 1, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"no DECTRIS series was armed on tcp://127.0.0.1:{port} within 1 s (--arm-timeout)" in proc.stderr
 
 
 def _free_ports(n):
