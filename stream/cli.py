@@ -213,7 +213,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                      help="index a file while the acquisition writes it (NORDIF .dat, EDAX .up1/.up2, Oxford .ebsp): "
                           "frames are read as they are complete; the scan ends with the expected count, or partial "
                           "once the file stops growing for --follow-timeout seconds")
-    src.add_argument("--detector", choices=["merlin", "dectris"],
+    src.add_argument("--detector", choices=["merlin", "dectris", "asi-tpx3"],
                      help="receive frames from a detector's stream (one receiver, passive: waits for the acquisition "
                           "to be armed; scan shape and frame size from its header); --modality picks the indexer")
     _add_modality_options(p, modality, "publish")
@@ -222,7 +222,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--scan-shape", metavar="WxH",
                    help="the scan's columns x rows, where the file or detector does not say it")
     p.add_argument("--host", default="127.0.0.1", help="with --detector: the detector's data host (127.0.0.1)")
-    p.add_argument("--port", type=int, help="with --detector: its data port (Merlin 6342, DECTRIS 9999)")
+    p.add_argument("--port", type=int, help="with --detector: its data port (Merlin 6342, DECTRIS 9999, Timepix3 8283)")
     p.add_argument("--arm-timeout", type=float, default=600.0, metavar="S",
                    help="with --detector: seconds to wait for an acquisition to start (default 600)")
     p.add_argument("--bind", default=DEFAULT_DISPATCHER, help=f"dispatcher address workers connect to ({DEFAULT_DISPATCHER})")

@@ -12,8 +12,8 @@ source decodes each stack straight into the page being filled (one copy) and rel
 slot at once, so the detector is never held up by indexing: pages go to the publisher's page
 store (memory, then disk) whatever the workers' speed.
 
-Quantum Detectors Merlin (libertem-qd-mpx) and DECTRIS SIMPLON (libertem-dectris) are wired
-up; ASI Timepix3 (``libertem_asi_tpx3``, the same pattern) is not built yet.
+Quantum Detectors Merlin (libertem-qd-mpx), DECTRIS SIMPLON (libertem-dectris) and ASI
+Timepix3 (libertem-asi-tpx3: sparse chunks summed into dense frames) are wired up.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from liveindex.models.modality import FRAME_DTYPES, ScanSource
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("merlin", "dectris")
-DEFAULT_PORTS = {"merlin": 6342, "dectris": 9999}  # Merlin's data port; the DCU's zmq stream
+DETECTORS = ("merlin", "dectris", "asi-tpx3")
+DEFAULT_PORTS = {"merlin": 6342, "dectris": 9999, "asi-tpx3": 8283}  # Merlin's data port; the DCU's zmq stream
 STACK_FRAMES = 16  # frames the receiver hands over at a time: a page fills in steps of this
 
 
@@ -41,7 +41,7 @@ def open_detector(kind: str, *, host: str, port: int | None, modality, args, arm
     """Connect to the detector's stream and wait (up to ``arm_timeout`` s) for an acquisition."""
     if kind not in DETECTORS:
         raise InputError(f"--detector {kind!r}: this liveindex receives {', '.join(DETECTORS)}")
-    cls = {"merlin": MerlinSource, "dectris": DectrisSource}[kind]
+    cls = {"merlin": MerlinSource, "dectris": DectrisSource, "asi-tpx3": AsiTpx3Source}[kind]
     return cls(host=host, port=port or DEFAULT_PORTS[kind], modality=modality, args=args, arm_timeout=arm_timeout,
                stop_event=stop_event)
 
@@ -79,11 +79,12 @@ class StreamSource(ScanSource):
                              f"{frames} frames; give the acquisition's scan shape with --scan-shape WxH")
         self.nav_shape = (int(nav[0]), int(nav[1]))
         self.pattern_shape = tuple(int(v) for v in pattern_shape)
-        # The dtype comes with the frames: take the first stack now (scan_start needs it).
-        self._pending = self._conn.get_next_stack(max_size=STACK_FRAMES)
-        if self._pending is None or len(self._pending) == 0:
+        # The dtype comes with the frames: decode the first stack now (scan_start needs it).
+        stack = self._conn.get_next_stack(max_size=STACK_FRAMES)
+        first = None if stack is None else self._decode(stack)
+        if first is None or not len(first):
             raise TransportError(f"the {what} acquisition ended before its first frame")
-        dtype = np.dtype(self._pending.get_dtype_string()).newbyteorder("=")
+        dtype = first.dtype
         self.dtype = dtype.name if dtype.name in FRAME_DTYPES else "float32"
         self.modality = modality
         setup, phases, step = modality.detector_setup(args, self.pattern_shape)
@@ -92,12 +93,11 @@ class StreamSource(ScanSource):
         self.truth = {}
         self.metadata = metadata
         self._what = what
-        self._raw_dtype = dtype
-        self._frames = np.empty((0, *self.pattern_shape), dtype)  # decoded, not yet read
+        self._frames = first  # decoded, not yet read
         self._first = 0  # index of _frames[0]
-        self._received = 0
-        self._times: list[tuple[int, float]] = []  # (first index of a stack, when it was decoded)
-        self.end_reason = None
+        self._received = len(first)
+        self._times: list[tuple[int, float]] = [(0, time.time())]  # (first index of a stack, when it was decoded)
+        self.end_reason = "" if self._received >= frames else None
         log.info("%s acquisition: %d frames of %s %s, scan %dx%d", what, frames, self.dtype, self.pattern_shape,
                  self.nav_shape[1], self.nav_shape[0])
 
@@ -105,23 +105,29 @@ class StreamSource(ScanSource):
         """Takes the next stack from the receiver (it blocks until one is there, or the stream ends)."""
         if self.end_reason is not None:
             return self._received
-        stack = self._pending if self._pending is not None else self._conn.get_next_stack(
-            max_size=min(STACK_FRAMES, self.size - self._received))
-        self._pending = None
-        if stack is None or len(stack) == 0:
+        stack = self._conn.get_next_stack(max_size=min(STACK_FRAMES, self.size - self._received))
+        decoded = None if stack is None else self._decode(stack)
+        if decoded is None or not len(decoded):
             self.end_reason = (f"the {self._what} stream ended after {self._received} of {self.size} frames"
                                if self._received < self.size else "")
             return self._received
-        n = len(stack)
-        decoded = np.empty((n, *self.pattern_shape), self._raw_dtype)
-        self._cam.decode_range_into_buffer(stack, decoded, 0, n)
-        self._cam.done(stack)  # the slot goes back to the receiver at once (the handle is freed)
+        n = len(decoded)
         self._times.append((self._received, time.time()))
         self._frames = decoded if not len(self._frames) else np.concatenate([self._frames, decoded])
         self._received += n
         if self._received >= self.size:
             self.end_reason = ""
         return self._received
+
+    def _decode(self, stack) -> np.ndarray:
+        """A stack of frames from the receiver's shared memory as one (n, H, W) array; the slot
+        goes back to the receiver at once (the handle is freed)."""
+        n = len(stack)
+        dtype = np.dtype(stack.get_dtype_string()).newbyteorder("=")
+        decoded = np.empty((n, *self.pattern_shape), dtype)
+        self._cam.decode_range_into_buffer(stack, decoded, 0, n)
+        self._cam.done(stack)
+        return decoded
 
     def read(self, first: int, count: int) -> np.ndarray:
         if first != self._first or count > len(self._frames):
@@ -231,6 +237,67 @@ class DectrisSource(StreamSource):
         except BaseException:
             self.close()
             raise
+
+
+class AsiTpx3Source(StreamSource):
+    """One ASI Timepix3 acquisition (CheeTah's sparse stream) through libertem-asi-tpx3 in
+    passive mode: the acquisition header carries the scan and frame shapes; each chunk of
+    frames arrives as a CSR matrix (events per pixel) and is summed into dense frames."""
+
+    def __init__(self, *, host: str, port: int, modality, args, arm_timeout: float, stop_event=None):
+        try:
+            import libertem_asi_tpx3
+        except ImportError:
+            raise InputError("--detector asi-tpx3 needs libertem-live's receiver: pip install 'liveindex[detectors]'") \
+                from None
+        self._folder = tempfile.mkdtemp(prefix="liveindex-tpx3-")
+        try:
+            # libertem-live's defaults: 24 chunks a stack, 16 kB a chunk, 2 GB of slots.
+            self._conn = libertem_asi_tpx3.ASITpx3Connection(
+                uri=f"{host}:{int(port)}", chunks_per_stack=24, num_slots=2048 * 1024 * 1024 // (16 * 1024 * 24),
+                bytes_per_chunk=16 * 1024, huge=False, handle_path=os.path.join(self._folder, "shm"))
+            self._conn.start_passive()
+        except Exception as exc:  # the Rust receiver raises its own types
+            self._cleanup()
+            raise TransportError(f"cannot receive from the Timepix3 stream {host}:{port} ({exc}); check "
+                                 "--host/--port") from None
+        log.info("waiting for a Timepix3 acquisition on %s:%d (up to %.0f s)", host, port, arm_timeout)
+        header, deadline = None, time.monotonic() + arm_timeout
+        while header is None and time.monotonic() < deadline and not (stop_event and stop_event.is_set()):
+            header = self._conn.wait_for_arm(0.5)
+        if header is None:
+            self.close()
+            raise TransportError(f"no Timepix3 acquisition started on {host}:{port} within {arm_timeout:.0f} s "
+                                 "(--arm-timeout); start it, or check --host/--port")
+        self._cam = libertem_asi_tpx3.CamClient(self._conn.get_socket_path())
+        try:
+            nav = tuple(header.get_nav_shape())
+            self._begin(frames=int(np.prod(nav)), nav=nav if len(nav) == 2 else None,
+                        pattern_shape=tuple(header.get_sig_shape()), modality=modality, args=args, what="Timepix3",
+                        metadata={"source": f"ASI Timepix3 at {host}:{port}"})
+        except BaseException:
+            self.close()
+            raise
+
+    def _decode(self, stack) -> np.ndarray:
+        """The stack's CSR chunks summed into dense (n, H, W) frames (its values' dtype)."""
+        pixels = int(np.prod(self.pattern_shape))
+        parts = []
+        try:
+            for layout, indptr, indices, values in self._cam.get_chunks(handle=stack):
+                n = layout.get_nframes()
+                indptr = np.frombuffer(indptr, layout.get_indptr_dtype())[:n + 1].astype(np.int64)
+                indices = np.frombuffer(indices, layout.get_indices_dtype())
+                values = np.frombuffer(values, layout.get_value_dtype())
+                dense = np.zeros((n, pixels), values.dtype)
+                rows = np.repeat(np.arange(n), np.diff(indptr))
+                np.add.at(dense, (rows, indices[:len(rows)]), values[:len(rows)])
+                parts.append(dense.reshape(n, *self.pattern_shape))
+        finally:
+            self._cam.done(stack)
+        if not parts:
+            return np.empty((0, *self.pattern_shape), np.uint32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _config_value(config, name: str) -> int:

@@ -197,3 +197,44 @@ def test_every_frame_of_a_dectris_stream_at_the_simulator_s_full_rate_is_indexed
             p.terminate()
         for p in [sim, sink, *workers]:
             p.wait(30)
+
+
+def test_a_timepix3_stream_s_sparse_frames_arrive_dense_and_whole(tmp_path):
+    """libertem-live's own Timepix3 simulator (its mock acquisition: 4x5 points of 512x512,
+    point i one event of value i at pixel i) received by the detector source the publisher uses."""
+    pytest.importorskip("libertem_asi_tpx3", reason="liveindex[detectors] (libertem-live) is not installed")
+    import argparse
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from liveindex.models import modality as modalities
+    from liveindex.stream.detectors import open_detector
+
+    (port,) = _free_ports(1)
+    exe = Path(sys.executable).parent / "libertem-live-asi-tpx-sim"
+    sim = subprocess.Popen([str(exe), "--mock-nav-shape", "4", "5", "--port", str(port)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port)
+        args = argparse.Namespace(pc=[0.425, 0.213, 0.501], pc_convention="bruker", tilt=None, phases="ni", step=None,
+                                  scan_shape=None)
+        source = open_detector("asi-tpx3", host="127.0.0.1", port=port, modality=modalities.load("ebsd"), args=args,
+                               arm_timeout=30)
+        try:
+            assert source.nav_shape == (4, 5) and source.pattern_shape == (512, 512) and source.dtype == "uint32"
+            while source.end_reason is None:
+                source.arrived(1.0)
+            assert source.end_reason == "" and source.arrived(0) == 20
+            frames = source.read(0, 20)
+            times = source.frame_times(0, 20)
+        finally:
+            source.close()
+    finally:
+        sim.terminate()
+        sim.wait(30)
+    flat = frames.reshape(20, -1)
+    expected = np.zeros_like(flat)
+    expected[np.arange(20), np.arange(20)] = np.arange(20)
+    np.testing.assert_array_equal(flat, expected)
+    assert np.isfinite(times).all()
