@@ -84,8 +84,10 @@ class GrowingFile:
         self._last_growth = clock()
         self.count = 0  # complete frames so far
         self.end_reason: str | None = None
-        # When each frame was seen complete: the acquisition time where the file carries none.
-        self._times = np.full(layout.expected, np.nan)
+        # When each frame was seen complete (the acquisition time, as the file carries none): one
+        # (first frame, time) per poll that found new frames, not 8 bytes for every point.
+        self._seen_first: list[int] = []
+        self._seen_time: list[float] = []
         # A scan point is ready once every record up to the last its prefix needs is complete.
         self._needs = None if layout.order is None else np.maximum.accumulate(layout.order)
         self._poll()
@@ -107,7 +109,8 @@ class GrowingFile:
         if self._needs is not None:
             complete = int(np.searchsorted(self._needs, complete))  # points whose records are all complete
         if complete > self.count:
-            self._times[self.count:complete] = self._wall()
+            self._seen_first.append(self.count)
+            self._seen_time.append(self._wall())
             self.count = complete
             if complete == layout.expected:
                 self.end_reason = ""
@@ -160,7 +163,14 @@ class GrowingFile:
             done += n
 
     def frame_times(self, first: int, count: int) -> np.ndarray:
-        return self._times[first:first + count].copy()
+        """When each of these frames was seen complete (NaN for frames not seen yet). Frames are
+        asked for in order, so the polls before ``first``'s are forgotten."""
+        drop = int(np.searchsorted(self._seen_first, first, side="right")) - 1
+        if drop > 0:
+            del self._seen_first[:drop], self._seen_time[:drop]
+        at = np.searchsorted(self._seen_first, np.arange(first, first + count), side="right") - 1
+        times = np.asarray(self._seen_time + [np.nan])[np.where(at >= 0, at, -1)]
+        return np.where(np.arange(first, first + count) < self.count, times, np.nan)
 
 
 class FollowedSource(ScanSource):
