@@ -139,6 +139,8 @@ class StreamSource(ScanSource):
     def frame_times(self, first: int, count: int) -> np.ndarray:
         """When each frame was received (neither receiver exposes a per-frame wall-clock time
         from the detector: DECTRIS's are relative to the series start and stay in the receiver)."""
+        while len(self._times) > 1 and self._times[1][0] <= first:  # read in order: earlier stacks are done
+            self._times.pop(0)
         starts = np.array([s for s, _ in self._times])
         stamps = np.array([t for _, t in self._times])
         return stamps[np.searchsorted(starts, np.arange(first, first + count), side="right") - 1]
