@@ -91,12 +91,15 @@ def write_mib(frames: np.ndarray, path) -> Path:
 
 def write_simplon_dump(frames: np.ndarray, path, *, series: int = 1, frame_time: float = 1e-3) -> Path:
     """Write (ny, nx, H, W) integer frames as a recorded SIMPLON stream (see the module doc)."""
-    import h5py
-    import hdf5plugin
-
     path = Path(path)
     if frames.dtype.name not in _MIB_KINDS:
         raise InputError(f"a DECTRIS stream carries uint8, uint16 or uint32 counts, not {frames.dtype}; convert them")
+    try:
+        import h5py
+        import hdf5plugin
+    except ImportError:
+        raise InputError("replay --as dectris compresses frames with hdf5plugin's bitshuffle filter: pip install "
+                         "'liveindex[detectors]'") from None
     flat = np.ascontiguousarray(frames.reshape(-1, *frames.shape[2:]))
     n, h, w = flat.shape
     bits = flat.dtype.itemsize * 8
