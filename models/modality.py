@@ -248,6 +248,27 @@ class ScanSource:
     def read(self, first: int, count: int) -> np.ndarray:
         raise NotImplementedError
 
+    # -- live sources: a file growing during acquisition, a detector stream ----------------------
+    # A finished scan has every frame from the start. A live source (``live = True``) has
+    # ``arrived`` frames so far (0..size), more as the acquisition goes on, and ends when
+    # ``end_reason`` is set: "" when every frame came, else why not (the scan then ends partial).
+    live: ClassVar[bool] = False
+    end_reason: str | None = None
+
+    def arrived(self, timeout: float) -> int:
+        """Frames that can be read now (0..size); a live source waits up to ``timeout`` seconds
+        for more before it answers. Frames are read in order, once (a live source may forget
+        a frame once it is read: the publisher's page store keeps it)."""
+        return self.size
+
+    def frame_times(self, first: int, count: int) -> np.ndarray | None:
+        """Wall-clock time (s) each frame was acquired: the detector's timestamp where its stream
+        carries one, else when the source saw the frame complete; None when not known."""
+        return None
+
+    def close(self) -> None:
+        """Let go of the file or the detector connection."""
+
     def scan_start(self) -> dict:
         """The ``scan_start`` header fields (all but the scan id and run)."""
         modality = self.modality
@@ -295,6 +316,12 @@ class Modality(ABC):
     def open_source(self, args, *, role: str) -> ScanSource:
         """The scan to publish or index: ``args.file`` read, else (publish, demo) simulated."""
         raise InputError(f"modality {self.name} has no sources")
+
+    def detector_setup(self, args, pattern_shape) -> tuple[dict, list[PhaseRecord], tuple[float, float]]:
+        """(setup, phases, step) of a scan whose frames come from a detector stream
+        (``liveindex publish --detector``): the stream carries frames and the scan shape, the
+        modality's options (``args``) the rest."""
+        raise InputError(f"modality {self.name} does not take frames from a detector stream")
 
     def python_source(self, patterns, *, setup=None, phases=None, step=None) -> tuple[ScanSource, dict]:
         """The scan behind ``liveindex.index(patterns, ...)`` in Python: an array (numpy, dask)

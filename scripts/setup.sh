@@ -7,7 +7,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: the CPU build; resolved later through an extra, pip could pull a CUDA one (GBs).
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test,train]"
+.venv/bin/python -m pip install -q -e ".[test,train,detectors]"
 # The live-page test drives Debian's chromium (playwright uses it; it downloads no browser).
 # Installed when missing and this user may; without it that one test is skipped, and says so.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -90,12 +90,19 @@ def cmd_publish(args) -> int:
     from .publisher import Publisher
     from .security import CurveKeys
 
-    source = _modality(args).open_source(args, role="publish")
+    stop = _stop_on_signals()
+    if args.detector:
+        from .detectors import open_detector
+
+        source = open_detector(args.detector, host=args.host, port=args.port, modality=_modality(args), args=args,
+                               arm_timeout=args.arm_timeout, stop_event=stop)
+    else:
+        source = _modality(args).open_source(args, role="publish")
     publisher = Publisher(bind=args.bind, sink=args.sink, page_size=args.page_size, rate=args.rate,
                           wait_for_workers=args.wait_for_workers, sink_timeout=args.sink_timeout,
                           worker_timeout=args.worker_timeout, store_timeout=args.store_timeout,
                           memory_limit=int(args.memory_limit * 1e6), spill_dir=args.spill_dir, preview=args.preview,
-                          keys=CurveKeys.load(args.keys), stop_event=_stop_on_signals(), restart=args.restart)
+                          keys=CurveKeys.load(args.keys), stop_event=stop, restart=args.restart)
     try:
         report = publisher.run(source, scan_id=args.scan_id)
     finally:
@@ -106,6 +113,16 @@ def cmd_publish(args) -> int:
           + (f", {report.frames_dropped} frames dropped (preview mode)" if report.frames_dropped else "")
           + f"; {report.status}" + (f" ({report.reason})" if report.reason else ""))
     return 0 if report.status == "complete" or args.allow_partial else PARTIAL_EXIT
+
+
+def cmd_replay(args) -> int:
+    from .detectors import parse_scan_shape
+    from .replay import replay
+
+    return replay(args.file, kind=args.kind, rate=args.rate, host=args.host, port=args.port,
+                  control_port=args.control_port, trigger_port=args.trigger_port,
+                  scan_shape=parse_scan_shape(args.scan_shape) if args.scan_shape else None, folder=args.folder,
+                  stop_event=_stop_on_signals(), announce=lambda line: print(line, flush=True))
 
 
 def cmd_worker(args) -> int:
@@ -192,7 +209,22 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--simulate", default="40x40", metavar="WxH", help="simulated scan size (default)")
     src.add_argument("--file", help="replay a saved scan instead")
+    src.add_argument("--follow", metavar="FILE",
+                     help="index a file while the acquisition writes it (NORDIF .dat, EDAX .up1/.up2, Oxford .ebsp): "
+                          "frames are read as they are complete; the scan ends with the expected count, or partial "
+                          "once the file stops growing for --follow-timeout seconds")
+    src.add_argument("--detector", choices=["merlin", "dectris", "asi-tpx3"],
+                     help="receive frames from a detector's stream (one receiver, passive: waits for the acquisition "
+                          "to be armed; scan shape and frame size from its header); --modality picks the indexer")
     _add_modality_options(p, modality, "publish")
+    p.add_argument("--follow-timeout", type=float, default=10.0, metavar="S",
+                   help="with --follow: end the scan (partial) once the file has not grown for S seconds (default 10)")
+    p.add_argument("--scan-shape", metavar="WxH",
+                   help="the scan's columns x rows, where the file or detector does not say it")
+    p.add_argument("--host", default="127.0.0.1", help="with --detector: the detector's data host (127.0.0.1)")
+    p.add_argument("--port", type=int, help="with --detector: its data port (Merlin 6342, DECTRIS 9999, Timepix3 8283)")
+    p.add_argument("--arm-timeout", type=float, default=600.0, metavar="S",
+                   help="with --detector: seconds to wait for an acquisition to start (default 600)")
     p.add_argument("--bind", default=DEFAULT_DISPATCHER, help=f"dispatcher address workers connect to ({DEFAULT_DISPATCHER})")
     p.add_argument("--sink", default=DEFAULT_SINK, help=f"the sink's address ({DEFAULT_SINK})")
     p.add_argument("--page-size", type=int, default=128)
@@ -215,6 +247,20 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
                    help=f"exit 0 for a scan that ended with points missing (default: exit {3})")
     _add_keys_option(p)
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("replay", help="serve a saved scan as a detector stream, through libertem-live's simulator")
+    p.add_argument("file", help=".npy of (ny, nx, H, W) frames, or (N, H, W) with --scan-shape")
+    p.add_argument("--as", dest="kind", choices=["merlin", "dectris"], default="merlin",
+                   help="the detector to play: merlin (libertem-live-mib-sim) or dectris (libertem-live-dectris-sim)")
+    p.add_argument("--rate", type=float, help="frames/s (default: the simulator's full rate)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=6342, help="Merlin's data port (6342); a DECTRIS stream's is chosen "
+                                                           "by its simulator and printed")
+    p.add_argument("--control-port", type=int, default=6341, help="Merlin's control port, or DECTRIS's REST API port")
+    p.add_argument("--trigger-port", type=int, default=6343)
+    p.add_argument("--scan-shape", metavar="WxH")
+    p.add_argument("--folder", help="where the .mib and .hdr are written (default: beside FILE)")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("worker", help="index pages from a dispatcher, send results to a sink")
     p.add_argument("--dispatcher", default=DEFAULT_DISPATCHER)

@@ -72,7 +72,9 @@ REQUIRED_BUFFERS: dict[str, dict[str, tuple[str, ...]]] = {
 WIRE_DTYPES = frozenset(
     ["uint8", "uint16", "uint32", "int16", "int32", "int64", "float32", "float64", "bool"]
 )
-SCAN_END_STATUSES = ("success", "abort", "fail")
+# "partial": the acquisition itself ended with frames missing (a followed file that stopped
+# growing, a detector series cut short); the scan_end's "reason" says why.
+SCAN_END_STATUSES = ("success", "abort", "fail", "partial")
 
 
 @dataclass
@@ -180,6 +182,8 @@ def _check_header(header: dict) -> None:
         raise ProtocolError(f"{kind} page of {header['count']} points; at most {MAX_PAGE}", header)
     if kind == "scan_end" and header["frames_sent"] < 0:
         raise ProtocolError("scan_end frames_sent is negative", header)
+    if kind == "scan_end" and not (isinstance(header.get("reason", ""), str) and len(header.get("reason", "")) <= 500):
+        raise ProtocolError("scan_end reason must be text of at most 500 characters", header)
     if kind == "stored" and not (all(_is_int(p) for p in header["pages"])
                                  and isinstance(header.get("refused", ""), str)):
         raise ProtocolError("stored pages must be integers (and refused a reason)", header)
@@ -330,6 +334,10 @@ def _check_arrays(message: Message) -> None:
             raise ProtocolError(f"{message.kind} message lacks its {name!r} buffer", header)
         if arrays[name].dtype.name not in dtypes:
             raise ProtocolError(f"{message.kind} buffer {name!r} must be {' or '.join(dtypes)}", header)
+    times = arrays.get("t_acquired")  # optional, frames and results: when each frame was acquired
+    if times is not None and (times.dtype != np.float64 or times.shape != (header["count"],)):
+        raise ProtocolError(f"{message.kind} buffer 't_acquired' must be float64 (count,), got "
+                            f"{times.dtype}{times.shape}", header)
     if message.kind == "frames":
         patterns = arrays["patterns"]
         if patterns.ndim != 3 or patterns.shape[0] != header["count"]:

@@ -35,6 +35,7 @@ import zmq
 from liveindex.models.errors import InputError, LiveIndexError, TransportError
 from liveindex.models.modality import ScanSource, empty_results
 
+from .live_feed import LiveFeed
 from .page_store import PageStore
 from .protocol import SAFE_ID, encode
 from .security import stop_authenticator
@@ -69,6 +70,7 @@ class Page:
     count: int
     worker: bytes | None = None  # None: waiting to be sent
     t_acquired: float = 0.0  # wall clock when the detector delivered it: latency runs from here
+    times: np.ndarray | None = None  # per frame, where a live source knows when each was acquired
     t_done: float | None = None  # its worker reported it indexed
     done_seq: int = -1  # the worker's count of pages done when this one was
     sends: int = 0
@@ -158,6 +160,13 @@ class Publisher:
         self.store = PageStore(memory_limit=self.memory_limit, spill_dir=self.spill_dir, preview=self.preview)
         self.source, self.total, self.next_first = source, source.size, 0
         self.pages_sent = self.pages_resent = 0
+        # A live source (a file being written, a detector) is read on its own clock by a thread
+        # of its own; it ends when the acquisition does (live_end: "" with every frame, else why not).
+        self.feed, self.live_end = None, None
+        if source.live:
+            self.feed = LiveFeed(source, context=self.context, page_size=self.page_size)
+            self.poller.register(self.feed.wake, zmq.POLLIN)
+            self.feed.start()
         for identity in list(self.workers):
             self._announce_scan(identity)
         self.t0 = self.last_worker_seen = time.perf_counter()
@@ -175,9 +184,13 @@ class Publisher:
                     raise ScanRefused(f"the sink at {self.sink_address} refused scan {scan}: {self.refused}")
                 self._receive(timeout_ms=0 if self._can_send() else 20)
                 now = time.perf_counter()
-                self._acquire(now)
+                if self.feed is not None:
+                    self._take_live_pages()
+                else:
+                    self._acquire(now)
                 self._dispatch()
-                if self.next_first >= self.total and not self.ledger:
+                if not self.ledger and (self.live_end is not None if self.feed is not None
+                                        else self.next_first >= self.total):
                     break
                 if self.workers:
                     self.last_worker_seen = now
@@ -198,24 +211,37 @@ class Publisher:
             raise
         finally:
             elapsed = time.perf_counter() - self.t0
+            if self.feed is not None:
+                self.poller.unregister(self.feed.wake)
+                self.feed.close()
+                source.close()
+                if status == "success" and self.live_end:
+                    status = "partial"  # the acquisition ended with frames missing: never "success"
             self._send_status()
             # Every page is stored by now (or the scan was stopped): a sink that has already
             # gone (``--once``) finishes without the scan_end, so never wait for it here.
             if self.refused is None:
                 self._send_sink(encode("scan_end", {"scan": scan, "run": self.run_id,
-                                                    "frames_sent": int(self.next_first), "status": status}),
+                                                    "frames_sent": int(self.next_first), "status": status,
+                                                    **({"reason": self.live_end[:500]} if status == "partial"
+                                                       else {})}),
                                 block=False)
             store = self.store
             report = PublishReport(scan, self.total, self.pages_sent, self.pages_resent, elapsed, self.t_first_sent,
                                    store.spilled_total, store.dropped_frames, store.peak_memory_bytes)
-            if status == "abort":
+            if status == "partial":
+                report.status, report.reason = "partial", self.live_end
+                report.frames = int(self.next_first)
+            elif status == "abort":
+                if self.feed is not None:  # a live source: the frames acquired, not the frames expected
+                    report.frames = int(self.next_first)
                 report.status, report.reason = "partial", (f"stopped after {self.next_first} of {self.total} frames; "
                                                            f"{len(self.ledger)} pages not stored")
             elif store.dropped_frames:
                 report.status, report.reason = "partial", f"preview mode dropped {store.dropped_frames} frames"
             store.close()
         log.info("scan %s published: %d frames in %.2f s (%.0f frames/s), %d pages re-sent, %d frames spilled to "
-                 "disk, peak page memory %.1f MB", scan, self.total, elapsed, report.frames_per_second,
+                 "disk, peak page memory %.1f MB", scan, report.frames, elapsed, report.frames_per_second,
                  self.pages_resent, report.frames_spilled, report.peak_memory_bytes / 1e6)
         if report.frames_dropped:
             log.warning("preview mode dropped %d frames the workers could not keep up with", report.frames_dropped)
@@ -241,10 +267,36 @@ class Publisher:
             else:
                 self._send_dropped(first, count)
 
+    def _take_live_pages(self) -> None:
+        """Pages the live feed read since the last loop, into the page store and the ledger."""
+        feed = self.feed
+        feed.drain_wake()
+        feed.maybe_raise()
+        while True:
+            try:
+                first, frames, times = feed.pages.get_nowait()
+            except Exception:  # queue.Empty
+                return
+            if first is None:
+                self.live_end = frames  # the end reason
+                seconds = time.perf_counter() - self.t0
+                log.info("scan %s: the acquisition ended after %d of %d frames in %.2f s (%.0f frames/s)%s", self.scan,
+                         self.next_first, self.total, seconds, self.next_first / max(seconds, 1e-9),
+                         f" ({frames})" if frames else "")
+                continue
+            count = len(frames)
+            self.next_first = first + count
+            if self.store.add(first, frames):
+                t_acquired = float(times.min()) if times is not None and count else time.time()
+                self.ledger[first] = Page(first, count, t_acquired=t_acquired, times=times)
+                self.queue.append(first)
+            else:
+                self._send_dropped(first, count)
+
     def _can_send(self) -> bool:
         if self._worker_with_credit() is None:
             return False
-        return bool(self.queue) or (not self.rate and self.next_first < self.total)
+        return bool(self.queue) or (not self.rate and self.feed is None and self.next_first < self.total)
 
     def _dispatch(self) -> None:
         while self.queue:
@@ -260,9 +312,11 @@ class Publisher:
 
     def _send_page(self, identity: bytes, page: Page) -> bool:
         worker = self.workers[identity]
+        arrays = {"patterns": self.store.get(page.first)}
+        if page.times is not None:
+            arrays["t_acquired"] = page.times  # per frame: the latency to the map is measured from each
         frames = encode("frames", {"scan": self.scan, "run": self.run_id, "first": page.first, "count": page.count,
-                                   "t_sent": time.time(), "t_acquired": page.t_acquired},
-                        {"patterns": self.store.get(page.first)})
+                                   "t_sent": time.time(), "t_acquired": page.t_acquired}, arrays)
         if not self._announce_scan(identity):
             return False
         try:

@@ -125,7 +125,11 @@ class ScanState:
             t_done = message.header["timings"].get("t_done")
             now = float(t_done) if replaying and _is_time(t_done) else time.time()
             t_acquired = message.header["timings"].get("t_acquired")
-            if _is_time(t_acquired):
+            per_frame = a.get("t_acquired")  # when each frame was acquired (live sources), else the page's
+            if per_frame is not None:
+                latency = now - per_frame[fresh]
+                self.latency_s[idx] = np.where(np.isfinite(latency), np.maximum(latency, 0.0), np.nan)
+            elif _is_time(t_acquired):
                 self.latency_s[idx] = max(0.0, now - t_acquired)
             if self.error_deg is not None and len(idx):
                 truth = {name: t[idx] for name, t in self.truth.items()}

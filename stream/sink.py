@@ -399,7 +399,7 @@ class Sink:
         if state.end is None and not state.finished:
             self._journal(record, raw)
         state.end = header
-        if state.complete:
+        if state.complete or _has_every_frame_sent(state):
             self._finish(record)
         elif not state.finished:
             record.deadline = time.monotonic() + self.finish_timeout
@@ -445,7 +445,7 @@ class Sink:
         if first not in pending and state.page_received(first, message.header["count"]):
             record.acks.append(first)
         self._count(state, message, fresh)
-        if state.complete:
+        if state.complete or _has_every_frame_sent(state):
             self._finish(record)
 
     def _count(self, state: ScanState, message: Message, fresh) -> None:
@@ -561,11 +561,23 @@ def outcome(state: ScanState, why: str | None = None) -> tuple[str, str | None]:
         parts.append(f"the publisher failed after sending {end.get('frames_sent')} frames")
     elif end.get("status") == "abort":
         parts.append(f"the publisher stopped the scan after sending {end.get('frames_sent')} frames")
+    elif end.get("status") == "partial":
+        parts.append(f"the acquisition ended after {end.get('frames_sent')} frames: {end.get('reason') or 'no reason given'}")
     elif why:
         parts.append(why)
     if state.rejected_points:
         parts.append(f"{state.rejected_points} results refused (NaN or non-unit orientation)")
     return ("failed" if end.get("status") == "fail" else "partial"), "; ".join(parts)
+
+
+def _has_every_frame_sent(state: ScanState) -> bool:
+    """The acquisition ended short ("partial") and every frame it did send is in: nothing more
+    will come, so the scan is written now, not after --finish-timeout."""
+    end = state.end or {}
+    if end.get("status") != "partial":
+        return False
+    sent = min(int(end.get("frames_sent", 0)), state.size)
+    return bool(state.received[:sent].all())
 
 
 def check_out_dir(out_dir: Path) -> None:

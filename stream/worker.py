@@ -246,7 +246,8 @@ class Worker:
         return encode("results", {"scan": header["scan"], "run": header.get("run"), "first": header["first"],
                                    "count": count, "worker": self.name, "model": self._model_name(job),
                                    "timings": timings},
-                      {"indices": indices, **fields, "preview": pattern_previews(patterns)})
+                      {"indices": indices, **fields, "preview": pattern_previews(patterns),
+                       **({"t_acquired": message.arrays["t_acquired"]} if "t_acquired" in message.arrays else {})})
 
     def _fields(self, job: ScanJob, patterns: np.ndarray) -> dict[str, np.ndarray]:
         """The page's declared fields from the scan's indexer; every point not indexed where the

@@ -80,6 +80,18 @@ class EBSD(Modality):
         from .simulator import SimulatedScan, parse_nav_shape
 
         phases = phases_from_spec(getattr(args, "phases", "ni"))
+        if getattr(args, "follow", None):
+            from .growing_files import follow_file
+
+            scan_shape = getattr(args, "scan_shape", None)
+            try:
+                scan_shape = parse_nav_shape(scan_shape) if scan_shape else None
+            except ValueError as exc:
+                raise InputError(f"--scan-shape: {exc}") from None
+            return follow_file(args.follow, phases=phases, pc=getattr(args, "pc", None),
+                               pc_convention=getattr(args, "pc_convention", "bruker"), tilt=getattr(args, "tilt", None),
+                               step=getattr(args, "step", None), scan_shape=scan_shape,
+                               follow_timeout=args.follow_timeout)
         if getattr(args, "file", None):
             source = load_file(args.file, phases=phases, pc=getattr(args, "pc", None),
                                pc_convention=getattr(args, "pc_convention", "bruker"), tilt=getattr(args, "tilt", None),
@@ -104,6 +116,22 @@ class EBSD(Modality):
 
             source.step = step_of(None, args.step)
         return source
+
+    def detector_setup(self, args, pattern_shape):
+        """The geometry from --pc/--pc-convention/--tilt (a detector stream carries none), the
+        phases from --phases, the step from --step."""
+        from .files import step_of
+        from .geometry import DetectorGeometry
+        from .master_patterns import phases_from_spec
+
+        if getattr(args, "pc", None) is None:
+            raise InputError("frames from a detector stream carry no projection centre: give --pc X Y Z (Bruker; "
+                             "--pc-convention tsl|oxford|emsoft for the others)")
+        tilt = getattr(args, "tilt", None)
+        geometry = DetectorGeometry.from_convention(tuple(float(v) for v in args.pc), args.pc_convention,
+                                                    pattern_shape=tuple(pattern_shape),
+                                                    sample_tilt=70.0 if tilt is None else tilt)
+        return geometry.to_wire(), phases_from_spec(getattr(args, "phases", "ni")), step_of(None, args.step)
 
     def python_source(self, patterns, *, setup=None, phases=None, step=None):
         from .files import python_source
