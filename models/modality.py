@@ -53,7 +53,7 @@ from .crystal import PhaseRecord
 # Dtypes a frame may have on the wire: 8-32 bit counting detectors and float.
 FRAME_DTYPES = ("uint8", "uint16", "uint32", "float32")
 # Dtypes a result field may have.
-FIELD_DTYPES = ("uint8", "uint16", "int16", "int32", "int64", "float32", "float64")
+FIELD_DTYPES = ("uint8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 NOT_INDEXED = "none"  # the method label of a point nobody indexed
 ORIENTATION_FIELDS = ("phase_id", "quaternion")
 QUALITY_FIELD = "iq"  # per-point pattern quality, higher is better (.ang IQ, .ctf BC, the IQ map)
@@ -240,6 +240,7 @@ class ScanSource:
     phases: list[PhaseRecord]
     truth: dict[str, np.ndarray]  # field name -> (N, *shape) ground truth (simulations)
     metadata: dict
+    fit_latent: bool = True  # let the modality fit a latent basis on the frames (off: --latent off)
 
     @property
     def size(self) -> int:
@@ -262,7 +263,18 @@ class ScanSource:
             "fields": [f.to_wire() for f in modality.fields],
             "methods": [m.to_wire() for m in modality.methods],
             "metadata": dict(self.metadata),
+            **self.latent_header(),
         }
+
+    def latent_header(self) -> dict:
+        """``{"latent": basis}`` where the modality fits a latent basis on this scan's frames
+        (``Modality.latent_start``), else {}; fitted once per source, so every scan_start of
+        it (a publisher's restart, ``liveindex index``'s two) carries the same basis."""
+        cached = getattr(self, "_latent_header", None)
+        if cached is None:
+            cached = self.modality.latent_start(self) if self.fit_latent else {}
+            self._latent_header = cached
+        return cached
 
     def truth_arrays(self) -> dict[str, np.ndarray]:
         """Ground truth as ``truth_<field>`` buffers of the sink's scan_start."""
@@ -305,6 +317,12 @@ class Modality(ABC):
 
     def add_commands(self, subparsers) -> None:
         """Extra ``liveindex`` sub-commands (training, export)."""
+
+    def latent_start(self, source: "ScanSource") -> dict:
+        """Optional: ``{"latent": LatentBasis.to_wire()}`` fitted on the source's frames
+        (models/latent/basis.py), which the scan_start carries to every worker, so that the
+        ``embedding`` field the modality declares is comparable across workers; {} for none."""
+        return {}
 
     # -- a scan -------------------------------------------------------------------------------
     @abstractmethod

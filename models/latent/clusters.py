@@ -1,0 +1,228 @@
+"""Cluster, boundary and novelty maps of a scan's embeddings, refreshed while it grows.
+
+``LatentClusters`` keeps a few centres. ``refresh`` clusters a bounded random subsample of
+the points in (HDBSCAN, or k-means for a given count), matches the new clusters to the old
+centres (so a cluster keeps its id and colour between refreshes), and assigns every point
+to its nearest centre; between refreshes ``assign`` places each arriving point the same
+way. Memory and time are bounded by the subsample (``SAMPLE`` points: HDBSCAN is about
+n log n on it) and one pass over the map in chunks for the assignment, boundary and
+novelty maps.
+
+- boundary: mean embedding distance of a point to its 4 neighbours that are in, over the
+  scan's median of it (about 1 inside a region, higher across a boundary);
+- novelty, in [0, 1]: how far a point is from every cluster (its distance to the nearest
+  centre over that cluster's 95th-percentile radius: 0 up to 1.5 radii, 1 from 3), or, where
+  the points are answered with an explanation, the share of its cluster that no listed phase
+  explains (a cluster is the pattern population; most of it unexplained is a phase missing
+  from the list, a few unexplained points in a well explained cluster are noise).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from liveindex.models.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SAMPLE = 5000  # points clustered per refresh (measured: HDBSCAN about 1 s on 5000 x 16 here)
+MIN_CLUSTER_SHARE = 0.01  # HDBSCAN's min_cluster_size: this share of the sample ...
+MIN_CLUSTER_POINTS = 15  # ... and at least this many points
+MAX_CLUSTERS = 64  # ids drawn on the map (a palette of this many colours)
+CHUNK = 65536  # points a step of the assignment (about 4 MB of distances at 16 clusters)
+NOVEL = 0.5  # novelty at or above this counts as novel (the maps' and the benchmark's threshold)
+
+
+def parse_clusters(text) -> int | None:
+    """``--clusters auto|N``: None (HDBSCAN finds how many) or N (k-means)."""
+    if text is None or str(text).lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 2 <= n <= MAX_CLUSTERS:
+        raise InputError(f"--clusters {text!r} must be auto or a number of clusters in 2..{MAX_CLUSTERS}")
+    return n
+
+
+@dataclass
+class Cluster:
+    id: int
+    centre: np.ndarray  # (D,) float32
+    radius: float = 0.0  # 95th percentile of its sampled members' distance to the centre
+    size: int = 0  # points assigned at the last refresh
+    unexplained: float = 0.0  # share of its points no listed phase explains
+
+
+@dataclass
+class LatentClusters:
+    nav_shape: tuple[int, int]
+    clusters: int | None = None  # None: HDBSCAN (auto); N: k-means with N clusters
+    sample: int = SAMPLE
+    seed: int = 0
+    known: list[Cluster] = field(default_factory=list)
+    next_id: int = 0
+    refreshes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # -- per point -----------------------------------------------------------------------------
+    def assign(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, D) embeddings -> (cluster id (B,) int16, -1 none or not finite; distance (B,) float32)."""
+        with self.lock:
+            known = list(self.known)
+        return _nearest(embedding, known)
+
+    # -- the whole map -------------------------------------------------------------------------
+    def refresh(self, embedding: np.ndarray, received: np.ndarray, unexplained: np.ndarray | None = None) -> dict:
+        """Recluster a subsample of the received points and recompute every map: returns
+        ``cluster`` (N,) int16, ``distance``, ``boundary`` and ``novelty`` (N,) float32."""
+        n = len(received)
+        finite = received.copy()
+        finite[received] = np.isfinite(embedding[received].astype(np.float32)).all(axis=1)
+        points = np.flatnonzero(finite)
+        rng = np.random.default_rng((self.seed, self.refreshes))
+        self.refreshes += 1
+        if len(points) > self.sample:
+            points = np.sort(rng.choice(points, self.sample, replace=False))
+        if len(points) >= 2 * MIN_CLUSTER_POINTS:
+            z = embedding[points].astype(np.float32)
+            labels = self._labels(z)
+            self._update(z, labels)
+        cluster, distance = np.full(n, -1, np.int16), np.full(n, np.nan, np.float32)
+        idx = np.flatnonzero(finite)
+        with self.lock:
+            known = list(self.known)
+        for start in range(0, len(idx), CHUNK):
+            part = idx[start:start + CHUNK]
+            cluster[part], distance[part] = _nearest(embedding[part], known)
+        for c in known:  # sizes and radii from every point now
+            mine = cluster == c.id
+            c.size = int(mine.sum())
+            if c.size:
+                c.radius = float(np.percentile(distance[mine], 95))
+            c.unexplained = float(unexplained[mine].mean()) if unexplained is not None and c.size else 0.0
+        novelty = self.novelty(cluster, distance)
+        return {"cluster": cluster, "distance": distance, "novelty": novelty,
+                "boundary": boundary_map(embedding, finite, self.nav_shape)}
+
+    def novelty(self, cluster: np.ndarray, distance: np.ndarray) -> np.ndarray:
+        """(N,) in [0, 1], NaN where no cluster (see the module's docstring)."""
+        with self.lock:
+            known = list(self.known)
+        out = np.full(len(cluster), np.nan, np.float32)
+        for c in known:
+            mine = cluster == c.id
+            far = np.clip((distance[mine] / max(c.radius, 1e-6) - 1.5) / 1.5, 0.0, 1.0)
+            out[mine] = np.maximum(far, c.unexplained)
+        return out
+
+    def describe(self) -> list[dict]:
+        with self.lock:
+            return [{"id": c.id, "size": c.size, "radius": round(c.radius, 4), "unexplained": round(c.unexplained, 4)}
+                    for c in self.known]
+
+    def centre(self, cluster_id: int) -> np.ndarray | None:
+        with self.lock:
+            for c in self.known:
+                if c.id == cluster_id:
+                    return c.centre.copy()
+        return None
+
+    # -- inside ------------------------------------------------------------------------------
+    def _labels(self, z: np.ndarray) -> np.ndarray:
+        if self.clusters is not None:
+            from sklearn.cluster import KMeans
+
+            k = min(self.clusters, len(z))
+            return KMeans(n_clusters=k, n_init=3, random_state=self.seed).fit_predict(z)
+        from sklearn.cluster import HDBSCAN
+
+        size = max(MIN_CLUSTER_POINTS, int(MIN_CLUSTER_SHARE * len(z)))
+        labels = HDBSCAN(min_cluster_size=size, copy=True).fit_predict(z)
+        if labels.max() < 0:  # one population, no structure: one cluster
+            labels[:] = 0
+        return labels
+
+    def _update(self, z: np.ndarray, labels: np.ndarray) -> None:
+        """New centres; each takes the id of the old centre it matches (Hungarian on distance,
+        within the larger of their radii) so ids and colours stay between refreshes."""
+        from scipy.optimize import linear_sum_assignment
+
+        found = [z[labels == c] for c in range(labels.max() + 1) if (labels == c).any()]
+        found = sorted(found, key=len, reverse=True)[:MAX_CLUSTERS]
+        centres = np.stack([f.mean(axis=0) for f in found])
+        radii = np.array([np.percentile(np.linalg.norm(f - f.mean(axis=0), axis=1), 95) for f in found])
+        with self.lock:
+            old = list(self.known)
+        ids = [-1] * len(found)
+        if old:
+            d = np.linalg.norm(centres[:, None, :] - np.stack([c.centre for c in old])[None], axis=2)
+            rows, cols = linear_sum_assignment(d)
+            for r, c in zip(rows, cols):
+                if d[r, c] <= max(radii[r], old[c].radius, 1e-6):
+                    ids[r] = old[c].id
+        new = []
+        for r, f in enumerate(found):
+            if ids[r] < 0:
+                ids[r] = self.next_id
+                self.next_id += 1
+            new.append(Cluster(ids[r], centres[r].astype(np.float32), float(radii[r]), len(f)))
+        with self.lock:
+            self.known = new
+
+
+def _nearest(embedding: np.ndarray, known: list[Cluster]) -> tuple[np.ndarray, np.ndarray]:
+    e = np.asarray(embedding, np.float32)
+    n = len(e)
+    if not known or n == 0:
+        return np.full(n, -1, np.int16), np.full(n, np.nan, np.float32)
+    centres = np.stack([c.centre for c in known])
+    d2 = (e * e).sum(1)[:, None] - 2 * e @ centres.T + (centres * centres).sum(1)[None]
+    best = d2.argmin(axis=1)
+    dist = np.sqrt(np.maximum(d2[np.arange(n), best], 0)).astype(np.float32)
+    ids = np.array([c.id for c in known], np.int16)[best]
+    bad = ~np.isfinite(dist)
+    ids[bad], dist[bad] = -1, np.nan
+    return ids, dist
+
+
+def boundary_map(embedding: np.ndarray, received: np.ndarray, nav_shape) -> np.ndarray:
+    """(N,) mean embedding distance to the 4 neighbours that are in, over the median of it;
+    NaN where a point or all its neighbours are not in. Row by row: bounded memory."""
+    ny, nx = (int(v) for v in nav_shape)
+    e = embedding.reshape(ny, nx, -1)
+    ok = received.reshape(ny, nx)
+    total = np.zeros((ny, nx), np.float32)
+    count = np.zeros((ny, nx), np.float32)
+    rows = max(1, CHUNK // max(nx, 1))
+    for y0 in range(0, ny, rows):
+        y1 = min(ny, y0 + rows)
+        a = e[y0:y1].astype(np.float32)
+        if nx > 1:  # right neighbour, both ways
+            d = np.linalg.norm(a[:, 1:] - a[:, :-1], axis=2)
+            both = ok[y0:y1, 1:] & ok[y0:y1, :-1]
+            d = np.where(both, d, 0)
+            total[y0:y1, :-1] += d
+            total[y0:y1, 1:] += d
+            count[y0:y1, :-1] += both
+            count[y0:y1, 1:] += both
+        b = e[y0 + 1:min(y1 + 1, ny)].astype(np.float32)  # each row's lower neighbour
+        if len(b):
+            d = np.linalg.norm(b - a[: len(b)], axis=2)
+            both = ok[y0 + 1:y1 + 1] & ok[y0:y0 + len(b)]
+            d = np.where(both, d, 0)
+            total[y0:y0 + len(b)] += d
+            total[y0 + 1:y0 + 1 + len(b)] += d
+            count[y0:y0 + len(b)] += both
+            count[y0 + 1:y0 + 1 + len(b)] += both
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / count, np.nan).ravel()
+    finite = np.isfinite(mean)
+    if finite.any():
+        mean = mean / max(float(np.median(mean[finite])), 1e-12)
+    return mean.astype(np.float32)
