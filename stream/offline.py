@@ -73,7 +73,22 @@ def index_source(source: ScanSource, *, threads: int = 0, providers: str = "auto
     return out, time.perf_counter() - t0
 
 
-def index_file(source: ScanSource, out: Path, **options) -> dict:
+def latent_maps(maps: dict, start: ScanStart, clusters: int | None = None) -> dict:
+    """The cluster, boundary and novelty maps of a finished scan whose fields include an
+    embedding (the sink's, at once on every point); {} otherwise."""
+    from .latent_map import EMBEDDING_FIELD, has_latent
+
+    if not has_latent(start) or not np.isfinite(maps[EMBEDDING_FIELD].astype(np.float32)).any():
+        return {}
+    from liveindex.models.latent.clusters import LatentClusters
+
+    received = np.ones(start.size, bool)
+    unexplained = start.unexplained(maps) if "method" in maps else None
+    out = LatentClusters(tuple(start.nav_shape), clusters=clusters).refresh(maps[EMBEDDING_FIELD], received, unexplained)
+    return {k: out[k] for k in ("cluster", "boundary", "novelty")}
+
+
+def index_file(source: ScanSource, out: Path, *, clusters: int | None = None, **options) -> dict:
     report: dict = {}
     maps, seconds = index_source(source, report=report, **options)
     out = Path(out)
@@ -86,6 +101,7 @@ def index_file(source: ScanSource, out: Path, **options) -> dict:
     if isinstance(calibrated, dict):
         header["setup"] = calibrated
     start = ScanStart.from_header(header)
+    maps = {**maps, **latent_maps(maps, start, clusters)}
     summary = {
         "scan": name,
         "points": source.size,
