@@ -18,9 +18,6 @@ import time
 
 import numpy as np
 
-from liveindex.models.latent.basis import LatentBasis
-from liveindex.models.latent.clusters import NOVEL, LatentClusters
-
 log = logging.getLogger(__name__)
 
 EMBEDDING_FIELD = "embedding"
@@ -43,6 +40,11 @@ class LatentMaps:
     """One scan's latent maps, beside its ScanState (which calls ``on_points`` under its lock)."""
 
     def __init__(self, spec, *, clusters: int | None = None):
+        # Imported here: the runtime imports no package under models/ but the contract at import
+        # time (tests/test_layout.py); these are numpy-only and modality-neutral.
+        from liveindex.models.latent.basis import LatentBasis
+        from liveindex.models.latent.clusters import LatentClusters
+
         self.spec = spec
         n = spec.size
         self.clusters = LatentClusters(tuple(spec.nav_shape), clusters=clusters)
@@ -96,6 +98,8 @@ class LatentMaps:
     def _describe(self, state) -> list[dict]:
         """Each cluster: id, size, colour, unexplained share, and what the indexer answered for
         its points (the commonest phase and its share)."""
+        from liveindex.models.latent.clusters import NOVEL
+
         out = []
         phase = state.maps.get("phase_id")
         names = state.phase_names
@@ -107,6 +111,17 @@ class LatentMaps:
                 best = int(counts.argmax())
                 item["phase"] = names[best - 1] if best > 0 else "not indexed"
                 item["phase_share"] = round(float(counts[best] / counts.sum()), 3)
+                if best > 0 and "quaternion" in state.maps:
+                    # The orientation of the point nearest the cluster's mean among those of its
+                    # commonest phase: a mean of orientations needs the crystal symmetry.
+                    members = np.flatnonzero(mine & (phase == best - 1))
+                    near = self.distance[members]
+                    nearest = members[np.nanargmin(near)] if np.isfinite(near).any() else None
+                    if nearest is not None:
+                        from .orientation_map import euler_degrees
+
+                        item["euler_deg"] = [round(v, 1) for v in euler_degrees(
+                            state.maps["quaternion"][nearest].astype(float))]
             item["novel"] = bool(c["unexplained"] >= NOVEL)
             out.append(item)
         return out

@@ -48,6 +48,6 @@ def fit_scan_basis(source, dims: int = DEFAULT_DIMS, tiles: int = FIT_TILES) -> 
 def embed(basis: LatentBasis | None, frames: np.ndarray) -> np.ndarray:
     """(B, D) float16 embeddings of raw frames; NaN where there is no basis (latent off, or
     a scan_start without one) or a frame has no signal."""
-    if basis is None:
+    if basis is None or basis.dims != DEFAULT_DIMS:  # the declared width only (a peer's basis may differ)
         return np.full((len(frames), DEFAULT_DIMS), np.nan, np.float16)
     return basis.embed(features(frames))

@@ -146,6 +146,9 @@ def fit_basis(tiles: np.ndarray, feature_shape, dims: int = DEFAULT_DIMS) -> Lat
     if len(basis) < dims:  # the next principal components, orthogonal to what is in
         rest = vt[k:] - (vt[k:] @ basis.T) @ basis
         basis = _orthonormal(np.concatenate([basis, rest[:dims - len(basis) + 4]]))[:dims]
+    if len(basis) < dims:  # fewer tiles than dims: seeded directions, so the embedding keeps its width
+        extra = np.random.default_rng(0).standard_normal((dims - len(basis) + 4, p))
+        basis = _orthonormal(np.concatenate([basis, extra]))[:dims]
     log.info("latent basis: %d x %d from %d tiles (%d principal, %d splitting directions)", len(basis), p, t, k,
              sum(len(r) for r in rows[1:]))
     return LatentBasis(mean.astype(np.float32), scale.astype(np.float32), basis.astype(np.float32),

@@ -78,3 +78,9 @@ def test_frames_without_signal_embed_as_nan():
     bad[1] = np.nan
     e = basis.embed(bad)
     assert np.isnan(e[1]).all() and np.isfinite(e[[0, 2]]).all()
+
+
+def test_a_basis_from_few_tiles_keeps_its_width():
+    x, _ = _scan()
+    basis = fit_basis(x[:5], (10, 10), dims=16)
+    assert basis.dims == 16 and np.allclose(basis.components @ basis.components.T, np.eye(16), atol=1e-4)
