@@ -18,8 +18,9 @@ novelty maps.
 - novelty, in [0, 1]: how far a point is from every cluster (its distance to the nearest
   centre over that cluster's 95th-percentile radius: 0 up to 1.5 radii, 1 from 3), or, where
   the points are answered with an explanation, the share of its cluster that no listed phase
-  explains (a cluster is the pattern population; most of it unexplained is a phase missing
-  from the list, a few unexplained points in a well explained cluster are noise).
+  explains, above the share of the best explained clusters (``explained_baseline``): a
+  cluster is the pattern population; most of it unexplained is a phase missing from the
+  list, a few unexplained points in a well explained cluster are noise.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class LatentClusters:
     known: list[Cluster] = field(default_factory=list)
     next_id: int = 0
     refreshes: int = 0
+    baseline: float = 0.0  # unexplained share of the best explained clusters (explained_baseline)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- per point -----------------------------------------------------------------------------
@@ -135,6 +137,7 @@ class LatentClusters:
             if c.size:
                 c.radius = float(np.percentile(distance[mine], 95))
             c.unexplained = float(unexplained[mine].mean()) if unexplained is not None and c.size else 0.0
+        self.baseline = explained_baseline(known)
         novelty = self.novelty(cluster, distance)
         return {"cluster": cluster, "distance": distance, "novelty": novelty,
                 "boundary": boundary_map(embedding, finite, self.nav_shape)}
@@ -144,10 +147,11 @@ class LatentClusters:
         with self.lock:
             known = list(self.known)
         out = np.full(len(cluster), np.nan, np.float32)
+        base = self.baseline
         for c in known:
             mine = cluster == c.id
             far = np.clip((distance[mine] / max(c.radius, 1e-6) - 1.5) / 1.5, 0.0, 1.0)
-            out[mine] = np.maximum(far, c.unexplained)
+            out[mine] = np.maximum(far, max(c.unexplained - base, 0.0) / (1.0 - base))
         return out
 
     def describe(self) -> list[dict]:
@@ -207,6 +211,27 @@ class LatentClusters:
             new.append(Cluster(ids[r], centres[r].astype(np.float32), float(radii[r])))
         with self.lock:
             self.known = new
+
+
+BASELINE_SHARE = 0.2  # the best explained clusters holding this share of the points set the baseline ...
+BASELINE_MOST = 0.8  # ... which is at most this: beyond it no listed phase explains the scan, all is novel
+
+
+def explained_baseline(clusters: list[Cluster]) -> float:
+    """The unexplained share of the best explained clusters that hold a fifth of the points,
+    at most 0.8. A cluster's novelty is its unexplained share above this, so patterns poor
+    everywhere (hard noise: 62% of the right answers below confidence 0.5 on the
+    missing-phase scan) do not make every cluster novel, while a population worse explained
+    than the rest still stands out; where even the best fifth is over 80% unexplained, no
+    listed phase explains the scan and every cluster is novel."""
+    sized = sorted((c for c in clusters if c.size), key=lambda c: c.unexplained)
+    total = sum(c.size for c in sized)
+    held = 0
+    for c in sized:
+        held += c.size
+        if held >= BASELINE_SHARE * total:
+            return min(c.unexplained, BASELINE_MOST)
+    return 0.0
 
 
 SPLIT_COHERENCE = 0.2  # a cluster is split where its two halves are this much more coherent in space than chance

@@ -92,3 +92,17 @@ def test_clusters_option():
     for bad in ("1", "x", "1000"):
         with pytest.raises(InputError, match="auto or a number"):
             parse_clusters(bad)
+
+
+def test_novelty_is_relative_to_the_best_explained_clusters():
+    e, label = _regions()
+    rng = np.random.default_rng(3)
+    # Poor patterns everywhere (60% unexplained in the listed phase's regions), the missing
+    # phase's region (the disc) all unexplained: only the disc is novel.
+    unexplained = np.where(label == 2, True, rng.random(len(e)) < 0.6)
+    out = LatentClusters((60, 60), sample=1000).refresh(e, np.ones(len(e), bool), unexplained)
+    novel = out["novelty"] >= NOVEL
+    assert novel[label == 2].mean() > 0.99 and novel[label != 2].mean() < 0.01
+    # Nothing explained anywhere: no listed phase explains the scan, every point is novel.
+    out = LatentClusters((60, 60), sample=1000).refresh(e, np.ones(len(e), bool), np.ones(len(e), bool))
+    assert (out["novelty"] >= NOVEL).all()
