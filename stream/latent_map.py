@@ -70,7 +70,9 @@ class LatentMaps:
             return
         ids, dist = self.clusters.assign(maps[EMBEDDING_FIELD][idx])
         self.cluster[idx], self.distance[idx] = ids, dist
-        self.novelty[idx] = self.clusters.novelty(ids, dist)
+        page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence") if name in maps}
+        unexplained = self.spec.unexplained(page) if "method" in page else None
+        self.novelty[idx] = self.clusters.novelty(ids, dist, unexplained)
 
     def refresh(self, state) -> np.ndarray | None:
         """Recluster and recompute the maps; returns the points whose cluster changed (for the

@@ -20,7 +20,8 @@ novelty maps.
   the points are answered with an explanation, the share of its cluster that no listed phase
   explains, above the share of the best explained clusters (``explained_baseline``): a
   cluster is the pattern population; most of it unexplained is a phase missing from the
-  list, a few unexplained points in a well explained cluster are noise.
+  list, a few unexplained points in a well explained cluster are noise; in a cluster a
+  quarter or more unexplained, each unexplained point is novel too.
 """
 
 from __future__ import annotations
@@ -138,12 +139,15 @@ class LatentClusters:
                 c.radius = float(np.percentile(distance[mine], 95))
             c.unexplained = float(unexplained[mine].mean()) if unexplained is not None and c.size else 0.0
         self.baseline = explained_baseline(known)
-        novelty = self.novelty(cluster, distance)
+        novelty = self.novelty(cluster, distance, unexplained)
         return {"cluster": cluster, "distance": distance, "novelty": novelty,
                 "boundary": boundary_map(embedding, finite, self.nav_shape)}
 
-    def novelty(self, cluster: np.ndarray, distance: np.ndarray) -> np.ndarray:
-        """(N,) in [0, 1], NaN where no cluster (see the module's docstring)."""
+    def novelty(self, cluster: np.ndarray, distance: np.ndarray, unexplained: np.ndarray | None = None) -> np.ndarray:
+        """(N,) in [0, 1], NaN where no cluster (see the module's docstring). ``unexplained``:
+        each point's own evidence, which counts in a cluster a quarter or more unexplained
+        (above the baseline): a cluster that mixes a missing phase's points with others (43%
+        unexplained on the missing-phase scan) marks its unexplained points, not all of them."""
         with self.lock:
             known = list(self.known)
         out = np.full(len(cluster), np.nan, np.float32)
@@ -151,7 +155,9 @@ class LatentClusters:
         for c in known:
             mine = cluster == c.id
             far = np.clip((distance[mine] / max(c.radius, 1e-6) - 1.5) / 1.5, 0.0, 1.0)
-            out[mine] = np.maximum(far, max(c.unexplained - base, 0.0) / (1.0 - base))
+            share = max(c.unexplained - base, 0.0) / (1.0 - base)
+            point = unexplained[mine] * min(1.0, 2.0 * share) if unexplained is not None else 0.0
+            out[mine] = np.maximum(np.maximum(far, share), point)
         return out
 
     def describe(self) -> list[dict]:

@@ -106,3 +106,11 @@ def test_novelty_is_relative_to_the_best_explained_clusters():
     # Nothing explained anywhere: no listed phase explains the scan, every point is novel.
     out = LatentClusters((60, 60), sample=1000).refresh(e, np.ones(len(e), bool), np.ones(len(e), bool))
     assert (out["novelty"] >= NOVEL).all()
+
+
+def test_in_a_mixed_cluster_its_unexplained_points_are_novel():
+    e, label = _regions()
+    unexplained = (label == 2) & (np.arange(len(e)) % 5 < 2)  # 40% of the disc no listed phase explains
+    out = LatentClusters((60, 60), sample=1000).refresh(e, np.ones(len(e), bool), unexplained)
+    novel = out["novelty"] >= NOVEL
+    assert novel[unexplained].all() and not novel[~unexplained].any()
