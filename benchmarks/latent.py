@@ -43,10 +43,11 @@ def _index(frames, phases, *, latent=True, nav):
     t0 = time.perf_counter()
     header = {"scan": "bench", **source.scan_start()}
     fit_s = time.perf_counter() - t0
-    maps, seconds = index_source(source, progress=False)
+    keep: dict = {}
+    maps, seconds = index_source(source, progress=False, keep=keep)
     start = ScanStart.from_header(header)
     t0 = time.perf_counter()
-    extra = latent_maps(maps, start) if latent else {}
+    extra = latent_maps(maps, start, indexer=keep["indexer"]) if latent else {}
     cluster_s = time.perf_counter() - t0
     return {**maps, **extra}, start, {"fit_s": fit_s, "index_s": seconds, "cluster_s": cluster_s}
 
@@ -69,7 +70,11 @@ def superalloy(noise: str, side: int, radius: float) -> dict:
             "clusters": int(len(np.unique(cluster[cluster >= 0]))),
             "ari_cluster": round(adjusted_rand_score(truth, cluster), 3),
             "ari_phase_map": round(adjusted_rand_score(truth, maps["phase_id"]), 3),
-            "indexed_as_gamma": round(float((maps["phase_id"] == 0).mean()), 3), **times}
+            "indexed_as_gamma": round(float((maps["phase_id"] == 0).mean()), 3),
+            # Each cluster's mean pattern indexed as a frame: size, phase, confidence.
+            "mean_patterns": [(c["size"], c.get("mean_pattern_indexed", {}).get("phase"),
+                               c.get("mean_pattern_indexed", {}).get("confidence")) for c in maps["clusters"]],
+            **times}
 
 
 def missing_phase(noise: str, side: int) -> dict:

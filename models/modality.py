@@ -318,6 +318,12 @@ class Modality(ABC):
     def add_commands(self, subparsers) -> None:
         """Extra ``liveindex`` sub-commands (training, export)."""
 
+    def pattern_from_features(self, features: np.ndarray, feature_shape, pattern_shape) -> np.ndarray | None:
+        """Optional: (K, P) latent features (a cluster's mean embedding mapped back through the
+        basis) as (K, H, W) frames the page indexer takes, so ``liveindex index`` can say what
+        a cluster's mean pattern indexes as; None where the modality cannot."""
+        return None
+
     def latent_start(self, source: "ScanSource") -> dict:
         """Optional: ``{"latent": LatentBasis.to_wire()}`` fitted on the source's frames
         (models/latent/basis.py), which the scan_start carries to every worker, so that the

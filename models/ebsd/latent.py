@@ -39,6 +39,18 @@ def features(frames: np.ndarray) -> np.ndarray:
         return np.where(level > 0, binned / level, np.nan).astype(np.float32)
 
 
+def frames_from_features(feats: np.ndarray, feature_shape, pattern_shape) -> np.ndarray:
+    """(K, P) features -> (K, H, W) float32 frames: each binned pixel repeated over its block
+    (the indexer bins them back), at a mean level of 100 counts."""
+    f = _factor(pattern_shape)
+    h, w = (int(v) for v in pattern_shape)
+    images = np.maximum(np.asarray(feats, np.float32), 0).reshape(len(feats), *feature_shape) * 100.0
+    out = np.zeros((len(feats), h, w), np.float32)
+    big = np.repeat(np.repeat(images, f, axis=1), f, axis=2)
+    out[:, : big.shape[1], : big.shape[2]] = big
+    return out
+
+
 def fit_scan_basis(source, dims: int = DEFAULT_DIMS, tiles: int = FIT_TILES) -> LatentBasis:
     """The scan's basis from 3x3 tiles spread over it (models/latent/basis.py)."""
     return fit_basis(read_tiles(source.read, source.nav_shape, features, tiles), feature_shape(source.pattern_shape),

@@ -120,6 +120,11 @@ class EBSD(Modality):
 
         add_commands(subparsers)
 
+    def pattern_from_features(self, features, feature_shape, pattern_shape):
+        from .latent import frames_from_features
+
+        return frames_from_features(features, feature_shape, pattern_shape)
+
     def latent_start(self, source) -> dict:
         """The scan's latent basis, fitted on 3x3 tiles of its frames (models/ebsd/latent.py)."""
         from .latent import fit_scan_basis

@@ -53,3 +53,14 @@ def test_precipitates_share_the_grain_orientation_and_differ_in_phase():
     a, b = np.flatnonzero(~inside & (grain == grain[inside][0]))[0], np.flatnonzero(inside)[0]
     assert not np.array_equal(frames[a], frames[b])  # the superlattice bands show
     assert fit_scan_basis(SimulatedSource(scan), tiles=64).dims == DEFAULT_DIMS
+
+
+def test_a_feature_vector_comes_back_as_a_frame_with_the_same_features():
+    from liveindex.models.ebsd.latent import frames_from_features
+
+    f = features(np.random.default_rng(1).integers(1, 255, (3, 60, 60)).astype(np.uint8))
+    frames = frames_from_features(f, (30, 30), (60, 60))
+    assert frames.shape == (3, 60, 60) and frames.dtype == np.float32
+    np.testing.assert_allclose(features(frames), f, rtol=1e-5)
+    odd = frames_from_features(features(np.ones((1, 61, 59), np.uint8)), feature_shape((61, 59)), (61, 59))
+    assert odd.shape == (1, 61, 59)
