@@ -529,8 +529,9 @@ class Sink:
             maps = state.maps
             if state.latent is not None:
                 state.refresh_latent()  # the last points in, clustered with the rest
-                maps = {**maps, **state.latent.maps()}
-                summary["clusters"] = state.latent.info
+                if state.latent.clusters.known:  # none where no point had an embedding (--latent off)
+                    maps = {**maps, **state.latent.maps()}
+                    summary["clusters"] = state.latent.info
             files = write_outputs(self.out_dir, state.scan, maps=maps, start=state.spec, summary=summary)
             summary["files"] = [p.name for p in files] + [f"{state.scan}.json"]
             if state.previews is not None:

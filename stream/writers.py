@@ -213,7 +213,8 @@ def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary:
             np.savez(f, nav_shape=np.array(start.nav_shape), **maps)
 
     _atomic(out / f"{name}_maps.npz", _npz)
-    if "embedding" in maps and np.ndim(maps["embedding"]) == 2:  # (N, D), as the latent maps used it
+    if "embedding" in maps and np.ndim(maps["embedding"]) == 2 and np.isfinite(maps["embedding"]).any():
+        # (N, D), as the latent maps used it; none where no point has one (--latent off)
         _atomic(out / f"{name}_embedding.npy", lambda p: np.save(p, np.asarray(maps["embedding"])))
     for map_name, rgb in map_images(maps, start).items():
         _atomic(out / f"{name}_{map_name}.png", lambda p, rgb=rgb: p.write_bytes(png_bytes(rgb)))
