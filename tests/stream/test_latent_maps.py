@@ -94,3 +94,16 @@ def test_demo_through_real_processes_writes_the_latent_maps(tmp_path):
         assert (tmp_path / f"{scan}_{name}.png").stat().st_size > 100
     written = json.loads((tmp_path / f"{scan}.json").read_text())
     assert len(written["clusters"]) == 2 and sum(c["size"] for c in written["clusters"]) == 300
+
+
+def test_the_embedding_file_is_written_only_where_points_have_one(tmp_path):
+    from liveindex.stream.writers import write_outputs
+
+    state, _ = _state((3, 4))
+    maps = {k: v.copy() for k, v in state.maps.items()}
+    maps["embedding"][:] = np.nan  # --latent off: no point has an embedding
+    write_outputs(tmp_path, "off", maps=maps, start=state.spec, summary={})
+    assert not (tmp_path / "off_embedding.npy").exists()
+    maps["embedding"][:] = 1.0
+    write_outputs(tmp_path, "on", maps=maps, start=state.spec, summary={})
+    assert np.load(tmp_path / "on_embedding.npy").shape == (12, 3)
