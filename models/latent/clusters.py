@@ -240,7 +240,7 @@ def explained_baseline(clusters: list[Cluster]) -> float:
     return 0.0
 
 
-SPLIT_COHERENCE = 0.2  # a cluster is split where its two halves are this much more coherent in space than chance
+SPLIT_COHERENCE = 0.15  # a cluster is split where its two halves are this much more coherent in space than chance
 ICM_ITERATIONS = 2  # measured on the superalloy scan: 2 and 3 (and 5) give the same map, 1 a worse one
 MEAN_SAMPLE = 200_000  # points a centre is re-estimated from (every k-th): 0.19 to 0.04 s a round at 1e6
 ICM_BETA = 1.0  # weight of one agreeing neighbour against the embedding's distance (in noise variances)
@@ -255,8 +255,9 @@ def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarra
     The test: among pairs of neighbouring points of the cluster, the share on the same side
     against the share two random labels with those proportions would have (p^2 + (1-p)^2);
     the excess over chance, as a fraction of what is left above chance, must reach
-    ``SPLIT_COHERENCE`` (measured on the superalloy scan at moderate noise: 0.2-0.5 where a
-    grain holds precipitates, below 0.13 where it does not)."""
+    ``SPLIT_COHERENCE`` (measured on the superalloy scan at moderate noise: 0.19-0.49 where a
+    grain holds many precipitates, 0.08-0.13 where it holds a few dozen points of them;
+    -0.02-0 for regions of independent noise)."""
     if index is None:
         index, _ = _nearest_index(embedding, finite, centres)
     ny, nx = (int(v) for v in nav_shape)
