@@ -38,6 +38,7 @@ libraries load inside ``prepare`` and ``open_source``.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 from abc import ABC, abstractmethod
@@ -50,10 +51,12 @@ from liveindex.models.errors import InputError
 
 from .crystal import PhaseRecord
 
+log = logging.getLogger(__name__)
+
 # Dtypes a frame may have on the wire: 8-32 bit counting detectors and float.
 FRAME_DTYPES = ("uint8", "uint16", "uint32", "float32")
 # Dtypes a result field may have.
-FIELD_DTYPES = ("uint8", "uint16", "int16", "int32", "int64", "float32", "float64")
+FIELD_DTYPES = ("uint8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 NOT_INDEXED = "none"  # the method label of a point nobody indexed
 ORIENTATION_FIELDS = ("phase_id", "quaternion")
 QUALITY_FIELD = "iq"  # per-point pattern quality, higher is better (.ang IQ, .ctf BC, the IQ map)
@@ -240,6 +243,7 @@ class ScanSource:
     phases: list[PhaseRecord]
     truth: dict[str, np.ndarray]  # field name -> (N, *shape) ground truth (simulations)
     metadata: dict
+    fit_latent: bool = True  # let the modality fit a latent basis on the frames (off: --latent off)
 
     @property
     def size(self) -> int:
@@ -283,7 +287,22 @@ class ScanSource:
             "fields": [f.to_wire() for f in modality.fields],
             "methods": [m.to_wire() for m in modality.methods],
             "metadata": dict(self.metadata),
+            **self.latent_header(),
         }
+
+    def latent_header(self) -> dict:
+        """``{"latent": basis}`` where the modality fits a latent basis on this scan's frames
+        (``Modality.latent_start``), else {}; fitted once per source, so every scan_start of
+        it (a publisher's restart, ``liveindex index``'s two) carries the same basis."""
+        cached = getattr(self, "_latent_header", None)
+        if cached is None:
+            if self.fit_latent and self.live:
+                # The basis is fitted on frames from the whole scan before the first page goes
+                # out; a live source has not acquired them yet (and may forget a frame once read).
+                log.info("latent maps: off for a live source (the basis is fitted on a finished scan's frames)")
+            cached = self.modality.latent_start(self) if self.fit_latent and not self.live else {}
+            self._latent_header = cached
+        return cached
 
     def truth_arrays(self) -> dict[str, np.ndarray]:
         """Ground truth as ``truth_<field>`` buffers of the sink's scan_start."""
@@ -332,6 +351,18 @@ class Modality(ABC):
 
     def add_commands(self, subparsers) -> None:
         """Extra ``liveindex`` sub-commands (training, export)."""
+
+    def pattern_from_features(self, features: np.ndarray, feature_shape, pattern_shape) -> np.ndarray | None:
+        """Optional: (K, P) latent features (a cluster's mean embedding mapped back through the
+        basis) as (K, H, W) frames the page indexer takes, so ``liveindex index`` can say what
+        a cluster's mean pattern indexes as; None where the modality cannot."""
+        return None
+
+    def latent_start(self, source: "ScanSource") -> dict:
+        """Optional: ``{"latent": LatentBasis.to_wire()}`` fitted on the source's frames
+        (models/latent/basis.py), which the scan_start carries to every worker, so that the
+        ``embedding`` field the modality declares is comparable across workers; {} for none."""
+        return {}
 
     # -- a scan -------------------------------------------------------------------------------
     @abstractmethod

@@ -65,7 +65,7 @@ def cmd_demo(args) -> int:
     summary = run_demo(source=modality.open_source(args, role="demo"), workers=args.workers, out_dir=args.out,
                        http_port=args.http_port, open_browser=not args.no_browser, page_size=args.page_size,
                        rate=args.rate, options=modality.indexing_options(args), stop_event=stop, on_done=report,
-                       linger=None if args.exit_when_done else stop)
+                       linger=None if args.exit_when_done else stop, clusters=parse_clusters(args.clusters))
     return 0 if summary["missing"] == 0 else 1
 
 
@@ -75,9 +75,11 @@ def cmd_index(args) -> int:
 
     modality = _modality(args)
     source = modality.open_source(args, role="index")
+    options = modality.indexing_options(args)
+    source.fit_latent = getattr(args, "latent", "on") != "off"
     out = args.out or Path(args.file).with_suffix(".h5")
     summary = index_file(source, Path(out), threads=args.threads, providers=args.providers,
-                         **modality.indexing_options(args))
+                         clusters=parse_clusters(args.clusters), **options)
     print(f"liveindex index: {summary['points']} patterns, {summary['indexed']} indexed, "
           f"{summary['frames_per_second']} patterns/s; wrote {', '.join(summary['files'])}")
     warning = missing_phase_warning(summary)
@@ -145,7 +147,7 @@ def cmd_sink(args) -> int:
     finished = run_sink(report=lambda **info: log.info("sink ready: %s", info), stop_event=_stop_on_signals(),
                         bind=args.bind, out_dir=args.out, http_host=args.http_host, http_port=args.http_port,
                         max_scans=1 if args.once else None, finish_timeout=args.finish_timeout,
-                        idle_timeout=args.idle_timeout,
+                        idle_timeout=args.idle_timeout, clusters=parse_clusters(args.clusters),
                         keys=CurveKeys.load(args.keys))
     for summary in finished:
         print(json.dumps(summary))
@@ -162,6 +164,12 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def _add_clusters_option(p):
+    p.add_argument("--clusters", default="auto", metavar="auto|N",
+                   help="the latent cluster map: auto (HDBSCAN finds how many, default) or N clusters (k-means), "
+                        "for a modality that sends an embedding")
+
+
 def _add_keys_option(p):
     p.add_argument("--keys", metavar="FOLDER", help="CurveZMQ keys made by `liveindex keys` (encrypt and authenticate "
                                                     "traffic between hosts)")
@@ -173,6 +181,12 @@ def _add_modality_options(p, modality, role: str) -> None:
     p.add_argument("--modality", default=DEFAULT_MODALITY, choices=sorted(modalities.known()),
                    help=f"the kind of patterns (default {DEFAULT_MODALITY}); the options below are this modality's")
     modality.add_arguments(p, role=role)
+
+
+def parse_clusters(text):
+    from liveindex.models.latent.clusters import parse_clusters
+
+    return parse_clusters(text)
 
 
 def build_parser(argv=None) -> argparse.ArgumentParser:
@@ -194,6 +208,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8080, help="live page port (0: any free port)")
     p.add_argument("--page-size", type=int, default=64, help="frames per page")
     p.add_argument("--rate", type=float, help="detector rate in frames/s (default: as fast as workers take them)")
+    _add_clusters_option(p)
     _add_modality_options(p, modality, "demo")
     p.set_defaults(func=cmd_demo)
 
@@ -201,6 +216,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--out", help="OUT.h5, OUT.ang or OUT.ctf (the other outputs go beside it) or a folder")
     _add_modality_options(p, modality, "index")
+    _add_clusters_option(p)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--providers", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_index)
@@ -285,6 +301,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--finish-timeout", type=float, default=30.0, help="seconds to wait for late results after scan_end")
     p.add_argument("--idle-timeout", type=float, default=600.0,
                    help="finish a scan that got nothing for this long and no scan_end (its publisher died)")
+    _add_clusters_option(p)
     _add_keys_option(p)
     p.set_defaults(func=cmd_sink)
 

@@ -21,7 +21,7 @@ def run_demo(*, source: ScanSource | None = None, modality: str = "ebsd", scan: 
              settings: dict | None = None, workers: int = 2, out_dir="liveindex-demo", http_port: int = 8080, open_browser: bool = True,
              page_size: int = 64, rate: float | None = None, options: dict | None = None,
              threads_per_worker: int = 1, stop_event: threading.Event | None = None, on_ready=None, on_done=None,
-             linger: threading.Event | None = None) -> dict:
+             linger: threading.Event | None = None, clusters: int | None = None) -> dict:
     """Index ``source`` (default: the ``modality``'s simulated scan of ``scan`` points, width x
     height, with its demo options as on the command line, ``settings`` overriding them) with
     ``workers`` worker processes. ``options`` go to the modality's ``prepare``.
@@ -32,13 +32,14 @@ def run_demo(*, source: ScanSource | None = None, modality: str = "ebsd", scan: 
         source = simulated_source(modality, scan, settings or {})
     modality = source.modality
     options = options or {}
+    source.fit_latent = options.get("latent", True)
     # Prepare the scan's indexer here once (it builds or finds the dictionary, code book...),
     # with a progress bar the user sees, rather than in every worker at once.
     modality.prepare({"scan": "demo", **source.scan_start()}, options=options, threads=threads_per_worker,
                      progress=True, reason="first run of the demo's setup")
 
     sink = ChildProcess("sink", run_sink, bind="tcp://127.0.0.1:0", out_dir=str(out_dir), http_port=http_port,
-                        max_scans=None if linger is not None else 1).start()
+                        max_scans=None if linger is not None else 1, clusters=clusters).start()
     children = [sink]
     publisher = None
     try:

@@ -81,6 +81,11 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     png = self.provider.pattern_png(index)
                     self._send(200, png, "image/png") if png else self._send(404, b"no pattern kept", "text/plain")
+            elif path == "/cluster.png":
+                value = parse_qs(url.query).get("c", [""])[0]
+                png = self.provider.cluster_png(value)
+                self._send(200, png, "image/png") if png else self._send(404, b"no mean pattern for that cluster",
+                                                                         "text/plain")
             elif path.startswith("/keys/ipf-") and path.endswith(".png"):
                 png = self.provider.ipf_key_png(path[len("/keys/ipf-"):-len(".png")])
                 self._send(200, png, "image/png") if png else self._send(404, b"no such phase", "text/plain")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .latent_map import LATENT_MAPS
 from .orientation_map import PHASE_COLOURS, euler_degrees, ipf_key_png
 from .protocol import plain
 from .scan_state import ScanState
@@ -50,6 +51,8 @@ def live_maps(state: ScanState) -> list[dict]:
         maps.append({"name": "method", "title": "Method", "kind": "palette",
                      "colours": [list(m.rgb) for m in spec.methods],
                      "labels": [m.description or m.label for m in spec.methods]})
+    if state.latent is not None:
+        maps.extend(state.latent.live_maps())
     return maps
 
 
@@ -60,6 +63,8 @@ def _layer(state: ScanState, name: str, idx) -> np.ndarray:
         return (state.maps["phase_id"][idx] + 1).astype(np.uint8)  # 0 = not indexed
     if name == "confidence":
         return (np.clip(state.maps["confidence"][idx], 0, 1) * 255).astype(np.uint8)
+    if name in LATENT_MAPS and state.latent is not None:
+        return state.latent.layer(name, idx)
     return state.maps[name][idx].astype(np.uint8)  # a palette field (method)
 
 
@@ -124,6 +129,15 @@ def point_details(state: ScanState, index: int) -> dict:
         if error == error:
             details["error_deg"] = round(float(error), 3)
             rows.append(["error vs truth", f"{error:.2f}°"])
+        if state.latent is not None:
+            with state.lock:
+                cluster = int(state.latent.cluster[index])
+                boundary, novelty = float(state.latent.boundary[index]), float(state.latent.novelty[index])
+            details["cluster"] = cluster if cluster >= 0 else None
+            rows.append(["cluster", str(cluster) if cluster >= 0 else "none yet"])
+            for name, value in (("boundary", boundary), ("novelty", novelty)):
+                details[name] = round(value, 3) if value == value else None
+                rows.append([name, f"{value:.2f}" if value == value else "-"])
     else:
         rows.append(["state", "not in yet"])
     details["pattern"] = state.pattern_preview(index) is not None
@@ -172,6 +186,10 @@ class SinkView:
             "nav_shape": list(state.nav_shape), "bad_messages": sink.receiver.bad_total,
             "models": sorted(state.models),
         })
+        if state.latent is not None:
+            status["clusters"] = state.latent.info
+            seconds = state.latent.refresh_seconds
+            status["latent_refresh_s"] = round(seconds[-1], 3) if seconds else None
         return status
 
     def map_update(self, scan: str | None, since: int) -> tuple[dict | None, str | None, int]:
@@ -194,6 +212,18 @@ class SinkView:
             return None
         preview = state.pattern_preview(index)
         return None if preview is None else png_bytes(np.repeat(preview[..., None], 3, axis=2), min_width=1)
+
+    def cluster_png(self, cluster: str) -> bytes | None:
+        """A cluster's mean pattern (its mean embedding through the scan's basis), grey, stretched."""
+        state = self.sink.current
+        if state is None or state.latent is None or not cluster.isdigit():
+            return None
+        image = state.latent.mean_pattern(int(cluster))
+        if image is None or not np.isfinite(image).all():
+            return None
+        lo, hi = float(image.min()), float(image.max())
+        grey = ((image - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)
+        return png_bytes(np.repeat(grey[..., None], 3, axis=2), min_width=128)
 
     def ipf_key_png(self, phase: str) -> bytes | None:
         """The IPF key of the current scan's phase number ``phase`` (its Laue class's)."""

@@ -30,7 +30,8 @@ CALIBRATION_POINTS = 1024  # the first points a modality may calibrate its setup
 
 
 def index_source(source: ScanSource, *, threads: int = 0, providers: str = "auto", page_size: int = 256,
-                 progress: bool = True, report: dict | None = None, **options) -> tuple[dict[str, np.ndarray], float]:
+                 progress: bool = True, report: dict | None = None, keep: dict | None = None,
+                 **options) -> tuple[dict[str, np.ndarray], float]:
     """Index every frame of a source; returns its declared fields (one array each, a row per
     point) and the indexing seconds. ``options`` go to the modality's ``prepare``.
 
@@ -39,13 +40,16 @@ def index_source(source: ScanSource, *, threads: int = 0, providers: str = "auto
     against 1.4x), as the live pipeline's one-thread workers do. A page indexer with a
     ``calibrate`` hook (EBSD's PC fit) gets the scan's first points first; what it found
     goes into ``report`` (a ``setup`` there is the calibrated setup, which the written files
-    describe), its time into the seconds."""
+    describe), its time into the seconds. ``keep["indexer"]`` gets the page indexer (to index
+    the latent clusters' mean patterns with the scan's own state)."""
     workers = threads or os.cpu_count() or 1
     modality = source.modality
     start = {"scan": "offline", **source.scan_start()}
     indexer = modality.prepare(start, options=options, threads=1, providers=providers, progress=progress,
                                reason=f"the setup of {source.metadata.get('source', 'this scan')}")
     out = empty_results(modality.fields, source.size)
+    if keep is not None:
+        keep["indexer"] = indexer
     t0 = time.perf_counter()
     calibrate = getattr(indexer, "calibrate", None)
     if calibrate is not None:
@@ -73,9 +77,63 @@ def index_source(source: ScanSource, *, threads: int = 0, providers: str = "auto
     return out, time.perf_counter() - t0
 
 
-def index_file(source: ScanSource, out: Path, **options) -> dict:
+def latent_maps(maps: dict, start: ScanStart, clusters: int | None = None, *, indexer=None) -> dict:
+    """The cluster, boundary and novelty maps of a finished scan whose fields include an
+    embedding (the sink's, at once on every point), and ``clusters`` for the summary: each
+    cluster's size and, where the scan_start carries a basis and the modality can make a
+    pattern of a feature vector, what ``indexer`` answers for the cluster's mean pattern
+    (the sink, which runs no indexer, cannot); {} where there is no embedding."""
+    from .latent_map import EMBEDDING_FIELD, has_latent
+
+    if not has_latent(start) or not np.isfinite(maps[EMBEDDING_FIELD].astype(np.float32)).any():
+        return {}
+    from liveindex.models.latent.clusters import LatentClusters
+
+    received = np.ones(start.size, bool)
+    unexplained = start.unexplained(maps) if "method" in maps else None
+    found = LatentClusters(tuple(start.nav_shape), clusters=clusters)
+    out = found.refresh(maps[EMBEDDING_FIELD], received, unexplained)
+    result = {k: out[k] for k in ("cluster", "boundary", "novelty")}
+    result["clusters"] = found.describe()
+    if indexer is not None and start.header.get("latent") is not None:
+        _index_mean_patterns(result["clusters"], found, start, indexer)
+    return result
+
+
+def _index_mean_patterns(described: list[dict], found, start: ScanStart, indexer) -> None:
+    """Each cluster's mean pattern (its mean embedding through the basis) indexed as a frame."""
+    from liveindex.models import modality as modalities
+    from liveindex.models.latent.basis import LatentBasis
+
+    try:
+        basis = LatentBasis.from_wire(start.header["latent"])
+        centres = np.stack([found.centre(c["id"]) for c in described])
+        frames = modalities.load(start.modality).pattern_from_features(basis.reconstruct(centres), basis.feature_shape,
+                                                                       start.pattern_shape)
+        if frames is None:
+            return
+        fields = indexer.index(frames)
+    except Exception as exc:  # the maps stand without it
+        log.warning("the clusters' mean patterns were not indexed (%s: %s)", type(exc).__name__, exc)
+        return
+    for k, item in enumerate(described):
+        mean = {}
+        if "phase_id" in fields:
+            pid = int(fields["phase_id"][k])
+            mean["phase"] = start.phases[pid].name if 0 <= pid < len(start.phases) else None
+        if "quaternion" in fields and mean.get("phase"):
+            from .orientation_map import euler_degrees
+
+            mean["euler_deg"] = [round(v, 2) for v in euler_degrees(fields["quaternion"][k].astype(float))]
+        if "confidence" in fields:
+            mean["confidence"] = round(float(fields["confidence"][k]), 4)
+        item["mean_pattern_indexed"] = mean
+
+
+def index_file(source: ScanSource, out: Path, *, clusters: int | None = None, **options) -> dict:
     report: dict = {}
-    maps, seconds = index_source(source, report=report, **options)
+    keep: dict = {}
+    maps, seconds = index_source(source, report=report, keep=keep, **options)
     out = Path(out)
     if out.suffix.lower() in OUTPUT_SUFFIXES:
         out_dir, name = out.parent, out.stem
@@ -86,6 +144,10 @@ def index_file(source: ScanSource, out: Path, **options) -> dict:
     if isinstance(calibrated, dict):
         header["setup"] = calibrated
     start = ScanStart.from_header(header)
+    latent = latent_maps(maps, start, clusters, indexer=keep.get("indexer"))
+    if "clusters" in latent:
+        report["clusters"] = latent.pop("clusters")
+    maps = {**maps, **latent}
     summary = {
         "scan": name,
         "points": source.size,

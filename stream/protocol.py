@@ -70,7 +70,7 @@ REQUIRED_BUFFERS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 # Every dtype that may appear on the wire; nothing with object semantics.
 WIRE_DTYPES = frozenset(
-    ["uint8", "uint16", "uint32", "int16", "int32", "int64", "float32", "float64", "bool"]
+    ["uint8", "uint16", "uint32", "int16", "int32", "int64", "float16", "float32", "float64", "bool"]
 )
 # "partial": the acquisition itself ended with frames missing (a followed file that stopped
 # growing, a detector series cut short); the scan_end's "reason" says why.

@@ -19,6 +19,7 @@ import numpy as np
 
 from liveindex.models.errors import ProtocolError
 
+from .latent_map import LatentMaps, has_latent
 from .orientation_map import error_to_truth
 from .protocol import Message, ScanStart, check_results
 
@@ -28,7 +29,8 @@ TRUTH_PREFIX = "truth_"
 
 
 class ScanState:
-    def __init__(self, start: Message, *, preview_path: Path | None = None):
+    def __init__(self, start: Message, *, preview_path: Path | None = None, clusters: int | None = None):
+        """``clusters``: the latent cluster map's count (None: HDBSCAN finds it; --clusters)."""
         self.header = start.header
         spec = self.spec = ScanStart.from_header(start.header)
         self.scan = spec.scan
@@ -67,6 +69,8 @@ class ScanState:
         self.models: set[str] = set()  # what the workers answered with
         self.preview_path = preview_path
         self.previews: np.ndarray | None = None  # (n, h, w) uint8 memory map beside the outputs
+        # Cluster, boundary and novelty maps where the modality declares an embedding.
+        self.latent = LatentMaps(spec, clusters=clusters) if has_latent(spec) else None
 
     def _truth(self, start: Message) -> dict[str, np.ndarray]:
         """Ground truth sent with the scan_start as ``truth_<field>`` buffers (simulations)."""
@@ -116,6 +120,8 @@ class ScanState:
             for name, array in values.items():
                 self.maps[name][idx] = array[fresh]
             self.received[idx] = True
+            if self.latent is not None:
+                self.latent.on_points(self.maps, idx)
             self.changes.append(idx)
             preview = a.get("preview")
             if preview is not None and len(idx):
@@ -147,6 +153,14 @@ class ScanState:
             self.t_first_result = self.t_first_result or now
             self.t_last_result = max(self.t_last_result or now, now)
         return fresh
+
+    def refresh_latent(self) -> None:
+        """Recluster and recompute the latent maps (the sink's refresher thread, and once more
+        before the files are written); the points whose cluster changed go to the live page."""
+        changed = self.latent.refresh(self) if self.latent is not None else None
+        if changed is not None and len(changed):
+            with self.lock:
+                self.changes.append(changed)
 
     def judge(self, message: Message) -> np.ndarray:
         """Check a result page against the scan (declared fields, indices inside it; a

@@ -27,6 +27,7 @@ from . import orientation_map
 from .http import LiveHttpServer
 from .journal import SUFFIX as JOURNAL_SUFFIX
 from .journal import Journal, replay
+from .latent_map import LatentRefresher
 from .live_view import SinkView
 from .metrics import SinkMetrics
 from .protocol import Message, ScanStart, encode, without
@@ -51,7 +52,7 @@ class Sink:
                  http_port: int | None = 8080, max_scans: int | None = None, finish_timeout: float = 30.0,
                  idle_timeout: float = 600.0,
                  context: zmq.Context | None = None, stop_event: threading.Event | None = None,
-                 on_finished=None, keys=None):
+                 on_finished=None, keys=None, clusters: int | None = None):
         # A context of its own unless given one: ending it in ``run`` is what delivers the
         # last acknowledgements. A process that exits right after (``--once``, a child
         # process) otherwise drops them, and its publisher waits for pages it never hears of.
@@ -64,6 +65,7 @@ class Sink:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoint = bound_endpoint(self.socket)
         self.max_scans = max_scans
+        self.clusters = clusters  # the latent cluster map's count; None: HDBSCAN finds it (--clusters auto)
         self.on_finished = on_finished  # called with the summaries so far after each scan is written
         self.finish_timeout = finish_timeout
         self.idle_timeout = idle_timeout
@@ -87,6 +89,10 @@ class Sink:
         orientation_map.warm_up()
         self._recover()
         self.view = SinkView(self)  # what the live page reads
+        # Clustering takes about a second: a thread of its own, never the loop's time.
+        self._latent_stop = threading.Event()  # ends with ``run`` (or ``close``), whoever owns stop_event
+        self.latent_refresher = LatentRefresher(lambda: list(self.scans.values()), stop_event=self._latent_stop)
+        self.latent_refresher.start()
         self.http = LiveHttpServer(self.view, host=http_host, port=http_port).start() if http_port is not None else None
         log.info("sink listening on %s, writing to %s", self.endpoint, self.out_dir)
 
@@ -120,6 +126,7 @@ class Sink:
             if untold:
                 log.warning("stopping with acknowledgements untold for scans %s; their publisher re-sends those "
                             "pages to the next sink, which has the journal", untold)
+            self._latent_stop.set()
             self.socket.close(linger=2000)
             for record in self.book.values():
                 record.close_journal()
@@ -129,6 +136,7 @@ class Sink:
         return self.finished
 
     def close(self) -> None:
+        self._latent_stop.set()
         if self.http is not None:
             self.http.stop()
 
@@ -337,7 +345,8 @@ class Sink:
         orphans = [(m, r) for m, r in (record.orphans if record is not None else []) if m.header.get("run") in (None, run)]
         record = self.book[scan] = ScanRecord(scan, run=run, runs={run}, orphans=orphans,
                                               dispatcher=identity if identity is not None else None)
-        state = record.state = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy")
+        state = record.state = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy",
+                                         clusters=self.clusters)
         self.current = state
         for method in state.spec.methods:  # every label exported from the start: dashboards see zeros, not gaps
             self.metrics.frames_by_method.labels(method.label)
@@ -517,7 +526,13 @@ class Sink:
         if err is not None:
             self.metrics.error_median.set(err)
         try:
-            files = write_outputs(self.out_dir, state.scan, maps=state.maps, start=state.spec, summary=summary)
+            maps = state.maps
+            if state.latent is not None:
+                state.refresh_latent()  # the last points in, clustered with the rest
+                if state.latent.clusters.known:  # none where no point had an embedding (--latent off)
+                    maps = {**maps, **state.latent.maps()}
+                    summary["clusters"] = state.latent.info
+            files = write_outputs(self.out_dir, state.scan, maps=maps, start=state.spec, summary=summary)
             summary["files"] = [p.name for p in files] + [f"{state.scan}.json"]
             if state.previews is not None:
                 summary["files"].append(state.preview_path.name)

@@ -12,6 +12,9 @@ Always:
 
 - ``<name>_maps.npz``: every field as a flat array (vector fields too: an embedding), and
   ``kam`` where there are orientations;
+- where the maps carry them (a modality with an ``embedding`` field, stream/latent_map.py):
+  ``cluster``, ``boundary`` and ``novelty`` as HDF5 properties and PNGs, and
+  ``<name>_embedding.npy`` (N, D);
 - PNG maps: IPF-Z and phase, confidence, method (the modality's colours), the pattern
   quality ``iq`` in grey, and each other scalar field stretched over its range;
 - files the modality's ``export_header`` adds (EBSD: ``<name>_detector.txt``, kikuchipy's);
@@ -100,6 +103,17 @@ def map_images(maps: dict, start: ScanStart) -> dict[str, np.ndarray]:
     for name in extra_scalar_fields(start):
         levels = scalar_levels(maps[name])
         images[name] = grey_rgb(levels) if name == QUALITY_FIELD else confidence_rgb(levels)
+    if "cluster" in maps:  # the latent maps (stream/latent_map.py)
+        from .latent_map import PALETTE
+
+        c = np.asarray(maps["cluster"], np.int64)
+        images["cluster"] = np.asarray(PALETTE, np.uint8)[np.where(c >= 0, 1 + c % 255, 0)]
+    for name, top in (("boundary", 3.0), ("novelty", 1.0)):
+        if name in maps:
+            v = np.asarray(maps[name], np.float64)
+            rgb = confidence_rgb((np.clip(np.nan_to_num(v / top), 0, 1) * 255).astype(np.uint8))
+            rgb[~np.isfinite(v)] = 0
+            images[name] = rgb
     if "kam" in maps:
         kam = np.asarray(maps["kam"], np.float64)
         rgb = confidence_rgb((np.clip(np.nan_to_num(kam / KAM_MAX_DEG), 0, 1) * 255).astype(np.uint8))
@@ -185,6 +199,7 @@ def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary:
         maps["kam"] = kernel_average_misorientation(maps["quaternion"], maps["phase_id"], start.nav_shape,
                                                     start.phases)
         props = [f.name for f in start.fields if f.shape == () and f.name not in ORIENTATION] + ["kam"]
+        props += [k for k in ("cluster", "boundary", "novelty") if k in maps]  # the latent maps
         xmap = crystal_map(maps, nav_shape=start.nav_shape, step=start.step, phases=start.phases, prop_fields=props)
         _atomic(out / f"{name}.h5", lambda p: (orix_io.save(p, xmap, overwrite=True),
                                                 _annotate(p, {**summary, "modality": start.modality}, header)))
@@ -198,6 +213,9 @@ def _write_outputs(out_dir, name: str, *, maps: dict, start: ScanStart, summary:
             np.savez(f, nav_shape=np.array(start.nav_shape), **maps)
 
     _atomic(out / f"{name}_maps.npz", _npz)
+    if "embedding" in maps and np.ndim(maps["embedding"]) == 2 and np.isfinite(maps["embedding"]).any():
+        # (N, D), as the latent maps used it; none where no point has one (--latent off)
+        _atomic(out / f"{name}_embedding.npy", lambda p: np.save(p, np.asarray(maps["embedding"])))
     for map_name, rgb in map_images(maps, start).items():
         _atomic(out / f"{name}_{map_name}.png", lambda p, rgb=rgb: p.write_bytes(png_bytes(rgb)))
     summary = {**summary, "files": [p.name for p in written] + [f"{name}.json"], "modality": start.modality,

@@ -8,6 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("kikuchipy", "diffsims", "torch")
+# Packages under models/ that are shared by every modality, not a modality: the runtime may
+# name them (the sink's latent maps), lazily, as it names models/modality.py.
+SHARED = ("liveindex.models.latent",)
 
 
 def test_the_runtime_imports_no_modality_and_no_heavy_library():
@@ -39,5 +42,6 @@ def test_nothing_under_models_imports_the_runtime():
 
 def test_the_runtime_names_no_modality_package():
     offenders = [f"{p.relative_to(ROOT)}: {name}" for p in (ROOT / "stream").rglob("*.py")
-                 for name in _imports(p) if name.startswith("liveindex.models.") and name.count(".") > 2]
+                 for name in _imports(p) if name.startswith("liveindex.models.") and name.count(".") > 2
+                 and not name.startswith(SHARED)]
     assert not offenders, offenders

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from liveindex.models.latent.basis import DEFAULT_DIMS
 from liveindex.models.modality import Field, Method
 
 METHODS = (
@@ -40,6 +41,12 @@ FIELDS = (
     Field("reliability", "float32", (), 0.0, "best template near the answer over the best template more "
                                                        "than 5 deg from it (ASTAR's reliability as a ratio): about 1 "
                                                        "where no orientation stands out; 0 where not matched (the network's)"),
+    # The latent maps' input (models/latent, models/ebsd/latent.py): the frame in the scan's
+    # basis, which the scan_start carries; NaN where there is none (--latent off). The fill of
+    # a point not in yet is 0 (a NaN fill would make the field unequal to itself on the wire);
+    # the sink clusters only the points that are in.
+    Field("embedding", "float16", (DEFAULT_DIMS,), 0.0, "the frame in the scan's latent basis (PCA of 3x3 tile "
+                                                        "means), the sink's cluster/boundary/novelty maps"),
 )
 # Methods whose score is an NCC of the pattern against the answer's simulated pattern (the
 # network alone scores a probability instead).

@@ -50,7 +50,12 @@ class SimulatedScan:
     """A polycrystal scan whose frames are rendered on demand, page by page."""
 
     def __init__(self, nav_shape=(40, 40), *, geometry: DetectorGeometry | None = None, noise: str = "moderate",
-                 grain_size: float = 8.0, phase="ni", seed: int = 0):
+                 grain_size: float = 8.0, phase="ni", seed: int = 0, precipitate=None,
+                 precipitate_share: float = 0.25, precipitate_radius: float = 2.5):
+        """``precipitate``: a phase (key or record) of round particles, ``precipitate_radius``
+        points across, covering about ``precipitate_share`` of the scan, each with the
+        orientation of the grain it sits in (a cube-cube relation, as gamma prime in a
+        superalloy's gamma matrix); its phase index in ``truth_phase`` is ``len(phases)``."""
         if noise not in NOISE_LEVELS:
             raise ValueError(f"noise level {noise!r} unknown; use one of {sorted(NOISE_LEVELS)}")
         self.nav_shape = tuple(nav_shape)
@@ -77,6 +82,9 @@ class SimulatedScan:
                             else np.zeros(n_grains, np.int64)).astype(np.int16)
         self.truth_phase = self.grain_phase[self.grain_of_point]  # (N,) index into self.phases
         self._grain_patterns = self._render_grains()
+        self.precipitate = None
+        if precipitate is not None:
+            self._add_precipitates(precipitate, precipitate_share, precipitate_radius, rng)
         self._background = _background_shape(self.geometry)
 
     @property
@@ -100,6 +108,33 @@ class SimulatedScan:
         lo = patterns.min(axis=(1, 2), keepdims=True)
         hi = patterns.max(axis=(1, 2), keepdims=True)
         return (patterns - lo) / np.maximum(hi - lo, 1e-6)
+
+    def _add_precipitates(self, phase, share: float, radius: float, rng) -> None:
+        """Round particles of ``phase`` in every grain, in the grain's orientation: a second
+        rendered pattern per grain, which the points inside a particle show."""
+        from orix.quaternion import Rotation
+
+        from liveindex.models.ebsd.master_patterns import master_pattern
+
+        (key,) = _phase_keys(phase)
+        self.precipitate = key
+        ny, nx = self.nav_shape
+        n = max(1, round(share * ny * nx / (np.pi * radius**2)))
+        centres = rng.uniform((0, 0), (ny, nx), size=(n, 2)).astype(np.float32)
+        yy, xx = np.mgrid[0:ny, 0:nx]
+        points = np.stack([yy.ravel(), xx.ravel()], axis=1).astype(np.float32)
+        nearest = _nearest_seed(points, centres)
+        inside = ((points - centres[nearest]) ** 2).sum(1) <= radius**2
+        sim = master_pattern(key).get_patterns(Rotation(self.grain_rotations), self.geometry.kikuchipy_detector(),
+                                               energy=self.geometry.energy_kv, compute=True, dtype_out=np.float32,
+                                               show_progressbar=False)
+        extra = np.asarray(sim.data, dtype=np.float32).reshape(-1, *self.geometry.pattern_shape)
+        lo, hi = extra.min(axis=(1, 2), keepdims=True), extra.max(axis=(1, 2), keepdims=True)
+        extra = (extra - lo) / np.maximum(hi - lo, 1e-6)
+        g = len(self.grain_rotations)
+        self._grain_patterns = np.concatenate([self._grain_patterns, extra])
+        self.grain_of_point = np.where(inside, self.grain_of_point + g, self.grain_of_point)
+        self.truth_phase = np.where(inside, len(self.phases), self.truth_phase).astype(np.int16)
 
     def render(self, first: int, count: int) -> np.ndarray:
         """Frames ``first .. first+count-1`` as uint8 (count, H, W), like a real 8-bit camera."""

@@ -176,3 +176,8 @@ def test_index_under_another_modality_writes_its_declared_fields(tmp_path):
         Orientation(source.truth["quaternion"][hexagonal], symmetry.D6h), degrees=True)
     assert angle.max() < 0.1
     assert np.load(tmp_path / "out_maps.npz")["embedding"].shape == (40, 3)
+
+
+def test_a_bad_clusters_option_is_one_line_naming_the_fix(tmp_path):
+    _assert_one_line_error(run_cli("sink", "--clusters", "1", "--out", tmp_path, "--http-port", "0", timeout=60),
+                           "--clusters '1'", "auto or a number of clusters")

@@ -24,9 +24,10 @@ ARTIFACTS = Path(os.environ.get("LIVEINDEX_ARTIFACTS", Path(__file__).resolve().
 # extra scalar and a vector field) and EBSD end to end, each with what its click must show.
 CASES = {
     "ebsd": {"settings": {"noise": "moderate"}, "words": ("ni", "confidence", "Euler", "PC (Bruker)"), "preview": 30,
-             "maps": ["ipf", "phase", "confidence", "method"]},
+             "maps": ["ipf", "phase", "confidence", "method", "cluster", "boundary", "novelty"], "mean_pattern": True},
     "fake": {"settings": {}, "words": ("confidence", "Euler", "iq", "gain"), "preview": 16,
-             "maps": ["ipf", "phase", "confidence", "method"]},
+             "maps": ["ipf", "phase", "confidence", "method", "cluster", "boundary", "novelty"],
+             "mean_pattern": False},  # its scan_start carries no latent basis: clusters without a mean pattern
 }
 
 
@@ -90,6 +91,14 @@ def test_live_page_grows_reaches_100_percent_and_shows_a_clicked_point(tmp_path,
             assert page.evaluate("document.getElementById('pattern').naturalWidth") == case["preview"]
             page.wait_for_function("document.querySelectorAll('#downloads a').length >= 5", timeout=30_000)
             assert page.evaluate("document.getElementById('ipf-key').naturalWidth") > 50
+            # The cluster legend (the latent maps): a click shows the cluster's size and mean pattern.
+            page.wait_for_function("document.querySelectorAll('.cluster-item').length >= 1", timeout=30_000)
+            page.locator(".cluster-item").first.click()
+            page.wait_for_function("document.body.dataset.cluster !== undefined", timeout=10_000)
+            assert "size" in page.inner_text("#details-list")
+            if case["mean_pattern"]:
+                page.wait_for_function("document.getElementById('pattern').naturalWidth > 0", timeout=10_000)
+                assert page.evaluate("document.getElementById('pattern').src").split("?")[0].endswith("/cluster.png")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / f"live-page-{modality}.png"), full_page=True)
             browser.close()

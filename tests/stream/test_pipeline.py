@@ -31,6 +31,15 @@ def test_publisher_two_workers_sink_complete_map_and_accurate(tmp_path):
         assert (tmp_path / f"{scan}_{name}.png").stat().st_size > 100
     written = json.loads((tmp_path / f"{scan}.json").read_text())
     assert written["missing"] == 0
+    # The latent cluster map from two workers' embeddings: one basis (in the scan_start), so the
+    # grains come out whole, not cut along the pages each worker took.
+    from sklearn.metrics import adjusted_rand_score
+
+    from liveindex.models.ebsd.simulator import SimulatedScan
+
+    grains = SimulatedScan((40, 40), noise="moderate", seed=0).grain_of_point
+    assert adjusted_rand_score(grains, xmap.prop["cluster"]) > 0.8
+    assert np.load(tmp_path / f"{scan}_embedding.npy").shape == (1600, 16)
 
 
 def test_separate_commands_over_ipc(tmp_path):

@@ -1,0 +1,190 @@
+"""The live latent maps of a scan whose modality declares an ``embedding`` field: cluster,
+boundary and novelty maps (models/latent/clusters.py), the clusters' mean patterns and
+what the indexer answered for their points.
+
+The runtime knows no physics here either: it clusters whatever vectors the ``embedding``
+field holds. Each arriving point is assigned to its nearest cluster at once
+(``on_points``); every ``REFRESH_SECONDS`` the sink's refresher thread reclusters a
+bounded subsample and recomputes the whole maps (``refresh``), and the points whose
+cluster changed go to the live page as one more change. A cluster's mean pattern is its
+mean embedding mapped back through the basis the scan_start carries (no frames needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_FIELD = "embedding"
+LATENT_MAPS = ("cluster", "boundary", "novelty")  # also the HDF5 prop keys and PNG names
+REFRESH_SECONDS = 2.0
+# Cluster colours (tab20, then repeated): index 0 is "no cluster".
+CLUSTER_COLOURS = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
+                   [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232],
+                   [255, 187, 120], [152, 223, 138], [255, 152, 150], [197, 176, 213], [196, 156, 148],
+                   [247, 182, 210], [199, 199, 199], [219, 219, 141], [158, 218, 229]]
+PALETTE = [[0, 0, 0]] + [CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)] for i in range(255)]
+
+
+def has_latent(spec) -> bool:
+    f = spec.field.get(EMBEDDING_FIELD)
+    return f is not None and len(f.shape) == 1 and f.dtype.startswith("float")
+
+
+class LatentMaps:
+    """One scan's latent maps, beside its ScanState (which calls ``on_points`` under its lock)."""
+
+    def __init__(self, spec, *, clusters: int | None = None):
+        # Imported here: the runtime imports no package under models/ but the contract at import
+        # time (tests/test_layout.py); these are numpy-only and modality-neutral.
+        from liveindex.models.latent.basis import LatentBasis
+        from liveindex.models.latent.clusters import LatentClusters
+
+        self.spec = spec
+        n = spec.size
+        self.clusters = LatentClusters(tuple(spec.nav_shape), clusters=clusters)
+        self.cluster = np.full(n, -1, np.int16)
+        self.distance = np.full(n, np.nan, np.float32)
+        self.boundary = np.full(n, np.nan, np.float32)
+        self.novelty = np.full(n, np.nan, np.float32)
+        self.basis = None
+        wire = spec.header.get("latent")
+        if wire is not None:
+            try:
+                self.basis = LatentBasis.from_wire(wire)
+            except Exception as exc:  # a bad basis costs the mean patterns only
+                log.warning("scan %s: %s; clusters are shown without mean patterns", spec.scan, exc)
+        self.refreshed_at_points = 0  # points in at the last refresh
+        self.refresh_seconds: list[float] = []
+        self.refreshing = threading.Lock()
+        self.info: list[dict] = []  # per cluster: id, size, colour, phase, ... (for status.json)
+
+    def on_points(self, maps: dict, idx: np.ndarray) -> None:
+        """New points: their nearest cluster now (under the ScanState's lock)."""
+        if not len(idx) or not self.clusters.known:
+            return
+        ids, dist = self.clusters.assign(maps[EMBEDDING_FIELD][idx])
+        self.cluster[idx], self.distance[idx] = ids, dist
+        page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence") if name in maps}
+        unexplained = self.spec.unexplained(page) if "method" in page else None
+        self.novelty[idx] = self.clusters.novelty(ids, dist, unexplained)
+
+    def refresh(self, state) -> np.ndarray | None:
+        """Recluster and recompute the maps; returns the points whose cluster changed (for the
+        live page), None where nothing new came in."""
+        with self.refreshing:
+            with state.lock:
+                if state.n_received == self.refreshed_at_points or state.n_received < 2:
+                    return None
+                self.refreshed_at_points = state.n_received
+                embedding = state.maps[EMBEDDING_FIELD].copy()
+                received = state.received.copy()
+                unexplained = self.spec.unexplained(state.maps) & received if "method" in state.maps else None
+            t0 = time.perf_counter()
+            out = self.clusters.refresh(embedding, received, unexplained)
+            self.refresh_seconds.append(time.perf_counter() - t0)
+            with state.lock:
+                # Points that came in meanwhile keep their on-arrival assignment.
+                take = received
+                changed = np.flatnonzero(take & (self.cluster != out["cluster"]))
+                for name in ("cluster", "distance", "boundary", "novelty"):
+                    getattr(self, name)[take] = out[name][take]
+                self.info = self._describe(state)
+            return changed
+
+    def _describe(self, state) -> list[dict]:
+        """Each cluster: id, size, colour, unexplained share, and what the indexer answered for
+        its points (the commonest phase and its share)."""
+        from liveindex.models.latent.clusters import NOVEL
+
+        out = []
+        phase = state.maps.get("phase_id")
+        names = state.phase_names
+        for c in self.clusters.describe():
+            mine = self.cluster == c["id"]
+            item = {**c, "colour": PALETTE[1 + c["id"] % 255]}
+            if phase is not None and mine.any():
+                counts = np.bincount(phase[mine].astype(np.int64) + 1, minlength=len(names) + 1)
+                best = int(counts.argmax())
+                item["phase"] = names[best - 1] if best > 0 else "not indexed"
+                item["phase_share"] = round(float(counts[best] / counts.sum()), 3)
+                if best > 0 and "quaternion" in state.maps:
+                    # The orientation of the point nearest the cluster's mean among those of its
+                    # commonest phase: a mean of orientations needs the crystal symmetry.
+                    members = np.flatnonzero(mine & (phase == best - 1))
+                    near = self.distance[members]
+                    nearest = members[np.nanargmin(near)] if np.isfinite(near).any() else None
+                    if nearest is not None:
+                        from .orientation_map import euler_degrees
+
+                        item["euler_deg"] = [round(v, 1) for v in euler_degrees(
+                            state.maps["quaternion"][nearest].astype(float))]
+            item["novel"] = bool(c["unexplained"] >= NOVEL)
+            out.append(item)
+        return out
+
+    def layer(self, name: str, idx) -> np.ndarray:
+        if name == "cluster":
+            c = self.cluster[idx].astype(np.int64)
+            return np.where(c >= 0, 1 + c % 255, 0).astype(np.uint8)
+        values = np.nan_to_num(getattr(self, name)[idx], nan=0.0)
+        top = 1.0 if name == "novelty" else 3.0  # boundary: 1 is the scan's median, 3 a clear boundary
+        return (np.clip(values / top, 0, 1) * 255).astype(np.uint8)
+
+    def live_maps(self) -> list[dict]:
+        return [{"name": "cluster", "title": "Clusters (latent)", "kind": "palette", "colours": PALETTE, "labels": [],
+                 "legend": "clusters"},
+                {"name": "boundary", "title": "Boundaries (latent)", "kind": "scale", "range": [0, 3]},
+                {"name": "novelty", "title": "Novelty (latent)", "kind": "scale", "range": [0, 1]}]
+
+    def maps(self) -> dict[str, np.ndarray]:
+        """The finished scan's maps (int16 cluster, -1 none; float32 boundary and novelty)."""
+        return {"cluster": self.cluster.copy(), "boundary": self.boundary.copy(), "novelty": self.novelty.copy()}
+
+    def mean_pattern(self, cluster_id: int) -> np.ndarray | None:
+        """(h, w) float32: the cluster's mean embedding mapped back through the basis."""
+        centre = self.clusters.centre(cluster_id)
+        if centre is None or self.basis is None or len(centre) != self.basis.dims:
+            return None
+        return self.basis.reconstruct(centre).reshape(self.basis.feature_shape)
+
+
+class LatentRefresher(threading.Thread):
+    """The sink's thread that refreshes the latent maps of running scans every
+    ``REFRESH_SECONDS`` (clustering takes about a second: never in the sink's loop)."""
+
+    def __init__(self, scans, *, stop_event: threading.Event, period: float = REFRESH_SECONDS):
+        super().__init__(name="latent-refresh", daemon=True)
+        self.scans = scans  # () -> the ScanStates held now
+        self.stop_event = stop_event
+        self.period = period
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        wait = self.period
+        while not self.stop_event.wait(wait):
+            t0 = time.perf_counter()
+            for state in list(self.scans()):
+                if state.latent is None or state.finished:
+                    continue
+                try:
+                    state.refresh_latent()
+                except Exception as exc:  # the maps wait for the next refresh; the sink goes on
+                    self.error = exc
+                    log.error("scan %s: latent maps not refreshed (%s: %s)", state.scan, type(exc).__name__, exc,
+                              exc_info=True)
+            # A refresh every ``period`` where it is quick; where it is slow (3-4 s at 1e6 points
+            # on a loaded 2-core machine) a pause of half its time, so the sink's loop keeps a
+            # third of the time for itself at least.
+            spent = time.perf_counter() - t0
+            wait = max(self.period - spent, 0.5 * spent)
+
+    def maybe_raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

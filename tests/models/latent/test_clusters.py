@@ -1,0 +1,116 @@
+"""Cluster, boundary and novelty maps from embeddings (the sink's)."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from liveindex.models.errors import InputError
+from liveindex.models.latent.clusters import NOVEL, LatentClusters, boundary_map, parse_clusters
+
+
+def _regions(ny=60, nx=60, dims=8, noise=0.3, seed=0):
+    """Three regions (left, right, a disc) with well separated mean embeddings, as float16."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    label = np.where(xx < nx // 2, 0, 1)
+    label[((yy - 30) ** 2 + (xx - 45) ** 2) <= 81] = 2
+    label = label.ravel()
+    centres = rng.normal(0, 3, (3, dims))
+    e = centres[label] + rng.normal(0, noise, (ny * nx, dims))
+    return e.astype(np.float16), label
+
+
+def test_clusters_match_the_regions_and_keep_their_ids():
+    e, label = _regions()
+    received = np.ones(len(e), bool)
+    clusters = LatentClusters((60, 60), sample=1000)
+    first = clusters.refresh(e, received)
+    assert adjusted_rand_score(label, first["cluster"]) > 0.95
+    second = clusters.refresh(e, received)  # another subsample: the same ids
+    assert np.mean(first["cluster"] == second["cluster"]) > 0.99
+    ids, _ = clusters.assign(e[:10])  # a point on arrival: its nearest cluster
+    assert np.array_equal(ids, second["cluster"][:10])
+
+
+def test_a_growing_scan_keeps_ids_and_adds_new_regions():
+    e, label = _regions()
+    clusters = LatentClusters((60, 60), sample=1000)
+    received = label != 2  # the disc not scanned yet
+    before = clusters.refresh(e, received)["cluster"]
+    after = clusters.refresh(e, np.ones(len(e), bool))["cluster"]
+    old = received
+    assert np.mean(before[old] == after[old]) > 0.99  # the regions already there keep their ids
+    new_ids = set(np.unique(after[label == 2])) - set(np.unique(before[old]))
+    assert len(new_ids) == 1  # the disc is a cluster of its own, with an id never used before
+
+
+def test_a_given_count_uses_k_means():
+    e, label = _regions()
+    out = LatentClusters((60, 60), clusters=3, sample=1000).refresh(e, np.ones(len(e), bool))
+    assert len(np.unique(out["cluster"])) == 3 and adjusted_rand_score(label, out["cluster"]) > 0.95
+
+
+def test_boundary_map_peaks_on_region_edges():
+    e, label = _regions()
+    b = boundary_map(e, np.ones(len(e), bool), (60, 60)).reshape(60, 60)
+    lab = label.reshape(60, 60)
+    edge = np.zeros_like(lab, bool)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[:, :-1] |= lab[:, 1:] != lab[:, :-1]
+    assert np.median(b[edge]) > 3 * np.median(b[~edge]) and abs(np.median(b) - 1) < 0.2
+    missing = np.ones(3600, bool)
+    missing[:60] = False  # the first row not in: NaN there, the rest as before
+    b2 = boundary_map(e, missing, (60, 60))
+    assert np.isnan(b2[:60]).all() and np.isfinite(b2[60:]).all()
+
+
+def test_novelty_marks_unexplained_clusters_and_outliers():
+    e, label = _regions()
+    e = e.astype(np.float32)
+    e[100] += 40  # one point far from everything
+    unexplained = (label == 2) & (np.random.default_rng(1).random(len(e)) < 0.8)  # a phase nobody listed
+    unexplained |= (label == 0) & (np.random.default_rng(2).random(len(e)) < 0.05)  # a few noisy patterns
+    out = LatentClusters((60, 60), sample=1000).refresh(e.astype(np.float16), np.ones(len(e), bool), unexplained)
+    novel = out["novelty"] >= NOVEL
+    assert novel[label == 2].mean() > 0.99 and novel[100]
+    others = label != 2
+    others[100] = False
+    assert novel[others].mean() < 0.01
+
+
+def test_points_not_in_or_not_finite_get_no_cluster():
+    e, label = _regions()
+    e[5] = np.nan
+    received = np.ones(len(e), bool)
+    received[10] = False
+    out = LatentClusters((60, 60), sample=1000).refresh(e, received)
+    assert out["cluster"][5] == -1 and out["cluster"][10] == -1 and np.isnan(out["novelty"][[5, 10]]).all()
+
+
+def test_clusters_option():
+    assert parse_clusters("auto") is None and parse_clusters("5") == 5
+    for bad in ("1", "x", "1000"):
+        with pytest.raises(InputError, match="auto or a number"):
+            parse_clusters(bad)
+
+
+def test_novelty_is_relative_to_the_best_explained_clusters():
+    e, label = _regions()
+    rng = np.random.default_rng(3)
+    # Poor patterns everywhere (60% unexplained in the listed phase's regions), the missing
+    # phase's region (the disc) all unexplained: only the disc is novel.
+    unexplained = np.where(label == 2, True, rng.random(len(e)) < 0.6)
+    out = LatentClusters((60, 60), sample=1000).refresh(e, np.ones(len(e), bool), unexplained)
+    novel = out["novelty"] >= NOVEL
+    assert novel[label == 2].mean() > 0.99 and novel[label != 2].mean() < 0.01
+    # Nothing explained anywhere: no listed phase explains the scan, every point is novel.
+    out = LatentClusters((60, 60), sample=1000).refresh(e, np.ones(len(e), bool), np.ones(len(e), bool))
+    assert (out["novelty"] >= NOVEL).all()
+
+
+def test_in_a_mixed_cluster_its_unexplained_points_are_novel():
+    e, label = _regions()
+    unexplained = (label == 2) & (np.arange(len(e)) % 5 < 2)  # 40% of the disc no listed phase explains
+    out = LatentClusters((60, 60), sample=1000).refresh(e, np.ones(len(e), bool), unexplained)
+    novel = out["novelty"] >= NOVEL
+    assert novel[unexplained].all() and not novel[~unexplained].any()

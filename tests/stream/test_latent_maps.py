@@ -1,0 +1,109 @@
+"""The sink's latent maps (stream/latent_map.py) on the test modality: live, on the page, in
+the files; and once through real processes."""
+
+import json
+
+import numpy as np
+import pytest
+from orix import io as orix_io
+from sklearn.metrics import adjusted_rand_score
+
+from liveindex.models.latent.basis import fit_basis
+from liveindex.stream.demo import run_demo
+from liveindex.stream.live_view import SinkView, map_update, point_details
+from liveindex.stream.protocol import decode, encode
+from liveindex.stream.scan_state import ScanState
+
+from ..conftest import results_message
+from ..fake_modality import FakeModality, FakeSource
+
+
+def _state(nav=(10, 12), basis=None):
+    source = FakeSource(FakeModality(), nav, seed=1)
+    header = {"scan": "lat", **source.scan_start()}
+    if basis is not None:
+        header["latent"] = basis.to_wire()
+    return ScanState(decode(encode("scan_start", header))), source
+
+
+def _fill(state, indices, embedding):
+    frames = results_message(indices, state.scan)
+    message = decode(frames)
+    message.arrays["embedding"] = np.asarray(embedding, np.float32)
+    return state.add(message)
+
+
+def test_points_are_clustered_on_arrival_and_on_refresh_and_shown_live():
+    state, _ = _state()
+    n = state.size
+    half = np.arange(n) % 12 < 6  # two regions: left and right
+    rng = np.random.default_rng(0)
+    emb = np.where(half[:, None], [0.0, 0, 0], [3.0, 0, 0]) + rng.normal(0, 0.05, (n, 3))
+    _fill(state, np.arange(60), emb[:60])
+    state.refresh_latent()
+    assert set(np.unique(state.latent.cluster[:60])) == {0, 1} and (state.latent.cluster[60:] == -1).all()
+    _fill(state, np.arange(60, n), emb[60:])  # assigned on arrival, before any refresh
+    assert adjusted_rand_score(half, state.latent.cluster) == 1.0
+    version = state.version
+    state.refresh_latent()
+    assert state.version == version  # nothing changed cluster: no new change for the page
+    update, _ = map_update(state, -1)
+    names = [m["name"] for m in update["maps"]]
+    assert {"cluster", "boundary", "novelty"} <= set(names)
+    layer = np.frombuffer(__import__("base64").b64decode(update["layers"]["cluster"]), np.uint8)
+    assert set(np.unique(layer)) == {1, 2}
+    details = point_details(state, 5)
+    assert details["cluster"] in (0, 1) and dict(details["rows"])["cluster"] in ("0", "1")
+    assert len(state.latent.info) == 2 and {c["size"] for c in state.latent.info} == {60}
+
+
+def test_a_cluster_mean_pattern_comes_back_through_the_basis():
+    rng = np.random.default_rng(0)
+    basis = fit_basis(rng.normal(1, 0.1, (200, 16 * 16)).astype(np.float32), (16, 16), dims=8)
+
+    class _Sink:  # what SinkView reads of a sink, for its cluster picture
+        current = None
+        metrics = type("M", (), {"registry": None})()
+
+    state, _ = _state((6, 6), basis=basis)
+    _fill(state, np.arange(36), np.zeros((36, 3)))  # the fake's 3-d embedding does not match the basis
+    state.refresh_latent()
+    assert state.latent.basis is not None and state.latent.mean_pattern(0) is None  # refused, not wrong
+    view = SinkView(_Sink())
+    view.sink.current = state
+    assert view.cluster_png("0") is None and view.cluster_png("x") is None
+    state.latent.clusters.known[0].centre = np.zeros(8, np.float32)
+    image = state.latent.mean_pattern(0)
+    assert image.shape == (16, 16) and np.allclose(image, basis.mean.reshape(16, 16))
+    assert view.cluster_png("0")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_demo_through_real_processes_writes_the_latent_maps(tmp_path):
+    summary = run_demo(modality="fake", scan="20x15", workers=2, out_dir=tmp_path, http_port=0, open_browser=False,
+                       page_size=32)
+    assert summary["missing"] == 0
+    scan = summary["scan"]
+    xmap = orix_io.load(tmp_path / f"{scan}.h5")
+    assert {"cluster", "boundary", "novelty"} <= set(xmap.prop)
+    source = FakeSource(FakeModality(), (15, 20), seed=0)
+    assert adjusted_rand_score(source.truth["phase_id"], xmap.prop["cluster"]) == 1.0
+    assert (xmap.prop["novelty"] < 0.5).all()  # every point explained (confidence 0.9), none far
+    assert np.load(tmp_path / f"{scan}_embedding.npy").shape == (300, 3)
+    for name in ("cluster", "boundary", "novelty"):
+        assert (tmp_path / f"{scan}_{name}.png").stat().st_size > 100
+    written = json.loads((tmp_path / f"{scan}.json").read_text())
+    assert len(written["clusters"]) == 2 and sum(c["size"] for c in written["clusters"]) == 300
+
+
+def test_the_embedding_file_is_written_only_where_points_have_one(tmp_path):
+    from liveindex.stream.writers import write_outputs
+
+    state, _ = _state((3, 4))
+    maps = {k: v.copy() for k, v in state.maps.items()}
+    maps["embedding"][:] = np.nan  # --latent off: no point has an embedding
+    write_outputs(tmp_path, "off", maps=maps, start=state.spec, summary={})
+    assert not (tmp_path / "off_embedding.npy").exists()
+    maps["embedding"][:] = 1.0
+    write_outputs(tmp_path, "on", maps=maps, start=state.spec, summary={})
+    assert np.load(tmp_path / "on_embedding.npy").shape == (12, 3)
