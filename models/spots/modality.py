@@ -114,6 +114,20 @@ class Spots(Modality):
                                  noise=getattr(args, "noise", "moderate"), seed=getattr(args, "seed", 0))
         return SimulatedSpotSource(self, scan, setup, phases)
 
+    def detector_setup(self, args, pattern_shape):
+        """(setup, phases, step) for frames from a detector stream (``publish --detector``):
+        the stream carries frames and the scan shape; --calibration (which no stream carries),
+        --kv, --precession, --center and --phases the rest (the map's step: one point)."""
+        from .phases import phases_from_spec
+        from .setup import check_setup
+
+        if getattr(args, "calibration", None) is None:
+            raise InputError("frames from a detector stream carry no reciprocal-space calibration: give "
+                             "--calibration (1/angstrom per pixel)")
+        setup = check_setup(self._setup_from_args(args, simulated=False), tuple(pattern_shape))
+        phases = phases_from_spec(getattr(args, "phases", None) or "ferrite,austenite,cementite")
+        return setup, phases, (1.0, 1.0)  # a step in the scan's own units: the stream carries none
+
     def python_source(self, patterns, *, setup=None, phases=None, step=None):
         from liveindex.models.arrays import ArraySource
 
