@@ -26,3 +26,18 @@ def test_defaults_fill_in():
 def test_bad_setups_are_refused_with_the_fix(setup, words):
     with pytest.raises(InputError, match=words):
         check_setup(setup, (128, 128))
+
+
+def test_a_detector_stream_needs_the_calibration_from_the_command_line():
+    import argparse
+
+    from liveindex.models import modality as modalities
+
+    spots = modalities.load("spots")
+    parser = argparse.ArgumentParser()
+    spots.add_arguments(parser, role="publish")
+    with pytest.raises(InputError, match="give --calibration"):
+        spots.detector_setup(parser.parse_args([]), (128, 128))
+    setup, phases, step = spots.detector_setup(parser.parse_args(["--calibration", "0.03", "--precession", "1",
+                                                                  "--phases", "ferrite"]), (128, 128))
+    assert setup["calibration"] == 0.03 and setup["precession"] == 1.0 and [p.name for p in phases] == ["ferrite"]
