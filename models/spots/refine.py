@@ -7,7 +7,8 @@ bilinear interpolation: sum_s w_s P(r_s, theta_s) / sqrt(sum_s w_s^2), w = I^0.5
 search in the lab frame (tilts about x and y, in-plane turn about z) halves its step from 1
 degree to 1/16 degree, so the answer leaves the library's 2-degree grid. Every candidate of
 every pattern of a page moves at once (numpy arrays over candidates x spots); only the
-reflections near the Ewald sphere at the start (|s| < ``NEAR_SPHERE``) are followed.
+reflections near the Ewald sphere (|s| < ``NEAR_SPHERE``) where the orientation stands at each step
+size are followed.
 """
 
 from __future__ import annotations
@@ -97,11 +98,14 @@ class SpotRefiner:
 
     def refine(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray):
         """(n, 3, 3) start orientations, polar images, (n,) image rows -> refined (n, 3, 3), scores (n,)."""
-        g, f2 = self._subset(matrices)
         current = np.array(matrices, np.float64)
-        best = self.score(current, g, f2, polar, rows)
         n = len(current)
         for step in STEPS_DEG:
+            # The reflections followed are chosen again at each step size, where the orientation
+            # is now: chosen once at the start, an orientation that moved did not see the spots
+            # it now excites (and the truth's spots beyond NEAR_SPHERE of a start 2-3 deg off).
+            g, f2 = self._subset(current)
+            best = self.score(current, g, f2, polar, rows)
             delta = np.deg2rad(step)
             moves = np.concatenate([axis_rotations(axis, np.array([sign * delta]))
                                     for axis in range(3) for sign in (1, -1)])  # (6, 3, 3)
@@ -115,4 +119,5 @@ class SpotRefiner:
                     break
                 current[better] = trial.reshape(n, 6, 3, 3)[np.flatnonzero(better), pick[better]]
                 best = np.where(better, scores[np.arange(n), pick], best)
-        return current, best
+        g, f2 = self._subset(current)
+        return current, self.score(current, g, f2, polar, rows)
