@@ -4,8 +4,8 @@ The score of an orientation is the correlation of its kinematical spots (positio
 intensities from diffraction.py, the same model as the templates) with the pattern's polar
 image (the matcher's output: gamma 0.5, each radius' mean removed, unit norm), read by
 bilinear interpolation: sum_s w_s P(r_s, theta_s) / sqrt(sum_s w_s^2), w = I^0.5. A pattern
-search in the lab frame (tilts about x and y, in-plane turn about z) halves its step from 1
-degree to 1/16 degree, so the answer leaves the library's 2-degree grid. Every candidate of
+search in the lab frame (tilts about x and y, in-plane turn about z) halves its step from 2
+degrees to 1/8 degree, so the answer leaves the library's 2-degree grid. Every candidate of
 every pattern of a page moves at once (numpy arrays over candidates x spots); only the
 reflections near the Ewald sphere (|s| < ``NEAR_SPHERE``) where the orientation stands at each step
 size are followed.
@@ -19,7 +19,9 @@ from .diffraction import axis_rotations, lab_vectors, reflections, spot_intensit
 from .templates import EXCITATION_WIDTH, INTENSITY_POWER, PolarGrid
 
 NEAR_SPHERE = 0.06  # 1/angstrom: reflections followed (a 2-degree move shifts |g| 1.2/A by 0.04)
-STEPS_DEG = (1.0, 0.5, 0.25, 0.125)  # a 1/16 deg step more changed no figure
+# From 2 degrees: 1.5 points more within 3 deg than from 1 degree (400 moderate patterns, seeds 7
+# and 11: 83.8->85.3%, 86.3->87.8%), 1.2x the refinement time; a 1/16 deg step more changed no figure.
+STEPS_DEG = (2.0, 1.0, 0.5, 0.25, 0.125)
 MOVES_PER_STEP = 2
 
 
