@@ -125,15 +125,21 @@ class SpotRefiner:
             delta = np.deg2rad(step)
             moves = np.concatenate([axis_rotations(axis, np.array([sign * delta]))
                                     for axis in range(3) for sign in (1, -1)])  # (6, 3, 3)
+            # Only the candidates that moved try again: the others would score the same trials.
+            active = np.arange(n)
             for _ in range(MOVES_PER_STEP):
-                trial = np.einsum("nij,mjk->nmik", current, moves).reshape(-1, 3, 3)
-                scores = self.score(trial, np.repeat(g, 6, 0), np.repeat(f2, 6, 0), polar,
-                                    np.repeat(rows, 6)).reshape(n, 6)
+                m = len(active)
+                trial = np.einsum("nij,mjk->nmik", current[active], moves).reshape(-1, 3, 3)
+                scores = self.score(trial, np.repeat(g[active], 6, 0), np.repeat(f2[active], 6, 0), polar,
+                                    np.repeat(rows[active], 6)).reshape(m, 6)
                 pick = scores.argmax(1)
-                better = scores[np.arange(n), pick] > best
+                top = scores[np.arange(m), pick]
+                better = top > best[active]
                 if not better.any():
                     break
-                current[better] = trial.reshape(n, 6, 3, 3)[np.flatnonzero(better), pick[better]]
-                best = np.where(better, scores[np.arange(n), pick], best)
+                moved = active[better]
+                current[moved] = trial.reshape(m, 6, 3, 3)[np.flatnonzero(better), pick[better]]
+                best[moved] = top[better]
+                active = moved
         g, f2 = self._subset(current, pool)
         return current, self.score(current, g, f2, polar, rows)
