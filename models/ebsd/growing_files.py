@@ -17,6 +17,9 @@ reads, ``kikuchipy/io/plugins/*/_api.py``):
   count is a square.
 
 None stores a projection centre: give ``--pc`` (as for ``liveindex index``).
+
+h5ebsd files (kikuchipy, Bruker, EDAX) are HDF5: they are followed through HDF5 in its SWMR
+mode, not by byte offsets (growing_h5ebsd.py), with the PC from their header where it is real.
 """
 
 from __future__ import annotations

@@ -229,10 +229,27 @@ def _describe(file, path: Path, scan_shape):
     ny, nx = int(ny), int(nx)
     if ny * nx < 1:
         raise InputError(f"{path}: its header says a scan of {nx}x{ny} points; give it with --scan-shape WxH")
+    if fmt == "Bruker h5ebsd" and "EBSD/SEM/IY" in group and "EBSD/SEM/IX" in group:
+        _check_roi_order(path, group, ny, nx)
     sy, sx = (int(v) for v in dataset.shape[1:])
     layout = H5Layout(fmt, dataset.name, (sy, sx), dtype, ny * nx)
     setup = _setup(path, fmt, group, header, (sy, sx), step_y, step_x, sample_tilt_key, tilt_key)
     return layout, (ny, nx), setup
+
+
+def _check_roi_order(path, group, ny, nx) -> None:
+    """A Bruker region of interest lists each frame's map row and column (``EBSD/SEM/IY, IX``);
+    frames are published in file order, so the points written so far must be in scan order."""
+    iy, ix = (np.asarray(group[f"EBSD/SEM/{k}"][()], np.int64).ravel() for k in ("IY", "IX"))
+    n = min(iy.size, ix.size, ny * nx)
+    if n == 0:
+        return
+    rows, cols = iy[:n] - iy[0], ix[:n] - ix[0]
+    if (rows < 0).any() or (cols < 0).any() or (cols >= nx).any() \
+            or not np.array_equal(rows * nx + cols, np.arange(n)):
+        raise InputError(f"{path}: its region of interest (EBSD/SEM/IY, IX) lists points out of scan order, which "
+                         f"--follow cannot map as they arrive; index it when the acquisition ends (liveindex publish "
+                         f"--file {path})")
 
 
 def _setup(path, fmt, group, header, shape, step_y, step_x, sample_tilt_key, tilt_key) -> FileSetup:

@@ -136,3 +136,25 @@ def test_publish_follow_indexes_an_h5ebsd_file_a_writer_appends(tmp_path):
             p.terminate()
         for p in [sink, *workers]:
             p.wait(20)
+
+
+def test_a_bruker_region_of_interest_out_of_scan_order_is_refused_and_one_in_order_read(tmp_path):
+    from liveindex.models.ebsd.h5ebsd_writer import create
+
+    for order in ("rows", "columns"):
+        path = tmp_path / f"{order}.h5"
+        file, dataset = create(path, (3, 4), (20, 20), layout="bruker", swmr=False)
+        iy, ix = np.divmod(np.arange(12), 4) if order == "rows" else np.divmod(np.arange(12), 3)[::-1]
+        file.create_dataset("Scan 0/EBSD/SEM/IY", data=iy + 5)  # a region of interest away from the corner
+        file.create_dataset("Scan 0/EBSD/SEM/IX", data=ix + 2)
+        dataset.resize(12, axis=0)
+        dataset[:] = np.arange(12, dtype=np.uint8)[:, None, None]
+        file.close()
+        if order == "columns":
+            with pytest.raises(InputError, match=r"out of scan order.*liveindex publish --file"):
+                follow_file(path, follow_timeout=1)
+            continue
+        source = follow_file(path, follow_timeout=1)  # a closed file: every frame at once, complete
+        assert source.arrived(0.0) == 12 and source.end_reason == ""
+        np.testing.assert_array_equal(source.read(0, 12)[:, 0, 0], np.arange(12))
+        source.close()
