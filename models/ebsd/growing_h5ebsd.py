@@ -4,8 +4,9 @@ An HDF5 file can be read while another process writes it only in HDF5's SWMR mod
 writer, multiple readers): the writer opens it with ``libver='latest'``, creates its datasets
 (the pattern dataset chunked, its first axis unlimited), switches ``swmr_mode`` on and appends
 by resize, write, flush. Its flush writes the frames' raw data before the metadata that
-extends the dataset, so the extent a reader sees after ``refresh()`` covers only written
-frames. A file written without SWMR has metadata that changes under a reader: read, it gives
+extends the dataset, so the extent a reader sees after ``refresh()`` covers written frames;
+as HDF5 may write a dataset's header early too, a frame also counts only once its chunk is
+allocated on disk (never a fill value read as a frame). A file written without SWMR has metadata that changes under a reader: read, it gives
 garbage or crashes HDF5, so it is refused, with the fix (index it once it is closed).
 
 Whether someone is writing, and how, is in the superblock's file consistency flags (bit 0:
@@ -127,7 +128,7 @@ class GrowingH5(GrowingFile):
         if size != self._size:
             self._size = size
             self._last_growth = now
-        complete = min(size, self.layout.expected)
+        complete = self._written(min(size, self.layout.expected))
         if complete > self.count:
             self._seen_first.append(self.count)
             self._seen_time.append(self._wall())
@@ -140,6 +141,20 @@ class GrowingH5(GrowingFile):
                                f"{self.count} of {self.layout.expected} frames")
             log.warning("%s", self.end_reason)
         return False
+
+    def _written(self, extent: int) -> int:
+        """Frames below ``extent`` whose chunks are on disk. A flush writes the frames before
+        the extent, but HDF5 may also write a dirty dataset header early (its metadata cache
+        evicts it): a frame whose chunk is not allocated yet would read as the fill value."""
+        chunks = self._dataset.chunks
+        if chunks is None:  # contiguous: a dataset that cannot grow, written whole
+            return extent
+        while extent > self.count:
+            info = self._dataset.id.get_chunk_info_by_coord((extent - 1, 0, 0))  # about 10 us
+            if info.byte_offset is not None:
+                break
+            extent = (extent - 1) // chunks[0] * chunks[0]
+        return max(extent, self.count)
 
     def read(self, first: int, count: int) -> np.ndarray:
         if first < 0 or first + count > self.count:

@@ -158,3 +158,36 @@ def test_a_bruker_region_of_interest_out_of_scan_order_is_refused_and_one_in_ord
         assert source.arrived(0.0) == 12 and source.end_reason == ""
         np.testing.assert_array_equal(source.read(0, 12)[:, 0, 0], np.arange(12))
         source.close()
+
+
+WRITE_AHEAD = """
+import sys, time, numpy as np
+from liveindex.models.ebsd.h5ebsd_writer import create
+file, dataset = create(sys.argv[1], (2, 4), (20, 20))
+dataset.resize(5, axis=0)  # the extent of 5 frames on disk, only 3 written
+dataset[:3] = np.arange(1, 4, dtype=np.uint8)[:, None, None]
+file.flush()
+print("flushed", flush=True)
+sys.stdin.readline()
+dataset[3:5] = np.arange(4, 6, dtype=np.uint8)[:, None, None]
+dataset.resize(8, axis=0)
+dataset[5:8] = np.arange(6, 9, dtype=np.uint8)[:, None, None]
+file.flush()
+file.close()
+"""
+
+
+def test_frames_inside_the_extent_whose_chunks_are_not_written_are_waited_for(tmp_path):
+    path = tmp_path / "scan.h5"
+    writer = subprocess.Popen([sys.executable, "-c", WRITE_AHEAD, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "flushed", writer.stderr.read()
+    source = follow_file(path, pc=PC, follow_timeout=10)
+    assert source.arrived(0.1) == 3  # frames 3 and 4 are inside the extent but not on disk: never fill values
+    np.testing.assert_array_equal(source.read(0, 3)[:, 0, 0], [1, 2, 3])
+    writer.stdin.write("\n")
+    writer.stdin.flush()
+    assert writer.wait(30) == 0, writer.stderr.read()
+    assert source.arrived(1.0) == 8 and source.end_reason == ""
+    np.testing.assert_array_equal(source.read(3, 5)[:, 0, 0], [4, 5, 6, 7, 8])
+    source.close()
