@@ -226,7 +226,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     src.add_argument("--simulate", default="40x40", metavar="WxH", help="simulated scan size (default)")
     src.add_argument("--file", help="replay a saved scan instead")
     src.add_argument("--follow", metavar="FILE",
-                     help="index a file while the acquisition writes it (NORDIF .dat, EDAX .up1/.up2, Oxford .ebsp): "
+                     help="index a file while the acquisition writes it (NORDIF .dat, EDAX .up1/.up2, Oxford .ebsp, "
+                          "kikuchipy/Bruker/EDAX h5ebsd written in HDF5's SWMR mode): "
                           "frames are read as they are complete; the scan ends with the expected count, or partial "
                           "once the file stops growing for --follow-timeout seconds")
     src.add_argument("--detector", choices=["merlin", "dectris", "asi-tpx3"],

@@ -17,6 +17,9 @@ reads, ``kikuchipy/io/plugins/*/_api.py``):
   count is a square.
 
 None stores a projection centre: give ``--pc`` (as for ``liveindex index``).
+
+h5ebsd files (kikuchipy, Bruker, EDAX) are HDF5: they are followed through HDF5 in its SWMR
+mode, not by byte offsets (growing_h5ebsd.py), with the PC from their header where it is real.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from liveindex.models.growing_file import DEFAULT_FOLLOW_TIMEOUT, FollowedSource
 
 from .file_setup import FileSetup
 from .files import _geometry_of, step_of
+from .growing_h5ebsd import H5_SUFFIXES, open_h5ebsd
 from .master_patterns import phases_from_spec
 
 FOLLOWED_FORMATS = {".dat": "NORDIF .dat", ".up1": "EDAX .up1/.up2", ".up2": "EDAX .up1/.up2", ".ebsp": "Oxford .ebsp"}
@@ -49,11 +53,25 @@ def follow_file(path, *, phases=("ni",), pc=None, pc_convention: str = "bruker",
     does not say it. Waits up to ``follow_timeout`` for the file's header to be written."""
     path = Path(path)
     fmt = FOLLOWED_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"--follow reads files written during acquisition: NORDIF .dat, EDAX .up1/.up2 and Oxford "
-                         f".ebsp, not {path.suffix or path.name!r}; index a finished file with --file")
+    if fmt is None and path.suffix.lower() not in H5_SUFFIXES:
+        raise InputError(f"--follow reads files written during acquisition: NORDIF .dat, EDAX .up1/.up2, Oxford "
+                         f".ebsp and h5ebsd written in SWMR mode, not {path.suffix or path.name!r}; index a finished "
+                         "file with --file")
     if not path.exists():
         raise InputError(f"{path} does not exist; start --follow once the acquisition has created the file")
+    if fmt is None:  # h5ebsd: HDF5 appended in SWMR mode, read through HDF5, not by byte offsets
+        growing, nav_shape, setup = open_h5ebsd(path, follow_timeout=follow_timeout, scan_shape=scan_shape)
+        try:
+            geometry = _geometry_of(setup, growing.layout.pattern_shape, pc=pc, convention=pc_convention, tilt=tilt,
+                                    need_pc=True)
+            source = FollowedSource(growing, modality=modalities.load("ebsd"), nav_shape=nav_shape,
+                                    setup=geometry.to_wire(), phases=phases_from_spec(phases),
+                                    step=step_of(setup, step), metadata={"format": setup.format})
+        except BaseException:
+            growing.close()
+            raise
+        source.geometry, source.file_setup = geometry, setup
+        return source
     reader = {".dat": _nordif, ".up1": _edax, ".up2": _edax, ".ebsp": _oxford}[path.suffix.lower()]
     deadline = time.monotonic() + follow_timeout
     while True:

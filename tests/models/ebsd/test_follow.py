@@ -89,7 +89,7 @@ def test_a_file_that_stops_growing_ends_the_scan_with_the_reason(tmp_path):
 
 def test_what_follow_cannot_read_is_named(tmp_path):
     (tmp_path / "scan.npy").write_bytes(b"")
-    with pytest.raises(InputError, match="NORDIF .dat, EDAX .up1/.up2 and Oxford .ebsp"):
+    with pytest.raises(InputError, match="NORDIF .dat, EDAX .up1/.up2, Oxford .ebsp and h5ebsd written in SWMR mode"):
         follow_file(tmp_path / "scan.npy", pc=PC)
     with pytest.raises(InputError, match="does not exist"):
         follow_file(tmp_path / "Pattern.dat", pc=PC)
