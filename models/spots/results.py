@@ -1,5 +1,6 @@
 """What the spot modality reports for each scan point (fields) and what answered it (methods)."""
 
+from liveindex.models.latent.basis import DEFAULT_DIMS
 from liveindex.models.modality import Field, Method
 
 METHODS = (
@@ -21,4 +22,9 @@ FIELDS = (
     Field("iq", "float32", (), 0.0, "pattern sharpness: energy fraction in the brightest 1% of the polar image"),
     Field("vbf", "float32", (), 0.0, "virtual bright field: counts in the direct beam"),
     Field("center", "float32", (2,), 0.0, "direct-beam centre (x, y) in pixels, given or found"),
+    # The latent maps' input (latent.py): the frame's rotation-invariant polar features in the
+    # scan's basis, which the scan_start carries; NaN where there is none (--latent off). Fill 0
+    # (a NaN fill would make the field unequal to itself on the wire), as EBSD's.
+    Field("embedding", "float16", (DEFAULT_DIMS,), 0.0, "the frame's rotation-invariant polar features in the scan's "
+                                                        "latent basis, the sink's cluster/boundary/novelty maps"),
 )

@@ -1,0 +1,144 @@
+"""Spot patterns' features for the latent maps: in-plane-rotation-invariant polar features.
+
+A grain's spot pattern turns about the beam when the grain (or the scan) turns about it, and
+two grains of one phase differ in which reciprocal-lattice rows the Ewald sphere cuts: at
+which radii the spots sit and at which angles to each other. So each frame is
+
+1. divided by its own mean (the beam current) and square-rooted: the gamma that tames the
+   direct beam and the strongest spots, and makes Poisson noise about even (variance 1/4);
+2. sampled on a polar grid about its direct beam (the setup's centre, else the spot
+   indexer's ``find_centers``, the same centre the indexer uses; the setup's ellipticity in
+   the grid), from ``R_MIN`` (outside the direct beam) to ``R_MAX`` of the half-width;
+3. Fourier-transformed along the angle at every radius; kept are the magnitudes of the even
+   harmonics 0, 2, ..., 2(``HARMONICS`` - 1) (kinematical patterns are centrosymmetric: the
+   odd ones are noise), averaged over each of ``BANDS`` bands of radii.
+
+A turn of the pattern about its centre shifts the polar image along the angle, which changes
+only the phases of the angular Fourier coefficients: the magnitudes stay put (up to the
+interpolation of the grid; tests/models/spots/test_latent.py measures it). Harmonic 0 is the
+radial profile (an amorphous ring shows there). What is lost is the angle between spots of
+different bands, and mirror images look alike; neither moved the scores of
+benchmarks/latent.py --part d.
+
+Per frame, with nothing learned from other frames, so every worker computes the same
+features for the same frame; the scan's basis (models/latent/basis.py) comes with the
+scan_start as EBSD's does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from liveindex.models.latent.basis import DEFAULT_DIMS, FIT_TILES, TILE, LatentBasis, fit_basis, tile_starts
+
+log = logging.getLogger(__name__)
+
+BANDS = 16  # radius bands (rows of the feature image)
+RADII_PER_BAND = 2  # polar radii sampled in a band (1.7 px apart on a 128 px pattern; spots are about 3 px wide)
+HARMONICS = 8  # even angular harmonics 0, 2, ..., 14 (columns of the feature image)
+ANGLES = 128  # polar samples a circle: 2.8 px apart at R_MAX of a 128 px pattern, about a spot's FWHM
+R_MIN = 0.05  # of the pattern's smaller side: outside the direct beam (6.4 px on 128 px)
+R_MAX = 0.45  # of the smaller side: inside the frame with a few pixels of centre drift
+
+
+def feature_shape(pattern_shape=None) -> tuple[int, int]:
+    return BANDS, HARMONICS
+
+
+class SpotFeatures:
+    """The polar grid of one pattern shape and setup; ``__call__(frames)`` -> (B, P) features."""
+
+    def __init__(self, setup: dict, pattern_shape):
+        self.pattern_shape = h, w = tuple(int(v) for v in pattern_shape)
+        self.center = setup.get("center")
+        side = min(h, w)
+        radii = np.linspace(R_MIN * side, R_MAX * side, BANDS * RADII_PER_BAND)
+        theta = np.arange(ANGLES) * (2 * np.pi / ANGLES)
+        dx = radii[:, None] * np.cos(theta)[None]
+        dy = radii[:, None] * np.sin(theta)[None]
+        ratio, angle = setup.get("ellipticity") or (1.0, 0.0)
+        if ratio != 1.0:  # where the projector put a point of the undistorted pattern (as the simulator stretches)
+            c, s = np.cos(np.deg2rad(angle)), np.sin(np.deg2rad(angle))
+            along = (ratio - 1.0) * (dx * c + dy * s)
+            dx, dy = dx + along * c, dy + along * s
+        # Samples read in the order they lie in memory (row by row), put back in (radius, angle)
+        # order after: measured 5x faster gathers than in polar order (cache misses).
+        dx, dy = dx.ravel(), dy.ravel()
+        self.order = np.argsort(np.floor(dy) * w + np.floor(dx), kind="stable")
+        self.dx, self.dy = dx[self.order].astype(np.float32), dy[self.order].astype(np.float32)
+        self.harmonics = np.arange(HARMONICS) * 2
+
+    def centers(self, frames: np.ndarray) -> np.ndarray:
+        if self.center is not None:
+            return np.tile(np.asarray(self.center, np.float64), (len(frames), 1))
+        from .indexer import find_centers
+
+        return find_centers(frames.astype(np.float32, copy=False))
+
+    def __call__(self, frames: np.ndarray, centers: np.ndarray | None = None) -> np.ndarray:
+        """(B, H, W) raw frames -> (B, BANDS * HARMONICS) float32; NaN rows for frames without counts."""
+        frames = np.asarray(frames)
+        b, h, w = frames.shape
+        centers = self.centers(frames) if centers is None else np.asarray(centers, np.float64)
+        data = frames.reshape(b, -1).astype(np.float32)
+        level = data.mean(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            data = np.sqrt(np.maximum(data, 0) / level)  # NaN where a frame has no counts
+        # Bilinear samples gathered from the flat page, in float32 (np.take on one index array:
+        # faster than take_along_axis per corner).
+        x = np.clip(centers[:, :1].astype(np.float32) + self.dx[None], 0, w - 1.001)
+        y = np.clip(centers[:, 1:].astype(np.float32) + self.dy[None], 0, h - 1.001)
+        x0, y0 = x.astype(np.intp), y.astype(np.intp)
+        fx, fy = x - x0, y - y0
+        i00 = (y0 * w + x0 + (np.arange(b, dtype=np.intp) * (h * w))[:, None]).ravel()
+        flat = data.ravel()
+        fx, fy = fx.ravel(), fy.ravel()
+        top = flat.take(i00) * (1 - fx) + flat.take(i00 + 1) * fx
+        bottom = flat.take(i00 + w) * (1 - fx) + flat.take(i00 + w + 1) * fx
+        polar = np.empty((b, len(self.order)), np.float32)
+        polar[:, self.order] = (top + (bottom - top) * fy).reshape(b, -1)
+        spectrum = np.abs(np.fft.rfft(polar.reshape(b, -1, ANGLES), axis=2)[:, :, self.harmonics]) / ANGLES
+        out = spectrum.reshape(b, BANDS, RADII_PER_BAND, HARMONICS).mean(axis=2).reshape(b, -1)
+        out[~np.isfinite(out).all(axis=1)] = np.nan
+        return out.astype(np.float32)
+
+
+def read_tiles_and_noise(read, nav_shape, features, count: int = FIT_TILES) -> tuple[np.ndarray, np.ndarray]:
+    """(T, P) mean features of ``count`` 3x3 tiles (as basis.read_tiles) and (P,) each feature's
+    point-to-point spread: the median over the tiles of its standard deviation inside a tile
+    (the median: tiles across a boundary spread more)."""
+    ny, nx = (int(v) for v in nav_shape)
+    h, w = min(TILE, ny), min(TILE, nx)
+    means, spreads = [], []
+    for y, x in tile_starts(nav_shape, count):
+        tile = np.concatenate([features(read(int((y + dy) * nx + x), w)) for dy in range(h)])
+        means.append(tile.mean(axis=0))
+        spreads.append(tile.std(axis=0))
+    return np.stack(means).astype(np.float32), np.median(np.stack(spreads), axis=0).astype(np.float32)
+
+
+def fit_scan_basis(source, dims: int = DEFAULT_DIMS, tiles: int = FIT_TILES) -> LatentBasis:
+    """The scan's basis from 3x3 tiles spread over it (models/latent/basis.py), on features
+    divided by their point-to-point spread. basis.py scales features as Poisson counts
+    (1/sqrt(mean)); these are magnitudes of Fourier coefficients of square-rooted counts,
+    whose noise is about even, so the high harmonics at the outer radii (mostly noise, small
+    means) would be weighted up and the radial profile down."""
+    features = SpotFeatures(source.setup, source.pattern_shape)
+    means, spread = read_tiles_and_noise(source.read, source.nav_shape, features, tiles)
+    spread = np.maximum(spread, 0.05 * float(np.median(spread)) + 1e-12)
+    centre = means.mean(axis=0)
+    # Whitened tiles with mean exactly 1, so that basis.py's 1/sqrt(mean) scale is 1 on them.
+    fitted = fit_basis((means - centre) / spread + 1.0, feature_shape(), dims)
+    return LatentBasis(centre + spread * (fitted.mean - 1.0), (fitted.scale / spread).astype(np.float32),
+                       fitted.components, fitted.feature_shape)
+
+
+def embed(basis: LatentBasis | None, features: SpotFeatures, frames: np.ndarray,
+          centers: np.ndarray | None = None) -> np.ndarray:
+    """(B, D) float16 embeddings of raw frames; NaN where there is no basis (latent off, or a
+    scan_start without one) or a frame has no counts."""
+    if basis is None or basis.dims != DEFAULT_DIMS or basis.components.shape[1] != BANDS * HARMONICS:
+        return np.full((len(frames), DEFAULT_DIMS), np.nan, np.float16)
+    return basis.embed(features(frames, centers))
