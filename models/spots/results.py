@@ -1,7 +1,8 @@
 """What the spot modality reports for each scan point (fields) and what answered it (methods)."""
 
-from liveindex.models.latent.basis import DEFAULT_DIMS
 from liveindex.models.modality import Field, Method
+
+from .latent import DIMS
 
 METHODS = (
     Method("refined", (40, 150, 220), "polar template matching, then refinement against the simulated spots"),
@@ -25,6 +26,6 @@ FIELDS = (
     # The latent maps' input (latent.py): the frame's rotation-invariant polar features in the
     # scan's basis, which the scan_start carries; NaN where there is none (--latent off). Fill 0
     # (a NaN fill would make the field unequal to itself on the wire), as EBSD's.
-    Field("embedding", "float16", (DEFAULT_DIMS,), 0.0, "the frame's rotation-invariant polar features in the scan's "
+    Field("embedding", "float16", (DIMS,), 0.0, "the frame's rotation-invariant polar features in the scan's "
                                                         "latent basis, the sink's cluster/boundary/novelty maps"),
 )

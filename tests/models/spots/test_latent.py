@@ -49,15 +49,16 @@ def _source(scan="12x12", **extra):
 
 
 def test_the_scan_start_carries_a_basis_and_pages_carry_embeddings():
-    from liveindex.models.latent.basis import DEFAULT_DIMS, LatentBasis
+    from liveindex.models.latent.basis import LatentBasis
+    from liveindex.models.spots.latent import DIMS
 
     spots, args, source = _source()
     header = {"scan": "latent", **source.scan_start()}
     basis = LatentBasis.from_wire(header["latent"])
-    assert basis.dims == DEFAULT_DIMS and basis.feature_shape == (16, 8)
+    assert basis.dims == DIMS and basis.feature_shape == (16, 8)
     frames = source.read(0, 6)
     on = spots.prepare(header, options=spots.indexing_options(args), threads=1).index(frames)
-    assert on["embedding"].dtype == np.float16 and on["embedding"].shape == (6, DEFAULT_DIMS)
+    assert on["embedding"].dtype == np.float16 and on["embedding"].shape == (6, DIMS)
     assert np.isfinite(on["embedding"].astype(np.float32)).all() and np.abs(on["embedding"]).max() > 0
     off_args = argparse.Namespace(**{**vars(args), "latent": "off"})
     off = spots.prepare(header, options=spots.indexing_options(off_args), threads=1).index(frames)
