@@ -228,14 +228,15 @@ def spot_scan(noise: str, side: int, grain: float, seed: int) -> dict:
            "render_s": round(render_s, 1), "fit_s": round(fit_s, 2), "index_s": round(index_s, 1),
            "cluster_s": round(cluster_s, 2)}
     # One worker's page indexer with and without the embedding (the same SpotIndexer, kept by
-    # the modality), on one core: pages of 128 interleaved, best of 3 each.
+    # the modality), on one core: pages of 128 interleaved, best of 5 each (the page
+    # times move with the load; the embedding per frame against indexing is the steadier figure).
     indexers = {on: spots.prepare(header, options={"latent": on}, threads=1) for on in (False, True)}
     page = frames[:128]
     best = {False: np.inf, True: np.inf}
     with blas_threads(1):
         for on in (False, True):
             indexers[on].index(page)  # warm
-        for _ in range(3):
+        for _ in range(5):
             for on in (False, True):
                 t0 = time.perf_counter()
                 indexers[on].index(page)
