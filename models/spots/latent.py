@@ -46,7 +46,7 @@ RADII_PER_BAND = 2  # polar radii sampled in a band (1.7 px apart on a 128 px pa
 HARMONICS = 8  # even angular harmonics 0, 2, ..., 14 (columns of the feature image)
 ANGLES = 128  # polar samples a circle: 2.8 px apart at R_MAX of a 128 px pattern, about a spot's FWHM
 R_MIN = 0.05  # of the pattern's smaller side: outside the direct beam (6.4 px on 128 px)
-SUBPIXEL = 4  # the centre is placed to 1/4 px on the precomputed grids
+SUBPIXEL = 8  # the centre is placed to 1/8 px on the precomputed grids (1/4: a turn moved them 2x more)
 R_MAX = 0.45  # of the smaller side: inside the frame with a few pixels of centre drift
 
 
@@ -72,8 +72,8 @@ class SpotFeatures:
             dx, dy = dx + along * c, dy + along * s
         # The bilinear corners and weights of every sample for each of SUBPIXEL^2 sub-pixel
         # positions of the centre, made once: a page then adds one integer offset a frame
-        # (measured: 0.6 ms a frame with them computed per frame, 0.25-0.3 ms so).
-        # The centre is placed to 1/SUBPIXEL px: 1/8 px at most off, far inside the jitter.
+        # (measured: 0.6 ms a frame with them computed per frame, 0.25-0.4 ms so).
+        # The centre is placed to 1/SUBPIXEL px: 1/16 px at most off, far inside the jitter.
         # Samples are read in the order they lie in memory and put back in (radius, angle)
         # order after (fewer cache misses than in polar order).
         dx, dy = dx.ravel(), dy.ravel()
