@@ -109,7 +109,12 @@ class SpotFeatures:
         qx, qy = np.rint(cx * SUBPIXEL).astype(np.intp), np.rint(cy * SUBPIXEL).astype(np.intp)
         sub = (qy % SUBPIXEL) * SUBPIXEL + qx % SUBPIXEL
         base = (qy // SUBPIXEL) * w + qx // SUBPIXEL + np.arange(b, dtype=np.intp) * (h * w)
-        flat = np.asarray(frames).reshape(-1)
+        level = frames.reshape(b, -1).mean(axis=1, dtype=np.float64).astype(np.float32)[:, None]
+        # The gamma on every pixel, then the interpolation: measured, the square root of the
+        # interpolated counts instead made the cluster map's ARI 0.882 against 0.968 (seed 2 of
+        # benchmarks/latent.py --part d), for about 70 us a frame less.
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN where a frame has no counts
+            flat = np.sqrt(np.maximum(frames.reshape(b, -1).astype(np.float32), 0) / level).reshape(-1)
         samples = np.empty((b, self.offset.shape[1]), np.float32)
         for k in np.unique(sub):  # frames with the same sub-pixel centre share corners and weights
             rows = np.flatnonzero(sub == k)
@@ -117,12 +122,8 @@ class SpotFeatures:
             wt = self.weights[k]
             samples[rows] = (flat.take(at) * wt[0] + flat.take(at + 1) * wt[1] + flat.take(at + w) * wt[2]
                              + flat.take(at + w + 1) * wt[3])
-        level = frames.reshape(b, -1).mean(axis=1, dtype=np.float64).astype(np.float32)[:, None]
         polar = np.empty_like(samples)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            # The gamma on the samples (not the whole frame): the square root of the
-            # interpolated counts, each frame over its mean (NaN where it has no counts).
-            polar[:, self.order] = np.sqrt(np.maximum(samples, 0) / level)
+        polar[:, self.order] = samples
         spectrum = np.abs(np.fft.rfft(polar.reshape(b, -1, ANGLES), axis=2)[:, :, self.harmonics]) / ANGLES
         out = spectrum.reshape(b, BANDS, RADII_PER_BAND, HARMONICS).mean(axis=2).reshape(b, -1)
         out[~np.isfinite(out).all(axis=1)] = np.nan
