@@ -36,9 +36,10 @@ from liveindex.models.latent.basis import FIT_TILES, TILE, LatentBasis, fit_basi
 log = logging.getLogger(__name__)
 
 # Embedding width: 24, not EBSD's 16. Measured on 50x50 scans of about 25 grains and an
-# amorphous disc (benchmarks/latent.py --part d, seeds 1, 2, 3): cluster map ARI 0.875 / 0.956
-# / 0.997 at 16 dims, 0.936 / 0.968 / 0.997 at 24, 0.949 / 0.968 / 0.997 at 32: with 16, grains
-# with few spots of one phase merged; many grains need more directions than a few phases do.
+# amorphous disc (benchmarks/latent.py --part d, seeds 1, 2, 3, an earlier version of these
+# features): cluster map ARI 0.875 / 0.956 / 0.997 at 16 dims, 0.936 / 0.968 / 0.997 at 24,
+# 0.949 / 0.968 / 0.997 at 32: at 16, grains of one phase with few spots merged. With these
+# features, 32 against 24: seed 1 0.944 against 0.859, seed 4 0.756 against 0.777 (no clear gain).
 DIMS = 24
 
 BANDS = 16  # radius bands (rows of the feature image)

@@ -69,8 +69,8 @@ class Spots(Modality):
                                 help="points with confidence below C (0..1) are left not indexed (default 0)")
             parser.add_argument("--latent", choices=("on", "off"), default="on",
                                 help="embed every frame (rotation-invariant polar features in the scan's basis) for "
-                                     "the cluster, boundary and novelty maps (default on: 0.6 ms a frame, 4-7%% of "
-                                     "the indexing time)")
+                                     "the cluster, boundary and novelty maps (default on: 0.2-0.7 ms a frame, 3-8%% "
+                                     "of the indexing time)")
 
     def indexing_options(self, args) -> dict:
         min_conf = getattr(args, "min_confidence", 0.0)
