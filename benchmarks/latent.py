@@ -9,11 +9,18 @@
 (b) missing phase: austenite and ferrite grains indexed with austenite only: the share of
     ferrite points with novelty >= 0.5 and of austenite points with it (and, for
     comparison, what the per-point confidence below 0.5 alone marks).
+(d) spot patterns (--modality spots): a simulated 4D-STEM precession scan (models/spots/
+    simulator.py) of Voronoi grains of ferrite, austenite and cementite and an amorphous
+    disc, indexed with the three: the cluster map against the truth (each grain one label,
+    the amorphous disc one) by ARI; the boundary map's mean on points next to another
+    region against inside; a worker's page (128 frames, one core) with and without the
+    embedding.
 (c) cost: a worker's page (128 frames, one core) with and without the embedding; the basis fit;
     the features and projection per frame; a cluster-map refresh on a synthetic 1e6-point
     embedding (1000x1000) with its peak memory; the NMF basis for comparison.
 
     .venv/bin/python benchmarks/latent.py [--noise moderate] [--scan 80] [--part a,b,c]
+    .venv/bin/python benchmarks/latent.py --part d [--spot-scan 50] [--grain 10] [--seed 1]
 """
 
 from __future__ import annotations
@@ -164,12 +171,98 @@ def cost(noise: str, side: int) -> dict:
     return out
 
 
+def next_to_other(labels: np.ndarray) -> np.ndarray:
+    """(ny, nx) region labels -> (N,) True where one of the 4 neighbours is another region."""
+    out = np.zeros(labels.shape, bool)
+    out[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    out[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    out[1:] |= labels[1:] != labels[:-1]
+    out[:-1] |= labels[:-1] != labels[1:]
+    return out.ravel()
+
+
+def spot_scan(noise: str, side: int, grain: float, seed: int) -> dict:
+    from sklearn.metrics import adjusted_rand_score
+
+    from liveindex.models import modality as modalities
+    from liveindex.models.onnx_runtime import blas_threads
+    from liveindex.models.spots.files import SimulatedSpotSource
+    from liveindex.models.spots.latent import SpotFeatures
+    from liveindex.models.spots.phases import phases_from_spec
+    from liveindex.models.spots.setup import check_setup
+    from liveindex.models.spots.simulator import SimulatedSpotScan
+    from liveindex.stream.offline import index_source, latent_maps
+    from liveindex.stream.protocol import ScanStart
+
+    spots = modalities.load("spots")
+    phases = phases_from_spec("ferrite,austenite,cementite")
+    setup = check_setup({"kv": 200.0, "calibration": 0.03, "precession": 1.0}, (128, 128))
+    scan = SimulatedSpotScan((side, side), phases, setup, noise=noise, seed=seed, grain_size=grain)
+    t0 = time.perf_counter()
+    frames = scan.render(0, scan.size)
+    render_s = time.perf_counter() - t0
+    source = SimulatedSpotSource(spots, scan, setup, phases)
+    source.read = lambda first, count: frames[first:first + count]  # rendered once (7 ms a frame)
+    t0 = time.perf_counter()
+    header = {"scan": "bench", **source.scan_start()}
+    fit_s = time.perf_counter() - t0
+    maps, index_s = index_source(source, progress=False)
+    t0 = time.perf_counter()
+    maps = {**maps, **latent_maps(maps, ScanStart.from_header(header))}
+    cluster_s = time.perf_counter() - t0
+    truth = np.where(scan.amorphous, -1, scan.grain_of_point)
+    cluster = maps["cluster"]
+    sizes = np.unique(truth, return_counts=True)[1]
+    edge = next_to_other(truth.reshape(scan.nav_shape))
+    boundary = maps["boundary"]
+    out = {"noise": noise, "points": scan.size, "seed": seed, "regions": len(sizes),
+           "regions_over_15_points": int((sizes >= 15).sum()), "amorphous_share": round(float(scan.amorphous.mean()), 3),
+           "clusters": int(len(np.unique(cluster[cluster >= 0]))),
+           "ari_cluster": round(adjusted_rand_score(truth, cluster), 3),
+           "ari_phase_map": round(adjusted_rand_score(truth, maps["phase_id"]), 3),
+           "boundary_next_to_other": round(float(np.nanmean(boundary[edge])), 2),
+           "boundary_inside": round(float(np.nanmean(boundary[~edge])), 2),
+           "boundary_points_share": round(float(edge.mean()), 3),
+           # the share of edge points among the 10% highest boundary values
+           "top10pct_boundary_on_edges": round(float(edge[boundary >= np.nanpercentile(boundary, 90)].mean()), 3),
+           "render_s": round(render_s, 1), "fit_s": round(fit_s, 2), "index_s": round(index_s, 1),
+           "cluster_s": round(cluster_s, 2)}
+    # One worker's page indexer with and without the embedding (the same SpotIndexer, kept by
+    # the modality), on one core: pages of 128 interleaved, best of 5 each (the page
+    # times move with the load; the embedding per frame against indexing is the steadier figure).
+    indexers = {on: spots.prepare(header, options={"latent": on}, threads=1) for on in (False, True)}
+    page = frames[:128]
+    best = {False: np.inf, True: np.inf}
+    with blas_threads(1):
+        for on in (False, True):
+            indexers[on].index(page)  # warm
+        for _ in range(5):
+            for on in (False, True):
+                t0 = time.perf_counter()
+                indexers[on].index(page)
+                best[on] = min(best[on], time.perf_counter() - t0)
+        features = SpotFeatures(setup, (128, 128))
+        centres = indexers[True].index(page)["center"]
+        t0 = time.perf_counter()
+        for _ in range(5):
+            indexers[True].latent.embed(features(page, centres))
+        embed_s = (time.perf_counter() - t0) / 5
+    out["page_ms_latent_off"] = round(best[False] * 1e3, 1)
+    out["page_ms_latent_on"] = round(best[True] * 1e3, 1)
+    out["embed_us_per_frame"] = round(embed_s / len(page) * 1e6, 1)
+    out["index_us_per_frame"] = round(best[False] / len(page) * 1e6, 1)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"])
     parser.add_argument("--scan", type=int, default=80, help="scan side in points (a and b)")
     parser.add_argument("--part", default="a,b,c")
     parser.add_argument("--radius", type=float, default=4.0, help="precipitate radius in scan points (a)")
+    parser.add_argument("--spot-scan", type=int, default=50, help="spot scan side in points (d)")
+    parser.add_argument("--grain", type=float, default=10.0, help="spot scan grain size in points (d)")
+    parser.add_argument("--seed", type=int, default=1, help="spot scan seed (d)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1 and 5 min), {os.cpu_count()} cores", flush=True)
@@ -191,6 +284,14 @@ def main(argv=None) -> int:
         print(f"    a page with the embedding takes {share:+.1%} of the time without (<= 15% asked); embedding "
               f"{r['embed_us_per_frame']} us a frame against {r['index_us_per_frame']} us to index it; refresh of "
               f"1e6 points {max(r['refresh_1e6_s']):.1f} s at most (<= 5 s asked), peak {r['refresh_1e6_peak_mb']} MB")
+    if "d" in parts:
+        r = spot_scan(args.noise, args.spot_scan, args.grain, args.seed)
+        print(f"(d) spot patterns {r}", flush=True)
+        share = r["page_ms_latent_on"] / r["page_ms_latent_off"] - 1
+        print(f"    cluster map ARI {r['ari_cluster']} (>= 0.9 asked): {'met' if r['ari_cluster'] >= 0.9 else 'NOT met'}; "
+              f"boundary {r['boundary_next_to_other']} next to another region against {r['boundary_inside']} inside; "
+              f"a page with the embedding takes {share:+.1%} of the time without (embedding {r['embed_us_per_frame']} "
+              f"us a frame against {r['index_us_per_frame']} us to index it)")
     print(f"load after: {os.getloadavg()[0]:.2f}")
     return 0
 

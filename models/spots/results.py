@@ -2,6 +2,8 @@
 
 from liveindex.models.modality import Field, Method
 
+from .latent import DIMS
+
 METHODS = (
     Method("refined", (40, 150, 220), "polar template matching, then refinement against the simulated spots"),
     Method("template", (230, 160, 40), "polar template matching only (--no-refine)"),
@@ -21,4 +23,9 @@ FIELDS = (
     Field("iq", "float32", (), 0.0, "pattern sharpness: energy fraction in the brightest 1% of the polar image"),
     Field("vbf", "float32", (), 0.0, "virtual bright field: counts in the direct beam"),
     Field("center", "float32", (2,), 0.0, "direct-beam centre (x, y) in pixels, given or found"),
+    # The latent maps' input (latent.py): the frame's rotation-invariant polar features in the
+    # scan's basis, which the scan_start carries; NaN where there is none (--latent off). Fill 0
+    # (a NaN fill would make the field unequal to itself on the wire), as EBSD's.
+    Field("embedding", "float16", (DIMS,), 0.0, "the frame's rotation-invariant polar features in the scan's "
+                                                        "latent basis, the sink's cluster/boundary/novelty maps"),
 )
