@@ -78,13 +78,15 @@ class SpotIndexer:
         self.template_q = np.concatenate([lib.quaternions for lib in libraries])
         self.template_phase = np.concatenate([np.full(lib.size, i, np.int16) for i, lib in enumerate(libraries)])
         keys = [library_key(p, self.setup, self.pattern_shape, self.grid, resolution) for p in self.phases]
-        digest = hashlib.sha256(("|".join(keys) + str(self.setup["ellipticity"])).encode()).hexdigest()[:20]
+        # "v2": the graph starts from the polar image and its ring medians (matcher.py).
+        digest = hashlib.sha256(("|".join(keys) + str(self.setup["ellipticity"]) + "v2").encode()).hexdigest()[:20]
         path = cache_dir() / f"matcher-{digest}.onnx"
         if not path.is_file():
             build_graph(path, np.concatenate([lib.real for lib in libraries]),
                         np.concatenate([lib.imag for lib in libraries]), self.grid, self.pattern_shape,
                         self.setup["ellipticity"])
-        self.matcher = PolarMatcher(path, self.pattern_shape, providers=providers, threads=threads)
+        self.matcher = PolarMatcher(path, self.pattern_shape, self.grid, self.setup["ellipticity"],
+                                    providers=providers, threads=threads)
         lam = wavelength(self.setup["kv"])
         self.refiners = [SpotRefiner(p, self.setup, self.grid, lam) for p in self.phases]
         self.model_name = (f"spots polar matching ({len(self.template_q)} templates at {resolution:g} deg, "
