@@ -1,8 +1,10 @@
-"""Polar template matching of spot patterns as one ONNX graph.
+"""Polar template matching of spot patterns: two ONNX graphs and a numpy step between them.
 
 frames (B, H, W) and beam centres (B, 2) ->
-  GridSample onto the polar grid (R radii x 360 angles, ellipticity in the grid) ->
-  gamma 0.5 -> minus each radius' median over the angle (the amorphous rings, the diffuse
+  GridSample onto the polar grid (R radii x 360 angles, ellipticity in the grid; the grid's
+  offsets plus each centre added in numpy) -> gamma 0.5 (front graph) ->
+  each radius' median over the angle (numpy partition) ->
+  minus the median (the amorphous rings, the diffuse
   background), ReLU -> unit norm: the polar image (also an output, for refinement) ->
   angular DFT (MatMul with cos/sin of the harmonics 2k, k = 1..K) ->
   for every template and every in-plane angle at once: two MatMuls batched over the K
@@ -12,7 +14,10 @@ frames (B, H, W) and beam centres (B, 2) ->
 
 The cost is 4 K Rb N + 2 K N M multiply-adds a pattern, all in MatMuls (no Python loop over
 templates or angles). Measured with ONNX Runtime's profiler (64 patterns, 3444 templates):
-MatMul 28%, the median's TopK 18%, GridSample 17%. Templates of every phase sit side by side in one graph, so
+MatMul 28%, the median's TopK 18%, GridSample 17% at first; later (ORT 1.31, 2 threads) the
+median's TopK 30%, GridSample 27%, the grid's Add 20%, Pow 7%, so the Add and the median left
+the graph and Pow became Sqrt: the matcher 8.5 s -> 5.5 s on 1200 moderate patterns (load 5),
+the same answers on seeds 7 and 11 (quaternions within 1.2e-7). Templates of every phase sit side by side in one graph, so
 the scores of the phases are compared on one scale.
 """
 
@@ -33,7 +38,6 @@ log = logging.getLogger(__name__)
 OPSET = 18
 TOP_K = 32  # the best for refinement, the rest for the reliability's second-best solution
 IN_PLANE_STEPS = 60  # in-plane angles over 180 degrees (3 degrees; refinement goes finer)
-GAMMA = 0.5
 
 
 def polar_offsets(grid: PolarGrid, ellipticity=(1.0, 0.0)) -> np.ndarray:
@@ -57,13 +61,9 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    h, w = pattern_shape
     n, rb, k = real.shape  # rb: radial bins of RADIAL_BIN radii each
     r = len(grid.radii)
     a = grid.angles
-    offsets = polar_offsets(grid, ellipticity)
-    scale = np.array([2.0 / (w - 1), 2.0 / (h - 1)])
-    offsets_norm = (offsets * scale)[None].astype(np.float32)  # (1, R, A, 2)
     theta = np.deg2rad(np.arange(a) * 360.0 / a)
     harm = 2 * np.arange(1, k + 1)
     dft = np.concatenate([np.cos(np.outer(theta, harm)), -np.sin(np.outer(theta, harm))], 1).astype(np.float32)
@@ -73,30 +73,17 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
     alpha = np.arange(steps) * np.pi / steps
     inverse = np.concatenate([2 * np.cos(np.outer(harm, alpha)), -2 * np.sin(np.outer(harm, alpha))], 0)
     inits = [numpy_helper.from_array(v, name) for name, v in [
-        ("offsets", offsets_norm), ("dft", dft), ("weights_re", weights_re), ("weights_im", weights_im),
+        ("dft", dft), ("weights", np.concatenate([weights_re, weights_im], 0)),  # (2K, 2Rb, N)
         ("inverse", np.ascontiguousarray(inverse.T, np.float32)),
-        ("eps", np.array(1e-6, np.float32)), ("gamma", np.array(GAMMA, np.float32)),
-        ("shape_b1hw", np.array([0, 1, h, w], np.int64)), ("shape_b112", np.array([0, 1, 1, 2], np.int64)),
-        ("shape_bra", np.array([0, r, a], np.int64)),
+        ("eps", np.array(1e-6, np.float32)),
         ("shape_bin", np.array([0, rb, r // rb, a], np.int64)), ("shape_br2k", np.array([0, 0, 2, k], np.int64)),
         ("shape_kb2r", np.array([0, 0, -1], np.int64)), ("shape_2k_bn", np.array([2 * k, -1], np.int64)),
-        ("shape_mbn", np.array([steps, -1, n], np.int64)), ("axis_0", np.array([0], np.int64)), ("k", np.array([min(top_k, n)], np.int64)), ("half", np.array([a // 2], np.int64)),
+        ("shape_mbn", np.array([steps, -1, n], np.int64)), ("axis_0", np.array([0], np.int64)), ("k", np.array([min(top_k, n)], np.int64)),
         ("axis_a", np.array([2], np.int64)), ("axes_ra", np.array([1, 2], np.int64)),
     ]]
     nodes = [
-        helper.make_node("Reshape", ["frames", "shape_b1hw"], ["img"]),
-        helper.make_node("Reshape", ["centers", "shape_b112"], ["c4"]),
-        helper.make_node("Add", ["offsets", "c4"], ["sample_grid"]),
-        helper.make_node("GridSample", ["img", "sample_grid"], ["polar4"], mode="bilinear", align_corners=1,
-                         padding_mode="zeros"),
-        helper.make_node("Reshape", ["polar4", "shape_bra"], ["polar_raw"]),
-        helper.make_node("Relu", ["polar_raw"], ["polar_pos"]),
-        helper.make_node("Pow", ["polar_pos", "gamma"], ["polar_g"]),
-        # Each radius' background is its median over the angle (TopK of half, its least):
-        # a mean took the spots of a busy ring (zone axes) into the background and cut the
-        # weaker ones to 0, which biased the refined tilt by 3-6 deg.
-        helper.make_node("TopK", ["polar_g", "half"], ["upper_half", "upper_index"], axis=2),
-        helper.make_node("ReduceMin", ["upper_half", "axis_a"], ["ring_mean"], keepdims=1),
+        # polar_g (the polar transform after gamma, front_graph) and each radius' background
+        # ring_mean (its median over the angle, PolarMatcher.match) come in as inputs.
         # No noise threshold above the background: cutting at 1 or 2 standard deviations of
         # the radius lost 3-7% of the points within 3 deg (400 moderate patterns).
         helper.make_node("Sub", ["polar_g", "ring_mean"], ["polar_c"]),
@@ -111,12 +98,12 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
         helper.make_node("Reshape", ["spec", "shape_br2k"], ["spec4"]),  # (B, R, 2, K)
         helper.make_node("Transpose", ["spec4"], ["spec_k"], perm=[3, 0, 2, 1]),  # (K, B, 2, R)
         helper.make_node("Reshape", ["spec_k", "shape_kb2r"], ["spec_kb"]),  # (K, B, 2R)
-        # Real and imaginary parts as two MatMuls stacked on the first axis: the inverse MatMul
-        # then takes (2K, B*N) as it is. A transpose of the (K, B, 2N) product to (B, N, 2K)
-        # took 31% of the graph's time.
-        helper.make_node("MatMul", ["spec_kb", "weights_re"], ["cross_re"]),  # (K, B, N)
-        helper.make_node("MatMul", ["spec_kb", "weights_im"], ["cross_im"]),  # (K, B, N)
-        helper.make_node("Concat", ["cross_re", "cross_im"], ["cross"], axis=0),  # (2K, B, N)
+        # Real and imaginary parts as one MatMul batched over 2K (the spectrum twice, the real
+        # and imaginary weights stacked): the inverse MatMul then takes (2K, B, N) as it is. A
+        # transpose of a (K, B, 2N) product to (B, N, 2K) took 31% of the graph's time; two
+        # MatMuls and a Concat of their (K, B, N) products, the Concat 12%.
+        helper.make_node("Concat", ["spec_kb", "spec_kb"], ["spec_2kb"], axis=0),  # (2K, B, 2R)
+        helper.make_node("MatMul", ["spec_2kb", "weights"], ["cross"]),  # (2K, B, N)
         helper.make_node("Reshape", ["cross", "shape_2k_bn"], ["cross_flat"]),  # (2K, B*N)
         helper.make_node("MatMul", ["inverse", "cross_flat"], ["by_angle_flat"]),  # (M, B*N)
         helper.make_node("Reshape", ["by_angle_flat", "shape_mbn"], ["by_angle"]),  # (M, B, N)
@@ -133,8 +120,8 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
     ]
     graph = helper.make_graph(
         nodes, "spot_polar_matcher",
-        [helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["B", h, w]),
-         helper.make_tensor_value_info("centers", TensorProto.FLOAT, ["B", 2])],
+        [helper.make_tensor_value_info("polar_g", TensorProto.FLOAT, ["B", r, a]),
+         helper.make_tensor_value_info("ring_mean", TensorProto.FLOAT, ["B", r, 1])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "K"]),
          helper.make_tensor_value_info("templates", TensorProto.INT64, ["B", "K"]),
          helper.make_tensor_value_info("angles", TensorProto.INT64, ["B", "K"]),
@@ -149,27 +136,83 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
     tmp.replace(path)
 
 
+def front_graph(pattern_shape, grid: PolarGrid) -> bytes:
+    """The polar transform: frames (B, H, W) and sampling grids (B, R, A, 2, normalised) ->
+    GridSample (bilinear) -> ReLU -> gamma 0.5 (Sqrt: the same values as Pow 0.5, 7% of the
+    graph's time less)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    h, w = pattern_shape
+    r, a = len(grid.radii), grid.angles
+    inits = [numpy_helper.from_array(np.array([0, 1, h, w], np.int64), "shape_b1hw"),
+             numpy_helper.from_array(np.array([0, r, a], np.int64), "shape_bra")]
+    nodes = [
+        helper.make_node("Reshape", ["frames", "shape_b1hw"], ["img"]),
+        helper.make_node("GridSample", ["img", "grid"], ["polar4"], mode="bilinear", align_corners=1,
+                         padding_mode="zeros"),
+        helper.make_node("Reshape", ["polar4", "shape_bra"], ["polar_raw"]),
+        helper.make_node("Relu", ["polar_raw"], ["polar_pos"]),
+        helper.make_node("Sqrt", ["polar_pos"], ["polar_g"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "spot_polar_transform",
+        [helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["B", h, w]),
+         helper.make_tensor_value_info("grid", TensorProto.FLOAT, ["B", r, a, 2])],
+        [helper.make_tensor_value_info("polar_g", TensorProto.FLOAT, ["B", r, a])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = min(model.ir_version, 9)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 class PolarMatcher:
     """An ONNX Runtime session of the matcher graph; ``match`` runs a page in runs of ``rows``."""
 
-    def __init__(self, path: Path, pattern_shape, *, steps: int = IN_PLANE_STEPS, providers: str = "auto",
-                 threads: int = 0, rows: int = 64):
+    def __init__(self, path: Path, pattern_shape, grid: PolarGrid, ellipticity=(1.0, 0.0), *,
+                 steps: int = IN_PLANE_STEPS, providers: str = "auto", threads: int = 0, rows: int = 64):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), session_options(threads), providers=choose_providers(providers))
+        chosen = choose_providers(providers)
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=chosen)
+        self.front = ort.InferenceSession(front_graph(pattern_shape, grid), session_options(threads), providers=chosen)
         self.provider = self.session.get_providers()[0]
         self.pattern_shape = tuple(pattern_shape)
         self.steps = steps
         self.rows = rows
         h, w = self.pattern_shape
         self._scale = np.array([2.0 / (w - 1), 2.0 / (h - 1)], np.float32)
+        scale = np.array([2.0 / (w - 1), 2.0 / (h - 1)])
+        self._offsets = (polar_offsets(grid, ellipticity) * scale).astype(np.float32).reshape(-1, 2)  # (R*A, 2)
+        self._polar_shape = (len(grid.radii), grid.angles)
+
+    def _grid(self, centers_norm: np.ndarray) -> np.ndarray:
+        """(b, 2) normalised centres -> (b, R, A, 2) sampling grids. Here rather than an Add in
+        the graph (its broadcast over the last axis of 2 took 20% of the graph's time), one
+        column at a time: the same float32 sums, 13x faster than the graph's Add."""
+        b = len(centers_norm)
+        out = np.empty((b, len(self._offsets), 2), np.float32)
+        np.add(self._offsets[None, :, 0], centers_norm[:, 0, None], out=out[:, :, 0])
+        np.add(self._offsets[None, :, 1], centers_norm[:, 1, None], out=out[:, :, 1])
+        return out.reshape(b, *self._polar_shape, 2)
+
+    def _run(self, frames: np.ndarray, centers_norm: np.ndarray):
+        polar_g = self.front.run(None, {"frames": frames, "grid": self._grid(centers_norm)})[0]
+        # Each radius' background is its median over the angle (the least of the top half, the
+        # (A/2)-th value in ascending order): a mean took the spots of a busy ring (zone axes)
+        # into the background and cut the weaker ones to 0, which biased the refined tilt by
+        # 3-6 deg. numpy's partition instead of the graph's TopK (30% of its time): the same
+        # values, about 8x faster.
+        half = polar_g.shape[2] // 2
+        ring = np.partition(polar_g, half, axis=2)[:, :, half:half + 1]
+        return self.session.run(None, {"polar_g": polar_g, "ring_mean": np.ascontiguousarray(ring)})
 
     def match(self, frames: np.ndarray, centers: np.ndarray):
         """(B, H, W) frames, (B, 2) beam centres (x, y, pixels) -> top scores (B, k), template
         indices (B, k), in-plane angles in radians (B, k), polar images (B, R, A)."""
         frames = np.ascontiguousarray(frames, np.float32)
         centers_norm = (np.asarray(centers, np.float32) * self._scale - 1.0).astype(np.float32)
-        parts = [self.session.run(None, {"frames": frames[i:i + self.rows], "centers": centers_norm[i:i + self.rows]})
+        parts = [self._run(frames[i:i + self.rows], centers_norm[i:i + self.rows])
                  for i in range(0, len(frames), self.rows)]
         scores, templates, angles, polar = (np.concatenate(p) for p in zip(*parts))
         if len(scores) != len(frames):
