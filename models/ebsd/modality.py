@@ -17,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from liveindex.models.crystal import phases_from_wire
-from liveindex.models.errors import InputError, LiveIndexError
+from liveindex.models.errors import InputError
 from liveindex.models.modality import Modality
 
 from .results import FIELDS, METHODS, NCC_METHODS
@@ -194,6 +194,8 @@ class EBSD(Modality):
 
     def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1, providers: str = "auto",
                 progress: bool = False, reason: str = "") -> "EBSDPageIndexer":
+        from liveindex.models.latent.basis import basis_of_scan
+
         from .geometry import DetectorGeometry
         from .master_patterns import register
 
@@ -207,7 +209,7 @@ class EBSD(Modality):
             options["static_background"] = background_from_wire(scan_start["setup"][SETUP_BACKGROUND],
                                                                  scan_start["pattern_shape"])
         refine_pc = options.pop("refine_pc", False)
-        latent = _latent_basis(scan_start) if options.pop("latent", True) else None
+        latent = basis_of_scan(scan_start) if options.pop("latent", True) else None
         reason = reason or f"scan {scan_start.get('scan', '')} has geometry {geometry.cache_key()}"
 
         def build(at: DetectorGeometry, why: str = reason):
@@ -330,21 +332,6 @@ class EBSDPageIndexer:
             self._use(self._build(fit.geometry, "the projection centre --refine-pc found"))
         return {"pc_refinement": fit.report(),
                 "setup": fit.geometry.to_wire()}  # the files' headers (the .ang PC) take the fitted PC
-
-
-def _latent_basis(scan_start: dict):
-    """The LatentBasis the scan_start carries, or None (said once in the log)."""
-    from liveindex.models.latent.basis import LatentBasis
-
-    wire = scan_start.get("latent")
-    if wire is None:
-        log.info("scan %s carries no latent basis; its points get no embedding", scan_start.get("scan", ""))
-        return None
-    try:
-        return LatentBasis.from_wire(wire)
-    except LiveIndexError as exc:
-        log.warning("scan %s: %s; its points get no embedding", scan_start.get("scan", ""), exc)
-        return None
 
 
 def fit_from_score(fields: dict[str, np.ndarray]) -> np.ndarray:

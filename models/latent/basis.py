@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from liveindex.models.errors import InputError, ProtocolError
+from liveindex.models.errors import InputError, LiveIndexError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,20 @@ class LatentBasis:
             return cls(mean, scale, comps.reshape(dims, p), shape, str(wire.get("method", "pca"))[:16])
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"scan_start latent basis is malformed ({exc})") from None
+
+
+def basis_of_scan(scan_start: dict) -> LatentBasis | None:
+    """The LatentBasis a scan_start carries, or None (said once in the log): a modality's
+    page indexer embeds its frames in it."""
+    wire = scan_start.get("latent")
+    if wire is None:
+        log.info("scan %s carries no latent basis; its points get no embedding", scan_start.get("scan", ""))
+        return None
+    try:
+        return LatentBasis.from_wire(wire)
+    except LiveIndexError as exc:
+        log.warning("scan %s: %s; its points get no embedding", scan_start.get("scan", ""), exc)
+        return None
 
 
 def check_dims(dims) -> int:

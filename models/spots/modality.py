@@ -179,6 +179,8 @@ class Spots(Modality):
 
     def prepare(self, scan_start: dict, *, options: dict | None = None, threads: int = 1, providers: str = "auto",
                 progress: bool = False, reason: str = ""):
+        from liveindex.models.latent.basis import basis_of_scan
+
         from .indexer import SpotIndexer
         from .setup import check_setup
 
@@ -203,7 +205,7 @@ class Spots(Modality):
                 while len(self._indexers) > KEEP_INDEXERS:
                     self._indexers.popitem(last=False)
             self._indexers.move_to_end(key)
-        return SpotPageIndexer(indexer, setup, shape, _latent_basis(scan_start) if latent else None)
+        return SpotPageIndexer(indexer, setup, shape, basis_of_scan(scan_start) if latent else None)
 
 
 class SpotPageIndexer:
@@ -227,19 +229,3 @@ class SpotPageIndexer:
         fields = self.indexer.index(frames)
         fields["embedding"] = embed(self.latent, self.features, frames, fields["center"])
         return fields
-
-
-def _latent_basis(scan_start: dict):
-    """The LatentBasis the scan_start carries, or None (said once in the log)."""
-    from liveindex.models.errors import LiveIndexError
-    from liveindex.models.latent.basis import LatentBasis
-
-    wire = scan_start.get("latent")
-    if wire is None:
-        log.info("scan %s carries no latent basis; its points get no embedding", scan_start.get("scan", ""))
-        return None
-    try:
-        return LatentBasis.from_wire(wire)
-    except LiveIndexError as exc:
-        log.warning("scan %s: %s; its points get no embedding", scan_start.get("scan", ""), exc)
-        return None
