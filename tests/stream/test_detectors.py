@@ -96,7 +96,7 @@ def _free_ports(n):
     return ports
 
 
-@pytest.mark.slow
+# Issue 17's acceptance test: in the default run, though it takes about a minute.
 def test_every_frame_of_a_merlin_stream_at_the_simulator_s_full_rate_is_indexed(tmp_path):
     pytest.importorskip("libertem_qd_mpx", reason="liveindex[detectors] (libertem-live) is not installed")
     scan = _spot_scan(tmp_path / "scan.npy")
@@ -179,7 +179,7 @@ def test_the_simplon_dump_holds_the_frames_bitshuffle_lz4_compressed(tmp_path):
         np.testing.assert_array_equal(check[...], frames.reshape(6, 6, 5))
 
 
-@pytest.mark.slow
+# Issue 17's acceptance test: in the default run, though it takes about a minute.
 def test_every_frame_of_a_dectris_stream_at_the_simulator_s_full_rate_is_indexed(tmp_path):
     pytest.importorskip("libertem_dectris", reason="liveindex[detectors] (libertem-live) is not installed")
     scan = _spot_scan(tmp_path / "scan.npy")

@@ -121,7 +121,7 @@ def start_writer(frames, folder, *options):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow
+# Issue 17's acceptance test: in the default run, though it takes about a minute.
 def test_publish_follow_indexes_every_frame_a_writer_appends_and_ends_partial_when_it_stops(tmp_path, nordif_scan):
     sink_addr, disp_addr = f"ipc://{tmp_path}/sink.sock", f"ipc://{tmp_path}/dispatch.sock"
     out = tmp_path / "out"
