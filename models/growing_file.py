@@ -98,28 +98,35 @@ class GrowingFile:
             self._fd = None
 
     def _poll(self) -> bool:
-        """Stat the file; True where it holds more complete frames than before."""
-        size = os.fstat(self._fd).st_size
+        """Look at the file; True where it holds more complete frames than before. The scan
+        ends complete at the expected count, or partial once the file has not grown for
+        ``follow_timeout`` seconds."""
+        size, complete = self._measure()
         now = self._clock()
         if size != self._size:
             self._size = size
             self._last_growth = now
-        layout = self.layout
-        complete = min(max(0, (size - layout.data_offset) // layout.record_bytes), layout.expected)
-        if self._needs is not None:
-            complete = int(np.searchsorted(self._needs, complete))  # points whose records are all complete
         if complete > self.count:
             self._seen_first.append(self.count)
             self._seen_time.append(self._wall())
             self.count = complete
-            if complete == layout.expected:
+            if complete == self.layout.expected:
                 self.end_reason = ""
             return True
         if now - self._last_growth > self.follow_timeout and self.end_reason is None:
             self.end_reason = (f"{self.path.name} stopped growing for {self.follow_timeout:g} s (--follow-timeout) at "
-                               f"{self.count} of {layout.expected} frames")
+                               f"{self.count} of {self.layout.expected} frames")
             log.warning("%s", self.end_reason)
         return False
+
+    def _measure(self) -> tuple[int, int]:
+        """(the file's size in bytes, the complete frames in it, at most the expected count)."""
+        size = os.fstat(self._fd).st_size
+        layout = self.layout
+        complete = min(max(0, (size - layout.data_offset) // layout.record_bytes), layout.expected)
+        if self._needs is not None:
+            complete = int(np.searchsorted(self._needs, complete))  # points whose records are all complete
+        return size, complete
 
     def arrived(self, timeout: float) -> int:
         """Complete frames so far, waiting up to ``timeout`` s for more (polling every 2 ms)."""

@@ -121,26 +121,11 @@ class GrowingH5(GrowingFile):
             self._file.close()
             self._file = None
 
-    def _poll(self) -> bool:
+    def _measure(self) -> tuple[int, int]:
+        """(the pattern dataset's length, the frames in it whose chunks are on disk)."""
         self._dataset.refresh()
         size = int(self._dataset.shape[0])
-        now = self._clock()
-        if size != self._size:
-            self._size = size
-            self._last_growth = now
-        complete = self._written(min(size, self.layout.expected))
-        if complete > self.count:
-            self._seen_first.append(self.count)
-            self._seen_time.append(self._wall())
-            self.count = complete
-            if complete == self.layout.expected:
-                self.end_reason = ""
-            return True
-        if now - self._last_growth > self.follow_timeout and self.end_reason is None:
-            self.end_reason = (f"{self.path.name} stopped growing for {self.follow_timeout:g} s (--follow-timeout) at "
-                               f"{self.count} of {self.layout.expected} frames")
-            log.warning("%s", self.end_reason)
-        return False
+        return size, self._written(min(size, self.layout.expected))
 
     def _written(self, extent: int) -> int:
         """Frames below ``extent`` whose chunks are on disk. A flush writes the frames before
