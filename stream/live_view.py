@@ -20,7 +20,7 @@ import numpy as np
 from .latent_map import LATENT_MAPS
 from .orientation_map import PHASE_COLOURS, euler_degrees, ipf_key_png
 from .protocol import plain
-from .scan_state import ScanState
+from .scan_state import ScanState, missing_phase_warning
 from .writers import map_images, png_bytes
 
 # The dispatcher reports twice a second; silent longer than this, its worker list is old news.
@@ -186,6 +186,7 @@ class SinkView:
             "nav_shape": list(state.nav_shape), "bad_messages": sink.receiver.bad_total,
             "models": sorted(state.models),
         })
+        status["missing_phase_warning"] = missing_phase_warning(status)  # the log's line, word for word
         if state.latent is not None:
             status["clusters"] = state.latent.info
             seconds = state.latent.refresh_seconds
