@@ -31,6 +31,21 @@ CLUSTER_COLOURS = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
 PALETTE = [[0, 0, 0]] + [CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)] for i in range(255)]
 
 
+def explained_of(spec, arrays: dict) -> np.ndarray | None:
+    """(B,) float32 of a page's (or a scan's) fields: each answered point's chance that a listed
+    phase explains it, its calibrated confidence (the contract's: the chance its answer is
+    right; at most 0.5 where it kept no phase), or 1/0 by ``spec.unexplained`` where there is
+    no confidence; NaN where not answered. None where the modality answers with no method."""
+    if "method" not in arrays:
+        return None
+    if "confidence" in arrays and "phase_id" in arrays:
+        x = np.nan_to_num(np.clip(arrays["confidence"].astype(np.float32), 0.0, 1.0), nan=0.0)
+        x = np.where(arrays["phase_id"] < 0, np.minimum(x, 0.5), x)
+    else:
+        x = np.where(spec.unexplained(arrays), 0.0, 1.0).astype(np.float32)
+    return np.where(arrays["method"] != spec.not_indexed_code, x, np.nan).astype(np.float32)
+
+
 def has_latent(spec) -> bool:
     f = spec.field.get(EMBEDDING_FIELD)
     return f is not None and len(f.shape) == 1 and f.dtype.startswith("float")
@@ -52,6 +67,7 @@ class LatentMaps:
         self.distance = np.full(n, np.nan, np.float32)
         self.boundary = np.full(n, np.nan, np.float32)
         self.novelty = np.full(n, np.nan, np.float32)
+        self.explained = np.full(n, np.nan, np.float32)  # explained_of each point in
         self.basis = None
         wire = spec.header.get("latent")
         if wire is not None:
@@ -65,14 +81,24 @@ class LatentMaps:
         self.info: list[dict] = []  # per cluster: id, size, colour, phase, ... (for status.json)
 
     def on_points(self, maps: dict, idx: np.ndarray) -> None:
-        """New points: their nearest cluster now (under the ScanState's lock)."""
-        if not len(idx) or not self.clusters.known:
+        """New points: their nearest cluster now and their novelty with the neighbours in so
+        far (under the ScanState's lock)."""
+        if not len(idx):
+            return
+        page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence") if name in maps}
+        explained = explained_of(self.spec, page)
+        if explained is not None:
+            self.explained[idx] = explained
+        if not self.clusters.known:
             return
         ids, dist = self.clusters.assign(maps[EMBEDDING_FIELD][idx])
         self.cluster[idx], self.distance[idx] = ids, dist
-        page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence") if name in maps}
-        unexplained = self.spec.unexplained(page) if "method" in page else None
-        self.novelty[idx] = self.clusters.novelty(ids, dist, unexplained)
+        pooled = None
+        if explained is not None:  # over the rows of these points only (a page: a row or two, and 2 around)
+            nx = int(self.spec.nav_shape[-1])
+            y0, y1 = int(idx.min()) // nx, int(idx.max()) // nx + 1
+            pooled = self.clusters.pooled(self.cluster, self.explained, rows=(y0, y1))[idx - y0 * nx]
+        self.novelty[idx] = self.clusters.novelty(ids, dist, pooled)
 
     def refresh(self, state) -> np.ndarray | None:
         """Recluster and recompute the maps; returns the points whose cluster changed (for the
@@ -84,9 +110,9 @@ class LatentMaps:
                 self.refreshed_at_points = state.n_received
                 embedding = state.maps[EMBEDDING_FIELD].copy()
                 received = state.received.copy()
-                unexplained = self.spec.unexplained(state.maps) & received if "method" in state.maps else None
+                explained = np.where(received, self.explained, np.nan) if "method" in state.maps else None
             t0 = time.perf_counter()
-            out = self.clusters.refresh(embedding, received, unexplained)
+            out = self.clusters.refresh(embedding, received, explained)
             self.refresh_seconds.append(time.perf_counter() - t0)
             with state.lock:
                 # Points that came in meanwhile keep their on-arrival assignment.
@@ -124,7 +150,7 @@ class LatentMaps:
 
                         item["euler_deg"] = [round(v, 1) for v in euler_degrees(
                             state.maps["quaternion"][nearest].astype(float))]
-            item["novel"] = bool(c["unexplained"] >= NOVEL)
+            item["novel"] = bool(c["novel_share"] >= NOVEL)  # most of its points novel
             out.append(item)
         return out
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK = 65536  # points a step of the nearest-centre pass (about 4 MB of distances at 16 clusters)
+CHUNK = 65536  # points a step of the boundary pass
+NEAREST_CHUNK = 16384  # points a step of the nearest-centre passes: 0.30 s of CPU for the ICM at 1e6 points, 0.42
+# at 65536 and at 4096 (fresh large arrays fault their pages in; small ones stay in cache)
 SAMPLE = 5000  # members a split direction and cut are found from
 
 SPLIT_COHERENCE = 0.15  # a cluster is split where its two halves are this much more coherent in space than chance
@@ -82,38 +84,38 @@ def _coherence(members: np.ndarray, side: np.ndarray, ny: int, nx: int) -> float
 
 
 def spatial_labels(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarray, nav_shape,
-                   iterations: int = ICM_ITERATIONS, beta: float = ICM_BETA) -> tuple[np.ndarray, np.ndarray]:
+                   iterations: int = ICM_ITERATIONS, beta: float = ICM_BETA,
+                   ee: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each point's cluster with its neighbours' say (iterated conditional modes on a Potts
     prior): energy = |z - c_k|^2 / (2 s^2) - beta * (neighbours labelled k of 8), s^2 the
     noise variance per dimension; the centres re-estimated from the labels each round.
-    Returns (index into the centres (N,), -1 where not finite; the final centres)."""
+    Returns (index into the centres (N,), -1 where not finite; the final centres). ``ee``:
+    each point's |z|^2 where known (``squared_norms``).
+
+    Only the points whose neighbours could change their label are weighed: the prior moves an
+    energy by at most ``8 beta``, so a point whose second nearest centre is further than that
+    (in energy) keeps its nearest one, as the sum over every centre would give (the test
+    compares the two). On the synthetic 1e6-point scan (benchmarks/latent.py) that is a few
+    thousand points; the distances to every centre, chunked, are the work left (1.25 s ->
+    0.2 s here, one core)."""
     ny, nx = (int(v) for v in nav_shape)
-    index, d2 = nearest_index(embedding, finite, centres)
     own = np.flatnonzero(finite)
-    z = embedding[own].astype(np.float32)  # the points in, once (a copy per cluster was most of the time)
-    zz = (z * z).sum(axis=1)
+    if ee is None:
+        ee = squared_norms(embedding, finite)
+    index, d2 = nearest_index(embedding, finite, centres, ee=ee)
     step = max(1, len(own) // MEAN_SAMPLE)
+    sub = own[::step]
+    zsub = embedding[sub].astype(np.float32)  # the centres' sample, once
     for _ in range(iterations):
         if not len(own):
             break
-        centres = _means(z[::step], index[own][::step], centres)
-        noise = max(float(np.mean(d2[own])) / z.shape[1], 1e-12)
-        grid = index.reshape(ny, nx)
-        best = np.full(len(own), np.inf, np.float32)
-        choice = index[own].copy()
-        dots = z @ centres.T  # (n, K): one matrix product for every cluster
-        for k, c in enumerate(centres):
-            energy = np.maximum(zz - 2 * dots[:, k] + float(c @ c), 0.0) / (2 * noise)
-            energy -= beta * _neighbours_with(grid == k)[own]
-            better = energy < best
-            best[better] = energy[better]
-            choice[better] = k
-        index = np.full(ny * nx, -1, np.int64)
-        index[own] = choice
-        d2 = np.zeros(ny * nx, np.float32)
-        d2[own] = np.maximum(zz - 2 * dots[np.arange(len(own)), choice] + (centres * centres).sum(axis=1)[choice], 0)
-    centres = _means(z[::step], index[own][::step], centres)
-    keep = np.array([(index == k).any() for k in range(len(centres))])
+        centres = _means(zsub, index[sub], centres)
+        noise = max(float(np.mean(d2[own])) / embedding.shape[1], 1e-12)
+        grid = np.full((ny + 2, nx + 2), -1, np.int16)  # the labels before this round, -1 around
+        grid[1:-1, 1:-1] = index.reshape(ny, nx)
+        index, d2 = _icm_round(embedding, own, ee, centres, grid.ravel(), nx, beta, noise)
+    centres = _means(zsub, index[sub], centres)
+    keep = np.bincount(index[own], minlength=len(centres)) > 0
     if not keep.all():  # a cluster no point holds any more goes
         remap = np.cumsum(keep) - 1
         index = np.where(index >= 0, remap[np.maximum(index, 0)], -1)
@@ -121,77 +123,174 @@ def spatial_labels(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarra
     return index, centres
 
 
-def _means(z: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Mean of the rows of each label (the old centre where a label has none): a bincount per dimension."""
-    out = centres.astype(np.float32).copy()
-    counts = np.bincount(labels, minlength=len(centres))
-    sums = np.stack([np.bincount(labels, weights=z[:, d], minlength=len(centres)) for d in range(z.shape[1])], axis=1)
-    has = counts > 0
-    out[has] = (sums[has] / counts[has, None]).astype(np.float32)
+def _icm_round(embedding, own, ee, centres, grid, nx, beta, noise):
+    """One synchronous ICM round over the points ``own`` in chunks: (index (N,), squared
+    distance to the chosen centre (N,)). ``grid``: the padded (ny+2, nx+2) labels, flat."""
+    n = len(ee)
+    index = np.full(n, -1, np.int64)
+    d2 = np.zeros(n, np.float32)
+    c2, cc = _centre_terms(centres)
+    w = nx + 2
+    offsets = (-w - 1, -w, -w + 1, -1, 1, w - 1, w, w + 1)
+    margin = 8 * beta * 2 * noise  # the neighbours' most say, in squared distance
+    for start in range(0, len(own), NEAREST_CHUNK):
+        part = own[start:start + NEAREST_CHUNK]
+        g = cc[:, None] - c2 @ _rows(embedding, part).T  # (K, chunk): |c|^2 - 2 c.z
+        best, score, weigh = _nearest_of(g, margin)
+        if len(weigh):
+            gw = g[:, weigh]
+            pos = part[weigh]
+            padded = (pos // nx + 1) * w + pos % nx + 1
+            votes = np.zeros(gw.shape, np.float32)
+            r = np.arange(len(weigh))
+            for off in offsets:
+                lab = grid[padded + off]
+                ok = lab >= 0
+                votes[lab[ok], r[ok]] += 1
+            choice = (gw / (2 * noise) - beta * votes).argmin(axis=0)
+            best[weigh] = choice
+            score[weigh] = gw[choice, r]
+        index[part] = best
+        d2[part] = np.maximum(score + ee[part], 0)
+    return index, d2
+
+
+def squared_norms(embedding: np.ndarray, received: np.ndarray) -> np.ndarray:
+    """(N,) float32 |z|^2 of each received point (not finite where a value is not), NaN elsewhere:
+    one chunked pass (the finite test of every value was 0.1 s at 1e6 x 16)."""
+    out = np.full(len(received), np.nan, np.float32)
+    idx = np.flatnonzero(received)
+    ones = np.ones(embedding.shape[1], np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for start in range(0, len(idx), NEAREST_CHUNK):
+            part = idx[start:start + NEAREST_CHUNK]
+            out[part] = np.square(_rows(embedding, part)) @ ones
     return out
 
 
-def _neighbours_with(mask: np.ndarray) -> np.ndarray:
-    """(ny, nx) bool -> (N,) how many of each point's 8 neighbours are True."""
-    ny, nx = mask.shape
-    pad = np.zeros((ny + 2, nx + 2), np.uint8)
-    pad[1:-1, 1:-1] = mask
-    count = np.zeros((ny, nx), np.uint8)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            if dy != 1 or dx != 1:
-                count += pad[dy:dy + ny, dx:dx + nx]
-    return count.ravel()
+def own_distances(embedding: np.ndarray, ee: np.ndarray, index: np.ndarray, centres: np.ndarray, *,
+                  points: np.ndarray) -> np.ndarray:
+    """(len(points),) squared distance of each of ``points`` to its centre ``centres[index]``."""
+    c = np.asarray(centres, np.float32)
+    cc = (c * c).sum(axis=1)
+    out = np.empty(len(points), np.float32)
+    for start in range(0, len(points), NEAREST_CHUNK):
+        part = points[start:start + NEAREST_CHUNK]
+        k = index[part]
+        dot = np.einsum("ij,ij->i", _rows(embedding, part), c[k])
+        out[start:start + len(part)] = np.maximum(ee[part] - 2 * dot + cc[k], 0)
+    return out
 
 
-def nearest_index(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the nearest centre (N,), -1 where not finite; squared distance (N,))."""
+def _centre_terms(centres):
+    c = np.asarray(centres, np.float32)
+    return 2 * c, (c * c).sum(axis=1)
+
+
+def _nearest_of(g: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(K, n) scores -> (each column's lowest row, its score, the columns where another row is
+    within ``margin`` of it: their lowest row is left for the caller, or ties). Reductions
+    along the first axis: numpy's argmin along a row of K was 5x a min down the columns."""
+    low = g.min(axis=0)
+    near = g <= low + margin
+    count = np.count_nonzero(near, axis=0)
+    best = (np.arange(len(g), dtype=np.float32) @ near.astype(np.float32)).astype(np.int64)  # the one near row
+    return best, low, np.flatnonzero(count > 1)
+
+
+def _rows(embedding: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """embedding[part] as float32: a view where ``part`` is a run of consecutive points (a
+    scan's points in are, mostly), a copy otherwise."""
+    if len(part) and part[-1] - part[0] == len(part) - 1:
+        return np.asarray(embedding[part[0]:part[-1] + 1], np.float32)
+    return embedding[part].astype(np.float32)
+
+
+def _means(z: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Mean of the rows of each label (the old centre where a label has none): one matrix
+    product with the labels one-hot (a bincount per dimension: 60 ms a call at 200k x 16, this
+    about 18 ms)."""
+    out = centres.astype(np.float32).copy()
+    ok = labels >= 0
+    labels, z = labels[ok], np.asarray(z[ok], np.float32)
+    onehot = np.zeros((len(centres), len(labels)), np.float32)
+    onehot[labels, np.arange(len(labels))] = 1
+    counts = np.bincount(labels, minlength=len(centres))
+    has = counts > 0
+    out[has] = (onehot @ z)[has] / counts[has, None]
+    return out
+
+
+def nearest_index(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarray, *,
+                  ee: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the nearest centre (N,), -1 where not finite; squared distance (N,), where
+    ``ee``, each point's |z|^2, is given; else zeros)."""
     n = len(finite)
     index = np.full(n, -1, np.int64)
     d2 = np.zeros(n, np.float32)
     idx = np.flatnonzero(finite)
-    cc = (centres * centres).sum(axis=1)
-    for start in range(0, len(idx), CHUNK):
-        part = idx[start:start + CHUNK]
-        e = embedding[part].astype(np.float32)
-        d = np.maximum((e * e).sum(axis=1)[:, None] - 2 * e @ centres.T + cc[None], 0.0)
-        index[part] = d.argmin(axis=1)
-        d2[part] = d[np.arange(len(part)), index[part]]
+    c2, cc = _centre_terms(centres)
+    for start in range(0, len(idx), NEAREST_CHUNK):
+        part = idx[start:start + NEAREST_CHUNK]
+        g = cc[:, None] - c2 @ _rows(embedding, part).T
+        best, score, tied = _nearest_of(g, 0.0)
+        if len(tied):
+            best[tied] = g[:, tied].argmin(axis=0)
+        index[part] = best
+        if ee is not None:
+            d2[part] = np.maximum(score + ee[part], 0)
     return index, d2
 
 
 def boundary_map(embedding: np.ndarray, received: np.ndarray, nav_shape) -> np.ndarray:
     """(N,) mean embedding distance to the 4 neighbours that are in, over the median of it;
     NaN where a point or all its neighbours are not in. Row by row: bounded memory."""
+    return normalised_boundary(boundary_distances(embedding, received, nav_shape))
+
+
+def normalised_boundary(raw: np.ndarray) -> np.ndarray:
+    """The mean distances over their median (from at most ``MEAN_SAMPLE`` of them, every k-th)."""
+    finite = np.flatnonzero(np.isfinite(raw))
+    if not len(finite):
+        return raw.astype(np.float32)
+    step = max(1, len(finite) // MEAN_SAMPLE)
+    return (raw / max(float(np.median(raw[finite[::step]])), 1e-12)).astype(np.float32)
+
+
+def boundary_distances(embedding: np.ndarray, received: np.ndarray, nav_shape, *,
+                       rows: tuple[int, int] | None = None) -> np.ndarray:
+    """(N,) (or the rows ``rows`` = (y0, y1), flat): each point's mean embedding distance to
+    its 4 neighbours that are in, NaN where it or all of them are not. In bands of rows."""
     ny, nx = (int(v) for v in nav_shape)
+    y0, y1 = rows if rows is not None else (0, ny)
     e = embedding.reshape(ny, nx, -1)
     ok = received.reshape(ny, nx)
-    total = np.zeros((ny, nx), np.float32)
-    count = np.zeros((ny, nx), np.float32)
-    rows = max(1, CHUNK // max(nx, 1))
-    for y0 in range(0, ny, rows):
-        y1 = min(ny, y0 + rows)
-        a = e[y0:y1].astype(np.float32)
+    out = np.full((y1 - y0, nx), np.nan, np.float32)
+    band = max(1, CHUNK // max(nx, 1))
+    for b0 in range(y0, y1, band):
+        b1 = min(y1, b0 + band)
+        lo, hi = max(0, b0 - 1), min(ny, b1 + 1)  # the band with a row above and below
+        a = np.asarray(e[lo:hi], np.float32)
+        k = ok[lo:hi]
+        total = np.zeros(a.shape[:2], np.float32)
+        count = np.zeros(a.shape[:2], np.float32)
         if nx > 1:  # right neighbour, both ways
             d = np.linalg.norm(a[:, 1:] - a[:, :-1], axis=2)
-            both = ok[y0:y1, 1:] & ok[y0:y1, :-1]
+            both = k[:, 1:] & k[:, :-1]
             d = np.where(both, d, 0)
-            total[y0:y1, :-1] += d
-            total[y0:y1, 1:] += d
-            count[y0:y1, :-1] += both
-            count[y0:y1, 1:] += both
-        b = e[y0 + 1:min(y1 + 1, ny)].astype(np.float32)  # each row's lower neighbour
-        if len(b):
-            d = np.linalg.norm(b - a[: len(b)], axis=2)
-            both = ok[y0 + 1:y1 + 1] & ok[y0:y0 + len(b)]
+            total[:, :-1] += d
+            total[:, 1:] += d
+            count[:, :-1] += both
+            count[:, 1:] += both
+        if hi - lo > 1:  # lower neighbour, both ways
+            d = np.linalg.norm(a[1:] - a[:-1], axis=2)
+            both = k[1:] & k[:-1]
             d = np.where(both, d, 0)
-            total[y0:y0 + len(b)] += d
-            total[y0 + 1:y0 + 1 + len(b)] += d
-            count[y0:y0 + len(b)] += both
-            count[y0 + 1:y0 + 1 + len(b)] += both
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / count, np.nan).ravel()
-    finite = np.isfinite(mean)
-    if finite.any():
-        mean = mean / max(float(np.median(mean[finite])), 1e-12)
-    return mean.astype(np.float32)
+            total[:-1] += d
+            total[1:] += d
+            count[:-1] += both
+            count[1:] += both
+        t, c = total[b0 - lo:b1 - lo], count[b0 - lo:b1 - lo]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[b0 - y0:b1 - y0] = np.where((c > 0) & k[b0 - lo:b1 - lo], t / c, np.nan)
+    return out.ravel()
