@@ -37,7 +37,6 @@ from liveindex.models.errors import InputError
 from .spatial import (
     boundary_distances,
     normalised_boundary,
-    own_distances,
     spatial_labels,
     split_coherent,
     squared_norms,
@@ -153,14 +152,13 @@ class LatentClusters:
         if centres is not None:
             # The spatial prior (ICM) settles each point with its neighbours; the centres it ends
             # with are the clusters' (matched to the old ones, so ids stay).
-            index, centres = spatial_labels(embedding, finite, centres, self.nav_shape, ee=ee)
+            index, centres, d2 = spatial_labels(embedding, finite, centres, self.nav_shape, ee=ee)
             self._update(centres, embedding, index)
             with self.lock:
                 known = list(self.known)
             ids = np.array([c.id for c in known], np.int16)
             cluster[finite] = ids[index[finite]]
-            distance[finite] = np.sqrt(own_distances(embedding, ee, index, np.stack([c.centre for c in known]),
-                                                     points=np.flatnonzero(finite)))
+            distance[finite] = np.sqrt(d2[finite])
         else:
             index = np.full(n, -1, np.int64)
         self._describe_clusters(known, index, distance, explained)
@@ -351,28 +349,29 @@ def pooled_explained(cluster: np.ndarray, explained: np.ndarray, nav_shape, *, r
     bounded memory, about 0.1 s at 1e6 points."""
     ny, nx = (int(v) for v in nav_shape)
     y0, y1 = rows if rows is not None else (0, ny)
-    grid = np.asarray(cluster).reshape(ny, nx)
+    grid = np.asarray(cluster, np.int16).reshape(ny, nx)
     x = np.asarray(explained, np.float32).reshape(ny, nx)
     out = np.full((y1 - y0, nx), np.nan, np.float32)
-    band = max(1, (1 << 16) // max(nx, 1))
+    band = max(1, (1 << 14) // max(nx, 1))  # rows a step: its arrays stay in cache
     r = radius
     for b0 in range(y0, y1, band):
         b1 = min(y1, b0 + band)
+        h = b1 - b0
         lo, hi = max(0, b0 - r), min(ny, b1 + r)
-        cp = np.full((b1 - b0 + 2 * r, nx + 2 * r), -1, np.int32)
+        cp = np.full((h + 2 * r, nx + 2 * r), -1, np.int16)  # the clusters around, -1 where not answered
         xp = np.zeros(cp.shape, np.float32)
         xs = x[lo:hi]
         ok = np.isfinite(xs)
         cp[lo - b0 + r:hi - b0 + r, r:r + nx] = np.where(ok, grid[lo:hi], -1)
         xp[lo - b0 + r:hi - b0 + r, r:r + nx] = np.where(ok, xs, 0)
-        centre = grid[b0:b1].astype(np.int32)
-        centre = np.where(centre >= 0, centre, -2)  # no cluster: matches nothing
-        total = np.zeros((b1 - b0, nx), np.float32)
-        count = np.zeros((b1 - b0, nx), np.float32)
+        centre = np.where(grid[b0:b1] >= 0, grid[b0:b1], -2).astype(np.int16)  # no cluster: matches nothing
+        total = np.zeros((h, nx), np.float32)
+        count = np.zeros((h, nx), np.uint8)
+        same = np.empty((h, nx), bool)
         for dy in range(2 * r + 1):
             for dx in range(2 * r + 1):
-                same = cp[dy:dy + b1 - b0, dx:dx + nx] == centre
-                total += np.where(same, xp[dy:dy + b1 - b0, dx:dx + nx], 0)
+                np.equal(cp[dy:dy + h, dx:dx + nx], centre, out=same)
+                np.add(total, xp[dy:dy + h, dx:dx + nx], out=total, where=same)
                 count += same
         with np.errstate(invalid="ignore", divide="ignore"):
             out[b0 - y0:b1 - y0] = np.where(count > 0, total / count, np.nan)
