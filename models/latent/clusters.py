@@ -1,12 +1,13 @@
 """Cluster, boundary and novelty maps of a scan's embeddings, refreshed while it grows.
 
 ``LatentClusters`` keeps a few centres. ``refresh`` clusters a bounded random subsample of
-the points in (HDBSCAN, or k-means for a given count), matches the new clusters to the old
-centres (so a cluster keeps its id and colour between refreshes), and assigns every point
-to its nearest centre; between refreshes ``assign`` places each arriving point the same
+the points in (HDBSCAN, or k-means for a given count) when it has changed enough (``_refit``:
+every 4th refresh, a quarter more points, or a new population), matches the new clusters to
+the old centres (so a cluster keeps its id and colour between refreshes), and assigns every
+point to its nearest centre; between refreshes ``assign`` places each arriving point the same
 way. Memory and time are bounded by the subsample (``SAMPLE`` points: HDBSCAN is about
-n log n on it) and one pass over the map in chunks for the assignment, boundary and
-novelty maps.
+n log n on it) and a few chunked passes over the map for the assignment, boundary and
+novelty maps (0.4-0.6 s of CPU at 1e6 points, 1.2-1.4 s where it reclusters; benchmarks/latent.py).
 
 - clusters with a spatial prior (spatial.py): a cluster whose two halves (along its first
   principal direction) lie together in space is split (``split_coherent``), and every point
@@ -14,14 +15,18 @@ novelty maps.
   measured on the superalloy scan (benchmarks/latent.py), where gamma prime differs from the
   gamma matrix by about 3 noise sigmas a pattern and density alone finds only the grains;
 - boundary: mean embedding distance of a point to its 4 neighbours that are in, over the
-  scan's median of it (about 1 inside a region, higher across a boundary);
+  scan's median of it (about 1 inside a region, higher across a boundary); recomputed on the
+  rows where points came in;
 - novelty, in [0, 1]: how far a point is from every cluster (its distance to the nearest
   centre over that cluster's 95th-percentile radius: 0 up to 1.5 radii, 1 from 3), or, where
-  the points are answered with an explanation, the share of its cluster that no listed phase
-  explains, above the share of the best explained clusters (``explained_baseline``): a
-  cluster is the pattern population; most of it unexplained is a phase missing from the
-  list, a few unexplained points in a well explained cluster are noise; in a cluster a
-  quarter or more unexplained, each unexplained point is novel too.
+  the points are answered, how little a listed phase explains it: its explained share (the
+  indexer's calibrated confidence, the chance its answer is right) pooled over the points of
+  its own cluster in the 5x5 around it (``pooled_explained``), over the explained share of
+  the best explained clusters (``explained_baseline``): novelty 1 below 0.05 of it, 0 above
+  0.25. A missing phase's points are answered with confidence about 0; a listed phase's poor
+  patterns (hard noise) with less than the best grains' but far from 0, and the pooling over
+  25 neighbours tells them apart where one frame does not; pooling within the point's own
+  cluster keeps a missing phase's grain apart from a listed one's that shares its cluster.
 """
 
 from __future__ import annotations

@@ -158,3 +158,62 @@ def test_the_neighbourhood_pools_only_its_own_cluster():
     assert out[4, 5] == 7 / 8 and out[2, 3] == 13 / 14  # (2, 4) counts; (4, 5) itself does not
     rows = pooled_explained(cluster.ravel(), explained.ravel(), (5, 6), rows=(2, 4))
     assert np.array_equal(rows, out[2:4].ravel(), equal_nan=True)
+
+
+def _icm_every_centre(embedding, finite, centres, nav_shape, iterations=2, beta=1.0):
+    """The ICM as it was, every point weighed against every centre (the reference)."""
+    from liveindex.models.latent.spatial import _means, nearest_index, squared_norms
+
+    ny, nx = nav_shape
+    ee = squared_norms(embedding, finite)
+    index, d2 = nearest_index(embedding, finite, centres, ee=ee)
+    own = np.flatnonzero(finite)
+    z = embedding[own].astype(np.float32)
+    for _ in range(iterations):
+        centres = _means(z, index[own], centres)
+        noise = max(float(np.mean(d2[own])) / z.shape[1], 1e-12)
+        pad = np.full((ny + 2, nx + 2), -1)
+        pad[1:-1, 1:-1] = index.reshape(ny, nx)
+        d = ((z[:, None, :] - centres[None]) ** 2).sum(axis=2)
+        votes = np.zeros_like(d)
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                if dy != 1 or dx != 1:
+                    lab = pad[dy:dy + ny, dx:dx + nx].ravel()[own]
+                    ok = lab >= 0
+                    votes[np.flatnonzero(ok), lab[ok]] += 1
+        choice = (d / (2 * noise) - beta * votes).argmin(axis=1)
+        index = np.full(ny * nx, -1, np.int64)
+        index[own] = choice
+        d2 = np.zeros(ny * nx, np.float32)
+        d2[own] = d[np.arange(len(own)), choice]
+    return index
+
+
+def test_the_icm_weighs_only_points_its_neighbours_could_move_and_agrees_with_weighing_all():
+    from liveindex.models.latent.spatial import spatial_labels
+
+    rng = np.random.default_rng(5)
+    e, label = _regions(dims=8, noise=3.0, seed=5)  # noisy: many points within reach of another centre
+    e = e.astype(np.float32)
+    finite = rng.random(len(e)) < 0.97
+    centres = np.stack([e[label == k].mean(axis=0) for k in range(3)]) + rng.normal(0, 0.3, (3, 8)).astype(np.float32)
+    index, _, d2 = spatial_labels(e, finite, centres, (60, 60))
+    reference = _icm_every_centre(e, finite, centres, (60, 60))
+    assert np.mean(index == reference) > 0.999 and (index[~finite] == -1).all()
+    naive = np.argmin(((e[:, None] - centres[None]) ** 2).sum(axis=2), axis=1)
+    assert np.mean(index[finite] != naive[finite]) > 0.01  # the neighbours did move points here
+    assert np.all(d2[finite] >= 0)
+
+
+def test_a_refresh_reclusters_only_now_and_then():
+    from liveindex.models.latent.clusters import REFIT_EVERY
+
+    e, label = _regions()
+    clusters = LatentClusters((60, 60), sample=1000)
+    received = np.ones(len(e), bool)
+    fits = []
+    for _ in range(2 * REFIT_EVERY):
+        clusters.refresh(e, received)
+        fits.append(clusters.since_fit == 0)
+    assert fits == ([True] + [False] * (REFIT_EVERY - 1)) * 2
