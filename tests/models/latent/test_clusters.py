@@ -217,3 +217,19 @@ def test_a_refresh_reclusters_only_now_and_then():
         clusters.refresh(e, received)
         fits.append(clusters.since_fit == 0)
     assert fits == ([True] + [False] * (REFIT_EVERY - 1)) * 2
+
+
+def test_a_cluster_whose_halves_lie_together_in_space_is_split_and_noise_is_not():
+    from liveindex.models.latent.spatial import split_coherent
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:80, 0:80]
+    grain = ((yy >= 40) * 2 + (xx >= 40)).ravel()
+    disc = (((yy % 20 - 10) ** 2 + (xx % 20 - 10) ** 2) <= 16).ravel()  # precipitates: 1 noise sigma a dimension
+    centres = rng.normal(0, 3, (4, 16))
+    e = (centres[grain] + disc[:, None] * rng.normal(0, 0.75, 16) + rng.normal(0, 1, (6400, 16))).astype(np.float32)
+    start = np.stack([e[grain == k].mean(axis=0) for k in range(4)])
+    out = split_coherent(e, np.ones(6400, bool), start, (80, 80), min_size=50)
+    assert len(out) == 8  # each grain and its precipitates
+    flat = (centres[grain] + rng.normal(0, 1, (6400, 16))).astype(np.float32)  # no precipitates: nothing to split
+    assert len(split_coherent(flat, np.ones(6400, bool), start, (80, 80), min_size=50)) == 4
