@@ -323,7 +323,7 @@ class LatentClusters:
 
 
 BASELINE_SHARE = 0.2  # the best explained clusters holding this share of the points set the baseline ...
-BASELINE_LEAST = 0.2  # ... taken as at least this: below it no listed phase explains the scan, all is novel
+BASELINE_LEAST = 0.2  # ... taken as at least this: where nothing is explained, all is novel (below 0.01-0.05)
 
 
 def explained_baseline(clusters: list[Cluster]) -> float:
