@@ -131,17 +131,19 @@ def test_novelty_is_relative_to_the_best_explained_clusters():
 
 
 def test_in_a_mixed_cluster_the_missing_phase_points_are_novel():
-    """One cluster (the disc) holds a grain of a missing phase (its left part) and one of a
-    listed phase: a point's explained share is pooled over its own cluster's neighbours, so
-    the two parts are told apart, all but the two columns next to where they meet."""
-    e, label = _regions()
-    xx = np.arange(len(e)) % 60
-    unexplained = (label == 2) & (xx < 45)
-    out = LatentClusters((60, 60), sample=1000).refresh(e, np.ones(len(e), bool), _explained(unexplained))
+    """One cluster (the right half) holds a grain of a missing phase (its top) and one of a
+    listed phase (its bottom): a point's explained share is pooled over its own cluster's
+    points about it, so the two are told apart, all but the rows near where they meet."""
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[0:80, 0:80]
+    right = (xx >= 40).ravel()
+    e = (np.where(right[:, None], 3.0, -3.0) + rng.normal(0, 0.3, (6400, 8))).astype(np.float32)
+    unexplained = right & (yy < 40).ravel()
+    out = LatentClusters((80, 80), sample=1000).refresh(e, np.ones(6400, bool), _explained(unexplained))
     novel = out["novelty"] >= NOVEL
-    away = np.abs(xx - 44.5) > 2
+    away = (np.abs(yy - 39.5) > 8).ravel()
     assert novel[unexplained & away].all() and not novel[~unexplained & away].any()
-    assert len(np.unique(out["cluster"][label == 2])) == 1  # one cluster holds both
+    assert len(np.unique(out["cluster"][right])) == 1  # one cluster holds both
 
 
 def test_the_neighbourhood_pools_only_its_own_cluster():
