@@ -17,9 +17,12 @@
     embedding.
 (c) cost: a worker's page (128 frames, one core) with and without the embedding; the basis fit;
     the features and projection per frame; a cluster-map refresh on a synthetic 1e6-point
-    embedding (1000x1000) with its peak memory; the NMF basis for comparison.
+    embedding (1000x1000), wall and CPU, where it reclusters and where not, with its peak
+    memory; the NMF basis for comparison; and the period of the cluster map in the sink
+    itself (``live_period``: a 1000x1000 scan's result pages on a socket, the last fifth at
+    ``--rate`` points a second), with the load.
 
-    .venv/bin/python benchmarks/latent.py [--noise moderate] [--scan 80] [--part a,b,c]
+    .venv/bin/python benchmarks/latent.py [--noise moderate] [--scan 80] [--part a,b,c] [--seed 5] [--rate 5000]
     .venv/bin/python benchmarks/latent.py --part d [--spot-scan 50] [--grain 10] [--seed 1]
 """
 
@@ -29,6 +32,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -84,18 +88,18 @@ def superalloy(noise: str, side: int, radius: float) -> dict:
             **times}
 
 
-def missing_phase(noise: str, side: int) -> dict:
+def missing_phase(noise: str, side: int, seed: int = 5) -> dict:
     from liveindex.models.ebsd.master_patterns import phases_from_spec
     from liveindex.models.ebsd.simulator import SimulatedScan
 
     austenite, ferrite = phases_from_spec(f"{DATA / 'austenite.cif'},{DATA / 'ferrite.cif'}")
-    scan = SimulatedScan((side, side), phase=[austenite, ferrite], noise=noise, seed=5, grain_size=side / 4)
+    scan = SimulatedScan((side, side), phase=[austenite, ferrite], noise=noise, seed=seed, grain_size=side / 4)
     frames = scan.render(0, scan.size)
     maps, start, times = _index(frames, [austenite], nav=scan.nav_shape)
     novel = maps["novelty"] >= 0.5
     is_ferrite = scan.truth_phase == 1
     low = start.unexplained(maps)
-    return {"noise": noise, "points": scan.size, "ferrite_share": round(float(is_ferrite.mean()), 3),
+    return {"noise": noise, "seed": seed, "points": scan.size, "ferrite_share": round(float(is_ferrite.mean()), 3),
             "novel_ferrite": round(float(novel[is_ferrite].mean()), 4),
             "novel_austenite": round(float(novel[~is_ferrite].mean()), 4),
             "confidence_below_half_ferrite": round(float(low[is_ferrite].mean()), 4),
@@ -149,25 +153,152 @@ def cost(noise: str, side: int) -> dict:
     t0 = time.perf_counter()
     model.transform(np.maximum(features(page), 0).astype(np.float64))
     out["nmf_embed_us_per_frame"] = round((time.perf_counter() - t0) / len(page) * 1e6, 2)
-    # A 1000x1000 scan's refresh on a synthetic embedding: 12 regions and noise.
+    # A 1000x1000 scan's refresh on a synthetic embedding: 12 regions and noise, as float32
+    # (the sink keeps it so) with each point's explained share (confidence): the first clusters the
+    # subsample (HDBSCAN, the split), as every 4th does (clusters.REFIT_EVERY); the others only
+    # settle the map (ICM) and recompute its novelty and boundary maps.
     rng = np.random.default_rng(0)
     n = 1_000_000
     region = (np.arange(n) // 1000 // 250) * 3 + (np.arange(n) % 1000) // 334
-    emb = (rng.normal(0, 2, (12, 16))[region] + rng.normal(0, 0.3, (n, 16))).astype(np.float16)
+    emb = (rng.normal(0, 2, (12, 16))[region] + rng.normal(0, 0.3, (n, 16))).astype(np.float16).astype(np.float32)
     received = np.ones(n, bool)
+    explained = rng.beta(0.6, 0.2, n).astype(np.float32)
     clusters = LatentClusters((1000, 1000))
-    refresh = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        result = clusters.refresh(emb, received)
-        refresh.append(time.perf_counter() - t0)
+    clusters.refresh(emb, received, explained)  # warm: imports, HDBSCAN's first call
+    refit, settle = [], []
+    for _ in range(8):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        result = clusters.refresh(emb, received, explained)
+        (refit if clusters.since_fit == 0 else settle).append((time.perf_counter() - t0, time.thread_time() - c0))
     tracemalloc.start()  # its own run: tracing slows numpy's allocations
-    clusters.refresh(emb, received)
+    clusters.refresh(emb, received, explained)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    out["refresh_1e6_s"] = [round(v, 2) for v in refresh]
+    out["refresh_1e6_refit_s"] = [(round(w, 2), round(c, 2)) for w, c in refit]  # (wall, CPU)
+    out["refresh_1e6_s"] = [(round(w, 2), round(c, 2)) for w, c in settle]
     out["refresh_1e6_peak_mb"] = round(peak / 1e6, 1)
     out["refresh_1e6_clusters"] = int(len(np.unique(result["cluster"])))
+    out["refresh_load"] = _load()
+    return out
+
+
+def _load() -> str:
+    """The 1, 5 and 15 min load averages of this machine (/proc/loadavg) and its cores."""
+    return f"load {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} cores"
+
+
+def live_period(side: int = 1000, rate: float = 5000.0, prefill: float = 0.8, page: int = 256,
+                regions: int = 12) -> dict:
+    """The cluster map's refresh period in the sink (stream/sink.py ``Sink``, its
+    ``LatentRefresher`` thread): an EBSD scan_start of ``side`` x ``side`` points on a loopback
+    socket, then result pages (``page`` points each, as workers send them) of a synthetic
+    embedding (``regions`` regions of 16 dims, 30% of them poorly explained as at hard noise),
+    the first ``prefill`` of the scan as fast as the sink takes them and the rest at ``rate``
+    points a second. The period is the time between the ends of two refreshes while the rest
+    comes in; a refresh's wall and CPU time and the points it held come from the sink's log."""
+    import tempfile
+
+    import zmq
+
+    from liveindex.models.ebsd.files import SimulatedSource
+    from liveindex.models.ebsd.simulator import SimulatedScan
+    from liveindex.stream.latent_map import LatentMaps
+    from liveindex.stream.protocol import ScanStart, encode
+    from liveindex.stream.sink import Sink
+
+    # Each refresh's end, wall and CPU time and points in, as the sink's refresher thread runs it.
+    log_: list[tuple[float, float, float, int]] = []
+    refresh = LatentMaps.refresh
+
+    def timed(self, state):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        changed = refresh(self, state)
+        if changed is not None:
+            log_.append((time.monotonic(), time.perf_counter() - t0, time.thread_time() - c0, self.refreshed_at_points))
+        return changed
+
+    LatentMaps.refresh = timed
+
+    scan = SimulatedScan((4, 4), seed=1)  # only its scan_start: the pages below are synthetic
+    source = SimulatedSource(scan)
+    source.fit_latent = False
+    header = {"scan": "period", **source.scan_start()}
+    header["nav_shape"] = [side, side]
+    start = ScanStart.from_header(header)
+    n = side * side
+    rng = np.random.default_rng(0)
+    yy, xx = np.divmod(np.arange(n), side)
+    k = int(np.sqrt(regions))
+    region = np.minimum(yy * k // side, k - 1) * (regions // k) + np.minimum(xx * (regions // k) // side,
+                                                                             regions // k - 1)
+    centres = rng.normal(0, 2, (regions, 16))
+    poor = rng.random(regions) < 0.3
+    pages = []
+    for first in range(0, n, page):
+        idx = np.arange(first, min(n, first + page))
+        arrays = {"indices": idx}
+        for f in start.fields:
+            arrays[f.name] = np.broadcast_to(np.asarray(f.fill, f.dtype), (len(idx), *f.shape)).copy()
+        arrays["phase_id"][:] = 0
+        arrays["method"][:] = 1
+        conf = rng.beta(0.6, 0.6 * np.where(poor[region[idx]], 0.8 / 0.2, 0.1 / 0.9))
+        arrays["confidence"] = conf.astype(np.float32)
+        arrays["embedding"] = (centres[region[idx]] + rng.normal(0, 0.3, (len(idx), 16))).astype(np.float16)
+        pages.append(encode("results", {"scan": "period", "first": int(idx[0]), "count": len(idx), "worker": "w",
+                                        "timings": {}}, arrays))
+    out: dict = {"points": n, "rate": rate, "page": page, "prefill": prefill}
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = Sink(out_dir=tmp, http_port=None, finish_timeout=600.0)
+        thread = threading.Thread(target=sink.run, daemon=True)
+        thread.start()
+        ctx = zmq.Context.instance()
+        push = ctx.socket(zmq.DEALER)
+        push.connect(sink.endpoint)
+
+        def drain():  # the sink's acknowledgements
+            while push.poll(0):
+                push.recv_multipart()
+
+        push.send_multipart(encode("scan_start", header))
+        cut = int(prefill * len(pages))
+        t0 = time.perf_counter()
+        for message in pages[:cut]:
+            push.send_multipart(message)
+            drain()
+        while sink.scans.get("period") is None or sink.scans["period"].n_received < cut * page:
+            drain()
+            time.sleep(0.05)
+        out["prefill_s"] = round(time.perf_counter() - t0, 1)
+        state = sink.scans["period"]
+        fed_from = time.monotonic()
+        load_before = _load()
+        t0 = time.perf_counter()
+        for j, message in enumerate(pages[cut:]):
+            wait = t0 + j * page / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            push.send_multipart(message)
+            drain()
+        while state.n_received < n:
+            drain()
+            time.sleep(0.05)
+        fed_s = time.perf_counter() - t0
+        time.sleep(5.0)  # a refresh more after the last page (none after it: nothing new)
+        fed_to = time.monotonic()
+        sink.stop_event.set()
+        thread.join(30)
+        push.close(linger=0)
+        sink.close()
+        LatentMaps.refresh = refresh
+    ends = np.array([e[0] for e in log_])
+    during = [e for e in log_ if fed_from <= e[0] <= fed_to]
+    gaps = np.diff(ends[(ends >= fed_from) & (ends <= fed_to)])
+    out.update({"fed_s": round(fed_s, 1), "load_before_feed": load_before, "load_after": _load(),
+                "refreshes": len(during), "period_s_median": round(float(np.median(gaps)), 2) if len(gaps) else None,
+                "period_s_max": round(float(gaps.max()), 2) if len(gaps) else None,
+                "refresh_wall_s": [round(e[1], 2) for e in during], "refresh_cpu_s": [round(e[2], 2) for e in during],
+                "refresh_points": [e[3] for e in during],
+                "refresher_core_share": round(sum(e[2] for e in during) / max(fed_to - fed_from, 1e-9), 3)})
     return out
 
 
@@ -262,7 +393,8 @@ def main(argv=None) -> int:
     parser.add_argument("--radius", type=float, default=4.0, help="precipitate radius in scan points (a)")
     parser.add_argument("--spot-scan", type=int, default=50, help="spot scan side in points (d)")
     parser.add_argument("--grain", type=float, default=10.0, help="spot scan grain size in points (d)")
-    parser.add_argument("--seed", type=int, default=1, help="spot scan seed (d)")
+    parser.add_argument("--seed", type=int, default=None, help="scan seed (b: 5, d: 1 unless given)")
+    parser.add_argument("--rate", type=float, default=5000.0, help="points a second fed to the sink (c)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1 and 5 min), {os.cpu_count()} cores", flush=True)
@@ -272,7 +404,7 @@ def main(argv=None) -> int:
         print(f"(a) superalloy {r}", flush=True)
         print(f"    cluster map ARI {r['ari_cluster']} (>= 0.9 asked): {'met' if r['ari_cluster'] >= 0.9 else 'NOT met'}")
     if "b" in parts:
-        r = missing_phase(args.noise, args.scan)
+        r = missing_phase(args.noise, args.scan, 5 if args.seed is None else args.seed)
         print(f"(b) missing phase {r}", flush=True)
         ok = r["novel_ferrite"] >= 0.95 and r["novel_austenite"] <= 0.02
         print(f"    novelty: {r['novel_ferrite']:.1%} of ferrite, {r['novel_austenite']:.1%} of austenite "
@@ -283,9 +415,18 @@ def main(argv=None) -> int:
         share = r["page_ms_latent_on"] / r["page_ms_latent_off"] - 1
         print(f"    a page with the embedding takes {share:+.1%} of the time without (<= 15% asked); embedding "
               f"{r['embed_us_per_frame']} us a frame against {r['index_us_per_frame']} us to index it; refresh of "
-              f"1e6 points {max(r['refresh_1e6_s']):.1f} s at most (<= 5 s asked), peak {r['refresh_1e6_peak_mb']} MB")
+              f"1e6 points {max(c for _, c in r['refresh_1e6_refit_s']):.2f} s of CPU at most where it reclusters, "
+              f"{max(c for _, c in r['refresh_1e6_s']):.2f} s where not, peak {r['refresh_1e6_peak_mb']} MB "
+              f"({r['refresh_load']})", flush=True)
+        p = live_period(rate=args.rate)
+        print(f"(c) live period {p}", flush=True)
+        ok = p["period_s_max"] is not None and p["period_s_max"] <= 5.0
+        print(f"    the sink's cluster map on a 1000x1000 scan fed at {args.rate:.0f} points/s: new every "
+              f"{p['period_s_median']} s (median), {p['period_s_max']} s at most (<= 5 s asked): "
+              f"{'met' if ok else 'NOT met'}; the refresher took {p['refresher_core_share']:.0%} of a core "
+              f"({p['load_before_feed']} before the feed, {p['load_after']} after)")
     if "d" in parts:
-        r = spot_scan(args.noise, args.spot_scan, args.grain, args.seed)
+        r = spot_scan(args.noise, args.spot_scan, args.grain, 1 if args.seed is None else args.seed)
         print(f"(d) spot patterns {r}", flush=True)
         share = r["page_ms_latent_on"] / r["page_ms_latent_off"] - 1
         print(f"    cluster map ARI {r['ari_cluster']} (>= 0.9 asked): {'met' if r['ari_cluster'] >= 0.9 else 'NOT met'}; "

@@ -4,9 +4,10 @@ what the indexer answered for their points.
 
 The runtime knows no physics here either: it clusters whatever vectors the ``embedding``
 field holds. Each arriving point is assigned to its nearest cluster at once
-(``on_points``); every ``REFRESH_SECONDS`` the sink's refresher thread reclusters a
-bounded subsample and recomputes the whole maps (``refresh``), and the points whose
-cluster changed go to the live page as one more change. A cluster's mean pattern is its
+(``on_points``, with its novelty from the neighbours in so far); every ``REFRESH_SECONDS``
+the sink's refresher thread recomputes the whole maps (``refresh``; the bounded subsample is
+reclustered every few refreshes, models/latent/clusters.py), and the points whose cluster
+changed go to the live page as one more change. A cluster's mean pattern is its
 mean embedding mapped back through the basis the scan_start carries (no frames needed).
 """
 
@@ -31,6 +32,21 @@ CLUSTER_COLOURS = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
 PALETTE = [[0, 0, 0]] + [CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)] for i in range(255)]
 
 
+def explained_of(spec, arrays: dict) -> np.ndarray | None:
+    """(B,) float32 of a page's (or a scan's) fields: each answered point's chance that a listed
+    phase explains it, its calibrated confidence (the contract's: the chance its answer is
+    right; at most 0.5 where it kept no phase), or 1/0 by ``spec.unexplained`` where there is
+    no confidence; NaN where not answered. None where the modality answers with no method."""
+    if "method" not in arrays:
+        return None
+    if "confidence" in arrays and "phase_id" in arrays:
+        x = np.nan_to_num(np.clip(arrays["confidence"].astype(np.float32), 0.0, 1.0), nan=0.0)
+        x = np.where(arrays["phase_id"] < 0, np.minimum(x, 0.5), x)
+    else:
+        x = np.where(spec.unexplained(arrays), 0.0, 1.0).astype(np.float32)
+    return np.where(arrays["method"] != spec.not_indexed_code, x, np.nan).astype(np.float32)
+
+
 def has_latent(spec) -> bool:
     f = spec.field.get(EMBEDDING_FIELD)
     return f is not None and len(f.shape) == 1 and f.dtype.startswith("float")
@@ -52,6 +68,11 @@ class LatentMaps:
         self.distance = np.full(n, np.nan, np.float32)
         self.boundary = np.full(n, np.nan, np.float32)
         self.novelty = np.full(n, np.nan, np.float32)
+        self.explained = np.full(n, np.nan, np.float32)  # explained_of each point in
+        # The embeddings as float32, converted as the points come in: a refresh neither copies the
+        # float16 map under the scan's lock nor converts it whole (0.04-0.08 s of CPU at 1e6 x 16
+        # here, and a 64 MB allocation each time); 64 MB held here beside the 32 MB map.
+        self.embedding = np.full((n, *spec.field[EMBEDDING_FIELD].shape), np.nan, np.float32)
         self.basis = None
         wire = spec.header.get("latent")
         if wire is not None:
@@ -65,14 +86,25 @@ class LatentMaps:
         self.info: list[dict] = []  # per cluster: id, size, colour, phase, ... (for status.json)
 
     def on_points(self, maps: dict, idx: np.ndarray) -> None:
-        """New points: their nearest cluster now (under the ScanState's lock)."""
-        if not len(idx) or not self.clusters.known:
+        """New points: their nearest cluster now and their novelty with the neighbours in so
+        far (under the ScanState's lock)."""
+        if not len(idx):
             return
-        ids, dist = self.clusters.assign(maps[EMBEDDING_FIELD][idx])
-        self.cluster[idx], self.distance[idx] = ids, dist
+        self.embedding[idx] = maps[EMBEDDING_FIELD][idx]
         page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence") if name in maps}
-        unexplained = self.spec.unexplained(page) if "method" in page else None
-        self.novelty[idx] = self.clusters.novelty(ids, dist, unexplained)
+        explained = explained_of(self.spec, page)
+        if explained is not None:
+            self.explained[idx] = explained
+        if not self.clusters.known:
+            return
+        ids, dist = self.clusters.assign(self.embedding[idx])
+        self.cluster[idx], self.distance[idx] = ids, dist
+        pooled = None
+        if explained is not None:  # over the rows of these points only (a page: a row or two, and 2 around)
+            nx = int(self.spec.nav_shape[-1])
+            y0, y1 = int(idx.min()) // nx, int(idx.max()) // nx + 1
+            pooled = self.clusters.pooled(self.cluster, self.explained, rows=(y0, y1))[idx - y0 * nx]
+        self.novelty[idx] = self.clusters.novelty(ids, dist, pooled)
 
     def refresh(self, state) -> np.ndarray | None:
         """Recluster and recompute the maps; returns the points whose cluster changed (for the
@@ -82,11 +114,11 @@ class LatentMaps:
                 if state.n_received == self.refreshed_at_points or state.n_received < 2:
                     return None
                 self.refreshed_at_points = state.n_received
-                embedding = state.maps[EMBEDDING_FIELD].copy()
                 received = state.received.copy()
-                unexplained = self.spec.unexplained(state.maps) & received if "method" in state.maps else None
+                explained = np.where(received, self.explained, np.nan) if "method" in state.maps else None
             t0 = time.perf_counter()
-            out = self.clusters.refresh(embedding, received, unexplained)
+            # Read without the lock: points coming in meanwhile write rows that ``received`` leaves out.
+            out = self.clusters.refresh(self.embedding, received, explained)
             self.refresh_seconds.append(time.perf_counter() - t0)
             with state.lock:
                 # Points that came in meanwhile keep their on-arrival assignment.
@@ -94,7 +126,9 @@ class LatentMaps:
                 changed = np.flatnonzero(take & (self.cluster != out["cluster"]))
                 for name in ("cluster", "distance", "boundary", "novelty"):
                     getattr(self, name)[take] = out[name][take]
-                self.info = self._describe(state)
+            # Outside the lock (a pass over the map a cluster: 0.1 s at 1e6 points that the sink's
+            # loop need not wait for); points coming in meanwhile may or may not count.
+            self.info = self._describe(state)
             return changed
 
     def _describe(self, state) -> list[dict]:
@@ -124,7 +158,7 @@ class LatentMaps:
 
                         item["euler_deg"] = [round(v, 1) for v in euler_degrees(
                             state.maps["quaternion"][nearest].astype(float))]
-            item["novel"] = bool(c["unexplained"] >= NOVEL)
+            item["novel"] = bool(c["novel_share"] >= NOVEL)  # most of its points novel
             out.append(item)
         return out
 
@@ -156,7 +190,7 @@ class LatentMaps:
 
 class LatentRefresher(threading.Thread):
     """The sink's thread that refreshes the latent maps of running scans every
-    ``REFRESH_SECONDS`` (clustering takes about a second: never in the sink's loop)."""
+    ``REFRESH_SECONDS`` (0.5-1.4 s of CPU at 1e6 points: never in the sink's loop)."""
 
     def __init__(self, scans, *, stop_event: threading.Event, period: float = REFRESH_SECONDS):
         super().__init__(name="latent-refresh", daemon=True)
@@ -168,7 +202,7 @@ class LatentRefresher(threading.Thread):
     def run(self) -> None:
         wait = self.period
         while not self.stop_event.wait(wait):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for state in list(self.scans()):
                 if state.latent is None or state.finished:
                     continue
@@ -178,11 +212,13 @@ class LatentRefresher(threading.Thread):
                     self.error = exc
                     log.error("scan %s: latent maps not refreshed (%s: %s)", state.scan, type(exc).__name__, exc,
                               exc_info=True)
-            # A refresh every ``period`` where it is quick; where it is slow (3-4 s at 1e6 points
-            # on a loaded 2-core machine) a pause of half its time, so the sink's loop keeps a
-            # third of the time for itself at least.
-            spent = time.perf_counter() - t0
-            wait = max(self.period - spent, 0.5 * spent)
+            # A refresh every ``period`` where it is quick; where it is slow a pause of half the
+            # CPU time it took, so this thread takes two thirds of a core at most and the sink's
+            # loop keeps the rest. Half its wall time was the pause before: on a loaded machine
+            # (a refresh of 1e6 points 0.7 s of CPU in 2.3 s at load 4.5 on 2 cores) that paused
+            # for the other processes' time too and the map was new every 3.5-6.3 s.
+            spent, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            wait = max(self.period - spent, 0.5 * cpu)
 
     def maybe_raise(self) -> None:
         if self.error is not None:

@@ -83,16 +83,15 @@ def latent_maps(maps: dict, start: ScanStart, clusters: int | None = None, *, in
     cluster's size and, where the scan_start carries a basis and the modality can make a
     pattern of a feature vector, what ``indexer`` answers for the cluster's mean pattern
     (the sink, which runs no indexer, cannot); {} where there is no embedding."""
-    from .latent_map import EMBEDDING_FIELD, has_latent
+    from .latent_map import EMBEDDING_FIELD, explained_of, has_latent
 
     if not has_latent(start) or not np.isfinite(maps[EMBEDDING_FIELD].astype(np.float32)).any():
         return {}
     from liveindex.models.latent.clusters import LatentClusters
 
     received = np.ones(start.size, bool)
-    unexplained = start.unexplained(maps) if "method" in maps else None
     found = LatentClusters(tuple(start.nav_shape), clusters=clusters)
-    out = found.refresh(maps[EMBEDDING_FIELD], received, unexplained)
+    out = found.refresh(maps[EMBEDDING_FIELD], received, explained_of(start, maps))
     result = {k: out[k] for k in ("cluster", "boundary", "novelty")}
     result["clusters"] = found.describe()
     if indexer is not None and start.header.get("latent") is not None:

@@ -57,6 +57,42 @@ def test_points_are_clustered_on_arrival_and_on_refresh_and_shown_live():
     assert len(state.latent.info) == 2 and {c["size"] for c in state.latent.info} == {60}
 
 
+def test_novelty_weighs_each_points_confidence_with_its_neighbours_on_arrival_and_on_refresh():
+    """Three regions, the left two of a listed phase answered poorly (most below confidence 0.5,
+    as at hard noise) or well, the right one of a missing phase (confidence about 0): only the
+    right one is novel, on refresh and for points placed on arrival between refreshes."""
+    state, _ = _state((24, 30))
+    n = state.size
+    xx = np.arange(n) % 30
+    region = np.minimum(xx // 10, 2)
+    rng = np.random.default_rng(2)
+    emb = np.array([[0.0, 0, 0], [3.0, 0, 0], [0.0, 3, 0]])[region] + rng.normal(0, 0.1, (n, 3))
+    mean = np.array([0.25, 0.9, 0.003])[region]
+    confidence = rng.beta(0.6, 0.6 * (1 - mean) / mean).astype(np.float32)
+
+    def fill(indices):
+        message = decode(results_message(indices, state.scan))
+        message.arrays["embedding"] = emb[indices].astype(np.float32)
+        message.arrays["confidence"] = confidence[indices]
+        state.add(message)
+
+    half = n // 2
+    fill(np.arange(half))
+    state.refresh_latent()
+    novel = state.latent.novelty >= 0.5
+    assert novel[:half][region[:half] == 2].mean() > 0.95 and not novel[:half][region[:half] < 2].any()
+    for first in range(half, n, 30):  # a row at a time, after the refresh
+        fill(np.arange(first, first + 30))
+    novel = state.latent.novelty >= 0.5
+    assert novel[half:][region[half:] == 2].mean() > 0.95 and novel[half:][region[half:] < 2].mean() < 0.02
+    assert np.array_equal(state.latent.embedding, emb.astype(np.float32))  # kept as float32 as points came in
+    state.refresh_latent()
+    novel = state.latent.novelty >= 0.5
+    assert novel[region == 2].mean() > 0.95 and not novel[region < 2].any()
+    info = {c["id"]: c for c in state.latent.info}
+    assert sorted(c["novel"] for c in info.values()) == [False, False, True]
+
+
 def test_a_cluster_mean_pattern_comes_back_through_the_basis():
     rng = np.random.default_rng(0)
     basis = fit_basis(rng.normal(1, 0.1, (200, 16 * 16)).astype(np.float32), (16, 16), dims=8)
