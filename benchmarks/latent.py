@@ -21,6 +21,9 @@
 
     .venv/bin/python benchmarks/latent.py [--noise moderate] [--scan 80] [--part a,b,c]
     .venv/bin/python benchmarks/latent.py --part d [--spot-scan 50] [--grain 10] [--seed 1]
+
+--embedding pca|encoder|encoder:PATH.onnx runs every part with that embedding source (the
+scan's PCA basis, the default; the modality's shipped encoder network; another encoder).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
+EMBEDDING = "pca"  # --embedding: what the scan_start carries (models/latent/encoder.py parse_latent)
 
 
 def _index(frames, phases, *, latent=True, nav):
@@ -46,7 +50,7 @@ def _index(frames, phases, *, latent=True, nav):
     from liveindex.stream.protocol import ScanStart
 
     source = array_source(frames.reshape(*nav, *frames.shape[1:]), geometry=DetectorGeometry(), phases=phases)
-    source.fit_latent = latent
+    source.fit_latent = EMBEDDING if latent else False
     t0 = time.perf_counter()
     header = {"scan": "bench", **source.scan_start()}
     fit_s = time.perf_counter() - t0
@@ -117,7 +121,11 @@ def cost(noise: str, side: int) -> dict:
     # One worker's page indexer with and without the embedding (the same ScanIndexer, kept by
     # the modality), on one core as a worker runs: pages of 128 interleaved, best of 5 each.
     source = SimulatedSource(scan)
+    source.fit_latent = EMBEDDING
+    t0 = time.perf_counter()
     start = {"scan": "cost", **source.scan_start()}
+    out["scan_start_latent_s"] = round(time.perf_counter() - t0, 3)
+    out["latent_wire_kb"] = round(len(__import__("msgpack").packb(start["latent"])) / 1e3, 1)
     ebsd = modalities.load("ebsd")
     indexers = {on: ebsd.prepare(start, options={"latent": on}) for on in (False, True)}
     page = frames[:128]
@@ -137,6 +145,11 @@ def cost(noise: str, side: int) -> dict:
     basis = fit_basis(tiles, (30, 30))
     out["basis_fit_s"] = round(time.perf_counter() - t0, 3)
     page = frames[:256]
+    if EMBEDDING != "pca":  # the scan's encoder, as the workers run it
+        from liveindex.models.latent.encoder import latent_from_wire
+
+        basis = latent_from_wire(start["latent"])
+        basis.embed(features(page))  # warm
     t0 = time.perf_counter()
     with blas_threads(1):
         for _ in range(20):
@@ -203,6 +216,7 @@ def spot_scan(noise: str, side: int, grain: float, seed: int) -> dict:
     render_s = time.perf_counter() - t0
     source = SimulatedSpotSource(spots, scan, setup, phases)
     source.read = lambda first, count: frames[first:first + count]  # rendered once (7 ms a frame)
+    source.fit_latent = EMBEDDING
     t0 = time.perf_counter()
     header = {"scan": "bench", **source.scan_start()}
     fit_s = time.perf_counter() - t0
@@ -263,9 +277,14 @@ def main(argv=None) -> int:
     parser.add_argument("--spot-scan", type=int, default=50, help="spot scan side in points (d)")
     parser.add_argument("--grain", type=float, default=10.0, help="spot scan grain size in points (d)")
     parser.add_argument("--seed", type=int, default=1, help="spot scan seed (d)")
+    parser.add_argument("--embedding", default="pca", help="pca (the default), encoder or encoder:PATH.onnx")
     args = parser.parse_args(argv)
+    global EMBEDDING
+    from liveindex.models.latent.encoder import parse_latent
+
+    EMBEDDING = parse_latent(args.embedding)
     logging.basicConfig(level=logging.WARNING)
-    print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1 and 5 min), {os.cpu_count()} cores", flush=True)
+    print(f"embedding: {EMBEDDING}; load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1 and 5 min), {os.cpu_count()} cores", flush=True)
     parts = args.part.split(",")
     if "a" in parts:
         r = superalloy(args.noise, args.scan, args.radius)
