@@ -223,7 +223,7 @@ def fit(model, data: TrainingData, *, seconds: float, batch: int = 256, lr: floa
             loss.backward()
             opt.step()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             steps += 1
             if time.perf_counter() - start > seconds or (stop is not None and stop.is_set()):
                 break
