@@ -99,15 +99,23 @@ class EncoderFile:
 
 
 class LatentEncoder:
-    """embedding = encoder((features - centre) * scale), float16; the same interface as
-    LatentBasis (dims, feature_shape, n_features, embed, reconstruct, to_wire)."""
+    """embedding = (encoder((features - centre) * scale) - offset) @ whiten, float16; the same
+    interface as LatentBasis (dims, feature_shape, n_features, embed, reconstruct, to_wire).
+
+    ``whiten`` (D, D) makes the scan's point-to-point noise in the latent about white
+    (``whitening``): the sink's clusters and boundaries measure Euclidean distances, which
+    then count noise sigmas in every direction, as in the PCA basis' embedding."""
 
     method = "encoder"
 
-    def __init__(self, model: EncoderFile, centre: np.ndarray, scale: np.ndarray):
+    def __init__(self, model: EncoderFile, centre: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None,
+                 whiten: np.ndarray | None = None):
         self.model = model
         self.centre = np.asarray(centre, np.float32)
         self.scale = np.asarray(scale, np.float32)
+        d = int(model.dims)
+        self.offset = np.zeros(d, np.float32) if offset is None else np.asarray(offset, np.float32).reshape(d)
+        self.whiten = np.eye(d, dtype=np.float32) if whiten is None else np.asarray(whiten, np.float32).reshape(d, d)
         self.feature_shape = tuple(model.feature_shape)
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -137,21 +145,28 @@ class LatentEncoder:
     def normalise(self, features: np.ndarray) -> np.ndarray:
         return (np.asarray(features, np.float32) - self.centre) * self.scale
 
-    def embed(self, features: np.ndarray) -> np.ndarray:
-        """(B, P) features -> (B, D) float16 embeddings (NaN rows where a feature is not finite)."""
+    def latent(self, features: np.ndarray) -> np.ndarray:
+        """(B, P) features -> (B, D) float32 network latent (before the whitening); NaN rows
+        where a feature is not finite."""
         x = self.normalise(features)
         bad = ~np.isfinite(x).all(axis=1)
         out = np.full((len(x), self.dims), np.nan, np.float32)
         if (~bad).any():
             session = self._session("encoder")
             out[~bad] = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x[~bad])})[0]
+        return out
+
+    def embed(self, features: np.ndarray) -> np.ndarray:
+        """(B, P) features -> (B, D) float16 embeddings (NaN rows where a feature is not finite)."""
+        out = (self.latent(features) - self.offset) @ self.whiten
         out[~np.isfinite(out).all(axis=1)] = np.nan
         return np.clip(out, -6e4, 6e4).astype(np.float16)
 
     def reconstruct(self, embedding: np.ndarray) -> np.ndarray:
         """(..., D) embeddings -> (..., P) features through the decoder: a cluster's mean pattern."""
         e = np.asarray(embedding, np.float32)
-        flat = np.ascontiguousarray(e.reshape(-1, self.dims))
+        flat = np.ascontiguousarray(np.linalg.solve(self.whiten.T.astype(np.float64), e.reshape(-1, self.dims).T).T
+                                    + self.offset, np.float32)
         session = self._session("decoder")
         x = session.run(None, {session.get_inputs()[0].name: flat})[0]
         return (x / self.scale + self.centre).reshape(*e.shape[:-1], self.n_features)
@@ -161,7 +176,8 @@ class LatentEncoder:
                 "feature_shape": list(self.feature_shape), "modality": self.model.modality,
                 "invariant_dims": self.model.invariant_dims, "encoder": self.model.encoder,
                 "decoder": self.model.decoder, "centre": self.centre.astype("<f4").tobytes(),
-                "scale": self.scale.astype("<f4").tobytes()}
+                "scale": self.scale.astype("<f4").tobytes(), "offset": self.offset.astype("<f4").tobytes(),
+                "whiten": self.whiten.astype("<f4").tobytes()}
 
     @classmethod
     def from_wire(cls, wire) -> "LatentEncoder":
@@ -181,11 +197,18 @@ class LatentEncoder:
             scale = np.frombuffer(wire["scale"], "<f4").astype(np.float32)
             if centre.size != p or scale.size != p:
                 raise ValueError("normalisation sizes do not match feature_shape")
-            if not (np.isfinite(centre).all() and np.isfinite(scale).all()):
+            offset = np.frombuffer(wire.get("offset", np.zeros(dims, "<f4").tobytes()), "<f4").astype(np.float32)
+            whiten = np.frombuffer(wire.get("whiten", np.eye(dims, dtype="<f4").tobytes()), "<f4").astype(np.float32)
+            if offset.size != dims or whiten.size != dims * dims:
+                raise ValueError("offset or whiten sizes do not match dims")
+            if abs(np.linalg.det(whiten.reshape(dims, dims).astype(np.float64))) < 1e-30:
+                raise ValueError("a singular whiten matrix")
+            if not (np.isfinite(centre).all() and np.isfinite(scale).all() and np.isfinite(offset).all()
+                    and np.isfinite(whiten).all()):
                 raise ValueError("non-finite normalisation")
             invariant = int(wire.get("invariant_dims", 0))
             model = EncoderFile(enc, dec, str(wire.get("modality", ""))[:32], shape, dims, invariant)
-            out = cls(model, centre, scale)
+            out = cls(model, centre, scale, offset, whiten)
             out.check()
             return out
         except (KeyError, TypeError, ValueError) as exc:
@@ -252,6 +275,23 @@ def scan_normalisation(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centre.astype(np.float32), (1.0 / spread).astype(np.float32)
 
 
+def whitening(encoder: LatentEncoder, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(offset (D,), whiten (D, D)) for the scan's (T, k, P) tile features: the median latent,
+    and the inverse square root of the latent's covariance inside a tile (the point-to-point
+    noise; eigenvalues floored at 1e-4 of the largest), so that noise is white in the embedding."""
+    t, k, p = tiles.shape
+    z = encoder.latent(tiles.reshape(-1, p)).astype(np.float64).reshape(t, k, -1)
+    z = z[np.isfinite(z).all(axis=(1, 2))]
+    if len(z) < 4:
+        raise InputError("too few tiles with signal to whiten an encoder's latent on")
+    inside = (z - z.mean(axis=1, keepdims=True)).reshape(-1, z.shape[-1])
+    cov = inside.T @ inside / max(len(inside) - len(z), 1)
+    w, v = np.linalg.eigh(cov)
+    w = np.maximum(w, 1e-4 * max(w.max(), 1e-12))
+    whiten = v @ np.diag(w ** -0.5) @ v.T
+    return np.median(z.reshape(-1, z.shape[-1]), axis=0).astype(np.float32), whiten.astype(np.float32)
+
+
 def parse_latent(text: str):
     """--latent: off -> False; on -> True (the default kind); pca; encoder (the shipped one);
     encoder:PATH (a trained or adapted one)."""
@@ -299,8 +339,10 @@ def encoder_for_scan(path, modality: str, read, nav_shape, features, feature_sha
         raise InputError(f"encoder {path} takes {tuple(model.feature_shape)} features; this scan's are "
                          f"{tuple(feature_shape)} (train one for it: liveindex models adapt FILE --modality "
                          f"{modality} --out NEW.onnx, then --latent encoder:NEW.onnx)")
-    centre, scale = scan_normalisation(scan_tiles(read, nav_shape, features))
-    encoder = LatentEncoder(model, centre, scale)
+    tiles = scan_tiles(read, nav_shape, features)
+    centre, scale = scan_normalisation(tiles)
+    offset, whiten = whitening(LatentEncoder(model, centre, scale), tiles)
+    encoder = LatentEncoder(model, centre, scale, offset, whiten)
     log.info("latent encoder %s (%d dims, %d invariant to an in-plane turn) normalised on this scan", path,
              model.dims, model.invariant_dims)
     return encoder

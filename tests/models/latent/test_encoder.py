@@ -37,7 +37,8 @@ def test_the_scan_start_carries_the_encoder_and_a_worker_on_another_host_embeds_
     assert wire["kind"] == "encoder" and isinstance(wire["encoder"], bytes)
     assert len(wire["encoder"]) + len(wire["decoder"]) < 1_000_000  # a small model
     publisher_side = LatentEncoder(EncoderFile.load(default_encoder_path("ebsd")),
-                                   np.frombuffer(wire["centre"], "<f4"), np.frombuffer(wire["scale"], "<f4"))
+                                   *(np.frombuffer(wire[k], "<f4") for k in ("centre", "scale", "offset", "whiten")))
+    assert not np.allclose(publisher_side.whiten, np.eye(DEFAULT_DIMS))  # whitened on the scan's tiles
     # Through the wire's own codec (msgpack), as a worker on another host gets it: no file read there.
     received = decode(encode("scan_start", header)).header
     worker_side = basis_of_scan(received)
@@ -82,12 +83,14 @@ def _good_wire():
     (lambda w: w.update(kind="umap"), "kind 'umap'"),
     (lambda w: w.update(encoder=w["encoder"][:100]), "do not run"),
     (lambda w: w.update(decoder=b"not onnx"), "do not run"),
-    (lambda w: w.update(dims=16), "the header says 128 features and 16 dims"),
+    (lambda w: w.update(dims=16), "dims"),
     (lambda w: w.update(centre=b"\0" * 12), "normalisation sizes"),
     (lambda w: w.update(scale=np.full(128, np.inf, "<f4").tobytes()), "non-finite"),
     (lambda w: w.update(encoder="text"), "must be bytes"),
     (lambda w: w.pop("decoder"), "decoder"),
     (lambda w: w.update(v=9), "version 9"),
+    (lambda w: w.update(whiten=np.zeros((24, 24), "<f4").tobytes()), "singular"),
+    (lambda w: w.update(offset=b"\0" * 8), "offset or whiten sizes"),
 ])
 def test_a_peers_malformed_encoder_is_a_clear_error_not_a_crash(spoil, words, caplog):
     wire = _good_wire()
