@@ -156,6 +156,7 @@ def cost(noise: str, side: int) -> dict:
             basis.embed(features(page))
     out["embed_us_per_frame"] = round((time.perf_counter() - t0) / (20 * len(page)) * 1e6, 2)
     out["index_us_per_frame"] = round(best[False] / len(page) * 1e6, 1)
+    out["embed_us_per_frame_by_kind"] = _embed_cost_by_kind(scan, page)
     t0 = time.perf_counter()
     _, model = nmf_basis(tiles, (30, 30))
     out["nmf_fit_s"] = round(time.perf_counter() - t0, 3)
@@ -182,6 +183,31 @@ def cost(noise: str, side: int) -> dict:
     out["refresh_1e6_peak_mb"] = round(peak / 1e6, 1)
     out["refresh_1e6_clusters"] = int(len(np.unique(result["cluster"])))
     return out
+
+
+def _embed_cost_by_kind(scan, page) -> dict:
+    """Features and embedding of a page, a frame, with the PCA basis and the shipped encoder,
+    as a worker embeds (models/ebsd/latent.py embed), interleaved on one core, best of 10."""
+    from liveindex.models.ebsd.files import SimulatedSource
+    from liveindex.models.ebsd.latent import embed
+    from liveindex.models.latent.encoder import latent_from_wire
+    from liveindex.models.onnx_runtime import blas_threads
+
+    kinds = {}
+    for kind in ("pca", "encoder"):
+        source = SimulatedSource(scan)
+        source.fit_latent = kind
+        kinds[kind] = latent_from_wire(source.scan_start()["latent"])
+    best = dict.fromkeys(kinds, np.inf)
+    with blas_threads(1):
+        for basis in kinds.values():
+            embed(basis, page)  # warm
+        for _ in range(10):
+            for kind, basis in kinds.items():
+                t0 = time.perf_counter()
+                embed(basis, page)
+                best[kind] = min(best[kind], time.perf_counter() - t0)
+    return {kind: round(v / len(page) * 1e6, 1) for kind, v in best.items()}
 
 
 def next_to_other(labels: np.ndarray) -> np.ndarray:
@@ -302,7 +328,8 @@ def main(argv=None) -> int:
         share = r["page_ms_latent_on"] / r["page_ms_latent_off"] - 1
         print(f"    a page with the embedding takes {share:+.1%} of the time without (<= 15% asked); embedding "
               f"{r['embed_us_per_frame']} us a frame against {r['index_us_per_frame']} us to index it; refresh of "
-              f"1e6 points {max(r['refresh_1e6_s']):.1f} s at most (<= 5 s asked), peak {r['refresh_1e6_peak_mb']} MB")
+              f"1e6 points {max(r['refresh_1e6_s']):.1f} s at most (<= 5 s asked), peak {r['refresh_1e6_peak_mb']} MB; "
+              f"features and embedding a frame by kind {r['embed_us_per_frame_by_kind']} us")
     if "d" in parts:
         r = spot_scan(args.noise, args.spot_scan, args.grain, args.seed)
         print(f"(d) spot patterns {r}", flush=True)
