@@ -287,9 +287,25 @@ def spot_scan(noise: str, side: int, grain: float, seed: int) -> dict:
         for _ in range(5):
             indexers[True].latent.embed(features(page, centres))
         embed_s = (time.perf_counter() - t0) / 5
+        # The projection against the network alone, on the same features, interleaved.
+        from liveindex.models.latent.encoder import latent_from_wire
+
+        x = features(page, centres)
+        kinds = {}
+        for kind in ("pca", "encoder"):
+            source._latent_header = None
+            source.fit_latent = kind
+            kinds[kind] = latent_from_wire(source.scan_start()["latent"])
+        cost = dict.fromkeys(kinds, np.inf)
+        for _ in range(10):
+            for kind, basis in kinds.items():
+                t0 = time.perf_counter()
+                basis.embed(x)
+                cost[kind] = min(cost[kind], time.perf_counter() - t0)
     out["page_ms_latent_off"] = round(best[False] * 1e3, 1)
     out["page_ms_latent_on"] = round(best[True] * 1e3, 1)
     out["embed_us_per_frame"] = round(embed_s / len(page) * 1e6, 1)
+    out["projection_us_per_frame_by_kind"] = {k: round(v / len(page) * 1e6, 2) for k, v in cost.items()}
     out["index_us_per_frame"] = round(best[False] / len(page) * 1e6, 1)
     return out
 
