@@ -195,3 +195,25 @@ def test_an_exported_encoder_matches_torch_and_reads_back_for_fine_tuning(tmp_pa
     with torch.no_grad():
         np.testing.assert_allclose(enc.embed(x.numpy()).astype(np.float32), model.encoder(x).numpy(), rtol=2e-3,
                                    atol=2e-3)  # float16 out
+
+
+def test_the_sinks_cluster_mean_pattern_comes_back_through_the_decoder():
+    from ...stream.test_latent_maps import _fill, _state
+
+    model = EncoderFile.load(default_encoder_path("spots"))
+    rng = np.random.default_rng(0)
+    encoder = LatentEncoder(model, rng.normal(1, 0.1, 128).astype(np.float32), np.full(128, 2.0, np.float32),
+                            rng.normal(0, 1, 24).astype(np.float32), np.diag(rng.uniform(0.5, 2, 24)).astype(np.float32))
+    state, _ = _state((6, 6), basis=encoder)  # the sink reads the scan_start's encoder entry
+    assert isinstance(state.latent.basis, LatentEncoder)
+    _fill(state, np.arange(36), np.zeros((36, 3)))
+    state.refresh_latent()
+    assert state.latent.mean_pattern(0) is None  # a 3-d embedding does not match the 24-d encoder: refused
+    centre = rng.normal(0, 1, 24).astype(np.float32)
+    state.latent.clusters.known[0].centre = centre
+    image = state.latent.mean_pattern(0)
+    # The decoder's own answer for the latent before whitening, in the scan's feature units.
+    dec = encoder._session("decoder")
+    raw = np.linalg.solve(encoder.whiten.T, centre) + encoder.offset
+    expected = dec.run(None, {dec.get_inputs()[0].name: raw[None].astype(np.float32)})[0][0] / 2.0 + encoder.centre
+    assert image.shape == (16, 8) and np.allclose(image.ravel(), expected, atol=1e-4)
