@@ -35,7 +35,7 @@ def cmd_train_encoder(args) -> int:
     _one_core()
     out = Path(args.out) if args.out else default_encoder_path(args.modality)
     made = train_encoder(args.modality, out, seconds=args.minutes * 60, seed=args.seed, n_scans=args.scans,
-                         side=args.side, command=_command_line())
+                         side=args.side, epochs=args.epochs, command=_command_line())
     hist = made.provenance.get("history", [{}])[-1]
     print(f"liveindex models train-encoder: {out} ({out.stat().st_size / 1e3:.0f} kB, {made.dims} dims, "
           f"{made.provenance['frames']} frames, {made.provenance['epochs']} epochs in {made.provenance['seconds']} s; "
@@ -84,8 +84,11 @@ def add_encoder_commands(sub, modality) -> None:
     t.add_argument("--out", help="the .onnx file (default: the shipped one, models/latent/encoders/MODALITY.onnx)")
     t.add_argument("--minutes", type=float, default=2.0, help="training time after the simulation (default 2)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--scans", type=int, help="EBSD: simulated scans of patterns (default 4); spots: tiles = SCANS x SIDE^2 (default 4 x 20^2)")
+    t.add_argument("--scans", type=int, help="EBSD: simulated scans of patterns (default 4); spots: tiles = "
+                                             "SCANS x SIDE^2 (default 4 x 20^2)")
     t.add_argument("--side", type=int, help="their side in points (default: EBSD 60, spots 20)")
+    t.add_argument("--epochs", type=int, help="stop after this many epochs (the shipped files record theirs: with "
+                                              "it, a run makes the same file on any machine that has the time)")
     t.set_defaults(func=cmd_train_encoder)
 
     a = msub.add_parser("adapt", help="fine-tune a latent encoder on a scan's own frames (in the background; "

@@ -53,8 +53,9 @@ def _torch():
     return torch
 
 
-def build_model(n_features: int, dims: int, hidden):
+def build_model(n_features: int, dims: int, hidden, seed: int = 0):
     torch = _torch()
+    torch.manual_seed(seed)  # the initial weights: a run with the same epochs makes the same file
     nn = torch.nn
 
     class AutoEncoder(nn.Module):
@@ -324,8 +325,9 @@ def model_from_file(encoder_file: EncoderFile):
 
 
 def train_encoder(modality: str, out, *, seconds: float = 120.0, seed: int = 0, n_scans: int | None = None,
-                  side: int | None = None, command: str = "") -> EncoderFile:
-    """Simulate, train for ``seconds``, export to ``out`` (one .onnx)."""
+                  side: int | None = None, epochs: int | None = None, command: str = "") -> EncoderFile:
+    """Simulate, train for ``seconds`` (or ``epochs``, whichever ends first: the epochs a
+    file records make it again, the time alone depends on the machine), export to ``out``."""
     t0 = time.perf_counter()
     if modality == "ebsd":
         data = ebsd_data(n_scans or 4, side or 60, seed=100 + seed)
@@ -334,8 +336,8 @@ def train_encoder(modality: str, out, *, seconds: float = 120.0, seed: int = 0, 
     else:
         raise InputError(f"no encoder for modality {modality!r}: ebsd or spots")
     simulate_s = time.perf_counter() - t0
-    model = build_model(data.x.shape[1], DIMS[modality], HIDDEN[modality])
-    report = fit(model, data, seconds=seconds, seed=seed)
+    model = build_model(data.x.shape[1], DIMS[modality], HIDDEN[modality], seed=seed)
+    report = fit(model, data, seconds=seconds, seed=seed, max_epochs=epochs or 1_000_000)
     provenance = {"command": command, "trained_on": data.info, "frames": int(len(data.x)),
                   "simulate_s": round(simulate_s, 1), **report}
     return export(model, modality, invariant_dims=DIMS[modality] if modality == "spots" else 0,
