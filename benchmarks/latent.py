@@ -24,6 +24,7 @@
 
 --embedding pca|encoder|encoder:PATH.onnx runs every part with that embedding source (the
 scan's PCA basis, the default; the modality's shipped encoder network; another encoder).
+--save-frames DIR writes the scans of parts a and d as .npy, for liveindex models adapt.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 EMBEDDING = "pca"  # --embedding: what the scan_start carries (models/latent/encoder.py parse_latent)
+SAVE_FRAMES = None  # --save-frames DIR: parts a and d write their scan's frames there (for liveindex models adapt)
+
+
+def _save(name: str, frames, nav_shape) -> None:
+    if SAVE_FRAMES is not None:
+        Path(SAVE_FRAMES).mkdir(parents=True, exist_ok=True)
+        np.save(Path(SAVE_FRAMES) / f"{name}.npy", frames.reshape(*nav_shape, *frames.shape[1:]))
 
 
 def _index(frames, phases, *, latent=True, nav):
@@ -73,6 +81,7 @@ def superalloy(noise: str, side: int, radius: float) -> dict:
     scan = SimulatedScan((side, side), phase=gamma, precipitate=gamma_prime, noise=noise, seed=3,
                          grain_size=side / 2, precipitate_radius=radius)
     frames = scan.render(0, scan.size)
+    _save(f"superalloy_r{radius:g}_{noise}", frames, scan.nav_shape)
     truth = scan.grain_of_point  # (grain, phase) pairs: grain g's precipitates are g + grains
     maps, start, times = _index(frames, [gamma], nav=scan.nav_shape)
     cluster = maps["cluster"]
@@ -240,6 +249,7 @@ def spot_scan(noise: str, side: int, grain: float, seed: int) -> dict:
     t0 = time.perf_counter()
     frames = scan.render(0, scan.size)
     render_s = time.perf_counter() - t0
+    _save(f"spots_seed{seed}_{noise}", frames, scan.nav_shape)
     source = SimulatedSpotSource(spots, scan, setup, phases)
     source.read = lambda first, count: frames[first:first + count]  # rendered once (7 ms a frame)
     source.fit_latent = EMBEDDING
@@ -320,8 +330,10 @@ def main(argv=None) -> int:
     parser.add_argument("--grain", type=float, default=10.0, help="spot scan grain size in points (d)")
     parser.add_argument("--seed", type=int, default=1, help="spot scan seed (d)")
     parser.add_argument("--embedding", default="pca", help="pca (the default), encoder or encoder:PATH.onnx")
+    parser.add_argument("--save-frames", metavar="DIR", help="write the frames of part a's and d's scans there as .npy")
     args = parser.parse_args(argv)
-    global EMBEDDING
+    global EMBEDDING, SAVE_FRAMES
+    SAVE_FRAMES = args.save_frames
     from liveindex.models.latent.encoder import parse_latent
 
     EMBEDDING = parse_latent(args.embedding)
