@@ -24,6 +24,10 @@
 
     .venv/bin/python benchmarks/latent.py [--noise moderate] [--scan 80] [--part a,b,c] [--seed 5] [--rate 5000]
     .venv/bin/python benchmarks/latent.py --part d [--spot-scan 50] [--grain 10] [--seed 1]
+
+--embedding pca|encoder|encoder:PATH.onnx runs every part with that embedding source (the
+scan's PCA basis, the default; the modality's shipped encoder network; another encoder).
+--save-frames DIR writes the scans of parts a and d as .npy, for liveindex models adapt.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
+EMBEDDING = "pca"  # --embedding: what the scan_start carries (models/latent/encoder.py parse_latent)
+SAVE_FRAMES = None  # --save-frames DIR: parts a and d write their scan's frames there (for liveindex models adapt)
+
+
+def _save(name: str, frames, nav_shape) -> None:
+    if SAVE_FRAMES is not None:
+        Path(SAVE_FRAMES).mkdir(parents=True, exist_ok=True)
+        np.save(Path(SAVE_FRAMES) / f"{name}.npy", frames.reshape(*nav_shape, *frames.shape[1:]))
 
 
 def _index(frames, phases, *, latent=True, nav):
@@ -50,7 +62,7 @@ def _index(frames, phases, *, latent=True, nav):
     from liveindex.stream.protocol import ScanStart
 
     source = array_source(frames.reshape(*nav, *frames.shape[1:]), geometry=DetectorGeometry(), phases=phases)
-    source.fit_latent = latent
+    source.fit_latent = EMBEDDING if latent else False
     t0 = time.perf_counter()
     header = {"scan": "bench", **source.scan_start()}
     fit_s = time.perf_counter() - t0
@@ -73,6 +85,7 @@ def superalloy(noise: str, side: int, radius: float) -> dict:
     scan = SimulatedScan((side, side), phase=gamma, precipitate=gamma_prime, noise=noise, seed=3,
                          grain_size=side / 2, precipitate_radius=radius)
     frames = scan.render(0, scan.size)
+    _save(f"superalloy_r{radius:g}_{noise}", frames, scan.nav_shape)
     truth = scan.grain_of_point  # (grain, phase) pairs: grain g's precipitates are g + grains
     maps, start, times = _index(frames, [gamma], nav=scan.nav_shape)
     cluster = maps["cluster"]
@@ -121,7 +134,11 @@ def cost(noise: str, side: int) -> dict:
     # One worker's page indexer with and without the embedding (the same ScanIndexer, kept by
     # the modality), on one core as a worker runs: pages of 128 interleaved, best of 5 each.
     source = SimulatedSource(scan)
+    source.fit_latent = EMBEDDING
+    t0 = time.perf_counter()
     start = {"scan": "cost", **source.scan_start()}
+    out["scan_start_latent_s"] = round(time.perf_counter() - t0, 3)
+    out["latent_wire_kb"] = round(len(__import__("msgpack").packb(start["latent"])) / 1e3, 1)
     ebsd = modalities.load("ebsd")
     indexers = {on: ebsd.prepare(start, options={"latent": on}) for on in (False, True)}
     page = frames[:128]
@@ -141,12 +158,18 @@ def cost(noise: str, side: int) -> dict:
     basis = fit_basis(tiles, (30, 30))
     out["basis_fit_s"] = round(time.perf_counter() - t0, 3)
     page = frames[:256]
+    if EMBEDDING != "pca":  # the scan's encoder, as the workers run it
+        from liveindex.models.latent.encoder import latent_from_wire
+
+        basis = latent_from_wire(start["latent"])
+        basis.embed(features(page))  # warm
     t0 = time.perf_counter()
     with blas_threads(1):
         for _ in range(20):
             basis.embed(features(page))
     out["embed_us_per_frame"] = round((time.perf_counter() - t0) / (20 * len(page)) * 1e6, 2)
     out["index_us_per_frame"] = round(best[False] / len(page) * 1e6, 1)
+    out["embed_us_per_frame_by_kind"] = _embed_cost_by_kind(scan, page)
     t0 = time.perf_counter()
     _, model = nmf_basis(tiles, (30, 30))
     out["nmf_fit_s"] = round(time.perf_counter() - t0, 3)
@@ -302,6 +325,31 @@ def live_period(side: int = 1000, rate: float = 5000.0, prefill: float = 0.8, pa
     return out
 
 
+def _embed_cost_by_kind(scan, page) -> dict:
+    """Features and embedding of a page, a frame, with the PCA basis and the shipped encoder,
+    as a worker embeds (models/ebsd/latent.py embed), interleaved on one core, best of 10."""
+    from liveindex.models.ebsd.files import SimulatedSource
+    from liveindex.models.ebsd.latent import embed
+    from liveindex.models.latent.encoder import latent_from_wire
+    from liveindex.models.onnx_runtime import blas_threads
+
+    kinds = {}
+    for kind in ("pca", "encoder"):
+        source = SimulatedSource(scan)
+        source.fit_latent = kind
+        kinds[kind] = latent_from_wire(source.scan_start()["latent"])
+    best = dict.fromkeys(kinds, np.inf)
+    with blas_threads(1):
+        for basis in kinds.values():
+            embed(basis, page)  # warm
+        for _ in range(10):
+            for kind, basis in kinds.items():
+                t0 = time.perf_counter()
+                embed(basis, page)
+                best[kind] = min(best[kind], time.perf_counter() - t0)
+    return {kind: round(v / len(page) * 1e6, 1) for kind, v in best.items()}
+
+
 def next_to_other(labels: np.ndarray) -> np.ndarray:
     """(ny, nx) region labels -> (N,) True where one of the 4 neighbours is another region."""
     out = np.zeros(labels.shape, bool)
@@ -332,8 +380,10 @@ def spot_scan(noise: str, side: int, grain: float, seed: int) -> dict:
     t0 = time.perf_counter()
     frames = scan.render(0, scan.size)
     render_s = time.perf_counter() - t0
+    _save(f"spots_seed{seed}_{noise}", frames, scan.nav_shape)
     source = SimulatedSpotSource(spots, scan, setup, phases)
     source.read = lambda first, count: frames[first:first + count]  # rendered once (7 ms a frame)
+    source.fit_latent = EMBEDDING
     t0 = time.perf_counter()
     header = {"scan": "bench", **source.scan_start()}
     fit_s = time.perf_counter() - t0
@@ -378,9 +428,25 @@ def spot_scan(noise: str, side: int, grain: float, seed: int) -> dict:
         for _ in range(5):
             indexers[True].latent.embed(features(page, centres))
         embed_s = (time.perf_counter() - t0) / 5
+        # The projection against the network alone, on the same features, interleaved.
+        from liveindex.models.latent.encoder import latent_from_wire
+
+        x = features(page, centres)
+        kinds = {}
+        for kind in ("pca", "encoder"):
+            source._latent_header = None
+            source.fit_latent = kind
+            kinds[kind] = latent_from_wire(source.scan_start()["latent"])
+        cost = dict.fromkeys(kinds, np.inf)
+        for _ in range(10):
+            for kind, basis in kinds.items():
+                t0 = time.perf_counter()
+                basis.embed(x)
+                cost[kind] = min(cost[kind], time.perf_counter() - t0)
     out["page_ms_latent_off"] = round(best[False] * 1e3, 1)
     out["page_ms_latent_on"] = round(best[True] * 1e3, 1)
     out["embed_us_per_frame"] = round(embed_s / len(page) * 1e6, 1)
+    out["projection_us_per_frame_by_kind"] = {k: round(v / len(page) * 1e6, 2) for k, v in cost.items()}
     out["index_us_per_frame"] = round(best[False] / len(page) * 1e6, 1)
     return out
 
@@ -395,9 +461,16 @@ def main(argv=None) -> int:
     parser.add_argument("--grain", type=float, default=10.0, help="spot scan grain size in points (d)")
     parser.add_argument("--seed", type=int, default=None, help="scan seed (b: 5, d: 1 unless given)")
     parser.add_argument("--rate", type=float, default=5000.0, help="points a second fed to the sink (c)")
+    parser.add_argument("--embedding", default="pca", help="pca (the default), encoder or encoder:PATH.onnx")
+    parser.add_argument("--save-frames", metavar="DIR", help="write the frames of part a's and d's scans there as .npy")
     args = parser.parse_args(argv)
+    global EMBEDDING, SAVE_FRAMES
+    SAVE_FRAMES = args.save_frames
+    from liveindex.models.latent.encoder import parse_latent
+
+    EMBEDDING = parse_latent(args.embedding)
     logging.basicConfig(level=logging.WARNING)
-    print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1 and 5 min), {os.cpu_count()} cores", flush=True)
+    print(f"embedding: {EMBEDDING}; load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1 and 5 min), {os.cpu_count()} cores", flush=True)
     parts = args.part.split(",")
     if "a" in parts:
         r = superalloy(args.noise, args.scan, args.radius)
@@ -417,7 +490,7 @@ def main(argv=None) -> int:
               f"{r['embed_us_per_frame']} us a frame against {r['index_us_per_frame']} us to index it; refresh of "
               f"1e6 points {max(c for _, c in r['refresh_1e6_refit_s']):.2f} s of CPU at most where it reclusters, "
               f"{max(c for _, c in r['refresh_1e6_s']):.2f} s where not, peak {r['refresh_1e6_peak_mb']} MB "
-              f"({r['refresh_load']})", flush=True)
+              f"({r['refresh_load']}); features and embedding a frame by kind {r['embed_us_per_frame_by_kind']} us", flush=True)
         p = live_period(rate=args.rate)
         print(f"(c) live period {p}", flush=True)
         ok = p["period_s_max"] is not None and p["period_s_max"] <= 5.0

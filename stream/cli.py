@@ -76,7 +76,7 @@ def cmd_index(args) -> int:
     modality = _modality(args)
     source = modality.open_source(args, role="index")
     options = modality.indexing_options(args)
-    source.fit_latent = getattr(args, "latent", "on") != "off"
+    source.fit_latent = options.get("latent", True)  # off, on, or the embedding --latent names
     out = args.out or Path(args.file).with_suffix(".h5")
     summary = index_file(source, Path(out), threads=args.threads, providers=args.providers,
                          clusters=parse_clusters(args.clusters), **options)
@@ -100,6 +100,9 @@ def cmd_publish(args) -> int:
                                arm_timeout=args.arm_timeout, stop_event=stop)
     else:
         source = _modality(args).open_source(args, role="publish")
+        from liveindex.models.latent.encoder import latent_choice
+
+        source.fit_latent = latent_choice(getattr(args, "latent", True))  # off, on, or the embedding --latent names
     publisher = Publisher(bind=args.bind, sink=args.sink, page_size=args.page_size, rate=args.rate,
                           wait_for_workers=args.wait_for_workers, sink_timeout=args.sink_timeout,
                           worker_timeout=args.worker_timeout, store_timeout=args.store_timeout,
@@ -311,6 +314,9 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys)
 
     modality.add_commands(sub)  # EBSD: models train|export|eval
+    from liveindex.models.latent.cli import add_encoder_commands
+
+    add_encoder_commands(sub, modality)  # models train-encoder|adapt, every modality
     return parser
 
 

@@ -58,8 +58,8 @@ class LatentMaps:
     def __init__(self, spec, *, clusters: int | None = None):
         # Imported here: the runtime imports no package under models/ but the contract at import
         # time (tests/test_layout.py); these are numpy-only and modality-neutral.
-        from liveindex.models.latent.basis import LatentBasis
         from liveindex.models.latent.clusters import LatentClusters
+        from liveindex.models.latent.encoder import latent_from_wire
 
         self.spec = spec
         n = spec.size
@@ -77,7 +77,7 @@ class LatentMaps:
         wire = spec.header.get("latent")
         if wire is not None:
             try:
-                self.basis = LatentBasis.from_wire(wire)
+                self.basis = latent_from_wire(wire)  # a PCA basis or an encoder (its decoder)
             except Exception as exc:  # a bad basis costs the mean patterns only
                 log.warning("scan %s: %s; clusters are shown without mean patterns", spec.scan, exc)
         self.refreshed_at_points = 0  # points in at the last refresh

@@ -102,10 +102,10 @@ def latent_maps(maps: dict, start: ScanStart, clusters: int | None = None, *, in
 def _index_mean_patterns(described: list[dict], found, start: ScanStart, indexer) -> None:
     """Each cluster's mean pattern (its mean embedding through the basis) indexed as a frame."""
     from liveindex.models import modality as modalities
-    from liveindex.models.latent.basis import LatentBasis
+    from liveindex.models.latent.encoder import latent_from_wire
 
     try:
-        basis = LatentBasis.from_wire(start.header["latent"])
+        basis = latent_from_wire(start.header["latent"])
         centres = np.stack([found.centre(c["id"]) for c in described])
         frames = modalities.load(start.modality).pattern_from_features(basis.reconstruct(centres), basis.feature_shape,
                                                                        start.pattern_shape)

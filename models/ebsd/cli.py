@@ -179,8 +179,9 @@ def add_commands(sub) -> None:
     clear.add_argument("--all", action="store_true", help="everything liveindex cached")
     k.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("models", help="train, export and evaluate the phase/orientation network bundle")
-    msub = p.add_subparsers(dest="models_command", required=True)
+    from liveindex.models.latent.cli import models_subparsers
+
+    msub = models_subparsers(sub)
 
     t = msub.add_parser("train", help="simulate training data and train the network (torch, one CPU core)")
     t.add_argument("--out", default=DEFAULT_WORK, help=f"folder for checkpoint.pt and train.json (default {DEFAULT_WORK})")

@@ -57,9 +57,10 @@ def fit_scan_basis(source, dims: int = DEFAULT_DIMS, tiles: int = FIT_TILES) -> 
                      dims)
 
 
-def embed(basis: LatentBasis | None, frames: np.ndarray) -> np.ndarray:
-    """(B, D) float16 embeddings of raw frames; NaN where there is no basis (latent off, or
-    a scan_start without one) or a frame has no signal."""
-    if basis is None or basis.dims != DEFAULT_DIMS:  # the declared width only (a peer's basis may differ)
+def embed(basis, frames: np.ndarray) -> np.ndarray:
+    """(B, D) float16 embeddings of raw frames in the scan's basis or encoder (LatentBasis or
+    LatentEncoder); NaN where there is none (latent off, or a scan_start without one) or a
+    frame has no signal."""
+    if basis is None or basis.dims != DEFAULT_DIMS or basis.n_features != int(np.prod(feature_shape(frames.shape[1:]))):  # the declared width only (a peer's basis may differ)
         return np.full((len(frames), DEFAULT_DIMS), np.nan, np.float16)
     return basis.embed(features(frames))

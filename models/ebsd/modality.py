@@ -61,10 +61,12 @@ class EBSD(Modality):
             parser.add_argument("--resolution", type=float, default=3.0, help="dictionary sampling in degrees")
         if role in ("index", "worker"):
             _add_indexing_arguments(parser)
-        if role in ("index", "worker", "demo"):
-            parser.add_argument("--latent", choices=("on", "off"), default="on",
-                                help="embed every frame in the scan's latent basis for the cluster, boundary and "
-                                     "novelty maps (default on: about 3%% of the indexing time)")
+        if role in ("index", "worker", "demo", "publish"):
+            from liveindex.models.latent.encoder import LATENT_HELP, parse_latent
+
+            parser.add_argument("--latent", type=parse_latent, default="on", metavar="on|off|pca|encoder[:PATH]",
+                                help=LATENT_HELP + " (default on: about 3%% of the indexing time; a worker takes "
+                                                   "what the scan_start carries, so on or off only)")
         if role == "index":
             parser.add_argument("--refine-pc", action="store_true",
                                 help="fit the projection centre on the scan's first sure points, then index every "
@@ -76,8 +78,11 @@ class EBSD(Modality):
             options.update(_indexing_options(args))
         if getattr(args, "refine_pc", False):
             options["refine_pc"] = True
-        if getattr(args, "latent", "on") == "off":
-            options["latent"] = False
+        from liveindex.models.latent.encoder import latent_choice
+
+        latent = latent_choice(getattr(args, "latent", True))
+        if latent is not True:  # off, or the embedding --latent names (the scan_start is made with it)
+            options["latent"] = latent
         return options
 
     def open_source(self, args, *, role: str):
@@ -155,14 +160,14 @@ class EBSD(Modality):
         return frames_from_features(features, feature_shape, pattern_shape)
 
     def latent_start(self, source) -> dict:
-        """The scan's latent basis, fitted on 3x3 tiles of its frames (models/ebsd/latent.py)."""
-        from .latent import fit_scan_basis
+        """The scan's latent basis, fitted on 3x3 tiles of its frames (models/ebsd/latent.py), or
+        the encoder --latent names, normalised on them (models/latent/encoder.py)."""
+        from liveindex.models.latent.encoder import latent_start
 
-        try:
-            return {"latent": fit_scan_basis(source).to_wire()}
-        except Exception as exc:  # a scan too small or frames without signal: indexing goes on without
-            log.warning("no latent basis for this scan (%s: %s); its points get no embedding", type(exc).__name__, exc)
-            return {}
+        from .latent import feature_shape, features, fit_scan_basis
+
+        return latent_start(source, self.name, fit_pca=fit_scan_basis, features=features,
+                            feature_shape=feature_shape(source.pattern_shape))
 
     # -- a scan -------------------------------------------------------------------------------
     def check_setup(self, setup: dict, pattern_shape) -> dict:

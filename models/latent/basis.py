@@ -60,6 +60,10 @@ class LatentBasis:
     def dims(self) -> int:
         return int(self.components.shape[0])
 
+    @property
+    def n_features(self) -> int:
+        return int(self.components.shape[1])
+
     def embed(self, features: np.ndarray) -> np.ndarray:
         """(B, P) features -> (B, D) float16 embeddings (NaN rows where a feature is not finite)."""
         x = (np.asarray(features, np.float32) - self.mean) * self.scale
@@ -73,7 +77,7 @@ class LatentBasis:
         return (e @ self.components) / self.scale + self.mean
 
     def to_wire(self) -> dict:
-        return {"v": WIRE_VERSION, "method": self.method, "dims": self.dims, "feature_shape": list(self.feature_shape),
+        return {"v": WIRE_VERSION, "kind": "pca", "method": self.method, "dims": self.dims, "feature_shape": list(self.feature_shape),
                 "mean": self.mean.astype("<f4").tobytes(), "scale": self.scale.astype("<f4").tobytes(),
                 "components": self.components.astype("<f4").tobytes()}
 
@@ -99,15 +103,18 @@ class LatentBasis:
             raise ProtocolError(f"scan_start latent basis is malformed ({exc})") from None
 
 
-def basis_of_scan(scan_start: dict) -> LatentBasis | None:
-    """The LatentBasis a scan_start carries, or None (said once in the log): a modality's
-    page indexer embeds its frames in it."""
+def basis_of_scan(scan_start: dict):
+    """The embedding a scan_start carries (a LatentBasis, or a LatentEncoder where its
+    ``kind`` is ``encoder``: models/latent/encoder.py), or None (said once in the log): a
+    modality's page indexer embeds its frames in it."""
+    from .encoder import latent_from_wire
+
     wire = scan_start.get("latent")
     if wire is None:
         log.info("scan %s carries no latent basis; its points get no embedding", scan_start.get("scan", ""))
         return None
     try:
-        return LatentBasis.from_wire(wire)
+        return latent_from_wire(wire)
     except LiveIndexError as exc:
         log.warning("scan %s: %s; its points get no embedding", scan_start.get("scan", ""), exc)
         return None

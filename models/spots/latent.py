@@ -162,10 +162,11 @@ def fit_scan_basis(source, dims: int = DIMS, tiles: int = FIT_TILES) -> LatentBa
                        fitted.components, fitted.feature_shape)
 
 
-def embed(basis: LatentBasis | None, features: SpotFeatures, frames: np.ndarray,
+def embed(basis, features: SpotFeatures, frames: np.ndarray,
           centers: np.ndarray | None = None) -> np.ndarray:
-    """(B, D) float16 embeddings of raw frames; NaN where there is no basis (latent off, or a
-    scan_start without one) or a frame has no counts."""
-    if basis is None or basis.dims != DIMS or basis.components.shape[1] != BANDS * HARMONICS:
+    """(B, D) float16 embeddings of raw frames in the scan's basis or encoder (LatentBasis or
+    LatentEncoder); NaN where there is none (latent off, or a scan_start without one) or a
+    frame has no counts."""
+    if basis is None or basis.dims != DIMS or basis.n_features != BANDS * HARMONICS:
         return np.full((len(frames), DIMS), np.nan, np.float16)  # the declared width only
     return basis.embed(features(frames, centers))

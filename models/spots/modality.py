@@ -67,10 +67,13 @@ class Spots(Modality):
             parser.add_argument("--no-refine", action="store_true", help="template matching only (faster, coarser)")
             parser.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
                                 help="points with confidence below C (0..1) are left not indexed (default 0)")
-            parser.add_argument("--latent", choices=("on", "off"), default="on",
-                                help="embed every frame (rotation-invariant polar features in the scan's basis) for "
-                                     "the cluster, boundary and novelty maps (default on: 0.2-0.7 ms a frame, 3-8%% "
-                                     "of the indexing time)")
+        if role in ("index", "worker", "demo", "publish"):
+            from liveindex.models.latent.encoder import LATENT_HELP, parse_latent
+
+            parser.add_argument("--latent", type=parse_latent, default="on", metavar="on|off|pca|encoder[:PATH]",
+                                help=LATENT_HELP + " (on rotation-invariant polar features; default on: 0.2-0.7 ms "
+                                                   "a frame, 3-8%% of the indexing time; a worker takes what the "
+                                                   "scan_start carries, so on or off only)")
 
     def indexing_options(self, args) -> dict:
         min_conf = getattr(args, "min_confidence", 0.0)
@@ -80,8 +83,11 @@ class Spots(Modality):
         if not 0.5 <= resolution <= 10.0:
             raise InputError(f"--resolution {resolution} deg is outside 0.5..10; 2 is the default")
         options = {"resolution": resolution, "refine": not getattr(args, "no_refine", False), "min_confidence": min_conf}
-        if getattr(args, "latent", "on") == "off":
-            options["latent"] = False
+        from liveindex.models.latent.encoder import latent_choice
+
+        latent = latent_choice(getattr(args, "latent", True))
+        if latent is not True:  # off, or the embedding --latent names (the scan_start is made with it)
+            options["latent"] = latent
         return options
 
     def _setup_from_args(self, args, *, simulated: bool) -> dict:
@@ -147,14 +153,14 @@ class Spots(Modality):
         return ArraySource(data, modality=self, setup=setup, phases=records, step=step or (1.0, 1.0)), {}
 
     def latent_start(self, source) -> dict:
-        """The scan's latent basis, fitted on 3x3 tiles of its frames' polar features (latent.py)."""
-        from .latent import fit_scan_basis
+        """The scan's latent basis, fitted on 3x3 tiles of its frames' polar features (latent.py),
+        or the encoder --latent names, normalised on them (models/latent/encoder.py)."""
+        from liveindex.models.latent.encoder import latent_start
 
-        try:
-            return {"latent": fit_scan_basis(source).to_wire()}
-        except Exception as exc:  # a scan too small or frames without counts: indexing goes on without
-            log.warning("no latent basis for this scan (%s: %s); its points get no embedding", type(exc).__name__, exc)
-            return {}
+        from .latent import SpotFeatures, feature_shape, fit_scan_basis
+
+        return latent_start(source, self.name, fit_pca=fit_scan_basis,
+                            features=SpotFeatures(source.setup, source.pattern_shape), feature_shape=feature_shape())
 
     # -- a scan -------------------------------------------------------------------------------
     def check_setup(self, setup: dict, pattern_shape) -> dict:
