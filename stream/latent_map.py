@@ -23,7 +23,13 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_FIELD = "embedding"
 LATENT_MAPS = ("cluster", "boundary", "novelty")  # also the HDF5 prop keys and PNG names
-REFRESH_SECONDS = 2.0
+REFRESH_SECONDS = 2.0  # the period where a refresh is cheap (a small scan)
+# Where it is not (a 1e6-point scan: 0.4-0.6 s of CPU, 1.1-1.4 s where it reclusters), the
+# refresher takes at most about this share of one core, on the sink's host (where the workers
+# share it, as in the demo, that is CPU the indexing does not get), ...
+REFRESHER_CORE_SHARE = 0.2
+# ... but never leaves the map older than this (issue 16: a new cluster map at least every 5 s).
+MAX_REFRESH_SECONDS = 4.5
 # Cluster colours (tab20, then repeated): index 0 is "no cluster".
 CLUSTER_COLOURS = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
                    [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207], [174, 199, 232],
@@ -188,6 +194,19 @@ class LatentMaps:
         return self.basis.reconstruct(centre).reshape(self.basis.feature_shape)
 
 
+def refresh_pause(period: float, spent: float, cpu: float) -> float:
+    """Seconds to wait after a refresh that took ``spent`` seconds (``cpu`` of them this
+    thread's CPU time): the next starts ``period`` after this one where the refresh is cheap,
+    later where it is not so that the thread keeps to REFRESHER_CORE_SHARE of a core, but at
+    most MAX_REFRESH_SECONDS after it; where even that is too short (a refresh slower than the
+    promise, a very loaded host) a pause of half its CPU time still leaves the sink's loop most
+    of a core. CPU time, not wall time, sets the share: on a loaded machine the wall time
+    counts the other processes' turns too (a wall-time pause made the map new every 3.5-6.3 s
+    at load 4.5 on 2 cores)."""
+    start_to_start = min(max(period, cpu / REFRESHER_CORE_SHARE), MAX_REFRESH_SECONDS)
+    return max(start_to_start - spent, 0.5 * cpu)
+
+
 class LatentRefresher(threading.Thread):
     """The sink's thread that refreshes the latent maps of running scans every
     ``REFRESH_SECONDS`` (0.5-1.4 s of CPU at 1e6 points: never in the sink's loop)."""
@@ -212,13 +231,8 @@ class LatentRefresher(threading.Thread):
                     self.error = exc
                     log.error("scan %s: latent maps not refreshed (%s: %s)", state.scan, type(exc).__name__, exc,
                               exc_info=True)
-            # A refresh every ``period`` where it is quick; where it is slow a pause of half the
-            # CPU time it took, so this thread takes two thirds of a core at most and the sink's
-            # loop keeps the rest. Half its wall time was the pause before: on a loaded machine
-            # (a refresh of 1e6 points 0.7 s of CPU in 2.3 s at load 4.5 on 2 cores) that paused
-            # for the other processes' time too and the map was new every 3.5-6.3 s.
             spent, cpu = time.perf_counter() - t0, time.thread_time() - c0
-            wait = max(self.period - spent, 0.5 * cpu)
+            wait = refresh_pause(self.period, spent, cpu)
 
     def maybe_raise(self) -> None:
         if self.error is not None:

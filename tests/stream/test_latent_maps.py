@@ -143,3 +143,16 @@ def test_the_embedding_file_is_written_only_where_points_have_one(tmp_path):
     maps["embedding"][:] = 1.0
     write_outputs(tmp_path, "on", maps=maps, start=state.spec, summary={})
     assert np.load(tmp_path / "on_embedding.npy").shape == (12, 3)
+
+
+def test_the_refresher_keeps_its_core_share_and_the_five_second_promise():
+    from liveindex.stream.latent_map import MAX_REFRESH_SECONDS, REFRESHER_CORE_SHARE, refresh_pause
+
+    # A small scan's refresh (10 ms): the next one the period after this one's start.
+    assert refresh_pause(2.0, 0.01, 0.01) == pytest.approx(1.99)
+    # A 1e6-point refresh (0.6 s of CPU): later, so the thread keeps to its share of a core.
+    assert (0.6 + refresh_pause(2.0, 0.6, 0.6)) * REFRESHER_CORE_SHARE == pytest.approx(0.6)
+    # One that reclusters (1.3 s of CPU) under load (2 s of wall time): never past the promise.
+    assert 2.0 + refresh_pause(2.0, 2.0, 1.3) == pytest.approx(MAX_REFRESH_SECONDS) and MAX_REFRESH_SECONDS < 5
+    # Slower than the promise itself: still a pause, half its CPU time, for the sink's loop.
+    assert refresh_pause(2.0, 6.0, 3.0) == pytest.approx(1.5)
