@@ -151,7 +151,7 @@ def cmd_sink(args) -> int:
                         bind=args.bind, out_dir=args.out, http_host=args.http_host, http_port=args.http_port,
                         max_scans=1 if args.once else None, finish_timeout=args.finish_timeout,
                         idle_timeout=args.idle_timeout, clusters=parse_clusters(args.clusters),
-                        keys=CurveKeys.load(args.keys))
+                        index_cluster_means=args.index_cluster_means == "on", keys=CurveKeys.load(args.keys))
     for summary in finished:
         print(json.dumps(summary))
     return 0
@@ -306,6 +306,9 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=600.0,
                    help="finish a scan that got nothing for this long and no scan_end (its publisher died)")
     _add_clusters_option(p)
+    p.add_argument("--index-cluster-means", choices=("on", "off"), default="on",
+                   help="index each latent cluster's mean pattern in the sink, with an indexer of its own prepared "
+                        "from the scan_start as a worker's (default on; off spares the sink's host its memory)")
     _add_keys_option(p)
     p.set_defaults(func=cmd_sink)
 

@@ -8,11 +8,16 @@ field holds. Each arriving point is assigned to its nearest cluster at once
 the sink's refresher thread recomputes the whole maps (``refresh``; the bounded subsample is
 reclustered every few refreshes, models/latent/clusters.py), and the points whose cluster
 changed go to the live page as one more change. A cluster's mean pattern is its
-mean embedding mapped back through the basis the scan_start carries (no frames needed).
+mean embedding mapped back through the basis the scan_start carries (no frames needed), and
+``ClusterMeanIndexer`` indexes it with the scan's own page indexer, prepared in the sink from
+the scan_start as a worker prepares its own (the modality's contract: ``prepare`` and
+``pattern_from_features``), so the page says which phase and orientation the indexer gives
+each cluster's mean pattern while the scan runs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -61,7 +66,8 @@ def has_latent(spec) -> bool:
 class LatentMaps:
     """One scan's latent maps, beside its ScanState (which calls ``on_points`` under its lock)."""
 
-    def __init__(self, spec, *, clusters: int | None = None):
+    def __init__(self, spec, *, clusters: int | None = None, index_means: bool = False):
+        """``index_means``: index each cluster's mean pattern in the sink (ClusterMeanIndexer)."""
         # Imported here: the runtime imports no package under models/ but the contract at import
         # time (tests/test_layout.py); these are numpy-only and modality-neutral.
         from liveindex.models.latent.clusters import LatentClusters
@@ -90,6 +96,7 @@ class LatentMaps:
         self.refresh_seconds: list[float] = []
         self.refreshing = threading.Lock()
         self.info: list[dict] = []  # per cluster: id, size, colour, phase, ... (for status.json)
+        self.mean_indexer = ClusterMeanIndexer(spec, self.basis) if index_means and self.basis is not None else None
 
     def on_points(self, maps: dict, idx: np.ndarray) -> None:
         """New points: their nearest cluster now and their novelty with the neighbours in so
@@ -134,8 +141,23 @@ class LatentMaps:
                     getattr(self, name)[take] = out[name][take]
             # Outside the lock (a pass over the map a cluster: 0.1 s at 1e6 points that the sink's
             # loop need not wait for); points coming in meanwhile may or may not count.
-            self.info = self._describe(state)
+            info = self._describe(state)
+            if self.mean_indexer is not None:
+                self.mean_indexer.annotate(info, self.clusters)
+            self.info = info
             return changed
+
+    def finish(self, state, wait: float = 30.0) -> np.ndarray | None:
+        """The last refresh of a finished scan: its clusters with their mean patterns indexed
+        where the sink's indexer is ready within ``wait`` s; the indexer is then let go."""
+        if self.mean_indexer is not None:
+            self.mean_indexer.wait(wait)
+            self.refreshed_at_points = -1  # refresh even where no point came in since
+        changed = self.refresh(state)
+        if self.mean_indexer is not None:
+            self.mean_indexer.close()
+            self.mean_indexer = None
+        return changed
 
     def _describe(self, state) -> list[dict]:
         """Each cluster: id, size, colour, unexplained share, and what the indexer answered for
@@ -192,6 +214,108 @@ class LatentMaps:
         if centre is None or self.basis is None or len(centre) != self.basis.dims:
             return None
         return self.basis.reconstruct(centre).reshape(self.basis.feature_shape)
+
+
+def index_mean_patterns(centres, start, basis, indexer) -> list[dict | None]:
+    """What ``indexer`` answers for each cluster's mean pattern (its centre, a mean embedding,
+    through ``basis`` and the modality's ``pattern_from_features``): phase name, Euler angles
+    (deg) and confidence as far as the modality answers them; all None where the modality
+    makes no pattern of a feature vector or the indexer fails (the maps stand without it)."""
+    from liveindex.models import modality as modalities
+
+    if not len(centres):
+        return []
+    try:
+        frames = modalities.load(start.modality).pattern_from_features(
+            basis.reconstruct(np.stack(centres)), basis.feature_shape, start.pattern_shape)
+        if frames is None:
+            return [None] * len(centres)
+        fields = indexer.index(frames)
+    except Exception as exc:
+        log.warning("scan %s: the clusters' mean patterns were not indexed (%s: %s)", start.scan,
+                    type(exc).__name__, exc)
+        return [None] * len(centres)
+    out = []
+    for k in range(len(centres)):
+        mean = {}
+        if "phase_id" in fields:
+            pid = int(fields["phase_id"][k])
+            mean["phase"] = start.phases[pid].name if 0 <= pid < len(start.phases) else None
+        if "quaternion" in fields and mean.get("phase"):
+            from .orientation_map import euler_degrees
+
+            mean["euler_deg"] = [round(v, 2) for v in euler_degrees(fields["quaternion"][k].astype(float))]
+        if "confidence" in fields:
+            mean["confidence"] = round(float(fields["confidence"][k]), 4)
+        out.append(mean)
+    return out
+
+
+class ClusterMeanIndexer:
+    """The sink's own page indexer for one scan, for the clusters' mean patterns only.
+
+    Prepared once, in a thread of its own (a dictionary or template library may take seconds
+    to load, more to build: the refresher does not wait), from the scan_start as a worker
+    prepares it, with the modality's default options (a worker's command-line options are not
+    the sink's to know). It costs the sink's host one more indexer's memory; ``liveindex sink
+    --index-cluster-means off`` spares it. A mean pattern is indexed again only when its
+    cluster's centre has moved."""
+
+    def __init__(self, spec, basis):
+        self.spec, self.basis = spec, basis
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cluster-means")
+        self.future = None
+        self.known: dict[int, tuple[bytes, dict | None]] = {}  # cluster id -> (its centre's bytes, the answer)
+
+    def _indexer(self):
+        if self.future is None:
+            from liveindex.models import modality as modalities
+
+            def prepare():
+                modality = modalities.load(self.spec.modality)
+                if type(modality).pattern_from_features is modalities.Modality.pattern_from_features:
+                    return None  # it makes no pattern of a feature vector: nothing to index
+                header = {**self.spec.header, "setup": modality.check_setup(self.spec.setup, self.spec.pattern_shape)}
+                return modality.prepare(header, reason=f"scan {self.spec.scan}'s cluster means")
+
+            self.future = self.pool.submit(prepare)
+        if not self.future.done():
+            return None
+        try:
+            indexer = self.future.result()
+        except Exception as exc:  # once: the maps and the page stand without it
+            log.warning("scan %s: no indexer for the clusters' mean patterns (%s: %s)", self.spec.scan,
+                        type(exc).__name__, exc)
+            indexer = None
+        if indexer is None:
+            self.basis = None  # asked no more
+        return indexer
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the indexer (the finished scan's files want the answers)."""
+        if self.basis is not None:
+            self._indexer()
+            concurrent.futures.wait([self.future], timeout=timeout)
+
+    def annotate(self, items: list[dict], clusters) -> None:
+        """Add ``mean_pattern_indexed`` to each cluster's item, indexing the moved ones."""
+        if self.basis is None or not items:
+            return
+        indexer = self._indexer()
+        if indexer is None:
+            return
+        centres = {c["id"]: clusters.centre(c["id"]) for c in items}
+        moved = [i for i, c in centres.items() if c is not None and self.known.get(i, (None,))[0] != c.tobytes()]
+        answers = index_mean_patterns([centres[i] for i in moved], self.spec, self.basis, indexer)
+        for i, answer in zip(moved, answers):
+            self.known[i] = (centres[i].tobytes(), answer)
+        for item in items:
+            answer = self.known.get(item["id"], (None, None))[1]
+            if answer is not None:
+                item["mean_pattern_indexed"] = answer
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def refresh_pause(period: float, spent: float, cpu: float) -> float:

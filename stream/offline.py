@@ -95,38 +95,20 @@ def latent_maps(maps: dict, start: ScanStart, clusters: int | None = None, *, in
     result = {k: out[k] for k in ("cluster", "boundary", "novelty")}
     result["clusters"] = found.describe()
     if indexer is not None and start.header.get("latent") is not None:
-        _index_mean_patterns(result["clusters"], found, start, indexer)
+        from liveindex.models.latent.encoder import latent_from_wire
+
+        from .latent_map import index_mean_patterns
+
+        try:
+            basis = latent_from_wire(start.header["latent"])
+        except Exception as exc:  # the maps stand without it
+            log.warning("the clusters' mean patterns were not indexed (%s)", exc)
+        else:
+            centres = [found.centre(c["id"]) for c in result["clusters"]]
+            for item, answer in zip(result["clusters"], index_mean_patterns(centres, start, basis, indexer)):
+                if answer is not None:
+                    item["mean_pattern_indexed"] = answer
     return result
-
-
-def _index_mean_patterns(described: list[dict], found, start: ScanStart, indexer) -> None:
-    """Each cluster's mean pattern (its mean embedding through the basis) indexed as a frame."""
-    from liveindex.models import modality as modalities
-    from liveindex.models.latent.encoder import latent_from_wire
-
-    try:
-        basis = latent_from_wire(start.header["latent"])
-        centres = np.stack([found.centre(c["id"]) for c in described])
-        frames = modalities.load(start.modality).pattern_from_features(basis.reconstruct(centres), basis.feature_shape,
-                                                                       start.pattern_shape)
-        if frames is None:
-            return
-        fields = indexer.index(frames)
-    except Exception as exc:  # the maps stand without it
-        log.warning("the clusters' mean patterns were not indexed (%s: %s)", type(exc).__name__, exc)
-        return
-    for k, item in enumerate(described):
-        mean = {}
-        if "phase_id" in fields:
-            pid = int(fields["phase_id"][k])
-            mean["phase"] = start.phases[pid].name if 0 <= pid < len(start.phases) else None
-        if "quaternion" in fields and mean.get("phase"):
-            from .orientation_map import euler_degrees
-
-            mean["euler_deg"] = [round(v, 2) for v in euler_degrees(fields["quaternion"][k].astype(float))]
-        if "confidence" in fields:
-            mean["confidence"] = round(float(fields["confidence"][k]), 4)
-        item["mean_pattern_indexed"] = mean
 
 
 def index_file(source: ScanSource, out: Path, *, clusters: int | None = None, **options) -> dict:

@@ -29,8 +29,10 @@ TRUTH_PREFIX = "truth_"
 
 
 class ScanState:
-    def __init__(self, start: Message, *, preview_path: Path | None = None, clusters: int | None = None):
-        """``clusters``: the latent cluster map's count (None: HDBSCAN finds it; --clusters)."""
+    def __init__(self, start: Message, *, preview_path: Path | None = None, clusters: int | None = None,
+                 index_cluster_means: bool = False):
+        """``clusters``: the latent cluster map's count (None: HDBSCAN finds it; --clusters);
+        ``index_cluster_means``: the sink indexes each cluster's mean pattern (latent_map.py)."""
         self.header = start.header
         spec = self.spec = ScanStart.from_header(start.header)
         self.scan = spec.scan
@@ -70,7 +72,8 @@ class ScanState:
         self.preview_path = preview_path
         self.previews: np.ndarray | None = None  # (n, h, w) uint8 memory map beside the outputs
         # Cluster, boundary and novelty maps where the modality declares an embedding.
-        self.latent = LatentMaps(spec, clusters=clusters) if has_latent(spec) else None
+        self.latent = (LatentMaps(spec, clusters=clusters, index_means=index_cluster_means)
+                       if has_latent(spec) else None)
 
     def _truth(self, start: Message) -> dict[str, np.ndarray]:
         """Ground truth sent with the scan_start as ``truth_<field>`` buffers (simulations)."""
@@ -154,10 +157,13 @@ class ScanState:
             self.t_last_result = max(self.t_last_result or now, now)
         return fresh
 
-    def refresh_latent(self) -> None:
-        """Recluster and recompute the latent maps (the sink's refresher thread, and once more
-        before the files are written); the points whose cluster changed go to the live page."""
-        changed = self.latent.refresh(self) if self.latent is not None else None
+    def refresh_latent(self, *, final: bool = False) -> None:
+        """Recluster and recompute the latent maps (the sink's refresher thread, and once more,
+        ``final``, before the files are written); the points whose cluster changed go to the
+        live page."""
+        if self.latent is None:
+            return
+        changed = self.latent.finish(self) if final else self.latent.refresh(self)
         if changed is not None and len(changed):
             with self.lock:
                 self.changes.append(changed)

@@ -52,7 +52,7 @@ class Sink:
                  http_port: int | None = 8080, max_scans: int | None = None, finish_timeout: float = 30.0,
                  idle_timeout: float = 600.0,
                  context: zmq.Context | None = None, stop_event: threading.Event | None = None,
-                 on_finished=None, keys=None, clusters: int | None = None):
+                 on_finished=None, keys=None, clusters: int | None = None, index_cluster_means: bool = True):
         # A context of its own unless given one: ending it in ``run`` is what delivers the
         # last acknowledgements. A process that exits right after (``--once``, a child
         # process) otherwise drops them, and its publisher waits for pages it never hears of.
@@ -66,6 +66,7 @@ class Sink:
         self.endpoint = bound_endpoint(self.socket)
         self.max_scans = max_scans
         self.clusters = clusters  # the latent cluster map's count; None: HDBSCAN finds it (--clusters auto)
+        self.index_cluster_means = index_cluster_means  # an indexer in the sink for them (latent_map.py)
         self.on_finished = on_finished  # called with the summaries so far after each scan is written
         self.finish_timeout = finish_timeout
         self.idle_timeout = idle_timeout
@@ -346,7 +347,7 @@ class Sink:
         record = self.book[scan] = ScanRecord(scan, run=run, runs={run}, orphans=orphans,
                                               dispatcher=identity if identity is not None else None)
         state = record.state = ScanState(message, preview_path=self.out_dir / f"{scan}_patterns.npy",
-                                         clusters=self.clusters)
+                                         clusters=self.clusters, index_cluster_means=self.index_cluster_means)
         self.current = state
         for method in state.spec.methods:  # every label exported from the start: dashboards see zeros, not gaps
             self.metrics.frames_by_method.labels(method.label)
@@ -528,7 +529,7 @@ class Sink:
         try:
             maps = state.maps
             if state.latent is not None:
-                state.refresh_latent()  # the last points in, clustered with the rest
+                state.refresh_latent(final=True)  # the last points in, clustered with the rest
                 if state.latent.clusters.known:  # none where no point had an embedding (--latent off)
                     maps = {**maps, **state.latent.maps()}
                     summary["clusters"] = state.latent.info

@@ -156,3 +156,41 @@ def test_the_refresher_keeps_its_core_share_and_the_five_second_promise():
     assert 2.0 + refresh_pause(2.0, 2.0, 1.3) == pytest.approx(MAX_REFRESH_SECONDS) and MAX_REFRESH_SECONDS < 5
     # Slower than the promise itself: still a pause, half its CPU time, for the sink's loop.
     assert refresh_pause(2.0, 6.0, 3.0) == pytest.approx(1.5)
+
+
+class MeansModality(FakeModality):
+    """The fake modality that can make a frame of a feature vector (as EBSD and spots can)."""
+
+    name = "fake-means"
+
+    def pattern_from_features(self, features, feature_shape, pattern_shape):
+        from ..fake_modality import SCALE
+
+        frames = np.zeros((len(features), *pattern_shape), np.uint16)
+        frames[:, 0, :4] = np.round(SCALE * (np.float64([1, 0, 0, 0]) + 1))  # the identity orientation
+        frames[:, 0, 4] = np.where(features[:, 0] > 1.5, 1000, 0)  # phase 1 where the first feature is high
+        return frames
+
+
+def test_the_sink_indexes_each_clusters_mean_pattern_with_an_indexer_of_its_own():
+    from liveindex.models import modality as modalities
+    from liveindex.models.latent.basis import LatentBasis
+
+    modalities.register("fake-means", f"{__name__}:MeansModality")
+    source = FakeSource(FakeModality(), (10, 12), seed=1)
+    identity = LatentBasis(np.zeros(8, np.float32), np.ones(8, np.float32), np.eye(8, dtype=np.float32), (2, 4))
+    header = {"scan": "means", **source.scan_start(), "modality": "fake-means", "latent": identity.to_wire()}
+    header["fields"] = [f if f[0] != "embedding" else ["embedding", "float32", [8], 0.0] for f in header["fields"]]
+    state = ScanState(decode(encode("scan_start", header)), index_cluster_means=True)
+    n = state.size
+    right = np.arange(n) % 12 >= 6
+    emb = 3.0 * right[:, None] * np.eye(8)[0] + np.random.default_rng(0).normal(0, 0.05, (n, 8))
+    _fill(state, np.arange(n), emb)
+    state.refresh_latent(final=True)  # waits for the sink's indexer, then indexes the two means
+    means = {c["id"]: c.get("mean_pattern_indexed") for c in state.latent.info}
+    assert len(means) == 2 and all(means.values()), state.latent.info
+    left_id = int(np.bincount(state.latent.cluster[~right]).argmax())
+    names = state.spec.phases
+    assert means[left_id]["phase"] == names[0].name and means[1 - left_id]["phase"] == names[1].name
+    assert means[left_id]["confidence"] == pytest.approx(0.9) and len(means[left_id]["euler_deg"]) == 3
+    assert state.latent.mean_indexer is None  # let go once the scan is finished
