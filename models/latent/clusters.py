@@ -34,7 +34,7 @@ import numpy as np
 
 from liveindex.models.errors import InputError
 
-from .spatial import boundary_map, spatial_labels, split_coherent
+from .spatial import boundary_map, spatial_labels, split_coherent, split_components
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class LatentClusters:
             centres = np.stack([f.mean(axis=0) for f in found])
             if self.clusters is None:
                 centres = split_coherent(embedding, finite, centres, self.nav_shape,
-                                         min_size=self._min_size(len(z)))[:MAX_CLUSTERS]
+                                         min_size=self._min_size(len(z)), limit=MAX_CLUSTERS)
         if centres is None:
             with self.lock:
                 centres = np.stack([c.centre for c in self.known]) if self.known else None
@@ -126,6 +126,13 @@ class LatentClusters:
             # The spatial prior (ICM) settles each point with its neighbours; the centres it ends
             # with are the clusters' (matched to the old ones, so ids stay).
             index, centres = spatial_labels(embedding, finite, centres, self.nav_shape)
+            if self.clusters is None:
+                # Each cluster's places that do not touch, separate; settled again with their
+                # neighbours (where a place took another's speckles).
+                parted, centres = split_components(index, centres, embedding, self.nav_shape,
+                                                   min_size=self._min_size(len(points)), limit=MAX_CLUSTERS)
+                if parted.max() > index.max():
+                    index, centres = spatial_labels(embedding, finite, centres, self.nav_shape, index=parted)
             self._update(centres, embedding, index)
             with self.lock:
                 ids = np.array([c.id for c in self.known], np.int16)

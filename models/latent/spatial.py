@@ -12,13 +12,15 @@ CHUNK = 65536  # points a step of the nearest-centre pass (about 4 MB of distanc
 SAMPLE = 5000  # members a split direction and cut are found from
 
 SPLIT_COHERENCE = 0.15  # a cluster is split where its two halves are this much more coherent in space than chance
+SPLIT_SEPARATION = 3.5  # ... and its halves split again where they are two modes this far apart (within-half sigmas)
+SPLIT_DEPTH = 4  # halves of halves ...: at most 16 clusters of one
 ICM_ITERATIONS = 2  # measured on the superalloy scan: 2 and 3 (and 5) give the same map, 1 a worse one
 MEAN_SAMPLE = 200_000  # points a centre is re-estimated from (every k-th): 0.19 to 0.04 s a round at 1e6
 ICM_BETA = 1.0  # weight of one agreeing neighbour against the embedding's distance (in noise variances)
 
 
 def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarray, nav_shape, *,
-                   min_size: int, index: np.ndarray | None = None) -> np.ndarray:
+                   min_size: int, index: np.ndarray | None = None, limit: int | None = None) -> np.ndarray:
     """Split each cluster in two along its first principal direction where the two halves
     lie together in space: a precipitate phase in a grain differs by a few noise sigmas a
     point, too little for a density valley, but its points are neighbours of each other.
@@ -28,14 +30,25 @@ def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarra
     the excess over chance, as a fraction of what is left above chance, must reach
     ``SPLIT_COHERENCE`` (measured on the superalloy scan at moderate noise: 0.19-0.49 where a
     grain holds many precipitates, 0.08-0.13 where it holds a few dozen points of them;
-    -0.02-0 for regions of independent noise)."""
+    -0.02-0 for regions of independent noise).
+
+    The halves are tested again (at most ``SPLIT_DEPTH`` times deep, ``limit`` centres in all),
+    where their projections are also two modes (``SPLIT_SEPARATION``): one HDBSCAN cluster
+    can hold several grains (a spot scan's grains of few spots: 4 to 9 grains in one,
+    5-9 sigmas apart along their mean difference), which one split does not part; a split
+    of one population along its first principal direction gives halves 2.4-3.7 apart (within-
+    half sigmas, small clusters the most), of two populations 4-9 apart on the spot scans, while
+    the superalloy's halves of matrix and precipitates are 2.1-2.7 apart (one mode: only the
+    spatial test parts them, so a first split needs no second mode)."""
     if index is None:
         index, _ = nearest_index(embedding, finite, centres)
     ny, nx = (int(v) for v in nav_shape)
+    limit = len(centres) * 2 ** SPLIT_DEPTH if limit is None else limit
+    queue = [(np.flatnonzero(index == k), centre, 0) for k, centre in enumerate(centres)]
     out = []
-    for k, centre in enumerate(centres):
-        members = np.flatnonzero(index == k)
-        if len(members) < 2 * min_size:
+    while queue:
+        members, centre, depth = queue.pop(0)
+        if len(members) < 2 * min_size or depth >= SPLIT_DEPTH or len(out) + len(queue) + 2 > limit:
             out.append(centre)
             continue
         z = embedding[members].astype(np.float32)
@@ -45,9 +58,13 @@ def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarra
         p = (z - mean) @ v[0]
         side = p > _two_means_cut(p[::step])
         small = min(int(side.sum()), int((~side).sum()))
+        if small < min_size:
+            out.append(centre)
+            continue
         excess = _coherence(members, side, ny, nx)
-        if small >= min_size and excess >= SPLIT_COHERENCE:
-            out += [z[~side].mean(axis=0), z[side].mean(axis=0)]
+        apart = (p[side].mean() - p[~side].mean()) / np.sqrt(0.5 * (p[side].var() + p[~side].var()) + 1e-12)
+        if excess >= SPLIT_COHERENCE and (depth == 0 or apart >= SPLIT_SEPARATION):
+            queue += [(members[~side], z[~side].mean(axis=0), depth + 1), (members[side], z[side].mean(axis=0), depth + 1)]
         else:
             out.append(centre)
     return np.stack(out)
@@ -82,16 +99,24 @@ def _coherence(members: np.ndarray, side: np.ndarray, ny: int, nx: int) -> float
 
 
 def spatial_labels(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarray, nav_shape,
-                   iterations: int = ICM_ITERATIONS, beta: float = ICM_BETA) -> tuple[np.ndarray, np.ndarray]:
+                   iterations: int = ICM_ITERATIONS, beta: float = ICM_BETA,
+                   index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each point's cluster with its neighbours' say (iterated conditional modes on a Potts
     prior): energy = |z - c_k|^2 / (2 s^2) - beta * (neighbours labelled k of 8), s^2 the
     noise variance per dimension; the centres re-estimated from the labels each round.
+    ``index``: the labels to start from (default: each point's nearest centre; given where
+    clusters share a centre, as split_components leaves them, which the nearest cannot tell apart).
     Returns (index into the centres (N,), -1 where not finite; the final centres)."""
     ny, nx = (int(v) for v in nav_shape)
-    index, d2 = nearest_index(embedding, finite, centres)
     own = np.flatnonzero(finite)
     z = embedding[own].astype(np.float32)  # the points in, once (a copy per cluster was most of the time)
     zz = (z * z).sum(axis=1)
+    if index is None:
+        index, d2 = nearest_index(embedding, finite, centres)
+    else:
+        index = np.where(finite, index, -1).astype(np.int64)
+        d2 = np.zeros(ny * nx, np.float32)
+        d2[own] = ((z - centres[index[own]]) ** 2).sum(axis=1)
     step = max(1, len(own) // MEAN_SAMPLE)
     for _ in range(iterations):
         if not len(own):
@@ -195,3 +220,75 @@ def boundary_map(embedding: np.ndarray, received: np.ndarray, nav_shape) -> np.n
     if finite.any():
         mean = mean / max(float(np.median(mean[finite])), 1e-12)
     return mean.astype(np.float32)
+
+
+def split_components(index: np.ndarray, centres: np.ndarray, embedding: np.ndarray, nav_shape, *, min_size: int,
+                     limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each cluster's places in the scan that do not touch: separate clusters (each with its own
+    centre, the mean of its points), the largest keeping the cluster's place in ``centres``.
+    Two grains of one phase whose patterns differ by a turn about the beam have the same
+    rotation-invariant features (a spot scan's), and grains of few spots lie closer together
+    than the noise (3.6-3.8 sigmas along their mean difference, against 5-9 for most pairs):
+    one cluster, but two regions, and every grain is a region of its own.
+
+    Places of fewer than ``min_size`` points stay with the largest. Places that one other
+    cluster surrounds (``HOST_SHARE`` of their neighbours or more: precipitates in a grain)
+    stay together with the others it surrounds: one population in that grain. Points not in
+    (index -1: not received yet, or no embedding) join places rather than part them, so a
+    page not in yet splits no grain. At most ``limit`` centres in all.
+    Returns (index (N,), centres)."""
+    from scipy import ndimage
+
+    ny, nx = (int(v) for v in nav_shape)
+    grid = index.reshape(ny, nx)
+    index = index.copy()
+    out = [c for c in np.asarray(centres, np.float32)]
+    eight = np.ones((3, 3), bool)
+    for k in range(len(centres)):
+        mine = grid == k
+        labels, count = ndimage.label(mine | (grid < 0), structure=eight)
+        if count < 2:
+            continue
+        sizes = np.bincount(labels[mine], minlength=count + 1)  # points of the cluster in each place
+        big = np.flatnonzero(sizes >= min_size)
+        if len(big) < 2:
+            continue
+        boxes = ndimage.find_objects(labels)
+        groups: dict = {}
+        for c in big:
+            groups.setdefault(_host(labels, grid, boxes[c - 1], c, k), []).append(c)
+        if len(groups) < 2:
+            continue
+        parts = sorted(groups.values(), key=lambda cs: -int(sizes[cs].sum()))
+        for cs in parts[1:]:
+            if len(out) >= limit:
+                break
+            moved = np.flatnonzero((np.isin(labels, cs) & mine).ravel())
+            index[moved] = len(out)
+            out.append(embedding[moved].astype(np.float32).mean(axis=0))
+        kept = np.flatnonzero(index == k)
+        if len(kept):
+            out[k] = embedding[kept].astype(np.float32).mean(axis=0)
+    return index, np.stack(out)
+
+
+HOST_SHARE = 0.6  # a place is inside another cluster where this share of its neighbours or more is that cluster
+
+
+def _host(labels: np.ndarray, grid: np.ndarray, box, place: int, k: int):
+    """The cluster that surrounds place ``place`` of cluster ``k`` (its key for grouping:
+    ("in", host)), else ("own", place)."""
+    from scipy import ndimage
+
+    ny, nx = grid.shape
+    ys = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, ny))
+    xs = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, nx))
+    inside = labels[ys, xs] == place
+    ring = ndimage.binary_dilation(inside, structure=np.ones((3, 3), bool)) & ~inside
+    around = grid[ys, xs][ring]
+    around = around[(around >= 0) & (around != k)]
+    if len(around):
+        counts = np.bincount(around)
+        if counts.max() >= HOST_SHARE * len(around):
+            return ("in", int(counts.argmax()))
+    return ("own", place)
