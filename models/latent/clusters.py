@@ -126,13 +126,9 @@ class LatentClusters:
             # The spatial prior (ICM) settles each point with its neighbours; the centres it ends
             # with are the clusters' (matched to the old ones, so ids stay).
             index, centres = spatial_labels(embedding, finite, centres, self.nav_shape)
-            if self.clusters is None:
-                # Each cluster's places that do not touch, separate; settled again with their
-                # neighbours (where a place took another's speckles).
-                parted, centres = split_components(index, centres, embedding, self.nav_shape,
-                                                   min_size=self._min_size(len(points)), limit=MAX_CLUSTERS)
-                if parted.max() > index.max():
-                    index, centres = spatial_labels(embedding, finite, centres, self.nav_shape, index=parted)
+            if self.clusters is None:  # each cluster's places that do not touch: clusters of their own
+                index, centres = split_components(index, centres, embedding, self.nav_shape,
+                                                  min_size=self._min_size(len(points)), limit=MAX_CLUSTERS)
             self._update(centres, embedding, index)
             with self.lock:
                 ids = np.array([c.id for c in self.known], np.int16)
