@@ -32,14 +32,15 @@ def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarra
     grain holds many precipitates, 0.08-0.13 where it holds a few dozen points of them;
     -0.02-0 for regions of independent noise).
 
-    The halves are tested again (at most ``SPLIT_DEPTH`` times deep, ``limit`` centres in all),
-    where their projections are also two modes (``SPLIT_SEPARATION``): one HDBSCAN cluster
-    can hold several grains (a spot scan's grains of few spots: 4 to 9 grains in one,
-    5-9 sigmas apart along their mean difference), which one split does not part; a split
-    of one population along its first principal direction gives halves 2.4-3.7 apart (within-
-    half sigmas, small clusters the most), of two populations 4-9 apart on the spot scans, while
-    the superalloy's halves of matrix and precipitates are 2.1-2.7 apart (one mode: only the
-    spatial test parts them, so a first split needs no second mode)."""
+    The cut: the 1-D 2-means of the projections, then 2-means in the full embedding from it
+    (a cut along the first direction alone went through a grain where a cluster held three or
+    four). The halves are tested again (at most ``SPLIT_DEPTH`` deep, ``limit`` centres in all)
+    where, along their mean difference, they are also two modes ``SPLIT_SEPARATION`` apart: one
+    HDBSCAN cluster can hold several grains (a spot scan's grains of few spots: up to 9 grains
+    in one, 5-9 sigmas apart along their mean difference), which one split does not part. A
+    split of one population gives halves 2.4-3.7 apart (within-half sigmas; small clusters the
+    most), of several grains 4-9 on the spot scans; the superalloy's matrix and precipitates
+    are one mode (2.1-2.9), which only the spatial test parts, so a first split needs no two modes."""
     if index is None:
         index, _ = nearest_index(embedding, finite, centres)
     ny, nx = (int(v) for v in nav_shape)
@@ -57,17 +58,37 @@ def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarra
         _, _, v = np.linalg.svd(z[::step] - mean, full_matrices=False)
         p = (z - mean) @ v[0]
         side = p > _two_means_cut(p[::step])
+        side = _two_means(z, side, step)
         small = min(int(side.sum()), int((~side).sum()))
         if small < min_size:
             out.append(centre)
             continue
         excess = _coherence(members, side, ny, nx)
+        u = z[side].mean(axis=0) - z[~side].mean(axis=0)
+        p = z @ (u / max(float(np.linalg.norm(u)), 1e-12))  # along the halves' mean difference
         apart = (p[side].mean() - p[~side].mean()) / np.sqrt(0.5 * (p[side].var() + p[~side].var()) + 1e-12)
         if excess >= SPLIT_COHERENCE and (depth == 0 or apart >= SPLIT_SEPARATION):
             queue += [(members[~side], z[~side].mean(axis=0), depth + 1), (members[side], z[side].mean(axis=0), depth + 1)]
         else:
             out.append(centre)
     return np.stack(out)
+
+
+def _two_means(z: np.ndarray, side: np.ndarray, step: int, rounds: int = 10) -> np.ndarray:
+    """2-means in the full embedding from a first cut (``side``), on every ``step``-th point."""
+    sub, s = z[::step], side[::step]
+    for _ in range(rounds):
+        if s.all() or not s.any():
+            return side
+        a, b = sub[~s].mean(axis=0), sub[s].mean(axis=0)
+        new = ((sub - b) ** 2).sum(axis=1) < ((sub - a) ** 2).sum(axis=1)
+        if np.array_equal(new, s):
+            break
+        s = new
+    if s.all() or not s.any():
+        return side
+    a, b = sub[~s].mean(axis=0), sub[s].mean(axis=0)
+    return ((z - b) ** 2).sum(axis=1) < ((z - a) ** 2).sum(axis=1)
 
 
 def _two_means_cut(p: np.ndarray) -> float:
@@ -250,19 +271,24 @@ def split_components(index: np.ndarray, centres: np.ndarray, embedding: np.ndarr
     cluster_of = np.repeat(np.arange(len(centres)), np.diff(first))  # place p's cluster: cluster_of[p - 1]
     boxes, hosts = None, {}
 
-    def root(p: int) -> int:
-        """The place that p lies inside, through places inside places; p where none (a loop: its least)."""
-        chain = [p]
-        while len(chain) < 16:
-            if chain[-1] not in hosts:
-                hosts[chain[-1]] = _host(places, boxes[chain[-1] - 1], chain[-1], cluster_of, large)
-            h = hosts[chain[-1]]
-            if not h:
-                break
-            if h in chain:
-                return min(chain[chain.index(h):])
-            chain.append(h)
-        return chain[-1]
+    def host(p: int) -> int:
+        if p not in hosts:
+            hosts[p] = _host(places, boxes[p - 1], p, cluster_of, large)
+        return hosts[p]
+
+    def key(p: int, depth: int = 0) -> int:
+        """What place p of a cluster is grouped by: the place it lies inside (precipitates in one
+        grain: one group), or where that one lies inside a place of p's own cluster, that place's
+        group (a piece of a grain that its precipitates cut off); else p itself."""
+        h = host(p)
+        if not h:
+            return p
+        hh = host(h)
+        if hh == p:  # each lies against the other, neither inside
+            return p
+        if hh and cluster_of[hh - 1] == cluster_of[p - 1] and depth < 4:
+            return key(hh, depth + 1)
+        return h
 
     for k in range(len(centres)):
         own = np.arange(first[k], first[k + 1])
@@ -273,7 +299,7 @@ def split_components(index: np.ndarray, centres: np.ndarray, embedding: np.ndarr
             boxes = ndimage.find_objects(places)
         groups: dict = {}
         for c in big:
-            groups.setdefault(root(int(c)), []).append(c)
+            groups.setdefault(key(int(c)), []).append(c)
         if len(groups) < 2:
             continue
         parts = sorted(groups.values(), key=lambda cs: -int(sizes[cs].sum()))
