@@ -8,11 +8,14 @@ way. Memory and time are bounded by the subsample (``SAMPLE`` points: HDBSCAN is
 n log n on it) and one pass over the map in chunks for the assignment, boundary and
 novelty maps.
 
-- clusters with a spatial prior (spatial.py): a cluster whose two halves (along its first
-  principal direction) lie together in space is split (``split_coherent``), and every point
-  takes its label with its 8 neighbours' say (``spatial_labels``: iterated conditional modes);
-  measured on the superalloy scan (benchmarks/latent.py), where gamma prime differs from the
-  gamma matrix by about 3 noise sigmas a pattern and density alone finds only the grains;
+- clusters with a spatial prior (spatial.py): a cluster whose two halves (2-means) lie together
+  in space is split, and the halves again where they are also two modes (``split_coherent``),
+  every point takes its label with its 8 neighbours' say (``spatial_labels``: iterated
+  conditional modes), and a cluster's places that do not touch are clusters of their own but
+  for places inside one other place (``split_components``); measured on the superalloy scan
+  (benchmarks/latent.py), where gamma prime differs from the gamma matrix by about 3 noise
+  sigmas a pattern and density alone finds only the grains, and on the spot scans, where one
+  HDBSCAN cluster held up to 9 grains and grains apart can share one rotation-invariant embedding;
 - boundary: mean embedding distance of a point to its 4 neighbours that are in, over the
   scan's median of it (about 1 inside a region, higher across a boundary);
 - novelty, in [0, 1]: how far a point is from every cluster (its distance to the nearest

@@ -1,8 +1,10 @@
 """The spatial prior of the latent cluster map: neighbouring scan points are mostly in the
 same region. ``split_coherent`` splits a cluster whose two halves lie together in space,
 ``spatial_labels`` labels each point with its 8 neighbours' say (iterated conditional
-modes), ``boundary_map`` measures how far a point's embedding is from its neighbours'.
-Every step is one pass (or a few) over the map in numpy: bounded time and memory."""
+modes), ``split_components`` makes a cluster's places that do not touch clusters of their
+own, ``boundary_map`` measures how far a point's embedding is from its neighbours'.
+Every step is one pass (or a few) over the map in numpy (scipy.ndimage for the places):
+bounded time and memory."""
 
 from __future__ import annotations
 
