@@ -57,40 +57,38 @@ def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarra
         z = embedding[members].astype(np.float32)
         mean = z.mean(axis=0)
         step = max(1, len(z) // SAMPLE)  # direction and cut from a subsample: bounded time
-        _, _, v = np.linalg.svd(z[::step] - mean, full_matrices=False)
-        p = (z - mean) @ v[0]
-        side = p > _two_means_cut(p[::step])
-        side = _two_means(z, side, step)
+        sub = z[::step] - mean
+        _, _, v = np.linalg.svd(sub, full_matrices=False)
+        first = sub @ v[0]
+        a, b = _two_means(sub, first > _two_means_cut(first))
+        u = (b - a) / max(float(np.linalg.norm(b - a)), 1e-12)
+        p = z @ u  # along the halves' mean difference (one product over the members)
+        side = p > float(0.5 * (a + b) @ u + mean @ u)
         small = min(int(side.sum()), int((~side).sum()))
         if small < min_size:
             out.append(centre)
             continue
         excess = _coherence(members, side, ny, nx)
-        u = z[side].mean(axis=0) - z[~side].mean(axis=0)
-        p = z @ (u / max(float(np.linalg.norm(u)), 1e-12))  # along the halves' mean difference
         apart = (p[side].mean() - p[~side].mean()) / np.sqrt(0.5 * (p[side].var() + p[~side].var()) + 1e-12)
         if excess >= SPLIT_COHERENCE and (depth == 0 or apart >= SPLIT_SEPARATION):
-            queue += [(members[~side], z[~side].mean(axis=0), depth + 1), (members[side], z[side].mean(axis=0), depth + 1)]
+            upper = side.astype(np.float32) @ z / side.sum()
+            lower = (mean * len(z) - upper * side.sum()) / (~side).sum()
+            queue += [(members[~side], lower, depth + 1), (members[side], upper, depth + 1)]
         else:
             out.append(centre)
     return np.stack(out)
 
 
-def _two_means(z: np.ndarray, side: np.ndarray, step: int, rounds: int = 10) -> np.ndarray:
-    """2-means in the full embedding from a first cut (``side``), on every ``step``-th point."""
-    sub, s = z[::step], side[::step]
+def _two_means(z: np.ndarray, side: np.ndarray, rounds: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The two means of 2-means in the full embedding, started from a first cut (``side``)."""
+    a, b = z[~side].mean(axis=0), z[side].mean(axis=0)
     for _ in range(rounds):
-        if s.all() or not s.any():
-            return side
-        a, b = sub[~s].mean(axis=0), sub[s].mean(axis=0)
-        new = ((sub - b) ** 2).sum(axis=1) < ((sub - a) ** 2).sum(axis=1)
-        if np.array_equal(new, s):
+        new = z @ (b - a) > 0.5 * float(b @ b - a @ a)  # nearer b
+        if np.array_equal(new, side) or new.all() or not new.any():
             break
-        s = new
-    if s.all() or not s.any():
-        return side
-    a, b = sub[~s].mean(axis=0), sub[s].mean(axis=0)
-    return ((z - b) ** 2).sum(axis=1) < ((z - a) ** 2).sum(axis=1)
+        side = new
+        a, b = z[~side].mean(axis=0), z[side].mean(axis=0)
+    return a, b
 
 
 def _two_means_cut(p: np.ndarray) -> float:
