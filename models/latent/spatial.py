@@ -23,9 +23,9 @@ ICM_BETA = 1.0  # weight of one agreeing neighbour against the embedding's dista
 
 def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarray, nav_shape, *,
                    min_size: int, index: np.ndarray | None = None, limit: int | None = None) -> np.ndarray:
-    """Split each cluster in two along its first principal direction where the two halves
-    lie together in space: a precipitate phase in a grain differs by a few noise sigmas a
-    point, too little for a density valley, but its points are neighbours of each other.
+    """Split each cluster in two (2-means) where the two halves lie together in space: a
+    precipitate phase in a grain differs by a few noise sigmas a point, too little for a
+    density valley, but its points are neighbours of each other.
 
     The test: among pairs of neighbouring points of the cluster, the share on the same side
     against the share two random labels with those proportions would have (p^2 + (1-p)^2);
@@ -60,7 +60,11 @@ def split_coherent(embedding: np.ndarray, finite: np.ndarray, centres: np.ndarra
         sub = z[::step] - mean
         _, _, v = np.linalg.svd(sub, full_matrices=False)
         first = sub @ v[0]
-        a, b = _two_means(sub, first > _two_means_cut(first))
+        cut = first > _two_means_cut(first)
+        if cut.all() or not cut.any():  # all alike (frames without noise)
+            out.append(centre)
+            continue
+        a, b = _two_means(sub, cut)
         u = (b - a) / max(float(np.linalg.norm(b - a)), 1e-12)
         p = z @ u  # along the halves' mean difference (one product over the members)
         side = p > float(0.5 * (a + b) @ u + mean @ u)
