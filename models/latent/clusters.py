@@ -9,11 +9,16 @@ way. Memory and time are bounded by the subsample (``SAMPLE`` points: HDBSCAN is
 n log n on it) and a few chunked passes over the map for the assignment, boundary and
 novelty maps (0.4-0.6 s of CPU at 1e6 points, 1.2-1.4 s where it reclusters; benchmarks/latent.py).
 
-- clusters with a spatial prior (spatial.py): a cluster whose two halves (along its first
-  principal direction) lie together in space is split (``split_coherent``), and every point
-  takes its label with its 8 neighbours' say (``spatial_labels``: iterated conditional modes);
-  measured on the superalloy scan (benchmarks/latent.py), where gamma prime differs from the
-  gamma matrix by about 3 noise sigmas a pattern and density alone finds only the grains;
+- clusters with a spatial prior (spatial.py): a cluster whose two halves (2-means) lie together
+  in space is split, and the halves again where they are also two modes (``split_coherent``,
+  where the subsample is clustered), every point takes its label with its 8 neighbours' say
+  (``spatial_labels``: iterated conditional modes), and a cluster's places that do not touch
+  are clusters of their own but for places inside one other place (``split_components``, every
+  refresh: the ICM follows the centres before it, ``base``, since places apart can share one
+  centre; ids are matched by place first); measured on the superalloy scan (benchmarks/latent.py),
+  where gamma prime differs from the gamma matrix by about 3 noise sigmas a pattern and density
+  alone finds only the grains, and on the spot scans, where one HDBSCAN cluster held up to 9
+  grains and grains apart can share one rotation-invariant embedding;
 - boundary: mean embedding distance of a point to its 4 neighbours that are in, over the
   scan's median of it (about 1 inside a region, higher across a boundary); recomputed on the
   rows where points came in;
@@ -45,6 +50,7 @@ from .spatial import (
     normalised_boundary,
     spatial_labels,
     split_coherent,
+    split_components,
     squared_norms,
 )
 
@@ -105,6 +111,8 @@ class LatentClusters:
     since_fit: int = 0  # ... and refreshes since
     boundary_raw: np.ndarray | None = field(default=None, repr=False)  # boundary before the median (incremental)
     boundary_in: np.ndarray | None = field(default=None, repr=False)  # the points it was computed with
+    base: np.ndarray | None = field(default=None, repr=False)  # the ICM's centres, before places apart were split
+    last_cluster: np.ndarray | None = field(default=None, repr=False)  # the cluster map of the last refresh (ids)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- per point -----------------------------------------------------------------------------
@@ -149,17 +157,24 @@ class LatentClusters:
             centres = np.stack([f.mean(axis=0) for f in found])
             if self.clusters is None:
                 centres = split_coherent(embedding, finite, centres, self.nav_shape,
-                                         min_size=self._min_size(len(z)))[:MAX_CLUSTERS]
+                                         min_size=self._min_size(len(z)), limit=MAX_CLUSTERS)
             self.fitted_points, self.since_fit = int(finite.sum()), 0
         else:
             self.since_fit += 1
-        if centres is None and known:
+        if centres is None and self.base is not None:  # the ICM follows the clusters it settled last
+            centres = self.base
+        elif centres is None and known:
             centres = np.stack([c.centre for c in known])
         cluster, distance = np.full(n, -1, np.int16), np.full(n, np.nan, np.float32)
         if centres is not None:
             # The spatial prior (ICM) settles each point with its neighbours; the centres it ends
             # with are the clusters' (matched to the old ones, so ids stay).
             index, centres, d2 = spatial_labels(embedding, finite, centres, self.nav_shape, ee=ee)
+            self.base = centres
+            if self.clusters is None:  # each cluster's places that do not touch: clusters of their own
+                index, centres, d2 = split_components(index, centres, embedding, self.nav_shape,
+                                                      min_size=self._min_size(len(points)), limit=MAX_CLUSTERS,
+                                                      d2=d2, ee=ee)
             self._update(centres, embedding, index)
             with self.lock:
                 known = list(self.known)
@@ -175,6 +190,7 @@ class LatentClusters:
             novel = np.bincount(index[finite], weights=(novelty[finite] >= NOVEL), minlength=len(known))
             for k, c in enumerate(known):
                 c.novel = float(novel[k] / c.size) if c.size else 0.0
+        self.last_cluster = cluster
         return {"cluster": cluster, "distance": distance, "novelty": novelty,
                 "boundary": self._boundary(embedding, finite)}
 
@@ -296,8 +312,12 @@ class LatentClusters:
         return labels
 
     def _update(self, centres: np.ndarray, embedding: np.ndarray, index: np.ndarray) -> None:
-        """New centres; each takes the id of the old centre it matches (Hungarian on distance,
-        within the larger of their radii) so ids and colours stay between refreshes."""
+        """New centres; each takes the id of the old cluster it matches so ids and colours stay
+        between refreshes: first by place (Hungarian on the points each new cluster shares with
+        each old one on the last map, where it holds half or more of the new one's points that
+        had an id), then by centre (Hungarian on distance, within the larger of their radii).
+        The place comes first: a cluster's places apart (``split_components``) can have one
+        centre (grains that differ by a turn about the beam), which distance does not tell apart."""
         from scipy.optimize import linear_sum_assignment
 
         radii = np.zeros(len(centres))
@@ -308,12 +328,30 @@ class LatentClusters:
         with self.lock:
             old = list(self.known)
         ids = [-1] * len(centres)
-        if old:
-            d = np.linalg.norm(centres[:, None, :] - np.stack([c.centre for c in old])[None], axis=2)
-            rows, cols = linear_sum_assignment(d)
+        taken = np.zeros(len(old), bool)
+        last = self.last_cluster
+        if old and last is not None and len(last) == len(index):
+            slot = _slots(old)
+            prev = last.astype(np.int64)
+            prev = np.where((prev >= 0) & (prev < len(slot)), slot[np.clip(prev, 0, len(slot) - 1)], -1)
+            both = np.flatnonzero((index >= 0) & (prev >= 0))
+            shared = np.bincount(index[both] * len(old) + prev[both],
+                                 minlength=len(centres) * len(old)).reshape(len(centres), len(old))
+            had = shared.sum(axis=1)
+            rows, cols = linear_sum_assignment(-shared)
             for r, c in zip(rows, cols):
-                if d[r, c] <= max(radii[r], old[c].radius, 1e-6):
-                    ids[r] = old[c].id
+                if shared[r, c] > 0 and 2 * shared[r, c] >= had[r]:
+                    ids[r], taken[c] = old[c].id, True
+        if old and not taken.all():
+            free = np.flatnonzero(~taken)
+            open_rows = np.array([r for r in range(len(centres)) if ids[r] < 0], np.int64)
+            if len(open_rows):
+                d = np.linalg.norm(centres[open_rows][:, None, :] - np.stack([old[c].centre for c in free])[None],
+                                   axis=2)
+                rows, cols = linear_sum_assignment(d)
+                for r, c in zip(rows, cols):
+                    if d[r, c] <= max(radii[open_rows[r]], old[free[c]].radius, 1e-6):
+                        ids[open_rows[r]] = old[free[c]].id
         new = []
         for r in range(len(centres)):
             if ids[r] < 0:

@@ -235,3 +235,66 @@ def test_a_cluster_whose_halves_lie_together_in_space_is_split_and_noise_is_not(
     assert len(out) == 8  # each grain and its precipitates
     flat = (centres[grain] + rng.normal(0, 1, (6400, 16))).astype(np.float32)  # no precipitates: nothing to split
     assert len(split_coherent(flat, np.ones(6400, bool), start, (80, 80), min_size=50)) == 4
+
+
+def _painted(label, means, noise=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    return (means[label.ravel()] + rng.normal(0, noise, (label.size, means.shape[1]))).astype(np.float16)
+
+
+def test_places_apart_with_one_embedding_are_clusters_of_their_own():
+    # Four vertical bands: two grains whose patterns differ by a turn about the beam (one
+    # rotation-invariant embedding, bands 0 and 3) with two other grains between them: four regions.
+    yy, xx = np.mgrid[0:60, 0:60]
+    label = np.minimum(xx // 15, 3)
+    means = np.random.default_rng(5).normal(0, 3, (3, 8))[[0, 1, 2, 0]]
+    out = LatentClusters((60, 60), sample=1000).refresh(_painted(label, means), np.ones(label.size, bool))
+    assert len(np.unique(out["cluster"])) == 4 and adjusted_rand_score(label.ravel(), out["cluster"]) > 0.95
+    # A grain not all in yet (a page missing across it) is not split by the gap.
+    received = np.ones(label.size, bool)
+    received[(yy.ravel() == 30) & (xx.ravel() < 15)] = False
+    out = LatentClusters((60, 60), sample=1000).refresh(_painted(label, means), received)
+    assert len(np.unique(out["cluster"][received])) == 4
+
+
+def test_places_apart_keep_their_ids_between_refreshes():
+    # The two bands of one embedding are one cluster to the ICM (its centres between refits) and
+    # two on the map: each keeps its id through refreshes with and without reclustering.
+    from liveindex.models.latent.clusters import REFIT_EVERY
+
+    yy, xx = np.mgrid[0:60, 0:60]
+    label = np.minimum(xx // 15, 3)
+    means = np.random.default_rng(5).normal(0, 3, (3, 8))[[0, 1, 2, 0]]
+    clusters = LatentClusters((60, 60), sample=1000)
+    received = np.ones(label.size, bool)
+    maps = [clusters.refresh(_painted(label, means, seed=s), received)["cluster"] for s in range(REFIT_EVERY + 2)]
+    assert len(np.unique(maps[0])) == 4 and len(clusters.base) == 3
+    for m in maps[1:]:
+        assert np.mean(m == maps[0]) > 0.99
+
+
+def test_precipitates_in_one_grain_stay_one_cluster():
+    # Two grains (left, right), the left one with four precipitates apart from each other: one
+    # population in that grain (the superalloy's truth), not four clusters.
+    yy, xx = np.mgrid[0:60, 0:60]
+    label = np.where(xx < 30, 0, 1)
+    for cy, cx in ((12, 10), (12, 22), (45, 10), (45, 22)):
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = 2
+    means = np.random.default_rng(6).normal(0, 3, (3, 8))
+    out = LatentClusters((60, 60), sample=1000).refresh(_painted(label, means), np.ones(label.size, bool))
+    assert len(np.unique(out["cluster"])) == 3 and adjusted_rand_score(label.ravel(), out["cluster"]) > 0.95
+
+
+def test_a_cluster_of_several_grains_is_split_until_each_is_one():
+    # Four quadrants 4.4-7.3 noise sigmas apart, given as one cluster (as HDBSCAN gave up to 9
+    # grains of few spots on the spot scans): halves of halves, four clusters (one split: two).
+    from liveindex.models.latent.spatial import split_coherent
+
+    yy, xx = np.mgrid[0:60, 0:60]
+    label = ((yy >= 30) * 2 + (xx >= 30)).ravel()
+    rng = np.random.default_rng(1)
+    e = (rng.normal(0, 1, (4, 24))[label] + rng.normal(0, 1, (label.size, 24))).astype(np.float32)
+    centres = split_coherent(e, np.ones(label.size, bool), e.mean(axis=0, keepdims=True), (60, 60), min_size=30)
+    assert len(centres) == 4
+    nearest = np.linalg.norm(e[:, None] - centres[None], axis=2).argmin(axis=1)
+    assert adjusted_rand_score(label, nearest) > 0.9
