@@ -297,10 +297,12 @@ class ScanSource:
         cached = getattr(self, "_latent_header", None)
         if cached is None:
             if self.fit_latent and self.live:
-                # The basis is fitted on frames from the whole scan before the first page goes
-                # out; a live source has not acquired them yet (and may forget a frame once read).
-                log.info("latent maps: off for a live source (the basis is fitted on a finished scan's frames)")
-            cached = self.modality.latent_start(self) if self.fit_latent and not self.live else {}
+                # A basis is fitted on frames from the whole scan before the first page goes out;
+                # a live source has not acquired them yet (and may forget a frame once read), so
+                # it gets one that needs no frames (models/latent/basis.py fixed_basis).
+                log.info("latent maps: a live source's embedding is the fixed basis (the lowest spatial "
+                         "frequencies of its features), not fitted on its frames")
+            cached = self.modality.latent_start(self) if self.fit_latent else {}
             self._latent_header = cached
         return cached
 

@@ -97,7 +97,9 @@ class LatentMaps:
         self.refresh_seconds: list[float] = []
         self.refreshing = threading.Lock()
         self.info: list[dict] = []  # per cluster: id, size, colour, phase, ... (for status.json)
-        self.mean_indexer = ClusterMeanIndexer(spec, self.basis) if index_means and self.basis is not None else None
+        # Not for the fixed basis (a live source's): its mean pattern is a low-pass sketch, not a pattern.
+        self.mean_indexer = (ClusterMeanIndexer(spec, self.basis) if index_means and self.basis is not None
+                             and getattr(self.basis, "method", "") != "fixed" else None)
 
     def on_points(self, maps: dict, idx: np.ndarray) -> None:
         """New points: their nearest cluster now and their novelty with the neighbours in so

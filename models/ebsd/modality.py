@@ -162,12 +162,13 @@ class EBSD(Modality):
     def latent_start(self, source) -> dict:
         """The scan's latent basis, fitted on 3x3 tiles of its frames (models/ebsd/latent.py), or
         the encoder --latent names, normalised on them (models/latent/encoder.py)."""
+        from liveindex.models.latent.basis import DEFAULT_DIMS
         from liveindex.models.latent.encoder import latent_start
 
         from .latent import feature_shape, features, fit_scan_basis
 
         return latent_start(source, self.name, fit_pca=fit_scan_basis, features=features,
-                            feature_shape=feature_shape(source.pattern_shape))
+                            feature_shape=feature_shape(source.pattern_shape), dims=DEFAULT_DIMS)
 
     # -- a scan -------------------------------------------------------------------------------
     def check_setup(self, setup: dict, pattern_shape) -> dict:

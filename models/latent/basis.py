@@ -103,6 +103,28 @@ class LatentBasis:
             raise ProtocolError(f"scan_start latent basis is malformed ({exc})") from None
 
 
+def fixed_basis(feature_shape, dims: int = DEFAULT_DIMS) -> LatentBasis:
+    """A basis that needs no frames, for a source that gives them only as they come (a
+    detector stream, a file being written), which cannot be fitted on before its scan_start:
+    the ``dims`` lowest spatial frequencies of the feature image (2-D cosines, orthonormal,
+    the constant left out). Every worker embeds alike in it, as in a fitted basis; the
+    sink's clustering is indifferent to its overall scale (densities, radii and the boundary
+    map are all relative). It sees coarser differences than a fitted basis: grains and a phase
+    missing from the list, not weak ordering (benchmarks/latent.py --embedding fixed)."""
+    h, w = (int(v) for v in feature_shape)
+    if not MIN_DIMS <= dims <= min(MAX_DIMS, h * w - 1):
+        raise InputError(f"latent dims {dims} must be in {MIN_DIMS}..{min(MAX_DIMS, h * w - 1)} for {h}x{w} features")
+    cos_y = np.cos(np.pi * (np.arange(h)[:, None] + 0.5) * np.arange(h)[None, :] / h)  # (y, u)
+    cos_x = np.cos(np.pi * (np.arange(w)[:, None] + 0.5) * np.arange(w)[None, :] / w)  # (x, v)
+    # Lowest frequencies first (u/h and v/w as cycles over the image), the constant left out.
+    order = sorted(((u, v) for u in range(h) for v in range(w) if u or v),
+                   key=lambda uv: ((uv[0] / h) ** 2 + (uv[1] / w) ** 2, uv))[:dims]
+    components = np.stack([np.outer(cos_y[:, u], cos_x[:, v]).ravel() for u, v in order]).astype(np.float32)
+    components /= np.linalg.norm(components, axis=1, keepdims=True)
+    p = h * w
+    return LatentBasis(np.zeros(p, np.float32), np.ones(p, np.float32), components, (h, w), method="fixed")
+
+
 def basis_of_scan(scan_start: dict):
     """The embedding a scan_start carries (a LatentBasis, or a LatentEncoder where its
     ``kind`` is ``encoder``: models/latent/encoder.py), or None (said once in the log): a

@@ -300,13 +300,13 @@ def parse_latent(text: str):
         return False
     if text == "on":
         return True
-    if text in KINDS:
+    if text in KINDS or text == "fixed":
         return text
     if text.startswith("encoder:") and len(text) > len("encoder:"):
         return text
     import argparse
 
-    raise argparse.ArgumentTypeError(f"{text!r}: use on, off, pca, encoder or encoder:PATH.onnx")
+    raise argparse.ArgumentTypeError(f"{text!r}: use on, off, pca, fixed, encoder or encoder:PATH.onnx")
 
 
 def latent_choice(value):
@@ -315,15 +315,16 @@ def latent_choice(value):
 
 
 LATENT_HELP = ("the embedding of every frame for the cluster, boundary and novelty maps: on (the default kind, "
-               f"{DEFAULT_KIND}), off, pca (the scan's linear basis), encoder (the modality's shipped encoder "
-               "network) or encoder:PATH.onnx (one made by liveindex models train-encoder or adapt)")
+               f"{DEFAULT_KIND}; fixed for a live source), off, pca (the scan's linear basis), fixed (the lowest "
+               "spatial frequencies of the features, no fit), encoder (the modality's shipped encoder network) or "
+               "encoder:PATH.onnx (one made by liveindex models train-encoder or adapt)")
 
 
 def chosen_encoder(choice, modality: str) -> Path | None:
     """The encoder file a --latent choice names, or None where it asks for the PCA basis."""
     if choice is True:
         choice = DEFAULT_KIND
-    if choice in (False, None, "pca"):
+    if choice in (False, None, "pca", "fixed"):
         return None
     if choice == "encoder":
         return default_encoder_path(modality)
@@ -348,11 +349,20 @@ def encoder_for_scan(path, modality: str, read, nav_shape, features, feature_sha
     return encoder
 
 
-def latent_start(source, modality: str, *, fit_pca, features, feature_shape) -> dict:
+def latent_start(source, modality: str, *, fit_pca, features, feature_shape, dims: int) -> dict:
     """``{"latent": wire}`` for the scan_start: the PCA basis (``fit_pca(source)``) or the
-    encoder the source's ``fit_latent`` (the --latent choice) names. A named encoder that does
-    not fit the scan is an InputError (the user asked for it); any other failure leaves the
-    scan without an embedding, as before."""
+    encoder the source's ``fit_latent`` (the --latent choice) names; for a live source (its
+    frames come only as they are acquired, after the scan_start) or ``--latent fixed``, the
+    basis that needs no frames (basis.py ``fixed_basis``). A named encoder that does not fit
+    the scan is an InputError (the user asked for it); any other failure leaves the scan
+    without an embedding, as before."""
+    if source.fit_latent == "fixed" or getattr(source, "live", False):
+        if source.fit_latent not in (True, "fixed"):
+            log.warning("latent maps: a live source gets the fixed basis (--latent %s needs the scan's frames "
+                        "before it starts)", source.fit_latent)
+        from .basis import fixed_basis
+
+        return {"latent": fixed_basis(feature_shape, dims).to_wire()}
     path = chosen_encoder(source.fit_latent, modality)
     if path is not None:
         return {"latent": encoder_for_scan(path, modality, source.read, source.nav_shape, features,

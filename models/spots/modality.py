@@ -157,9 +157,9 @@ class Spots(Modality):
         or the encoder --latent names, normalised on them (models/latent/encoder.py)."""
         from liveindex.models.latent.encoder import latent_start
 
-        from .latent import SpotFeatures, feature_shape, fit_scan_basis
+        from .latent import DIMS, SpotFeatures, feature_shape, fit_scan_basis
 
-        return latent_start(source, self.name, fit_pca=fit_scan_basis,
+        return latent_start(source, self.name, fit_pca=fit_scan_basis, dims=DIMS,
                             features=SpotFeatures(source.setup, source.pattern_shape), feature_shape=feature_shape())
 
     # -- a scan -------------------------------------------------------------------------------

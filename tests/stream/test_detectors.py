@@ -122,6 +122,10 @@ def test_every_frame_of_a_merlin_stream_at_the_simulator_s_full_rate_is_indexed(
         maps = np.load(out / "merlin_maps.npz")
         assert tuple(maps["nav_shape"]) == (8, 12)
         _check_spot_maps(maps, scan)
+        # A live source's latent maps: the fixed basis (no frame to fit on before the scan_start).
+        assert "a live source's embedding is the fixed basis" in publish.stderr
+        embedding = np.load(out / "merlin_embedding.npy").astype(np.float32)
+        assert summary["clusters"] and np.isfinite(embedding).all(axis=1).mean() > 0.9
     finally:
         for p in [sim, sink, *workers]:
             p.terminate()

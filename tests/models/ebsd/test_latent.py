@@ -64,3 +64,30 @@ def test_a_feature_vector_comes_back_as_a_frame_with_the_same_features():
     np.testing.assert_allclose(features(frames), f, rtol=1e-5)
     odd = frames_from_features(features(np.ones((1, 61, 59), np.uint8)), feature_shape((61, 59)), (61, 59))
     assert odd.shape == (1, 61, 59)
+
+
+def test_a_live_source_gets_the_fixed_basis_without_reading_a_frame():
+    class Live(SimulatedSource):
+        live = True  # a file being written, a detector stream: no frame before the scan_start
+
+        def read(self, start, count):
+            raise AssertionError("a live source's frames are read for the fit")
+
+    start = Live(SimulatedScan((6, 6), seed=1)).scan_start()
+    basis = LatentBasis.from_wire(start["latent"])
+    assert basis.method == "fixed" and basis.dims == DEFAULT_DIMS and basis.feature_shape == (30, 30)
+    np.testing.assert_allclose(basis.components @ basis.components.T, np.eye(DEFAULT_DIMS), atol=1e-5)
+    # Grains apart in the fixed basis as in a fitted one: frames of one grain nearer each other.
+    scan = SimulatedScan((10, 10), seed=2, grain_size=3, noise="moderate")
+    frames = scan.render(0, scan.size)
+    e = embed(basis, frames).astype(np.float32)
+    grain = scan.grain_of_point
+    assert len(np.unique(grain)) > 3
+    same = grain[:, None] == grain[None, :]
+    d = np.linalg.norm(e[:, None] - e[None], axis=2)
+    assert d[same & ~np.eye(len(e), dtype=bool)].mean() < 0.8 * d[~same].mean()
+    np.fill_diagonal(d, np.inf)
+    assert (grain[d.argmin(axis=1)] == grain).mean() > 0.6  # a frame's nearest: its own grain's (chance: 0.1)
+    fixed = SimulatedSource(SimulatedScan((4, 4), seed=1))
+    fixed.fit_latent = "fixed"  # --latent fixed on a finished scan: the same basis, no fit
+    assert LatentBasis.from_wire(fixed.scan_start()["latent"]).method == "fixed"
