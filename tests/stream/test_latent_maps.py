@@ -123,13 +123,20 @@ def test_demo_through_real_processes_writes_the_latent_maps(tmp_path):
     xmap = orix_io.load(tmp_path / f"{scan}.h5")
     assert {"cluster", "boundary", "novelty"} <= set(xmap.prop)
     source = FakeSource(FakeModality(), (15, 20), seed=0)
-    assert adjusted_rand_score(source.truth["phase_id"], xmap.prop["cluster"]) == 1.0
+    # The clusters split the phases' places, never mix two phases: places apart with one
+    # embedding may be clusters of their own (as two grains of one phase are), up to one a place.
+    from scipy import ndimage
+
+    phase, cluster = source.truth["phase_id"], xmap.prop["cluster"]
+    places = sum(ndimage.label(phase.reshape(15, 20) == p, structure=np.ones((3, 3)))[1] for p in np.unique(phase))
+    assert all(len(np.unique(phase[cluster == c])) == 1 for c in np.unique(cluster))
+    assert 2 <= len(np.unique(cluster)) <= places
     assert (xmap.prop["novelty"] < 0.5).all()  # every point explained (confidence 0.9), none far
     assert np.load(tmp_path / f"{scan}_embedding.npy").shape == (300, 3)
     for name in ("cluster", "boundary", "novelty"):
         assert (tmp_path / f"{scan}_{name}.png").stat().st_size > 100
     written = json.loads((tmp_path / f"{scan}.json").read_text())
-    assert len(written["clusters"]) == 2 and sum(c["size"] for c in written["clusters"]) == 300
+    assert len(written["clusters"]) == len(np.unique(cluster)) and sum(c["size"] for c in written["clusters"]) == 300
 
 
 def test_the_embedding_file_is_written_only_where_points_have_one(tmp_path):
