@@ -42,7 +42,10 @@ KINDS = {  # folder -> what it holds
                     "demand (about 15 s each); the least recently used go first when the cache is over its limit",
     "master_patterns": "kinematical master patterns computed for phases without a shipped one (seconds each)",
     "network_codebooks": "the network bundle's code book (about 30 s to rebuild)",
+    "spot_templates": "spot-pattern template libraries (--modality spots), one per phase and setup, rebuilt on "
+                      "demand; the least recently used go with the dictionaries when the cache is over its limit",
 }
+EVICTABLE = ("dictionaries", "spot_templates")  # rebuilt on demand, so the limit may remove them
 
 
 def cache_root() -> Path:
@@ -148,15 +151,16 @@ def enforce_limit(root: Path | None = None, *, keep: Path | None = None, limit: 
     everything = entries(root)
     total = sum(e.size for e in everything)
     removed = []
-    candidates = sorted((e for e in everything if e.kind == "dictionaries" and e.path != keep), key=lambda e: e.last_used)
+    candidates = sorted((e for e in everything if e.kind in EVICTABLE and e.path != keep), key=lambda e: e.last_used)
     for entry in candidates:
         if total <= limit:
             break
-        if _remove_dictionary(entry.path):
+        if _evict(entry):
             total -= entry.size
             removed.append(entry.path)
-            log.info("cache over its %.1f GB limit (%s): removed the least recently used dictionary %s (%.0f MB, "
-                     "last used %s)", limit / 1e9, LIMIT_ENV, entry.path.name, entry.size / 1e6,
+            log.info("cache over its %.1f GB limit (%s): removed the least recently used %s %s (%.0f MB, "
+                     "last used %s)", limit / 1e9, LIMIT_ENV, entry.kind.rstrip("s").replace("_", " "),
+                     entry.path.name, entry.size / 1e6,
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)))
     if total > limit:
         log.warning("the cache holds %.2f GB, over its %.1f GB limit (%s), with nothing more it may remove "
@@ -196,7 +200,7 @@ def describe(root: Path | None = None) -> str:
                              f"{'  IN USE' if e.in_use else ''}  {e.about}")
     for e in (e for e in found if e.kind == "other"):
         lines.append(f"  {e.path.name:20s} {_mb(e.size):>9s}  not liveindex's: left alone")
-    lines.append("liveindex cache clear [--dictionaries|--master-patterns|--codebooks|--all] removes them "
+    lines.append("liveindex cache clear [--dictionaries|--master-patterns|--codebooks|--spot-templates|--all] removes them "
                  "(a dictionary in use by a running process is kept)")
     return "\n".join(lines)
 
@@ -222,6 +226,15 @@ def _in_use(folder: Path) -> bool:
         except BlockingIOError:
             return True
         return False
+
+
+def _evict(entry: Entry) -> bool:
+    """Remove a dictionary not in use, or a spot library (read whole into memory when a worker
+    prepares, so its file is never in use); whether it went."""
+    if entry.kind == "dictionaries":
+        return _remove_dictionary(entry.path)
+    _remove(entry.path)
+    return True
 
 
 def _remove(path: Path) -> None:

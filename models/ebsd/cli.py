@@ -135,7 +135,8 @@ def cmd_cache(args) -> int:
         print(cache.describe())
         return 0
     kinds = {kind for kind, flag in (("dictionaries", args.dictionaries), ("master_patterns", args.master_patterns),
-                                     ("network_codebooks", args.codebooks)) if flag or args.all}
+                                     ("network_codebooks", args.codebooks), ("spot_templates", args.spot_templates))
+             if flag or args.all}
     kinds = kinds or {"dictionaries"}
     removed, kept = cache.clear(kinds)
     freed = sum(e.size for e in removed) / 1e6
@@ -170,12 +171,14 @@ def add_commands(sub) -> None:
     c.add_argument("--json", help="also write what the search found to this file")
     c.set_defaults(func=cmd_calibrate, min_confidence=0.0, no_refine=False, indexer="hybrid", bundle=None)
 
-    k = sub.add_parser("cache", help="show the on-disk cache (dictionaries, master patterns, code books) or clear it")
+    k = sub.add_parser("cache", help="show the on-disk cache (dictionaries, master patterns, code books, spot "
+                                     "templates) or clear it")
     ksub = k.add_subparsers(dest="cache_command")
     clear = ksub.add_parser("clear", help="remove cached files (default: the dictionaries); each is rebuilt when needed")
     clear.add_argument("--dictionaries", action="store_true", help="template dictionaries (the default)")
     clear.add_argument("--master-patterns", action="store_true", help="computed kinematical master patterns")
     clear.add_argument("--codebooks", action="store_true", help="the network's code books")
+    clear.add_argument("--spot-templates", action="store_true", help="spot-pattern template libraries")
     clear.add_argument("--all", action="store_true", help="everything liveindex cached")
     k.set_defaults(func=cmd_cache)
 

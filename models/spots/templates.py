@@ -15,6 +15,7 @@ radial and angular Gaussian blur, and unit norm. Libraries are cached on disk
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -180,9 +181,13 @@ def build_library(phase: PhaseRecord, setup: dict, pattern_shape, grid: PolarGri
     if path.is_file():
         try:
             with np.load(path) as data:
-                return Library(phase, data["quaternions"], data["real"], data["imag"])
+                library = Library(phase, data["quaternions"], data["real"], data["imag"])
         except (OSError, ValueError, KeyError) as exc:
             log.warning("template cache %s unreadable (%s); simulating again", path, exc)
+        else:
+            with contextlib.suppress(OSError):  # last used: the cache's size limit removes the oldest first
+                os.utime(path)
+            return library
     start = time.perf_counter()
     directions = sector_directions(phase.space_group, resolution)
     mats = directions_to_matrices(directions)

@@ -43,6 +43,8 @@ def filled(tmp_path):
     (root / "master_patterns" / "fe-kinematical-20kv-v1.npy").write_bytes(b"\0" * 1_000_000)
     (root / "network_codebooks").mkdir()
     (root / "network_codebooks" / "abc-r3-v2.npz").write_bytes(b"\0" * 500_000)
+    (root / "spot_templates").mkdir()
+    (root / "spot_templates" / "0123456789abcdef0123.npz").write_bytes(b"\0" * 250_000)
     return root
 
 
@@ -50,7 +52,9 @@ def test_cache_shows_folders_sizes_and_what_each_is_for(filled):
     proc = run_liveindex(filled, "cache")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert f"liveindex cache: {filled} (LIVEINDEX_CACHE): 6.5 MB of its 5 GB limit (LIVEINDEX_CACHE_LIMIT_GB)" in out
+    assert f"liveindex cache: {filled} (LIVEINDEX_CACHE): 6.8 MB of its 5 GB limit (LIVEINDEX_CACHE_LIMIT_GB)" in out
+    assert "spot_templates/" in out and "0.2 MB  1 item(s): spot-pattern template libraries" in out
+    assert "not liveindex's" not in out
     assert "dictionaries/" in out and "5.0 MB  2 item(s): template dictionaries" in out
     assert "master_patterns/" in out and "1.0 MB  1 item(s): kinematical master patterns" in out
     assert "network_codebooks/" in out and "code book" in out
@@ -67,6 +71,9 @@ def test_cache_clear_removes_what_it_is_told(filled):
     assert (filled / "master_patterns" / "fe-kinematical-20kv-v1.npy").exists()
     proc = run_liveindex(filled, "cache", "clear", "--master-patterns")
     assert proc.returncode == 0 and not (filled / "master_patterns" / "fe-kinematical-20kv-v1.npy").exists()
+    assert (filled / "network_codebooks" / "abc-r3-v2.npz").exists()
+    proc = run_liveindex(filled, "cache", "clear", "--spot-templates")
+    assert proc.returncode == 0 and not list((filled / "spot_templates").glob("*.npz"))
     assert (filled / "network_codebooks" / "abc-r3-v2.npz").exists()
     proc = run_liveindex(filled, "cache", "clear", "--all")
     assert proc.returncode == 0 and not any(p.is_file() for p in filled.rglob("*") if p.suffix != ".lock")
@@ -142,3 +149,12 @@ def test_the_cache_root_is_the_dictionaries(monkeypatch, tmp_path):
 
     monkeypatch.setenv("LIVEINDEX_CACHE", str(tmp_path))
     assert cache.cache_root() == cache_dir() == tmp_path
+
+
+def test_the_limit_evicts_an_old_spot_library_too(filled):
+    spot = filled / "spot_templates" / "0123456789abcdef0123.npz"
+    past = time.time() - 1000
+    os.utime(spot, (past, past))  # the least recently used of all
+    removed = cache.enforce_limit(filled, limit=int(6.7e6))  # 6.75 MB in all: one small item over
+    assert removed == [spot] and not spot.exists()
+    assert len(list((filled / "dictionaries").iterdir())) == 2  # the dictionaries stay: within the limit now
