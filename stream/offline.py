@@ -134,6 +134,7 @@ def index_file(source: ScanSource, out: Path, *, clusters: int | None = None, **
         "points": source.size,
         "indexed": int(np.count_nonzero(start.indexed(maps))),
         "unexplained": int(np.count_nonzero(start.unexplained(maps))),
+        **({"novel_points": int(np.count_nonzero(maps["novelty"] >= 0.5))} if "novelty" in maps else {}),
         "seconds": round(seconds, 3),
         "frames_per_second": round(source.size / seconds, 1) if seconds else None,
         "setup": plain(start.setup),

@@ -290,6 +290,10 @@ class ScanState:
             "dropped_points": self.dropped_points,
             "unexplained": int(np.count_nonzero(self.spec.unexplained(self.maps) & self.received)),
         }
+        if self.latent is not None and self.latent.clusters.known:
+            # Points in a population no listed phase explains (the novelty map): tells a phase
+            # missing from poor patterns of listed phases, which are both below confidence 0.5.
+            summary["novel_points"] = int(np.count_nonzero((self.latent.novelty >= 0.5) & self.received))
         latency = self.latency_s[self.received]
         latency = latency[latency == latency]
         if len(latency):
@@ -319,6 +323,13 @@ def missing_phase_warning(summary: dict) -> str | None:
     count = f"{unexplained:,}".replace(",", " ") + f" points ({unexplained / answered:.0%})"
     if unexplained < MISSING_PHASE_QUESTION * answered:  # a few noisy patterns in a right scan look like this
         return f"{count} fit no listed phase surely (confidence below 0.5)"
+    novel = summary.get("novel_points")
+    if novel is not None and novel < max(10, MISSING_PHASE_SHARE * answered):
+        # The latent maps see no population that the listed phases leave unexplained: the
+        # answers are unsure throughout, not absent for one kind of pattern.
+        return (f"{count} fit no listed phase surely (confidence below 0.5), but the latent maps find no population "
+                "that no listed phase explains: the patterns are hard to index surely (noise, thickness, the setup) "
+                "rather than a phase missing")
     return f"{count} fit no listed phase: is a phase missing? (add it to --phases; or the patterns are too poor to index)"
 
 

@@ -206,3 +206,9 @@ def test_the_missing_phase_line_counts_a_few_and_asks_about_many():
     assert few.startswith("300 points (3%)") and "surely" in few and "missing" not in few
     many = missing_phase_warning({"unexplained": 1840, "received": 10_000})
     assert many.startswith("1 840 points (18%) fit no listed phase: is a phase missing?")
+    # With latent maps: a population no listed phase explains asks; unsure answers throughout do not.
+    novel = missing_phase_warning({"unexplained": 1840, "received": 10_000, "novel_points": 1500})
+    assert novel.startswith("1 840 points (18%) fit no listed phase: is a phase missing?")
+    unsure = missing_phase_warning({"unexplained": 8900, "received": 10_000, "novel_points": 12})
+    assert unsure.startswith("8 900 points (89%) fit no listed phase surely") and "no population" in unsure
+    assert "is a phase missing" not in unsure
