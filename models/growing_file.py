@@ -75,11 +75,7 @@ class GrowingFile:
             raise InputError(f"--follow-timeout {follow_timeout} must be a positive number of seconds")
         self.follow_timeout = float(follow_timeout)
         self._clock, self._wall, self._sleep = clock, wall_clock, sleep
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise InputError(f"cannot open {self.path} to follow it ({exc.strerror}); give the file the "
-                             "acquisition writes") from None
+        self._open()
         self._size = -1
         self._last_growth = clock()
         self.count = 0  # complete frames so far
@@ -91,6 +87,14 @@ class GrowingFile:
         # A scan point is ready once every record up to the last its prefix needs is complete.
         self._needs = None if layout.order is None else np.maximum.accumulate(layout.order)
         self._poll()
+
+    def _open(self) -> None:
+        """Open what is followed: the file (a follower of another kind opens its own, see _measure)."""
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise InputError(f"cannot open {self.path} to follow it ({exc.strerror}); give the file the "
+                             "acquisition writes") from None
 
     def close(self) -> None:
         if self._fd is not None:

@@ -91,6 +91,7 @@ class H5Layout:
     pattern_shape: tuple[int, int]
     dtype: str
     expected: int
+    order: None = None  # the dataset is in scan order (GrowingFile's record order: none)
 
 
 class GrowingH5(GrowingFile):
@@ -99,22 +100,11 @@ class GrowingH5(GrowingFile):
 
     def __init__(self, path, file, layout: H5Layout, *, follow_timeout: float, clock=time.monotonic,
                  wall_clock=time.time, sleep=time.sleep):
-        self.path = Path(path)
-        self.layout = layout
-        if not follow_timeout > 0:
-            raise InputError(f"--follow-timeout {follow_timeout} must be a positive number of seconds")
-        self.follow_timeout = float(follow_timeout)
-        self._clock, self._wall, self._sleep = clock, wall_clock, sleep
-        self._file = file
-        self._dataset = file[layout.dataset]
-        self._size = -1
-        self._last_growth = clock()
-        self.count = 0
-        self.end_reason: str | None = None
-        self._seen_first: list[int] = []
-        self._seen_time: list[float] = []
-        self._needs = None
-        self._poll()
+        self._file = file  # opened (SWMR) by the caller, which read the layout from it
+        super().__init__(path, layout, follow_timeout=follow_timeout, clock=clock, wall_clock=wall_clock, sleep=sleep)
+
+    def _open(self) -> None:
+        self._dataset = self._file[self.layout.dataset]
 
     def close(self) -> None:
         if self._file is not None:
