@@ -119,6 +119,20 @@ def missing_phase(noise: str, side: int, seed: int = 5) -> dict:
             "confidence_below_half_austenite": round(float(low[~is_ferrite].mean()), 4), **times}
 
 
+def best_page_seconds(indexers: dict, page: np.ndarray, repeats: int = 5) -> dict:
+    """Each page indexer's best time on ``page`` (after one warm call), the indexers taken in
+    turn ``repeats`` times so that a change of load touches them alike."""
+    best = {key: np.inf for key in indexers}
+    for indexer in indexers.values():
+        indexer.index(page)  # warm
+    for _ in range(repeats):
+        for key, indexer in indexers.items():
+            t0 = time.perf_counter()
+            indexer.index(page)
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
+
+
 def cost(noise: str, side: int) -> dict:
     from liveindex.models import modality as modalities
     from liveindex.models.ebsd.files import SimulatedSource
@@ -142,15 +156,8 @@ def cost(noise: str, side: int) -> dict:
     ebsd = modalities.load("ebsd")
     indexers = {on: ebsd.prepare(start, options={"latent": on}) for on in (False, True)}
     page = frames[:128]
-    best = {False: np.inf, True: np.inf}
     with blas_threads(1):
-        for on in (False, True):
-            indexers[on].index(page)  # warm
-        for _ in range(5):
-            for on in (False, True):
-                t0 = time.perf_counter()
-                indexers[on].index(page)
-                best[on] = min(best[on], time.perf_counter() - t0)
+        best = best_page_seconds(indexers, page)
     out["page_ms_latent_off"] = round(best[False] * 1e3, 2)
     out["page_ms_latent_on"] = round(best[True] * 1e3, 2)
     tiles = read_tiles(lambda a, n: frames[a:a + n], scan.nav_shape, features)
@@ -413,15 +420,8 @@ def spot_scan(noise: str, side: int, grain: float, seed: int) -> dict:
     # times move with the load; the embedding per frame against indexing is the steadier figure).
     indexers = {on: spots.prepare(header, options={"latent": on}, threads=1) for on in (False, True)}
     page = frames[:128]
-    best = {False: np.inf, True: np.inf}
     with blas_threads(1):
-        for on in (False, True):
-            indexers[on].index(page)  # warm
-        for _ in range(5):
-            for on in (False, True):
-                t0 = time.perf_counter()
-                indexers[on].index(page)
-                best[on] = min(best[on], time.perf_counter() - t0)
+        best = best_page_seconds(indexers, page)
         features = SpotFeatures(setup, (128, 128))
         centres = indexers[True].index(page)["center"]
         t0 = time.perf_counter()
