@@ -97,9 +97,8 @@ class LatentMaps:
         self.refresh_seconds: list[float] = []
         self.refreshing = threading.Lock()
         self.info: list[dict] = []  # per cluster: id, size, colour, phase, ... (for status.json)
-        # Not for the fixed basis (a live source's): its mean pattern is a low-pass sketch, not a pattern.
         self.mean_indexer = (ClusterMeanIndexer(spec, self.basis) if index_means and self.basis is not None
-                             and getattr(self.basis, "method", "") != "fixed" else None)
+                             and self.basis.makes_patterns else None)
 
     def on_points(self, maps: dict, idx: np.ndarray) -> None:
         """New points: their nearest cluster now and their novelty with the neighbours in so
@@ -228,6 +227,8 @@ def index_mean_patterns(centres, start, basis, indexer) -> list[dict | None]:
 
     if not len(centres):
         return []
+    if not basis.makes_patterns:  # the fixed basis' low-pass sketch: nothing an indexer can answer for
+        return [None] * len(centres)
     try:
         frames = modalities.load(start.modality).pattern_from_features(
             basis.reconstruct(np.stack(centres)), basis.feature_shape, start.pattern_shape)

@@ -168,6 +168,11 @@ class ScanState:
             with self.lock:
                 self.changes.append(changed)
 
+    def novel_points(self) -> int:
+        """Points in a population no listed phase explains (novelty 0.5 or more): tells a phase
+        missing from poor patterns of listed phases, which are both below confidence 0.5."""
+        return int(np.count_nonzero((self.latent.novelty >= 0.5) & self.received))
+
     def judge(self, message: Message) -> np.ndarray:
         """Check a result page against the scan (declared fields, indices inside it; a
         ProtocolError otherwise) and return the mask of its invalid results: orientations
@@ -291,9 +296,7 @@ class ScanState:
             "unexplained": int(np.count_nonzero(self.spec.unexplained(self.maps) & self.received)),
         }
         if self.latent is not None and self.latent.clusters.known:
-            # Points in a population no listed phase explains (the novelty map): tells a phase
-            # missing from poor patterns of listed phases, which are both below confidence 0.5.
-            summary["novel_points"] = int(np.count_nonzero((self.latent.novelty >= 0.5) & self.received))
+            summary["novel_points"] = self.novel_points()
         latency = self.latency_s[self.received]
         latency = latency[latency == latency]
         if len(latency):

@@ -533,7 +533,7 @@ class Sink:
                 if state.latent.clusters.known:  # none where no point had an embedding (--latent off)
                     maps = {**maps, **state.latent.maps()}
                     summary["clusters"] = state.latent.info
-                    summary["novel_points"] = int(np.count_nonzero((state.latent.novelty >= 0.5) & state.received))
+                    summary["novel_points"] = state.novel_points()  # after the last refresh
             files = write_outputs(self.out_dir, state.scan, maps=maps, start=state.spec, summary=summary)
             summary["files"] = [p.name for p in files] + [f"{state.scan}.json"]
             if state.previews is not None:

@@ -71,6 +71,12 @@ class LatentBasis:
         out[~np.isfinite(out).all(axis=1)] = np.nan
         return np.clip(out, -6e4, 6e4).astype(np.float16)
 
+    @property
+    def makes_patterns(self) -> bool:
+        """Whether ``reconstruct`` gives a pattern an indexer can answer for: not the fixed
+        basis' low-pass sketch (``fixed_basis``)."""
+        return self.method != "fixed"
+
     def reconstruct(self, embedding: np.ndarray) -> np.ndarray:
         """(..., D) embeddings -> (..., P) features: a cluster's mean pattern from its mean embedding."""
         e = np.asarray(embedding, np.float32)

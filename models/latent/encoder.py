@@ -107,6 +107,7 @@ class LatentEncoder:
     then count noise sigmas in every direction, as in the PCA basis' embedding."""
 
     method = "encoder"
+    makes_patterns = True  # its decoder's output is a pattern's features
 
     def __init__(self, model: EncoderFile, centre: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None,
                  whiten: np.ndarray | None = None):
