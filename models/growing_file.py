@@ -64,6 +64,25 @@ class RecordLayout:
                              f"{self.record_bytes}-byte record; the header is damaged")
 
 
+class NotWrittenYet(Exception):
+    """What a follower needs before its first frame (a header, a table, an HDF5 superblock or
+    dataset) is not written yet: tried again until --follow-timeout (``when_written``)."""
+
+
+def when_written(attempt, path, follow_timeout: float, what: str):
+    """``attempt()``'s answer once it stops raising NotWrittenYet; an InputError naming the
+    last reason after ``follow_timeout`` seconds (``what``: what the acquisition should be writing)."""
+    deadline = time.monotonic() + follow_timeout
+    while True:
+        try:
+            return attempt()
+        except NotWrittenYet as exc:
+            if time.monotonic() > deadline:
+                raise InputError(f"{path}: {exc} after --follow-timeout {follow_timeout:g} s; is the acquisition "
+                                 f"writing {what}?") from None
+            time.sleep(0.05)
+
+
 class GrowingFile:
     """Counts and reads the complete frames of a file being written (see the module doc)."""
 

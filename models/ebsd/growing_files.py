@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import struct
-import time
 import warnings
 from pathlib import Path
 
@@ -34,7 +33,14 @@ import numpy as np
 
 from liveindex.models import modality as modalities
 from liveindex.models.errors import InputError
-from liveindex.models.growing_file import DEFAULT_FOLLOW_TIMEOUT, FollowedSource, GrowingFile, RecordLayout
+from liveindex.models.growing_file import (
+    DEFAULT_FOLLOW_TIMEOUT,
+    FollowedSource,
+    GrowingFile,
+    NotWrittenYet,
+    RecordLayout,
+    when_written,
+)
 
 from .file_setup import FileSetup
 from .files import _geometry_of, step_of
@@ -73,16 +79,7 @@ def follow_file(path, *, phases=("ni",), pc=None, pc_convention: str = "bruker",
         source.geometry, source.file_setup = geometry, setup
         return source
     reader = {".dat": _nordif, ".up1": _edax, ".up2": _edax, ".ebsp": _oxford}[path.suffix.lower()]
-    deadline = time.monotonic() + follow_timeout
-    while True:
-        try:
-            layout, nav_shape, setup = reader(path, scan_shape)
-            break
-        except _HeaderNotWritten as exc:
-            if time.monotonic() > deadline:
-                raise InputError(f"{path}: {exc} after --follow-timeout {follow_timeout:g} s; is the acquisition "
-                                 "writing this file?") from None
-            time.sleep(0.05)
+    layout, nav_shape, setup = when_written(lambda: reader(path, scan_shape), path, follow_timeout, "this file")
     geometry = _geometry_of(setup, layout.pattern_shape, pc=pc, convention=pc_convention, tilt=tilt, need_pc=True)
     growing = GrowingFile(path, layout, follow_timeout=follow_timeout)
     source = FollowedSource(growing, modality=modalities.load("ebsd"), nav_shape=nav_shape,
@@ -92,7 +89,7 @@ def follow_file(path, *, phases=("ni",), pc=None, pc_convention: str = "bruker",
     return source
 
 
-class _HeaderNotWritten(Exception):
+class _HeaderNotWritten(NotWrittenYet):
     """The file exists but its header is not complete yet."""
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from liveindex.models.errors import InputError
-from liveindex.models.growing_file import GrowingFile
+from liveindex.models.growing_file import GrowingFile, NotWrittenYet, when_written
 from liveindex.models.modality import FRAME_DTYPES
 
 from .file_setup import FileSetup, pc_problem
@@ -71,7 +71,7 @@ def writer_state(path) -> tuple[int, bool, bool]:
     return version, bool(flags & 1), bool(flags & 4)
 
 
-class _NotReady(Exception):
+class _NotReady(NotWrittenYet):
     """The file is not an h5ebsd file with its header and pattern dataset yet."""
 
 
@@ -144,32 +144,27 @@ def open_h5ebsd(path: Path, *, follow_timeout: float, scan_shape=None):
     import h5py
 
     start = time.monotonic()
-    deadline = start + follow_timeout
-    while True:
+
+    def attempt():
+        _version, writing, swmr = writer_state(path)
+        if writing and not swmr:
+            # A SWMR writer creates the file and its datasets before it switches SWMR on.
+            if time.monotonic() - start < min(SWMR_GRACE, follow_timeout):
+                raise _NotReady("the writer has not switched SWMR on yet")
+            raise _without_swmr(path, "is being written without HDF5's SWMR mode")
         try:
-            _version, writing, swmr = writer_state(path)
-            if writing and not swmr:
-                # A SWMR writer creates the file and its datasets before it switches SWMR on.
-                if time.monotonic() - start < min(SWMR_GRACE, follow_timeout):
-                    raise _NotReady("the writer has not switched SWMR on yet")
-                raise _without_swmr(path, "is being written without HDF5's SWMR mode")
-            try:
-                file = h5py.File(path, "r", libver="latest", swmr=True)
-            except OSError as exc:
-                if "lock" in str(exc) or "already open for write" in str(exc):
-                    raise _without_swmr(path, "is held open for writing without HDF5's SWMR mode") from None
-                raise _NotReady(f"HDF5 cannot open it yet ({exc})") from None
-            try:
-                found = _describe(file, path, scan_shape)
-            except BaseException:
-                file.close()
-                raise
-            break
-        except _NotReady as exc:
-            if time.monotonic() > deadline:
-                raise InputError(f"{path}: {exc} after --follow-timeout {follow_timeout:g} s; is the acquisition "
-                                 "writing an h5ebsd file here?") from None
-            time.sleep(0.05)
+            file = h5py.File(path, "r", libver="latest", swmr=True)
+        except OSError as exc:
+            if "lock" in str(exc) or "already open for write" in str(exc):
+                raise _without_swmr(path, "is held open for writing without HDF5's SWMR mode") from None
+            raise _NotReady(f"HDF5 cannot open it yet ({exc})") from None
+        try:
+            return file, writing, _describe(file, path, scan_shape)
+        except BaseException:
+            file.close()
+            raise
+
+    file, writing, found = when_written(attempt, path, follow_timeout, "an h5ebsd file here")
     layout, nav_shape, setup = found
     if writing:
         log.info("%s: written in SWMR mode; following %s (%d frames expected)", path.name, layout.dataset,
