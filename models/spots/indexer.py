@@ -43,6 +43,7 @@ DISTINCT_DEG = 5.0
 # points' 1st percentile 0.197, 0.138, 0.079.
 MIN_SCORE = 0.07
 CENTER_WINDOW = 4
+PHASE_TRUST = 0.9  # the classifier's phase probability above which it restricts the candidates
 TURN_180 = np.array([0.0, 0.0, 0.0, 1.0])  # 180 degrees about the beam (lab z), right-multiplied
 
 
@@ -68,7 +69,7 @@ class SpotIndexer:
     """One setup's and phase list's libraries, matcher graph and refiners; ``index`` a page."""
 
     def __init__(self, setup: dict, phases, pattern_shape, *, resolution: float = 2.0, refine: bool = True,
-                 min_confidence: float = 0.0, providers: str = "auto", threads: int = 0):
+                 min_confidence: float = 0.0, providers: str = "auto", threads: int = 0, bundle=None):
         start = time.perf_counter()
         self.setup, self.phases = dict(setup), list(phases)
         self.pattern_shape = tuple(int(n) for n in pattern_shape)
@@ -91,6 +92,10 @@ class SpotIndexer:
         self.refiners = [SpotRefiner(p, self.setup, self.grid, lam) for p in self.phases]
         self.model_name = (f"spots polar matching ({len(self.template_q)} templates at {resolution:g} deg, "
                            f"{self.matcher.provider})" + (" + refinement" if refine else ""))
+        self.network = network_first_pass(bundle, self.setup, self.phases, self.pattern_shape, resolution, libraries,
+                                          providers=providers, threads=threads)
+        if self.network is not None:
+            self.model_name = f"spots networks ({self.network.networks.bundle.folder.name} bundle) + " + self.model_name
         log.info("spot indexer ready in %.1f s: %s", time.perf_counter() - start, self.model_name)
 
     def index(self, frames: np.ndarray) -> dict[str, np.ndarray]:
@@ -100,6 +105,8 @@ class SpotIndexer:
         given = self.setup.get("center")
         centers = np.tile(np.float64(given), (b, 1)) if given is not None else find_centers(data)
         scores, templates, angles, polar = self.matcher.match(data, centers)
+        if self.network is not None:
+            scores, templates, angles = merge_network_candidates(self.network, scores, templates, angles, polar)
         c = min(CANDIDATES, scores.shape[1]) if self.refine_answers else 1
         cand_q = in_plane(self.template_q[templates[:, :c]].reshape(-1, 4), angles[:, :c].reshape(-1))
         cand_p = self.template_phase[templates[:, :c]].reshape(-1)
@@ -197,6 +204,64 @@ class SpotIndexer:
             if mine.any():
                 out[mine] = disorientation_degrees(a[mine], b[mine], proper_operators(record.space_group))
         return out
+
+
+# -- the network first pass (network.py): kept apart from the matching and refinement above --------
+
+def network_first_pass(bundle, setup: dict, phases, pattern_shape, resolution: float, libraries, *,
+                       providers: str = "auto", threads: int = 0):
+    """The bundle's networks where the bundle covers the scan (its setup and at least one of its
+    phases), else None: template matching alone, and the log says why. ``bundle``: None (no
+    network), "default" (the shipped one) or a bundle folder."""
+    if bundle is None:
+        return None
+    from .network import Bundle, NetworkFirstPass, SpotNetworks
+
+    loaded = Bundle.load(None if bundle == "default" else bundle)
+    mapping, why = loaded.covers(setup, phases, pattern_shape, resolution)
+    if why:
+        log.info("spot network bundle %s does not cover this scan (%s): template matching alone", loaded.folder, why)
+        return None
+    left_out = [r.name for r, m in zip(phases, mapping) if m is None]
+    if left_out:
+        log.info("spot network bundle %s does not know %s: template matching answers those", loaded.folder,
+                 ", ".join(left_out))
+    offsets = np.cumsum([0] + [lib.size for lib in libraries])[:-1]
+    first_pass = NetworkFirstPass(SpotNetworks(loaded, providers=providers, threads=threads), mapping, offsets,
+                                  np.concatenate([lib.real for lib in libraries]),
+                                  np.concatenate([lib.imag for lib in libraries]))
+    first_pass.template_phase = np.concatenate([np.full(lib.size, i, np.int16) for i, lib in enumerate(libraries)])
+    return first_pass
+
+
+def merge_network_candidates(network, scores: np.ndarray, templates: np.ndarray, angles: np.ndarray,
+                             polar: np.ndarray):
+    """The classifier restricts the candidates: where it gives a phase the bundle knows at least
+    ``PHASE_TRUST``, the matcher's candidates of that phase move to the front (in their order),
+    and where fewer than ``CANDIDATES`` of them are among its top K the orientation network's
+    best templates of that phase fill in. Elsewhere the matcher's candidates stand (the fallback)."""
+    net_templates, net_angles, net_scores, probs = network.candidates(polar)
+    b, k = templates.shape
+    scan_probs = np.zeros((b, len(network.mapping)))
+    for scan_phase, bundle_phase in enumerate(network.mapping):
+        if bundle_phase is not None:
+            scan_probs[:, scan_phase] = probs[:, bundle_phase]
+    chosen = scan_probs.argmax(1)
+    trusted = scan_probs.max(1) >= PHASE_TRUST
+    mine = network.template_phase[templates] == chosen[:, None]
+    order = np.argsort(~mine, axis=1, kind="stable")  # the chosen phase's first, each group in the matcher's order
+    rows = np.arange(b)[:, None]
+    scores_r, templates_r, angles_r = scores[rows, order], templates[rows, order], angles[rows, order]
+    short = np.flatnonzero(trusted & (mine.sum(1) < CANDIDATES))
+    for row in short:  # the network's templates after the matcher's few of the phase
+        have = int(mine[row].sum())
+        fill = [j for j in range(net_templates.shape[1]) if net_templates[row, j] not in templates_r[row, :have]]
+        take = fill[:CANDIDATES - have]
+        at = slice(have, have + len(take))
+        templates_r[row, at], angles_r[row, at], scores_r[row, at] = (net_templates[row, take], net_angles[row, take],
+                                                                     net_scores[row, take])
+    keep = trusted[:, None]
+    return (np.where(keep, scores_r, scores), np.where(keep, templates_r, templates), np.where(keep, angles_r, angles))
 
 
 def _beam_directions(q: np.ndarray) -> np.ndarray:

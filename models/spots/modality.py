@@ -25,6 +25,9 @@ from .results import FIELDS, METHODS
 log = logging.getLogger(__name__)
 
 KEEP_INDEXERS = 4
+# The spot networks' first pass is off unless asked for (--indexer hybrid): on the benchmark
+# set it did not make the indexer more accurate (README, "TEM spot patterns").
+DEFAULT_INDEXER = "templates"
 SIMULATED_CALIBRATION = 0.03  # 1/angstrom per pixel: 128 pixels span +-1.9/A (the benchmark's)
 
 
@@ -67,6 +70,16 @@ class Spots(Modality):
             parser.add_argument("--no-refine", action="store_true", help="template matching only (faster, coarser)")
             parser.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
                                 help="points with confidence below C (0..1) are left not indexed (default 0)")
+            parser.add_argument("--indexer", default=DEFAULT_INDEXER, choices=["hybrid", "templates"],
+                                help="hybrid: the bundle's networks (phase classifier, then an orientation network "
+                                     "per phase) add their answer to the template matcher's candidates where the "
+                                     "bundle covers the scan's setup and phases (else template matching alone, and "
+                                     f"the log says why); templates: template matching alone (default {DEFAULT_INDEXER}"
+                                     ": see the README's figures)")
+            parser.add_argument("--bundle", metavar="DIR",
+                                help="spot network bundle folder for --indexer hybrid (default: the shipped one, "
+                                     "models/spots/bundles/default: ferrite, austenite, cementite at 200 kV, "
+                                     "0.03/A per pixel, 1 deg precession, 128x128)")
         if role in ("index", "worker", "demo", "publish"):
             from liveindex.models.latent.encoder import LATENT_HELP, parse_latent
 
@@ -74,6 +87,11 @@ class Spots(Modality):
                                 help=LATENT_HELP + " (on rotation-invariant polar features; default on: 0.2-0.7 ms "
                                                    "a frame, 3-8%% of the indexing time; a worker takes what the "
                                                    "scan_start carries, so on or off only)")
+
+    def add_commands(self, subparsers) -> None:
+        from .train_cli import add_commands
+
+        add_commands(subparsers)
 
     def indexing_options(self, args) -> dict:
         min_conf = getattr(args, "min_confidence", 0.0)
@@ -83,6 +101,11 @@ class Spots(Modality):
         if not 0.5 <= resolution <= 10.0:
             raise InputError(f"--resolution {resolution} deg is outside 0.5..10; 2 is the default")
         options = {"resolution": resolution, "refine": not getattr(args, "no_refine", False), "min_confidence": min_conf}
+        indexer = getattr(args, "indexer", DEFAULT_INDEXER)
+        if getattr(args, "bundle", None) and indexer != "hybrid":
+            raise InputError("--bundle is for --indexer hybrid (the networks); --indexer templates uses none")
+        if indexer == "hybrid":
+            options["bundle"] = getattr(args, "bundle", None) or "default"
         from liveindex.models.latent.encoder import latent_choice
 
         latent = latent_choice(getattr(args, "latent", True))
@@ -206,7 +229,7 @@ class Spots(Modality):
                 indexer = SpotIndexer(setup, records, shape, resolution=options.get("resolution", 2.0),
                                       refine=options.get("refine", True),
                                       min_confidence=options.get("min_confidence", 0.0), providers=providers,
-                                      threads=threads)
+                                      threads=threads, bundle=options.get("bundle"))
                 self._indexers[key] = indexer
                 while len(self._indexers) > KEEP_INDEXERS:
                     self._indexers.popitem(last=False)
