@@ -49,7 +49,8 @@ def networks_alone(indexer, frames):
     polar = indexer.matcher.match(data, find_centers(data))[3]
     matched = time.perf_counter() - start
     start = time.perf_counter()
-    templates, alpha, _, probs = indexer.network.candidates(polar)
+    probs, features = indexer.network.phase_probabilities(polar)
+    templates, alpha, _ = indexer.network.candidates(polar, features, probs.argmax(1))
     network_s = time.perf_counter() - start
     q = in_plane(indexer.template_q[templates[:, 0]], alpha[:, 0])
     phase = indexer.template_phase[templates[:, 0]]

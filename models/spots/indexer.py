@@ -210,8 +210,8 @@ class SpotIndexer:
 
 def network_first_pass(bundle, setup: dict, phases, pattern_shape, resolution: float, libraries, *,
                        providers: str = "auto", threads: int = 0):
-    """The bundle's networks where the bundle covers the scan (its setup and at least one of its
-    phases), else None: template matching alone, and the log says why. ``bundle``: None (no
+    """The bundle's networks where the bundle covers the scan (its setup and every phase of the
+    scan), else None: template matching alone, and the log says why. ``bundle``: None (no
     network), "default" (the shipped one) or a bundle folder."""
     if bundle is None:
         return None
@@ -223,9 +223,9 @@ def network_first_pass(bundle, setup: dict, phases, pattern_shape, resolution: f
         log.info("spot network bundle %s does not cover this scan (%s): template matching alone", loaded.folder, why)
         return None
     left_out = [r.name for r, m in zip(phases, mapping) if m is None]
-    if left_out:
-        log.info("spot network bundle %s does not know %s: template matching answers those", loaded.folder,
-                 ", ".join(left_out))
+    if left_out:  # its classifier would put those phases' patterns in one of its own
+        log.info("spot network bundle %s does not know %s: template matching alone", loaded.folder, ", ".join(left_out))
+        return None
     offsets = np.cumsum([0] + [lib.size for lib in libraries])[:-1]
     first_pass = NetworkFirstPass(SpotNetworks(loaded, providers=providers, threads=threads), mapping, offsets,
                                   np.concatenate([lib.real for lib in libraries]),
@@ -236,16 +236,12 @@ def network_first_pass(bundle, setup: dict, phases, pattern_shape, resolution: f
 
 def merge_network_candidates(network, scores: np.ndarray, templates: np.ndarray, angles: np.ndarray,
                              polar: np.ndarray):
-    """The classifier restricts the candidates: where it gives a phase the bundle knows at least
-    ``PHASE_TRUST``, the matcher's candidates of that phase move to the front (in their order),
+    """The classifier restricts the candidates: where it gives a phase at least ``PHASE_TRUST``,
+    the matcher's candidates of that phase move to the front (in their order),
     and where fewer than ``CANDIDATES`` of them are among its top K the orientation network's
     best templates of that phase fill in. Elsewhere the matcher's candidates stand (the fallback)."""
-    net_templates, net_angles, net_scores, probs = network.candidates(polar)
+    scan_probs, features = network.phase_probabilities(polar)
     b, k = templates.shape
-    scan_probs = np.zeros((b, len(network.mapping)))
-    for scan_phase, bundle_phase in enumerate(network.mapping):
-        if bundle_phase is not None:
-            scan_probs[:, scan_phase] = probs[:, bundle_phase]
     chosen = scan_probs.argmax(1)
     trusted = scan_probs.max(1) >= PHASE_TRUST
     mine = network.template_phase[templates] == chosen[:, None]
@@ -253,13 +249,15 @@ def merge_network_candidates(network, scores: np.ndarray, templates: np.ndarray,
     rows = np.arange(b)[:, None]
     scores_r, templates_r, angles_r = scores[rows, order], templates[rows, order], angles[rows, order]
     short = np.flatnonzero(trusted & (mine.sum(1) < CANDIDATES))
-    for row in short:  # the network's templates after the matcher's few of the phase
-        have = int(mine[row].sum())
-        fill = [j for j in range(net_templates.shape[1]) if net_templates[row, j] not in templates_r[row, :have]]
-        take = fill[:CANDIDATES - have]
-        at = slice(have, have + len(take))
-        templates_r[row, at], angles_r[row, at], scores_r[row, at] = (net_templates[row, take], net_angles[row, take],
-                                                                     net_scores[row, take])
+    if len(short):  # the orientation network's templates after the matcher's few of the phase
+        net_templates, net_angles, net_scores = network.candidates(polar[short], features[short], chosen[short])
+        for i, row in enumerate(short):
+            have = int(mine[row].sum())
+            fill = [j for j in range(net_templates.shape[1]) if net_templates[i, j] not in templates_r[row, :have]]
+            take = fill[:CANDIDATES - have]
+            at = slice(have, have + len(take))
+            templates_r[row, at], angles_r[row, at], scores_r[row, at] = (net_templates[i, take], net_angles[i, take],
+                                                                         net_scores[i, take])
     keep = trusted[:, None]
     return (np.where(keep, scores_r, scores), np.where(keep, templates_r, templates), np.where(keep, angles_r, angles))
 

@@ -157,33 +157,38 @@ class NetworkFirstPass:
 
     For each pattern: the classifier's phase probabilities over the bundle's phases; the
     orientation network of the most probable phase gives its best library templates; each is
-    turned in-plane by its correlation with the pattern. Phases the bundle does not cover, and
-    patterns whose phase the bundle cannot answer, keep the matcher's candidates (the fallback
-    on each branch)."""
+    turned in-plane by its correlation with the pattern. The bundle must know every phase of the
+    scan (its classifier cannot say "none of mine"); a scan phase the bundle knows but the scan
+    lacks is simply not offered."""
 
     def __init__(self, networks: SpotNetworks, mapping: list[int | None], offsets: np.ndarray,
                  real: np.ndarray, imag: np.ndarray, *, top: int = 2):
         self.networks = networks
-        self.mapping = mapping  # scan phase -> bundle phase (None: not covered)
-        self.scan_phase_of = {m: i for i, m in enumerate(mapping) if m is not None}
+        self.mapping = mapping  # scan phase -> bundle phase
         self.offsets = offsets  # first template of each scan phase in the indexer's library
         self.real, self.imag = real, imag  # (N, Rb, K) every scan phase's templates
         self.top = top
 
-    def candidates(self, polar: np.ndarray):
-        """-> (B, top) template indices into the indexer's library, (B, top) in-plane angles
-        (radians), (B, top) scores on the matcher's scale, (B, P) bundle phase probabilities."""
+    def phase_probabilities(self, polar: np.ndarray):
+        """(B, R, A) polar images -> (B, scan phases) the classifier's probabilities (of the bundle's
+        phases, those of the scan) and the features, for ``candidates``."""
         features = spectrum_features(polar)
         probs = self.networks.phase_probabilities(features)
-        covered = np.array([m in self.scan_phase_of for m in range(probs.shape[1])])
-        best_phase = np.where(covered[None], probs, -1.0).argmax(1)
+        scan_probs = np.zeros((len(polar), len(self.mapping)))
+        for scan_phase, bundle_phase in enumerate(self.mapping):
+            scan_probs[:, scan_phase] = probs[:, bundle_phase]
+        return scan_probs, features
+
+    def candidates(self, polar: np.ndarray, features: np.ndarray, scan_phase: np.ndarray):
+        """The orientation network of each pattern's (covered) ``scan_phase`` -> (B, top) template
+        indices into the indexer's library, in-plane angles (radians) and scores on the
+        matcher's scale."""
         b = len(polar)
         templates = np.zeros((b, self.top), np.int64)
-        for p in np.unique(best_phase):
-            rows = np.flatnonzero(best_phase == p)
-            direction_probs = self.networks.direction_probabilities(int(p), features[rows])
-            top = np.argsort(-direction_probs, axis=1)[:, :self.top]
-            templates[rows] = self.offsets[self.scan_phase_of[int(p)]] + top
+        for p in np.unique(scan_phase):
+            rows = np.flatnonzero(scan_phase == p)
+            direction_probs = self.networks.direction_probabilities(self.mapping[p], features[rows])
+            templates[rows] = self.offsets[p] + np.argsort(-direction_probs, axis=1)[:, :self.top]
         flat = templates.reshape(-1)
         alpha, score = best_in_plane(np.repeat(polar, self.top, axis=0), self.real[flat], self.imag[flat])
-        return templates, alpha.reshape(b, self.top), score.reshape(b, self.top), probs
+        return templates, alpha.reshape(b, self.top), score.reshape(b, self.top)
