@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from liveindex.models.crystal import record_from_cif
 from liveindex.models.spots.evaluate import make_set, score_answers
 from liveindex.models.spots.indexer import SpotIndexer, find_centers
 from liveindex.models.spots.phases import phases_from_spec
@@ -24,6 +25,7 @@ from liveindex.models.spots.setup import check_setup
 from liveindex.models.spots.templates import in_plane
 
 log = logging.getLogger("spots_networks")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def summary(scores: dict, rate: float | None = None) -> dict:
@@ -64,6 +66,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--bundle", default="default")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--absent", type=int, default=0, help="also index this many patterns of hcp Ti (not in the list)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -79,10 +82,20 @@ def main(argv=None):
     report["networks_alone"]["network_ms_per_pattern"] = round(1e3 * network_s / args.n, 3)
     report["networks_alone"]["polar_image_ms_per_pattern"] = round(1e3 * matcher_s / args.n, 3)
     log.info("networks alone: %s", report["networks_alone"])
+    absent = None
+    if args.absent:
+        ti = record_from_cif(os.path.join(HERE, "..", "tests", "data", "ti.cif"), name="ti")
+        absent = make_set([ti], setup, args.absent, noise=args.noise, seed=args.seed + 1, center_jitter=False)
     for name, bundle in (("templates", None), ("hybrid", args.bundle)):
         indexer = hybrid if bundle else SpotIndexer(setup, phases, (128, 128), threads=args.threads)
         fields, rate = run(indexer, ev.frames)
-        report[name] = summary(score_answers(fields, ev.quaternions, ev.phase_id, phases), rate)
+        scores = score_answers(fields, ev.quaternions, ev.phase_id, phases)
+        report[name] = summary(scores, rate)
+        sure = fields["confidence"] > 0.5
+        report[name]["above_confidence_0.5"] = round(float(sure.mean()), 4)
+        report[name]["right_above_0.5"] = round(float(scores["right"][sure].mean()), 4) if sure.any() else None
+        if absent is not None:  # a phase not in the list: how many of its points look sure
+            report[name]["absent_ti_above_0.5"] = round(float((indexer.index(absent.frames)["confidence"] > 0.5).mean()), 4)
         log.info("%s: %s", name, report[name])
     report["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     text = json.dumps(report, indent=1)

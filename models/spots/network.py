@@ -74,10 +74,16 @@ class Bundle:
 
     @classmethod
     def load(cls, folder=None) -> "Bundle":
+        from liveindex.models.errors import InputError
+
         folder = Path(folder) if folder else DEFAULT_BUNDLE
-        meta = json.loads((folder / "bundle.json").read_text())
+        try:
+            meta = json.loads((folder / "bundle.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--bundle {folder}: no readable bundle.json there ({exc})") from None
         if meta.get("modality") != "spots":
-            raise ValueError(f"{folder} is not a spot-pattern bundle (modality {meta.get('modality')!r})")
+            raise InputError(f"--bundle {folder} is not a spot-pattern bundle (modality {meta.get('modality')!r}); "
+                             "liveindex models train --modality spots makes one")
         return cls(folder, meta)
 
     @property

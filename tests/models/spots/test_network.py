@@ -128,3 +128,13 @@ def test_the_shipped_bundle_loads_and_says_what_it_covers():
     ev = make_set(records, SETUP, 60, noise="moderate", seed=7)
     probs = networks.phase_probabilities(spectrum_features(polar_of(ev.frames)))
     assert (probs.argmax(1) == ev.phase_id).mean() >= 0.85
+
+
+def test_a_folder_that_is_no_spot_bundle_is_refused_in_one_line(tmp_path):
+    from liveindex.models.errors import InputError
+
+    with pytest.raises(InputError, match="no readable bundle.json"):
+        Bundle.load(tmp_path)
+    (tmp_path / "bundle.json").write_text(json.dumps({"format": 1, "name": "default"}))  # as EBSD's
+    with pytest.raises(InputError, match="not a spot-pattern bundle"):
+        Bundle.load(tmp_path)
