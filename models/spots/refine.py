@@ -110,8 +110,10 @@ class SpotRefiner:
         total = np.maximum(energy.sum(axis=(1, 2)), 1e-12)
         return (energy * mask).sum(axis=(1, 2)) / total
 
-    def refine(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray):
-        """(n, 3, 3) start orientations, polar images, (n,) image rows -> refined (n, 3, 3), scores (n,)."""
+    def refine(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray, steps=STEPS_DEG):
+        """(n, 3, 3) start orientations, polar images, (n,) image rows -> refined (n, 3, 3), scores (n,).
+        ``steps``: the pattern search's step sizes in degrees (the indexer runs the coarse ones on
+        every start and the fine ones on the best starts only)."""
         current = np.array(matrices, np.float64)
         n = len(current)
         # The reflections followed are chosen again at each step size, where the orientation
@@ -119,7 +121,7 @@ class SpotRefiner:
         # now excites (nor the truth's spots beyond NEAR_SPHERE of a start 2-3 deg off). They
         # are chosen among a pool within POOL_SPHERE at the start (not all of the phase's).
         pool = self._subset(current, near_sphere=POOL_SPHERE)
-        for step in STEPS_DEG:
+        for step in steps:
             g, f2 = self._subset(current, pool)
             best = self.score(current, g, f2, polar, rows)
             delta = np.deg2rad(step)
