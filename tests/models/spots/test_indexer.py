@@ -103,3 +103,25 @@ def test_the_python_api_indexes_a_spot_array(phases):
     assert xmap.shape == (3, 4)
     assert (xmap.phase_id == ev.phase_id).mean() >= 0.8
     assert "reliability" in xmap.prop and "ambiguous" in xmap.prop
+
+
+@pytest.mark.parametrize("precession", [1.0, 0.0])
+def test_the_compiled_refinement_score_is_the_numpy_one(indexer, phases, precession):
+    from liveindex.models.spots.diffraction import axis_rotations, rotation_matrices
+    from liveindex.models.spots.refine import SpotRefiner
+
+    ev = make_set(phases, SETUP, 24, noise="moderate", seed=3)
+    polar = indexer.matcher.match(ev.frames.astype(np.float32), ev.centers)[3]
+    rng = np.random.default_rng(1)
+    for p, record in enumerate(phases):
+        rows = np.flatnonzero(ev.phase_id == p)
+        if not len(rows):
+            continue
+        refiner = SpotRefiner(record, {**SETUP, "precession": precession}, indexer.grid, indexer.refiners[p].wavelength)
+        # 2 degrees off the truth about random lab axes: some spots leave the sphere, some the image
+        turn = axis_rotations(int(rng.integers(3)), np.deg2rad(rng.normal(0, 2.0, len(rows))))
+        matrices = rotation_matrices(ev.quaternions[rows].astype(np.float64)) @ turn
+        g, f2 = refiner._subset(matrices, refiner._subset(matrices, near_sphere=0.2))
+        expected = refiner.score_reference(matrices, g, f2, polar, rows)
+        assert np.abs(expected).max() > 0.05  # the truth's neighbours fit: a real comparison
+        np.testing.assert_allclose(refiner.score(matrices, g, f2, polar, rows), expected, rtol=1e-9, atol=1e-12)
