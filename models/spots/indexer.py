@@ -10,12 +10,15 @@
   matter: the matcher's even harmonics cannot tell a template from its turned twin, and from
   the wrong twin the refinement climbs to a nearby optimum (about the same spots, the tilt a few
   degrees off) instead of the truth.
+- The zone axis' turn: the answer turned 180 degrees about the low-index zone axis nearest its
+  beam (a zone layer's pattern is its own 180-degree twin, Friedel's law) is refined at
+  ``ZONE_STEPS``; the better of the two is the answer.
 - The 180-degree ambiguity: kinematical spot patterns are centrosymmetric, so the answer
   turned 180 degrees about the beam fits (nearly) as well. Where that turn is no symmetry of
   the phase, the turned answer is refined and scored too; ``ambiguous`` is 1 where it scores
   within ``AMBIGUITY_MARGIN`` of the answer (the two cannot be told apart from the pattern).
 - Reliability (as ASTAR's): 1 - Q2/Q1, Q1 the answer's score and Q2 the best of the other
-  refined candidates that are another phase or another orientation (more than
+  refined candidates (and the zone-turned answer) that are another phase or another orientation (more than
   ``DISTINCT_DEG`` from the answer and from its 180-degree mate).
 - Confidence: a logistic function of reliability and score (confidence.py).
 """
@@ -48,6 +51,7 @@ CANDIDATES = 2
 COARSE_STEPS = (2.0, 1.0)  # degrees: every start
 FINE_STEPS = (0.5, 0.25, 0.125)  # degrees: the best REFINED starts of each pattern
 REFINED = 2
+ZONE_STEPS = (1.0, 0.5, 0.25, 0.125)  # degrees: the answer turned about its zone axis
 AMBIGUITY_MARGIN = 0.02  # relative score: the 180-degree mate within 2% of the answer
 DISTINCT_DEG = 5.0
 # Below: no crystal pattern (amorphous, vacuum): not indexed. Measured on 16x16 simulated scans:
@@ -105,7 +109,9 @@ class SpotIndexer:
                            f"{self.matcher.provider})" + (" + refinement" if refine else ""))
         log.info("spot indexer ready in %.1f s: %s", time.perf_counter() - start, self.model_name)
 
-    def index(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+    def index(self, frames: np.ndarray, *, with_features: bool = False) -> dict[str, np.ndarray]:
+        """A page of frames -> the result fields; ``with_features`` adds the confidence's inputs that
+        are no field (``refined_reliability``), for benchmarks/calibrate_spots_confidence.py."""
         frames = np.asarray(frames)
         b = len(frames)
         data = frames.astype(np.float32)
@@ -127,20 +133,32 @@ class SpotIndexer:
         phase = cand_p[np.arange(b), pick].astype(np.int16)
         q1 = cand_s[np.arange(b), pick]
         ambiguous = np.zeros(b, np.uint8)
+        alternatives = [(cand_p[:, j], cand_q[:, j], cand_s[:, j]) for j in range(c)]
+        if self.refine_answers:
+            # Near a zone axis the pattern is mostly that zone's layer, which looks the same after
+            # a 180-degree turn about the axis (Friedel's law): the answer so turned (about 2x its
+            # tilt from the axis away) is refined too, the better of the two kept, the other one
+            # the second solution of the refined reliability, which tells the confidence.
+            zone_q, zone_s = self._refine(self._zone_turns(q, phase), phase, polar, np.arange(b), ZONE_STEPS)
+            better = zone_s > q1
+            q, zone_q = np.where(better[:, None], zone_q, q), np.where(better[:, None], q, zone_q)
+            q1, zone_s = np.maximum(zone_s, q1), np.minimum(zone_s, q1)
+            alternatives.append((phase, zone_q, zone_s))
         mate_q = quaternion_multiply(q, TURN_180)
         if self.refine_answers:
+            answer_q = q
             mate_q, mate_s = self._refine(mate_q, phase, polar, np.arange(b))
             swap = mate_s > q1  # the turned answer fits better: take it
             q = np.where(swap[:, None], mate_q, q)
-            mate_q = np.where(swap[:, None], cand_q[np.arange(b), pick], mate_q)
+            mate_q = np.where(swap[:, None], answer_q, mate_q)
             mate_s, q1 = np.minimum(mate_s, q1), np.maximum(mate_s, q1)
             distinct = self._apart(q, mate_q, phase) > DISTINCT_DEG
             ambiguous = (distinct & (mate_s >= q1 * (1 - AMBIGUITY_MARGIN))).astype(np.uint8)
         q2 = np.zeros(b)
-        for j in range(c):
-            other = (cand_p[:, j] != phase) | ((self._apart(cand_q[:, j], q, phase) > DISTINCT_DEG)
-                                               & (self._apart(cand_q[:, j], mate_q, phase) > DISTINCT_DEG))
-            q2 = np.where(other, np.maximum(q2, cand_s[:, j]), q2)
+        for other_p, other_q, other_s in alternatives:
+            other = (other_p != phase) | ((self._apart(other_q, q, phase) > DISTINCT_DEG)
+                                          & (self._apart(other_q, mate_q, phase) > DISTINCT_DEG))
+            q2 = np.where(other, np.maximum(q2, other_s), q2)
         refined_reliability = np.clip(1.0 - q2 / np.maximum(q1, 1e-12), 0.0, 1.0)
         reliability = self._match_reliability(scores, templates)
         explained = self._explained(q, phase, polar)
@@ -149,7 +167,8 @@ class SpotIndexer:
         method = np.where(indexed, METHOD_CODES["refined" if self.refine_answers else "template"],
                           METHOD_CODES["none"]).astype(np.uint8)
         q = q * np.where(q[:, :1] < 0, -1.0, 1.0)
-        return {
+        extra = {"refined_reliability": refined_reliability.astype(np.float32)} if with_features else {}
+        return extra | {
             "phase_id": np.where(indexed, phase, -1).astype(np.int16),
             "quaternion": np.where(indexed[:, None], q, (1.0, 0.0, 0.0, 0.0)).astype(np.float32),
             "confidence": np.where(indexed, conf, 0.0).astype(np.float32),
@@ -190,6 +209,23 @@ class SpotIndexer:
             mine = np.flatnonzero(phase == p)
             if len(mine):
                 out[mine] = refiner.explained(matrices[mine], polar, mine)
+        return out
+
+    def _zone_turns(self, q: np.ndarray, phase: np.ndarray) -> np.ndarray:
+        """(B, 4) answers -> (B, 4) each turned 180 degrees about the low-index zone axis nearest
+        its beam direction."""
+        out = np.array(q, np.float64)
+        for p, refiner in enumerate(self.refiners):
+            mine = np.flatnonzero(phase == p)
+            if not len(mine):
+                continue
+            axes = refiner.zone_axes  # (Z, 3) unit, crystal frame
+            m = rotation_matrices(q[mine])
+            beam = m[:, :, 2]  # R @ e_z: the beam in the crystal frame
+            u = axes[np.abs(beam @ axes.T).argmax(1)]  # (n, 3)
+            lab_u = np.einsum("nij,ni->nj", m, u)  # R.T u
+            turn = 2 * lab_u[:, :, None] * lab_u[:, None, :] - np.eye(3)  # 180 degrees about lab_u
+            out[mine] = matrices_to_quaternions(m @ turn)
         return out
 
     def _refine_candidates(self, q: np.ndarray, phase: np.ndarray, polar: np.ndarray):

@@ -27,6 +27,22 @@ NEAR_SPHERE = 0.06  # 1/angstrom: reflections followed (a 2-degree move shifts |
 STEPS_DEG = (2.0, 1.0, 0.5, 0.25, 0.125)
 MOVES_PER_STEP = 2
 POOL_SPHERE = 0.2  # 1/angstrom: |g| 1.9/A moves 0.2/A in 6 degrees
+ZONE_INDEX = 2
+
+
+def zone_axes(refl, max_index: int) -> np.ndarray:
+    """The phase's zone axes [uvw] with |u|, |v|, |w| <= ``max_index`` as (Z, 3) unit vectors in
+    the crystal's Cartesian frame (one of each +-pair); the direct basis from the reflections'
+    reciprocal one (a_i . b_j = delta_ij)."""
+    reciprocal = np.linalg.lstsq(refl.hkl, refl.g, rcond=None)[0]  # rows b1, b2, b3
+    direct = np.linalg.inv(reciprocal.T)  # rows a1, a2, a3
+    r = np.arange(-max_index, max_index + 1)
+    uvw = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    uvw = uvw[np.gcd.reduce(np.abs(uvw), axis=1) == 1]
+    first = uvw[np.arange(len(uvw)), (uvw != 0).argmax(1)]
+    uvw = uvw[first > 0]
+    axes = uvw @ direct
+    return axes / np.linalg.norm(axes, axis=1, keepdims=True)
 
 
 class SpotRefiner:
@@ -36,6 +52,8 @@ class SpotRefiner:
         self.setup, self.grid, self.wavelength = setup, grid, wavelength_a
         self.refl = reflections(phase, (grid.r_max + 3) * setup["calibration"])
         self.angles = grid.angles
+        self.zone_axes = zone_axes(self.refl, ZONE_INDEX)
+
 
     def _subset(self, matrices: np.ndarray, pool=None, near_sphere: float = NEAR_SPHERE):
         """The reflections within ``near_sphere`` of the Ewald sphere and on the polar grid, per

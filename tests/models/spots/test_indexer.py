@@ -125,3 +125,18 @@ def test_the_compiled_refinement_score_is_the_numpy_one(indexer, phases, precess
         expected = refiner.score_reference(matrices, g, f2, polar, rows)
         assert np.abs(expected).max() > 0.05  # the truth's neighbours fit: a real comparison
         np.testing.assert_allclose(refiner.score(matrices, g, f2, polar, rows), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_zone_axes_are_the_lattice_directions(indexer, phases):
+    from liveindex.models.spots.refine import zone_axes
+
+    cubic = zone_axes(indexer.refiners[0].refl, 2)  # ferrite
+    assert len(cubic) == 49  # the primitive [uvw] within +-2, one of each +- pair
+    for uvw in ([0, 0, 1], [1, 1, 0], [1, 1, 1], [1, 2, 0]):
+        u = np.array(uvw, float) / np.linalg.norm(uvw)
+        assert np.abs(cubic @ u).max() > 1 - 1e-9
+    # cementite (orthorhombic): [100], [010], [001] are its Cartesian axes, [110] is not at 45 deg
+    ortho = zone_axes(indexer.refiners[2].refl, 1)
+    for axis in np.eye(3):
+        assert np.abs(ortho @ axis).max() > 1 - 1e-9
+    assert not np.any(np.abs(np.abs(ortho @ np.array([1.0, 1.0, 0.0])) / np.sqrt(2) - 1) < 1e-6)
