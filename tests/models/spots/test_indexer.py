@@ -140,3 +140,19 @@ def test_zone_axes_are_the_lattice_directions(indexer, phases):
     for axis in np.eye(3):
         assert np.abs(ortho @ axis).max() > 1 - 1e-9
     assert not np.any(np.abs(np.abs(ortho @ np.array([1.0, 1.0, 0.0])) / np.sqrt(2) - 1) < 1e-6)
+
+
+def test_the_reflections_followed_from_a_pool_are_those_from_all(indexer, phases):
+    from liveindex.models.spots.diffraction import axis_rotations, rotation_matrices
+
+    refiner = indexer.refiners[2]  # cementite: the most reflections
+    rng = np.random.default_rng(4)
+    start = rotation_matrices(rng.normal(size=(16, 4)))
+    pool = refiner._subset(start, near_sphere=0.2)
+    moved = start @ axis_rotations(0, np.deg2rad(rng.uniform(-2, 2, 16)))  # a pool is kept while it moves
+    g_all, f2_all = refiner._subset(moved)
+    g_pool, f2_pool = refiner._subset(moved, pool)
+    assert (f2_all > 0).sum() > 16 * 5
+    for i in range(16):
+        np.testing.assert_array_equal(g_pool[i][f2_pool[i] > 0], g_all[i][f2_all[i] > 0])
+        np.testing.assert_array_equal(f2_pool[i][f2_pool[i] > 0], f2_all[i][f2_all[i] > 0])
