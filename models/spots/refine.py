@@ -18,7 +18,7 @@ import math
 import numba
 import numpy as np
 
-from .diffraction import axis_rotations, lab_vectors, reflections, spot_intensities
+from .diffraction import axis_rotations, reflections, spot_intensities
 from .templates import EXCITATION_WIDTH, INTENSITY_POWER, PolarGrid
 
 NEAR_SPHERE = 0.06  # 1/angstrom: reflections followed (a 2-degree move shifts |g| 1.2/A by 0.04)
@@ -64,16 +64,9 @@ class SpotRefiner:
             return _near_pool(np.ascontiguousarray(pool[0], np.float64), np.ascontiguousarray(pool[1], np.float64),
                               np.ascontiguousarray(matrices, np.float64), 1.0 / self.wavelength, near_sphere,
                               float(self.setup["calibration"]), self.grid.r_min - 1.0, self.grid.r_max + 1.0)
-        lab = lab_vectors(matrices, self.refl.g)
-        r_sphere = 1.0 / self.wavelength
-        r2 = lab[..., 0] ** 2 + lab[..., 1] ** 2
-        s = np.abs(r_sphere - np.sqrt(np.maximum(r_sphere**2 - r2, 0.0)) - lab[..., 2])
-        r_px = np.sqrt(r2) / self.setup["calibration"]
-        near = (s < near_sphere) & (r_px >= self.grid.r_min - 1) & (r_px <= self.grid.r_max + 1)
-        width = max(int(near.sum(1).max()), 1)
-        order = np.argsort(~near, axis=1, kind="stable")[:, :width]
-        valid = np.take_along_axis(near, order, 1)
-        return self.refl.g[order], np.where(valid, self.refl.f2[order], 0.0)  # (n, S, 3), (n, S)
+        return _near_all(self.refl.g, self.refl.f2, np.ascontiguousarray(matrices, np.float64),
+                         1.0 / self.wavelength, near_sphere, float(self.setup["calibration"]),
+                         self.grid.r_min - 1.0, self.grid.r_max + 1.0)
 
     def score(self, matrices, g, f2, polar, rows) -> np.ndarray:
         """(n, 3, 3) matrices, their (n, S, 3) reflections and |F|^2, (B, R, A) polar images and
@@ -241,30 +234,37 @@ def _score_trials(matrices, g, f2, polar, rows, n_r, n_a, calibration, r_min, wa
 
 
 @numba.njit(cache=True)
+def _near_rows(i, pool_g, pool_f2, mat, r_sphere, near_sphere, calibration, r_lo, r_hi, near):
+    """Marks in ``near`` the reflections (G, 3), (G,) near the sphere and on the image for one
+    orientation; returns how many."""
+    count = 0
+    for k in range(pool_f2.shape[0]):
+        if pool_f2[k] <= 0.0:
+            continue
+        gx, gy, gz = pool_g[k, 0], pool_g[k, 1], pool_g[k, 2]
+        lx = gx * mat[0, 0] + gy * mat[1, 0] + gz * mat[2, 0]
+        ly = gx * mat[0, 1] + gy * mat[1, 1] + gz * mat[2, 1]
+        lz = gx * mat[0, 2] + gy * mat[1, 2] + gz * mat[2, 2]
+        r2 = lx * lx + ly * ly
+        s = abs(r_sphere - math.sqrt(max(r_sphere * r_sphere - r2, 0.0)) - lz)
+        r_px = math.sqrt(r2) / calibration
+        if s < near_sphere and r_px >= r_lo and r_px <= r_hi:
+            near[i, k] = True
+            count += 1
+    return count
+
+
+@numba.njit(cache=True)
 def _near_pool(pool_g, pool_f2, matrices, r_sphere, near_sphere, calibration, r_lo, r_hi):
-    """``SpotRefiner._subset`` given a pool, compiled: each orientation's pool reflections within
-    ``near_sphere`` of the Ewald sphere and between radii ``r_lo`` and ``r_hi`` pixels, in pool
-    order, as (n, S, 3) g and (n, S) |F|^2, zero-padded to the longest row (at least 1)."""
+    """``SpotRefiner._subset`` compiled: each orientation's (n, P, 3), (n, P) pool reflections
+    within ``near_sphere`` of the Ewald sphere and between radii ``r_lo`` and ``r_hi`` pixels, in
+    pool order, as (n, S, 3) g and (n, S) |F|^2, zero-padded to the longest row (at least 1)."""
     n, n_p = pool_f2.shape
     near = np.zeros((n, n_p), np.bool_)
     width = 1
     for i in range(n):
-        mat = matrices[i]
-        count = 0
-        for k in range(n_p):
-            if pool_f2[i, k] <= 0.0:
-                continue
-            gx, gy, gz = pool_g[i, k, 0], pool_g[i, k, 1], pool_g[i, k, 2]
-            lx = gx * mat[0, 0] + gy * mat[1, 0] + gz * mat[2, 0]
-            ly = gx * mat[0, 1] + gy * mat[1, 1] + gz * mat[2, 1]
-            lz = gx * mat[0, 2] + gy * mat[1, 2] + gz * mat[2, 2]
-            r2 = lx * lx + ly * ly
-            s = abs(r_sphere - math.sqrt(max(r_sphere * r_sphere - r2, 0.0)) - lz)
-            r_px = math.sqrt(r2) / calibration
-            if s < near_sphere and r_px >= r_lo and r_px <= r_hi:
-                near[i, k] = True
-                count += 1
-        width = max(width, count)
+        width = max(width, _near_rows(i, pool_g[i], pool_f2[i], matrices[i], r_sphere, near_sphere, calibration,
+                                      r_lo, r_hi, near))
     g = np.zeros((n, width, 3))
     f2 = np.zeros((n, width))
     for i in range(n):
@@ -273,5 +273,27 @@ def _near_pool(pool_g, pool_f2, matrices, r_sphere, near_sphere, calibration, r_
             if near[i, k]:
                 g[i, j] = pool_g[i, k]
                 f2[i, j] = pool_f2[i, k]
+                j += 1
+    return g, f2
+
+
+@numba.njit(cache=True)
+def _near_all(all_g, all_f2, matrices, r_sphere, near_sphere, calibration, r_lo, r_hi):
+    """``_near_pool`` choosing among the phase's (G, 3), (G,) reflections, the same for every
+    orientation."""
+    n, n_p = matrices.shape[0], all_f2.shape[0]
+    near = np.zeros((n, n_p), np.bool_)
+    width = 1
+    for i in range(n):
+        width = max(width, _near_rows(i, all_g, all_f2, matrices[i], r_sphere, near_sphere, calibration,
+                                      r_lo, r_hi, near))
+    g = np.zeros((n, width, 3))
+    f2 = np.zeros((n, width))
+    for i in range(n):
+        j = 0
+        for k in range(n_p):
+            if near[i, k]:
+                g[i, j] = all_g[k]
+                f2[i, j] = all_f2[k]
                 j += 1
     return g, f2

@@ -142,17 +142,24 @@ def test_zone_axes_are_the_lattice_directions(indexer, phases):
     assert not np.any(np.abs(np.abs(ortho @ np.array([1.0, 1.0, 0.0])) / np.sqrt(2) - 1) < 1e-6)
 
 
-def test_the_reflections_followed_from_a_pool_are_those_from_all(indexer, phases):
+def test_the_reflections_followed_are_those_near_the_sphere_on_the_image(indexer, phases):
     from liveindex.models.spots.diffraction import axis_rotations, rotation_matrices
+    from liveindex.models.spots.refine import NEAR_SPHERE
 
     refiner = indexer.refiners[2]  # cementite: the most reflections
     rng = np.random.default_rng(4)
     start = rotation_matrices(rng.normal(size=(16, 4)))
     pool = refiner._subset(start, near_sphere=0.2)
     moved = start @ axis_rotations(0, np.deg2rad(rng.uniform(-2, 2, 16)))  # a pool is kept while it moves
-    g_all, f2_all = refiner._subset(moved)
-    g_pool, f2_pool = refiner._subset(moved, pool)
-    assert (f2_all > 0).sum() > 16 * 5
-    for i in range(16):
-        np.testing.assert_array_equal(g_pool[i][f2_pool[i] > 0], g_all[i][f2_all[i] > 0])
-        np.testing.assert_array_equal(f2_pool[i][f2_pool[i] > 0], f2_all[i][f2_all[i] > 0])
+    # the choice in numpy, from the definition: |s| < NEAR_SPHERE, radius within the polar grid +-1 px
+    lab = np.einsum("gi,nij->ngj", refiner.refl.g, moved)
+    r_sphere = 1.0 / refiner.wavelength
+    r2 = lab[..., 0] ** 2 + lab[..., 1] ** 2
+    s = np.abs(r_sphere - np.sqrt(np.maximum(r_sphere**2 - r2, 0.0)) - lab[..., 2])
+    r_px = np.sqrt(r2) / SETUP["calibration"]
+    near = (s < NEAR_SPHERE) & (r_px >= indexer.grid.r_min - 1) & (r_px <= indexer.grid.r_max + 1)
+    assert near.sum() > 16 * 5
+    for g, f2 in (refiner._subset(moved), refiner._subset(moved, pool)):
+        for i in range(16):
+            np.testing.assert_array_equal(g[i][f2[i] > 0], refiner.refl.g[near[i]])
+            np.testing.assert_array_equal(f2[i][f2[i] > 0], refiner.refl.f2[near[i]])
