@@ -2,7 +2,7 @@
 
 Coefficients fitted on simulated sets (three steel phases plus a phase absent from the list,
 three noise levels); ``benchmarks/spots_side_by_side.py`` measures the fraction right above
-0.5 on its own set (another seed). Few points reach 0.5: with the handful of spots a random
+0.5 on its own set (another seed). A minority of points reach 0.5: with the handful of spots a random
 orientation excites, right and wrong answers score alike (the matching reliability separates
 them with an AUC of about 0.85), so the calibration is conservative.
 """
