@@ -46,9 +46,9 @@ log = logging.getLogger(__name__)
 # against the single-start refinement of 2: within 3 deg mod 180 85.2 -> 88.0%, 87.8 -> 89.5%,
 # 85.5 -> 90.5% (400 moderate patterns, seeds 7, 11, 8), hard seed 7 86.2 -> 90.0%; 4 starts
 # without the turned ones lost 1.8-2.4 points. With the zone turn (below), on those four sets:
-# 2 candidates 90.1% on average, 3 91.0%, 4 91.7%, 6 (coarse step 2 deg only) 91.4%; 4 costs
-# 1.2x the refinement's time of 2.
-CANDIDATES = 4
+# 2 candidates 90.1% on average, 3 91.0%, 4 91.7%, 6 92.5% (right phase 98.5-98.8% on the
+# moderate sets against 98.0-98.5%), 8 92.6%; 6 cost 1.2x the CPU time after the matcher of 4.
+CANDIDATES = 6
 COARSE_STEPS = (2.0, 1.0)  # degrees: every start
 FINE_STEPS = (0.5, 0.25, 0.125)  # degrees: the best REFINED starts of each pattern
 REFINED = 2

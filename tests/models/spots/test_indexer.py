@@ -45,13 +45,14 @@ def test_the_matcher_finds_a_template_at_its_angle(indexer, phases):
 
 
 def test_random_orientations_come_back_as_their_truth(indexer, phases):
-    # Measured on 300 such patterns: 98-99% right phase, 77-80% within 3 deg, median 0.4 deg;
-    # a wrong sign anywhere in the geometry gives about 0% within 3 deg.
+    # Measured on 1200 such patterns (benchmarks/spots_side_by_side.py): 98% right phase, 91%
+    # within 3 deg mod 180, median 0.4 deg (before the turned starts: 85%); this set of 48: 92%,
+    # seeds 12-14 85-98%. A wrong sign anywhere in the geometry gives about 0% within 3 deg.
     ev = make_set(phases, SETUP, 48, noise="moderate", seed=11)
     fields = indexer.index(ev.frames)
     scores = score_answers(fields, ev.quaternions, ev.phase_id, phases)
     assert scores["right_phase"] >= 0.9
-    assert scores["within3_mod180"] >= 0.6
+    assert scores["within3_mod180"] >= 0.8
     assert scores["median_mod180_deg"] <= 1.0
     np.testing.assert_allclose(fields["center"], ev.centers, atol=0.5)
     assert set(np.unique(fields["method"])) <= {METHOD_CODES["refined"], METHOD_CODES["none"]}
