@@ -45,13 +45,14 @@ def test_the_matcher_finds_a_template_at_its_angle(indexer, phases):
 
 
 def test_random_orientations_come_back_as_their_truth(indexer, phases):
-    # Measured on 300 such patterns: 98-99% right phase, 77-80% within 3 deg, median 0.4 deg;
-    # a wrong sign anywhere in the geometry gives about 0% within 3 deg.
+    # Measured on 1200 such patterns (benchmarks/spots_side_by_side.py): 98% right phase, 91%
+    # within 3 deg mod 180, median 0.4 deg (before the turned starts: 85%); this set of 48: 92%,
+    # seeds 12-14 85-98%. A wrong sign anywhere in the geometry gives about 0% within 3 deg.
     ev = make_set(phases, SETUP, 48, noise="moderate", seed=11)
     fields = indexer.index(ev.frames)
     scores = score_answers(fields, ev.quaternions, ev.phase_id, phases)
     assert scores["right_phase"] >= 0.9
-    assert scores["within3_mod180"] >= 0.6
+    assert scores["within3_mod180"] >= 0.8
     assert scores["median_mod180_deg"] <= 1.0
     np.testing.assert_allclose(fields["center"], ev.centers, atol=0.5)
     assert set(np.unique(fields["method"])) <= {METHOD_CODES["refined"], METHOD_CODES["none"]}
@@ -103,3 +104,63 @@ def test_the_python_api_indexes_a_spot_array(phases):
     assert xmap.shape == (3, 4)
     assert (xmap.phase_id == ev.phase_id).mean() >= 0.8
     assert "reliability" in xmap.prop and "ambiguous" in xmap.prop
+
+
+@pytest.mark.parametrize("precession", [1.0, 0.0])
+def test_the_compiled_refinement_score_is_the_numpy_one(indexer, phases, precession):
+    from liveindex.models.spots.diffraction import axis_rotations, rotation_matrices
+    from liveindex.models.spots.refine import SpotRefiner
+
+    ev = make_set(phases, SETUP, 24, noise="moderate", seed=3)
+    polar = indexer.matcher.match(ev.frames.astype(np.float32), ev.centers)[3]
+    rng = np.random.default_rng(1)
+    for p, record in enumerate(phases):
+        rows = np.flatnonzero(ev.phase_id == p)
+        if not len(rows):
+            continue
+        refiner = SpotRefiner(record, {**SETUP, "precession": precession}, indexer.grid, indexer.refiners[p].wavelength)
+        # 2 degrees off the truth about random lab axes: some spots leave the sphere, some the image
+        turn = axis_rotations(int(rng.integers(3)), np.deg2rad(rng.normal(0, 2.0, len(rows))))
+        matrices = rotation_matrices(ev.quaternions[rows].astype(np.float64)) @ turn
+        g, f2 = refiner._subset(matrices, refiner._subset(matrices, near_sphere=0.2))
+        expected = refiner.score_reference(matrices, g, f2, polar, rows)
+        assert np.abs(expected).max() > 0.05  # the truth's neighbours fit: a real comparison
+        np.testing.assert_allclose(refiner.score(matrices, g, f2, polar, rows), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_zone_axes_are_the_lattice_directions(indexer, phases):
+    from liveindex.models.spots.refine import zone_axes
+
+    cubic = zone_axes(indexer.refiners[0].refl, 2)  # ferrite
+    assert len(cubic) == 49  # the primitive [uvw] within +-2, one of each +- pair
+    for uvw in ([0, 0, 1], [1, 1, 0], [1, 1, 1], [1, 2, 0]):
+        u = np.array(uvw, float) / np.linalg.norm(uvw)
+        assert np.abs(cubic @ u).max() > 1 - 1e-9
+    # cementite (orthorhombic): [100], [010], [001] are its Cartesian axes, [110] is not at 45 deg
+    ortho = zone_axes(indexer.refiners[2].refl, 1)
+    for axis in np.eye(3):
+        assert np.abs(ortho @ axis).max() > 1 - 1e-9
+    assert not np.any(np.abs(np.abs(ortho @ np.array([1.0, 1.0, 0.0])) / np.sqrt(2) - 1) < 1e-6)
+
+
+def test_the_reflections_followed_are_those_near_the_sphere_on_the_image(indexer, phases):
+    from liveindex.models.spots.diffraction import axis_rotations, rotation_matrices
+    from liveindex.models.spots.refine import NEAR_SPHERE
+
+    refiner = indexer.refiners[2]  # cementite: the most reflections
+    rng = np.random.default_rng(4)
+    start = rotation_matrices(rng.normal(size=(16, 4)))
+    pool = refiner._subset(start, near_sphere=0.2)
+    moved = start @ axis_rotations(0, np.deg2rad(rng.uniform(-2, 2, 16)))  # a pool is kept while it moves
+    # the choice in numpy, from the definition: |s| < NEAR_SPHERE, radius within the polar grid +-1 px
+    lab = np.einsum("gi,nij->ngj", refiner.refl.g, moved)
+    r_sphere = 1.0 / refiner.wavelength
+    r2 = lab[..., 0] ** 2 + lab[..., 1] ** 2
+    s = np.abs(r_sphere - np.sqrt(np.maximum(r_sphere**2 - r2, 0.0)) - lab[..., 2])
+    r_px = np.sqrt(r2) / SETUP["calibration"]
+    near = (s < NEAR_SPHERE) & (r_px >= indexer.grid.r_min - 1) & (r_px <= indexer.grid.r_max + 1)
+    assert near.sum() > 16 * 5
+    for g, f2 in (refiner._subset(moved), refiner._subset(moved, pool)):
+        for i in range(16):
+            np.testing.assert_array_equal(g[i][f2[i] > 0], refiner.refl.g[near[i]])
+            np.testing.assert_array_equal(f2[i][f2[i] > 0], refiner.refl.f2[near[i]])
