@@ -67,11 +67,14 @@ def main() -> int:
             # A source fits its basis once and keeps it (ScanSource.latent_header): one per choice,
             # fitted before the clock starts.
             source.fit_latent, source._latent_header = bare_latent, fitted.get(bare_latent)
+            cpu_before = _own_cpu_seconds()
             result, seconds = index_source(source, threads=args.workers, progress=False)
+            bare_cpu = _own_cpu_seconds() - cpu_before
             fitted[bare_latent] = source._latent_header
             bare_rates.append(n / seconds)
             bare_error = bare_error_of(result)
-            print(f"  repeat {repeat}: bare {n / seconds:.1f} frames/s (load average {_load()})", flush=True)
+            print(f"  repeat {repeat}: bare {n / seconds:.1f} frames/s, CPU s per 1000 frames {bare_cpu * 1000 / n:.2f} "
+                  f"(load average {_load()})", flush=True)
             for latent in choices:
                 source.fit_latent, source._latent_header = latent, fitted.get(latent)
                 source.scan_start()
