@@ -62,6 +62,11 @@ def main() -> int:
     choices = [True, False] if args.latent == "both" else [args.latent == "on"]
     bare_latent = args.latent != "off"
     bare_rates, rates, pipe_error, fitted = [], {c: [] for c in choices}, {}, {}
+    # The basis fitted and the indexer prepared before any clock or CPU count (a modality that
+    # keeps its indexers, as spots does, hands index_source this one).
+    source.fit_latent, source._latent_header = bare_latent, None
+    source.modality.prepare({"scan": "offline", **source.scan_start()}, options={}, threads=1, providers="auto")
+    fitted[bare_latent] = source._latent_header
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.repeats):
             # A source fits its basis once and keeps it (ScanSource.latent_header): one per choice,

@@ -18,6 +18,10 @@ way from liveindex's renderer (as in pyxem's own simulated data, which flips dif
 patterns upside down): on 40 clean ferrite patterns pyxem found 0% within 3 deg as given or
 transposed and 30-37% upside down, so it gets them upside down (``--pyxem-flip``).
 
+liveindex runs as ``liveindex index`` does (``--threads`` pages at once, each on one-thread
+ONNX sessions; ``--one-indexer``: one indexer, a page after another, as this benchmark ran
+before: the refinement's numpy then has one core).
+
 Also reports the calibration of liveindex's confidence: the fraction of points right (phase
 and within 3 deg modulo 180) above confidence 0.5, on the set plus ``--absent`` patterns of a
 phase not in the list (hcp titanium).
@@ -54,7 +58,26 @@ def summary(scores: dict, rate: float) -> dict:
     return out
 
 
-def run_liveindex(frames, phases, setup, *, resolution: float, threads: int, providers: str, refine: bool = True):
+def run_liveindex(frames, phases, setup, *, resolution: float, threads: int, providers: str, refine: bool = True,
+                  pages: bool = True):
+    """liveindex's fields and patterns/s. ``pages``: as ``liveindex index`` runs (stream/offline.py's
+    index_source: ``threads`` pages at once, each on one-thread sessions; no latent maps, which
+    pyxem has no counterpart of); else one indexer with ``threads``-thread sessions, a page of 256
+    after another (the refinement's numpy then runs on one core)."""
+    if pages:
+        from liveindex.models import modality as modalities
+        from liveindex.models.arrays import ArraySource
+        from liveindex.stream.offline import index_source
+
+        def source(patterns):
+            made = ArraySource(patterns, modality=modalities.load("spots"), setup=setup, phases=phases, name="set")
+            made.fit_latent = False
+            return made
+
+        options = {"resolution": resolution, "refine": refine, "latent": False}
+        index_source(source(frames[:64]), threads=threads, providers=providers, progress=False, **options)  # warm-up
+        fields, elapsed = index_source(source(frames), threads=threads, providers=providers, progress=False, **options)
+        return fields, len(frames) / elapsed
     indexer = SpotIndexer(setup, phases, frames.shape[1:], resolution=resolution, refine=refine,
                           providers=providers, threads=threads)
     indexer.index(frames[:64])  # warm-up
@@ -125,7 +148,11 @@ def main(argv=None):
     p.add_argument("--pyxem-flip", choices=("auto", "yes", "no"), default="yes",
                    help="give pyxem the frames upside down (its image y axis; default yes)")
     p.add_argument("--absent", type=int, default=300, help="patterns of a phase absent from the list (hcp Ti)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="cores for liveindex: pages at once on one-thread sessions (default 2)")
+    p.add_argument("--one-indexer", action="store_true",
+                   help="liveindex as one indexer with --threads-thread sessions, a page after another (the "
+                        "rate this benchmark reported before the pages of `liveindex index`)")
     p.add_argument("--providers", default="cpu")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json", help="write the results here")
@@ -142,7 +169,7 @@ def main(argv=None):
                       "seed": args.seed, "phases": [p.name for p in phases]}, "load_before": load}
 
     fields, rate = run_liveindex(ev.frames, phases, setup, resolution=args.resolution, threads=args.threads,
-                                 providers=args.providers)
+                                 providers=args.providers, pages=not args.one_indexer)
     scores = score_answers(fields, ev.quaternions, ev.phase_id, phases)
     report["liveindex"] = summary(scores, rate)
     report["liveindex"]["ambiguous_flagged"] = round(float(fields["ambiguous"].mean()), 4)
@@ -151,7 +178,7 @@ def main(argv=None):
         ti = record_from_cif(os.path.join(HERE, "..", "tests", "data", "ti.cif"), name="ti")
         absent = make_set([ti], setup, args.absent, noise=args.noise, seed=args.seed + 1, center_jitter=False)
         absent_fields, _ = run_liveindex(absent.frames, phases, setup, resolution=args.resolution,
-                                         threads=args.threads, providers=args.providers)
+                                         threads=args.threads, providers=args.providers, pages=not args.one_indexer)
         report["confidence"] = calibration_report(fields, scores["right"], absent_fields)
         log.info("confidence: %s", report["confidence"])
     for res in args.pyxem_resolution:
