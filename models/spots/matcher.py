@@ -18,8 +18,8 @@ The cost is 4 K Rb N + 2 K S M multiply-adds a pattern (S = SHORTLIST; 2 K N M w
 in MatMuls (no Python loop over templates or angles). The shortlist of 384 of 3444 templates
 gave the same answers, per pattern, as every template (1200 moderate patterns, seeds 7 and 11:
 phase, quaternion, reliability and confidence identical; on seed 7 128 moved 10
-reliabilities, 64 13 answers) and the matcher 1.2x the patterns/s (one thread, 5 alternating runs, load 3.5-4.5:
-2.03 -> 1.69 s of 1200 patterns). Tried and dropped: int8 dynamic quantization of the MatMuls
+reliabilities, 64 13 answers) and the matcher 1.15-1.2x the patterns/s (benchmarks/spots_side_by_side.py
+--matcher-only --against REV). Tried and dropped: int8 dynamic quantization of the MatMuls
 (onnxruntime.quantization, 1.3x less CPU but 5% of the best templates changed), the energy as a
 MatMul with ones and the shortlist as a Gather on the flat product (slower), the steps after the
 cross MatMul in numpy (1.25x slower), the polar transform as a numpy bilinear gather (no faster
