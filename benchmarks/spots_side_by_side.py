@@ -18,6 +18,10 @@ way from liveindex's renderer (as in pyxem's own simulated data, which flips dif
 patterns upside down): on 40 clean ferrite patterns pyxem found 0% within 3 deg as given or
 transposed and 30-37% upside down, so it gets them upside down (``--pyxem-flip``).
 
+liveindex runs as ``liveindex index`` does (``--threads`` pages at once, each on one-thread
+ONNX sessions; ``--one-indexer``: one indexer, a page after another, as this benchmark ran
+before: the refinement's numpy then has one core).
+
 Also reports the calibration of liveindex's confidence: the fraction of points right (phase
 and within 3 deg modulo 180) above confidence 0.5, on the set plus ``--absent`` patterns of a
 phase not in the list (hcp titanium).
@@ -54,7 +58,26 @@ def summary(scores: dict, rate: float) -> dict:
     return out
 
 
-def run_liveindex(frames, phases, setup, *, resolution: float, threads: int, providers: str, refine: bool = True):
+def run_liveindex(frames, phases, setup, *, resolution: float, threads: int, providers: str, refine: bool = True,
+                  pages: bool = True):
+    """liveindex's fields and patterns/s. ``pages``: as ``liveindex index`` runs (stream/offline.py's
+    index_source: ``threads`` pages at once, each on one-thread sessions; no latent maps, which
+    pyxem has no counterpart of); else one indexer with ``threads``-thread sessions, a page of 256
+    after another (the refinement's numpy then runs on one core)."""
+    if pages:
+        from liveindex.models import modality as modalities
+        from liveindex.models.arrays import ArraySource
+        from liveindex.stream.offline import index_source
+
+        def source(patterns):
+            made = ArraySource(patterns, modality=modalities.load("spots"), setup=setup, phases=phases, name="set")
+            made.fit_latent = False
+            return made
+
+        options = {"resolution": resolution, "refine": refine, "latent": False}
+        index_source(source(frames[:64]), threads=threads, providers=providers, progress=False, **options)  # warm-up
+        fields, elapsed = index_source(source(frames), threads=threads, providers=providers, progress=False, **options)
+        return fields, len(frames) / elapsed
     indexer = SpotIndexer(setup, phases, frames.shape[1:], resolution=resolution, refine=refine,
                           providers=providers, threads=threads)
     indexer.index(frames[:64])  # warm-up
@@ -63,6 +86,108 @@ def run_liveindex(frames, phases, setup, *, resolution: float, threads: int, pro
     elapsed = time.perf_counter() - start
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return fields, len(frames) / elapsed
+
+
+def matcher_of_revision(rev: str, folder):
+    """The module models/spots/matcher.py was at git revision ``rev``, loaded from a file."""
+    import importlib.util
+
+    text = subprocess.run(["git", "show", f"{rev}:models/spots/matcher.py"], cwd=os.path.join(HERE, ".."),
+                          capture_output=True, text=True, check=True).stdout
+    # Its relative import of the templates' grid, made absolute, so that it loads from a file.
+    path = folder / "matcher_then.py"
+    path.write_text(text.replace("from .templates import", "from liveindex.models.spots.templates import"))
+    spec = importlib.util.spec_from_file_location("matcher_then", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_indexers(ev, phases, setup, args) -> dict:
+    """The whole indexer with this tree's matcher graph and with --against's, alternating: rates,
+    accuracy, and how many answers differ pattern by pattern (everything else is this tree's)."""
+    import tempfile
+    from pathlib import Path
+
+    from liveindex.models import modality as modalities
+    from liveindex.models.spots import indexer as spot_indexer
+
+    ours = (spot_indexer.build_graph, getattr(spot_indexer, "GRAPH_VERSION", ""))
+    then = matcher_of_revision(args.against, Path(tempfile.mkdtemp()))
+    graphs = {"this tree": ours, args.against: (then.build_graph, f"graph of {args.against}")}
+    rates, fields = {k: [] for k in graphs}, {}
+    out = {"load_before": " ".join(open("/proc/loadavg").read().split()[:3])}
+    try:
+        for _ in range(args.repeats):
+            for name, (build, version) in graphs.items():
+                spot_indexer.build_graph, spot_indexer.GRAPH_VERSION = build, version  # its own cached graph file
+                modalities.load("spots")._indexers.clear()  # prepare keeps indexers by setup, not by graph
+                fields[name], rate = run_liveindex(ev.frames, phases, setup, resolution=args.resolution,
+                                                   threads=args.threads, providers=args.providers,
+                                                   pages=not args.one_indexer)
+                rates[name].append(round(rate, 1))
+    finally:
+        spot_indexer.build_graph, spot_indexer.GRAPH_VERSION = ours
+    out["load_after"] = " ".join(open("/proc/loadavg").read().split()[:3])
+    now, before = fields["this tree"], fields[args.against]
+    for name in graphs:
+        scores = score_answers(fields[name], ev.quaternions, ev.phase_id, phases)
+        out[name] = {"patterns_per_s": rates[name], **{k: round(scores[k], 4) for k in
+                                                       ("right_phase", "within3_mod180", "median_mod180_deg")}}
+    out["differ"] = {"phase": int((now["phase_id"] != before["phase_id"]).sum()),
+                     "quaternion_over_1e-5": int((np.abs(now["quaternion"] - before["quaternion"]).max(1) > 1e-5).sum()),
+                     "reliability_over_1e-6": int((np.abs(now["reliability"] - before["reliability"]) > 1e-6).sum()),
+                     "confidence_over_1e-6": int((np.abs(now["confidence"] - before["confidence"]) > 1e-6).sum())}
+    return out
+
+
+def time_matchers(frames, phases, setup, args) -> dict:
+    """PolarMatcher.match alone on the set (this tree's graph and, with --against, the graph that
+    revision's matcher.py builds from the same templates), alternating: wall and CPU seconds."""
+    import tempfile
+    from pathlib import Path
+
+    from liveindex.models.spots import matcher as this
+    from liveindex.models.spots.indexer import find_centers
+    from liveindex.models.spots.templates import PolarGrid, build_library
+
+    grid = PolarGrid.for_shape(frames.shape[1:])
+    libraries = [build_library(p, setup, frames.shape[1:], grid, args.resolution) for p in phases]
+    real, imag = (np.concatenate([getattr(lib, part) for lib in libraries]) for part in ("real", "imag"))
+    modules = {"this tree": this}
+    folder = Path(tempfile.mkdtemp())
+    if args.against:
+        modules[args.against] = matcher_of_revision(args.against, folder)
+    data = frames.astype(np.float32)
+    centers = find_centers(data)
+    matchers = {}
+    for i, (name, module) in enumerate(modules.items()):
+        path = folder / f"graph-{i}.onnx"
+        module.build_graph(path, real, imag, grid, frames.shape[1:], setup["ellipticity"])
+        matchers[name] = module.PolarMatcher(path, frames.shape[1:], grid, setup["ellipticity"],
+                                             providers=args.providers, threads=args.threads)
+        matchers[name].match(data[:64], centers[:64])  # warm-up
+    wall, cpu, answers = {k: [] for k in matchers}, {k: [] for k in matchers}, {}
+    load_before = " ".join(open("/proc/loadavg").read().split()[:3])
+    for _ in range(args.repeats):
+        for name, matcher in matchers.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            parts = [matcher.match(data[i:i + 256], centers[i:i + 256]) for i in range(0, len(data), 256)]
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            answers[name] = [np.concatenate(p) for p in zip(*parts)]
+    out = {"patterns": len(data), "threads": args.threads, "load_before": load_before,
+           "load_after": " ".join(open("/proc/loadavg").read().split()[:3])}
+    for name in matchers:
+        out[name] = {"patterns_per_s_best": round(len(data) / min(wall[name]), 1),
+                     "wall_s": [round(t, 3) for t in wall[name]], "cpu_s": [round(t, 3) for t in cpu[name]]}
+    if args.against:
+        (s_now, t_now, a_now, _), (s_then, t_then, a_then, _) = answers["this tree"], answers[args.against]
+        out["agreement"] = {"best_two_templates": float((t_now[:, :2] == t_then[:, :2]).all(1).mean()),
+                            "their_angles": float((a_now[:, :2] == a_then[:, :2]).all(1).mean()),
+                            "top_k_same_set": float(np.mean([set(x) == set(y) for x, y in zip(t_now, t_then)])),
+                            "max_score_difference_best_two": float(np.abs(s_now[:, :2] - s_then[:, :2]).max())}
+    return out
 
 
 def run_pyxem(frames, phases, setup, *, resolution: float, flip: bool, excitation: float = 0.05):
@@ -125,9 +250,20 @@ def main(argv=None):
     p.add_argument("--pyxem-flip", choices=("auto", "yes", "no"), default="yes",
                    help="give pyxem the frames upside down (its image y axis; default yes)")
     p.add_argument("--absent", type=int, default=300, help="patterns of a phase absent from the list (hcp Ti)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="cores for liveindex: pages at once on one-thread sessions (default 2)")
+    p.add_argument("--one-indexer", action="store_true",
+                   help="liveindex as one indexer with --threads-thread sessions, a page after another (the "
+                        "rate this benchmark reported before the pages of `liveindex index`)")
     p.add_argument("--providers", default="cpu")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--matcher-only", action="store_true",
+                   help="time PolarMatcher.match alone (--threads-thread sessions), best of --repeats, and stop")
+    p.add_argument("--against", metavar="REV",
+                   help="also the matcher graph of git revision REV, the two alternating (--repeats runs each), and "
+                        "whether their answers agree pattern by pattern: the matcher's (--matcher-only) or the "
+                        "indexer's (no pyxem then)")
+    p.add_argument("--repeats", type=int, default=5, help="with --against or --matcher-only: runs of each (default 5)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -137,12 +273,18 @@ def main(argv=None):
     setup = check_setup({"kv": 200.0, "calibration": args.calibration, "precession": 1.0}, (128, 128))
     ev = make_set(phases, setup, args.n, noise=args.noise, seed=args.seed, near_zone=args.near_zone,
                   center_jitter=False)
+    if args.matcher_only:
+        print(json.dumps(time_matchers(ev.frames, phases, setup, args), indent=1))
+        return
+    if args.against:
+        print(json.dumps(compare_indexers(ev, phases, setup, args), indent=1))
+        return
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     report = {"set": {"n": args.n, "noise": args.noise, "near_zone": args.near_zone, "calibration": args.calibration,
                       "seed": args.seed, "phases": [p.name for p in phases]}, "load_before": load}
 
     fields, rate = run_liveindex(ev.frames, phases, setup, resolution=args.resolution, threads=args.threads,
-                                 providers=args.providers)
+                                 providers=args.providers, pages=not args.one_indexer)
     scores = score_answers(fields, ev.quaternions, ev.phase_id, phases)
     report["liveindex"] = summary(scores, rate)
     report["liveindex"]["ambiguous_flagged"] = round(float(fields["ambiguous"].mean()), 4)
@@ -151,7 +293,7 @@ def main(argv=None):
         ti = record_from_cif(os.path.join(HERE, "..", "tests", "data", "ti.cif"), name="ti")
         absent = make_set([ti], setup, args.absent, noise=args.noise, seed=args.seed + 1, center_jitter=False)
         absent_fields, _ = run_liveindex(absent.frames, phases, setup, resolution=args.resolution,
-                                         threads=args.threads, providers=args.providers)
+                                         threads=args.threads, providers=args.providers, pages=not args.one_indexer)
         report["confidence"] = calibration_report(fields, scores["right"], absent_fields)
         log.info("confidence: %s", report["confidence"])
     for res in args.pyxem_resolution:

@@ -11,6 +11,9 @@ which is too slow for a library of thousands of templates and for refinement. Th
 Convention (diffsims', orix's): a crystal vector g is seen in the lab as ``~R * g``, i.e.
 ``R.T @ g`` with ``R`` the orientation's rotation matrix; the beam runs along lab z; lab x is
 the pattern's column axis, lab y its row axis.
+
+Scan rotation (``scan_frame``): orientations are measured in the diffraction image's frame;
+the scan rotation turns them about the beam into the scan's (sample's) frame.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from liveindex.models.crystal import PhaseRecord
+from liveindex.models.crystal import PhaseRecord, quaternion_multiply
 
 MIN_RELATIVE_F2 = 1e-4  # reflections weaker than this (|F|^2 of the strongest) are left out
 
@@ -114,6 +117,24 @@ def matrices_to_quaternions(m: np.ndarray) -> np.ndarray:
 
     q = np.asarray(Rotation.from_matrix(np.asarray(m, np.float64)).data, np.float64).reshape(-1, 4)
     return q * np.where(q[:, :1] < 0, -1.0, 1.0)
+
+
+def turn_about_beam(degrees: float) -> np.ndarray:
+    """(4,) quaternion of a turn by ``degrees`` about lab z (the beam), from lab x towards lab y."""
+    half = np.deg2rad(float(degrees)) / 2
+    return np.array([np.cos(half), 0.0, 0.0, np.sin(half)])
+
+
+def scan_frame(quaternions: np.ndarray, scan_rotation_deg: float) -> np.ndarray:
+    """(M, 4) orientations in the diffraction image's frame -> the scan's (sample's) frame, w >= 0.
+
+    ``scan_rotation_deg`` is the angle of the scan's x axis as seen in the diffraction image,
+    from the image's x (column) axis towards its y (row) axis: a vector with scan-frame
+    components v lies along Rz(theta) v in the image frame. R maps lab to crystal
+    (g_crystal = R v_lab), so R_scan = R_image Rz(theta): the turn is right-multiplied.
+    """
+    q = quaternion_multiply(np.asarray(quaternions, np.float64), turn_about_beam(scan_rotation_deg))
+    return q * np.where(q[..., :1] < 0, -1.0, 1.0)
 
 
 def axis_rotations(axis: int, angles: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from liveindex.models.crystal import disorientation_degrees, proper_operators, q
 
 from .confidence import confidence
 from .diffraction import matrices_to_quaternions, rotation_matrices, wavelength
-from .matcher import PolarMatcher, build_graph
+from .matcher import GRAPH_VERSION, PolarMatcher, build_graph
 from .refine import STEPS_DEG, SpotRefiner
 from .results import METHOD_CODES
 from .templates import PolarGrid, build_library, cache_dir, in_plane, library_key
@@ -98,8 +98,8 @@ class SpotIndexer:
         self.template_q = np.concatenate([lib.quaternions for lib in libraries])
         self.template_phase = np.concatenate([np.full(lib.size, i, np.int16) for i, lib in enumerate(libraries)])
         keys = [library_key(p, self.setup, self.pattern_shape, self.grid, resolution) for p in self.phases]
-        # "v3": the graph starts from the polar image and its ring medians; one cross MatMul (matcher.py).
-        digest = hashlib.sha256(("|".join(keys) + str(self.setup["ellipticity"]) + "v3").encode()).hexdigest()[:20]
+        key = "|".join(keys) + str(self.setup["ellipticity"]) + GRAPH_VERSION  # the graph's code too (matcher.py)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         path = cache_dir() / f"matcher-{digest}.onnx"
         if not path.is_file():
             build_graph(path, np.concatenate([lib.real for lib in libraries]),

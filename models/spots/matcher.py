@@ -7,18 +7,28 @@ frames (B, H, W) and beam centres (B, 2) ->
   minus the median (the amorphous rings, the diffuse
   background), ReLU -> unit norm: the polar image (also an output, for refinement) ->
   angular DFT (MatMul with cos/sin of the harmonics 2k, k = 1..K) ->
-  for every template and every in-plane angle at once: two MatMuls batched over the K
+  for every template at once: two MatMuls batched over the K
   harmonics ((K, B, 2Rb) x (K, 2Rb, N): the real and imaginary parts of sum_r T conj(P), on
-  radii summed in pairs) and one MatMul back to M in-plane angles over 180 degrees ->
-  best angle per template, TopK templates.
+  radii summed in pairs) -> the shortlist: the ``SHORTLIST`` templates of most correlation
+  energy (sum over the harmonics of Re^2 + Im^2, the mean square over the in-plane angle) ->
+  for those only, one MatMul back to M in-plane angles over 180 degrees -> best angle per
+  template, TopK templates.
 
-The cost is 4 K Rb N + 2 K N M multiply-adds a pattern, all in MatMuls (no Python loop over
-templates or angles). Measured with ONNX Runtime's profiler (64 patterns, 3444 templates):
+The cost is 4 K Rb N + 2 K S M multiply-adds a pattern (S = SHORTLIST; 2 K N M without it), all
+in MatMuls (no Python loop over templates or angles). The shortlist of 384 of 3444 templates
+gave the same answers, per pattern, as every template (1200 moderate patterns, seeds 7 and 11:
+phase, quaternion, reliability and confidence identical; on seed 7 128 moved 10
+reliabilities, 64 13 answers) and the matcher 1.15-1.2x the patterns/s (benchmarks/spots_side_by_side.py
+--matcher-only --against REV). Tried and dropped: int8 dynamic quantization of the MatMuls
+(onnxruntime.quantization, 1.3x less CPU but 5% of the best templates changed), the energy as a
+MatMul with ones and the shortlist as a Gather on the flat product (slower), the steps after the
+cross MatMul in numpy (1.25x slower), the polar transform as a numpy bilinear gather (no faster
+than GridSample). Measured with ONNX Runtime's profiler (64 patterns, 3444 templates):
 MatMul 28%, the median's TopK 18%, GridSample 17% at first; later (ORT 1.31, 2 threads) the
 median's TopK 30%, GridSample 27%, the grid's Add 20%, Pow 7%, so the Add and the median left
 the graph and Pow became Sqrt: the matcher 8.5 s -> 5.5 s on 1200 moderate patterns (load 5),
-the same answers on seeds 7 and 11 (quaternions within 1.2e-7). Templates of every phase sit side by side in one graph, so
-the scores of the phases are compared on one scale.
+the same answers on seeds 7 and 11 (quaternions within 1.2e-7). Templates of every phase sit
+side by side in one graph, so the scores of the phases are compared on one scale.
 """
 
 from __future__ import annotations
@@ -38,6 +48,9 @@ log = logging.getLogger(__name__)
 OPSET = 18
 TOP_K = 32  # the best for refinement, the rest for the reliability's second-best solution
 IN_PLANE_STEPS = 60  # in-plane angles over 180 degrees (3 degrees; refinement goes finer)
+SHORTLIST = 384  # templates per pattern scored over the in-plane angles (of 3444 for three phases)
+# In the cache key of the graph (indexer.py): a graph built by other code is not loaded.
+GRAPH_VERSION = f"v4 shortlist {SHORTLIST}"
 
 
 def polar_offsets(grid: PolarGrid, ellipticity=(1.0, 0.0)) -> np.ndarray:
@@ -56,8 +69,9 @@ def polar_offsets(grid: PolarGrid, ellipticity=(1.0, 0.0)) -> np.ndarray:
 
 
 def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid, pattern_shape, ellipticity,
-                top_k: int = TOP_K, steps: int = IN_PLANE_STEPS) -> None:
-    """Write the matcher graph for (N, R, K) unit-norm templates to ``path``."""
+                top_k: int = TOP_K, steps: int = IN_PLANE_STEPS, shortlist: int = SHORTLIST) -> None:
+    """Write the matcher graph for (N, R, K) unit-norm templates to ``path``: ``shortlist``
+    templates per pattern (the most correlation energy) are scored over the in-plane angles."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -78,9 +92,12 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
         ("eps", np.array(1e-6, np.float32)),
         ("shape_bin", np.array([0, rb, r // rb, a], np.int64)), ("shape_br2k", np.array([0, 0, 2, k], np.int64)),
         ("shape_kb2r", np.array([0, 0, -1], np.int64)), ("shape_2k_bn", np.array([2 * k, -1], np.int64)),
-        ("shape_mbn", np.array([steps, -1, n], np.int64)), ("axis_0", np.array([0], np.int64)), ("k", np.array([min(top_k, n)], np.int64)),
+        ("axis_0", np.array([0], np.int64)), ("k", np.array([min(top_k, n, shortlist)], np.int64)),
         ("axis_a", np.array([2], np.int64)), ("axes_ra", np.array([1, 2], np.int64)),
     ]]
+    short = min(shortlist, n)
+    inits.append(numpy_helper.from_array(np.array([short], np.int64), "shortlist"))
+    inits.append(numpy_helper.from_array(np.array([steps, -1, short], np.int64), "shape_mbs"))
     nodes = [
         # polar_g (the polar transform after gamma, front_graph) and each radius' background
         # ring_mean (its median over the angle, PolarMatcher.match) come in as inputs.
@@ -104,18 +121,33 @@ def build_graph(path: Path, real: np.ndarray, imag: np.ndarray, grid: PolarGrid,
         # MatMuls and a Concat of their (K, B, N) products, the Concat 12%.
         helper.make_node("Concat", ["spec_kb", "spec_kb"], ["spec_2kb"], axis=0),  # (2K, B, 2R)
         helper.make_node("MatMul", ["spec_2kb", "weights"], ["cross"]),  # (2K, B, N)
-        helper.make_node("Reshape", ["cross", "shape_2k_bn"], ["cross_flat"]),  # (2K, B*N)
-        helper.make_node("MatMul", ["inverse", "cross_flat"], ["by_angle_flat"]),  # (M, B*N)
-        helper.make_node("Reshape", ["by_angle_flat", "shape_mbn"], ["by_angle"]),  # (M, B, N)
-        helper.make_node("ReduceMax", ["by_angle", "axis_0"], ["best"], keepdims=0),  # (B, N)
-        helper.make_node("TopK", ["best", "k"], ["scores", "templates"], axis=1),  # (B, k)
+        # The shortlist: a template's correlation energy over the in-plane angle (Parseval: the
+        # sum over the harmonics of Re^2 + Im^2, one fused reduction) ranks it; only the best
+        # ``short`` go on to the angles. The back-transform wrote and the ReduceMax read
+        # M x B x N floats (53 MB a page of 64), the graph's largest memory traffic. (The sum as a
+        # MatMul with ones after a Mul, and a Gather on the flat (2K, B*N) product instead of
+        # GatherElements, were slower.)
+        helper.make_node("ReduceSumSquare", ["cross", "axis_0"], ["energy"], keepdims=0),  # (B, N)
+        helper.make_node("TopK", ["energy", "shortlist"], ["energy_top", "short"], axis=1),  # (B, S)
+        helper.make_node("Unsqueeze", ["short", "axis_0"], ["short_1bs"]),
+        helper.make_node("Shape", ["cross"], ["shape_2k_now"], start=0, end=1),
+        helper.make_node("Shape", ["short"], ["shape_bs_now"]),
+        helper.make_node("Concat", ["shape_2k_now", "shape_bs_now"], ["shape_2kbs"], axis=0),
+        helper.make_node("Expand", ["short_1bs", "shape_2kbs"], ["short_2kbs"]),
+        helper.make_node("GatherElements", ["cross", "short_2kbs"], ["cross_short"], axis=2),  # (2K, B, S)
+        helper.make_node("Reshape", ["cross_short", "shape_2k_bn"], ["cross_flat"]),  # (2K, B*S)
+        helper.make_node("MatMul", ["inverse", "cross_flat"], ["by_angle_flat"]),  # (M, B*S)
+        helper.make_node("Reshape", ["by_angle_flat", "shape_mbs"], ["by_angle"]),  # (M, B, S)
+        helper.make_node("ReduceMax", ["by_angle", "axis_0"], ["best"], keepdims=0),  # (B, S)
+        helper.make_node("TopK", ["best", "k"], ["scores", "picked"], axis=1),  # (B, k) places in the shortlist
+        helper.make_node("GatherElements", ["short", "picked"], ["templates"], axis=1),  # (B, k)
         # The best angle of the top k templates only (an ArgMax over every template took 8%).
-        helper.make_node("Unsqueeze", ["templates", "axis_0"], ["templates_1bk"]),
-        helper.make_node("Shape", ["by_angle"], ["shape_mbn_now"], start=0, end=1),
-        helper.make_node("Shape", ["templates"], ["shape_bk_now"]),
-        helper.make_node("Concat", ["shape_mbn_now", "shape_bk_now"], ["shape_mbk"], axis=0),
-        helper.make_node("Expand", ["templates_1bk", "shape_mbk"], ["templates_mbk"]),
-        helper.make_node("GatherElements", ["by_angle", "templates_mbk"], ["top_by_angle"], axis=2),  # (M, B, k)
+        helper.make_node("Unsqueeze", ["picked", "axis_0"], ["picked_1bk"]),
+        helper.make_node("Shape", ["by_angle"], ["shape_m_now"], start=0, end=1),
+        helper.make_node("Shape", ["picked"], ["shape_bk_now"]),
+        helper.make_node("Concat", ["shape_m_now", "shape_bk_now"], ["shape_mbk"], axis=0),
+        helper.make_node("Expand", ["picked_1bk", "shape_mbk"], ["picked_mbk"]),
+        helper.make_node("GatherElements", ["by_angle", "picked_mbk"], ["top_by_angle"], axis=2),  # (M, B, k)
         helper.make_node("ArgMax", ["top_by_angle"], ["angles"], axis=0, keepdims=0),  # (B, k)
     ]
     graph = helper.make_graph(

@@ -59,7 +59,9 @@ class Spots(Modality):
             parser.add_argument("--ellipticity", nargs=2, type=float, metavar=("RATIO", "ANGLE"),
                                 help="elliptical distortion: axis ratio and axis angle in degrees (default 1 0)")
             parser.add_argument("--scan-rotation", type=float, default=0.0,
-                                help="rotation between scan and detector axes in degrees (default 0)")
+                                help="angle of the scan's x axis in the diffraction image, degrees from the "
+                                     "image's x (column) axis towards its y (row) axis; orientations are turned "
+                                     "by it about the beam into the scan's frame (default 0)")
         if role in ("publish", "demo"):
             parser.add_argument("--noise", default="moderate", choices=["clean", "moderate", "hard"],
                                 help="noise of the simulated detector")
@@ -239,8 +241,9 @@ class Spots(Modality):
 
 
 class SpotPageIndexer:
-    """One scan's pages: the shared SpotIndexer (kept between scans) plus the embedding in the
-    scan's own latent basis, computed on the centres the indexer found."""
+    """One scan's pages: the shared SpotIndexer (kept between scans), its orientations turned by
+    the setup's scan rotation into the scan's frame, plus the embedding in the scan's own latent
+    basis, computed on the centres the indexer found."""
 
     def __init__(self, indexer, setup: dict, pattern_shape, latent=None):
         from .latent import SpotFeatures
@@ -248,14 +251,22 @@ class SpotPageIndexer:
         self.indexer = indexer
         self.latent = latent  # the scan's LatentBasis, or None (no embedding)
         self.features = SpotFeatures(setup, pattern_shape)
+        self.scan_rotation = float(setup.get("scan_rotation") or 0.0)
 
     @property
     def model_name(self) -> str:
         return self.indexer.model_name
 
     def index(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        from .diffraction import scan_frame
         from .latent import embed
 
         fields = self.indexer.index(frames)
+        if self.scan_rotation:
+            # The one place the scan rotation is applied: every scan's pages (index, workers,
+            # the sink's cluster means) come through here; the indexer answers in the image's frame.
+            indexed = fields["phase_id"] >= 0
+            turned = scan_frame(fields["quaternion"][indexed], self.scan_rotation)
+            fields["quaternion"][indexed] = turned.astype(fields["quaternion"].dtype)
         fields["embedding"] = embed(self.latent, self.features, frames, fields["center"])
         return fields

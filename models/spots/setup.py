@@ -3,8 +3,10 @@
 ``kv`` beam energy; ``calibration`` reciprocal-space pixel size in 1/angstrom per pixel;
 ``precession`` angle in degrees (0: none); ``center`` the direct beam (x, y) in pixels, or
 None to find it in each frame; ``ellipticity`` (ratio, angle in degrees) of the projector's
-elliptical distortion, (1, 0) for none; ``scan_rotation`` in degrees between scan and
-detector axes. Every key has a default but the calibration, which a scan must give.
+elliptical distortion, (1, 0) for none; ``scan_rotation`` in degrees: the scan's x axis
+as seen in the diffraction image, from the image's x axis towards its y axis (orientations are
+turned by it into the scan's frame, diffraction.scan_frame). Every key has a default but the
+calibration, which a scan must give.
 """
 
 from __future__ import annotations

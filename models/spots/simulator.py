@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .diffraction import lab_vectors, reflections, rotation_matrices, spot_intensities, wavelength
+from .diffraction import lab_vectors, reflections, rotation_matrices, scan_frame, spot_intensities, wavelength
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,9 @@ class SimulatedSpotScan:
         yy, xx = np.mgrid[0:ny, 0:nx]
         points = np.stack([yy.ravel(), xx.ravel()], axis=1).astype(float)
         self.grain_of_point = ((points[:, None, :] - seeds[None]) ** 2).sum(-1).argmin(1)
-        self.grain_q = uniform_quaternions(rng, n_grains)
+        self.grain_q = uniform_quaternions(rng, n_grains)  # the scan's (sample's) frame: the truth
+        # What the detector sees: the grains turned back by the scan rotation (diffraction.scan_frame).
+        self.grain_q_image = scan_frame(self.grain_q, -float(setup.get("scan_rotation") or 0.0))
         self.grain_phase = rng.integers(0, len(phases), n_grains)
         self.grain_width = rng.uniform(0.015, 0.03, n_grains)  # 1/angstrom: thicker and thinner grains
         # The amorphous disc: about a tenth of the scan, away from nothing in particular.
@@ -162,7 +164,7 @@ class SimulatedSpotScan:
     def _spots_of_grains(self, grains: np.ndarray):
         for g in np.unique(grains):
             if g not in self._grain_spots:
-                xy, inten = self.renderer.spots(int(self.grain_phase[g]), self.grain_q[g:g + 1],
+                xy, inten = self.renderer.spots(int(self.grain_phase[g]), self.grain_q_image[g:g + 1],
                                                 self.grain_width[g])
                 self._grain_spots[g] = (xy[0], inten[0])
         width = max(len(self._grain_spots[g][1]) for g in np.unique(grains))
