@@ -59,7 +59,7 @@ def main() -> None:
     phases = phases_from_spec("ferrite,austenite,cementite")
     ti = record_from_cif(os.path.join(HERE, "..", "tests", "data", "ti.cif"), name="ti")
     setup = check_setup({"kv": 200.0, "calibration": 0.03, "precession": 1.0}, (128, 128))
-    indexer = SpotIndexer(setup, phases, (128, 128), resolution=2.0)
+    indexer = SpotIndexer(setup, phases, (128, 128), resolution=2.0, bundle="default")  # as --indexer hybrid
     train = [labelled(indexer, phases, setup, n, noise=noise, seed=seed, near_zone=0.2)
              for n, noise, seed in ((300, "clean", 101), (600, "moderate", 102), (300, "hard", 103))]
     train += [labelled(indexer, phases, setup, 200, noise=noise, seed=seed, near_zone=0.2, absent=[ti])

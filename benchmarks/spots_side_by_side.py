@@ -59,11 +59,12 @@ def summary(scores: dict, rate: float) -> dict:
 
 
 def run_liveindex(frames, phases, setup, *, resolution: float, threads: int, providers: str, refine: bool = True,
-                  pages: bool = True):
+                  pages: bool = True, bundle: str | None = "default"):
     """liveindex's fields and patterns/s. ``pages``: as ``liveindex index`` runs (stream/offline.py's
     index_source: ``threads`` pages at once, each on one-thread sessions; no latent maps, which
     pyxem has no counterpart of); else one indexer with ``threads``-thread sessions, a page of 256
-    after another (the refinement's numpy then runs on one core)."""
+    after another (the refinement's numpy then runs on one core). ``bundle``: the spot networks'
+    bundle as ``--indexer hybrid`` uses it ("default": the shipped one), None for matching alone."""
     if pages:
         from liveindex.models import modality as modalities
         from liveindex.models.arrays import ArraySource
@@ -74,12 +75,12 @@ def run_liveindex(frames, phases, setup, *, resolution: float, threads: int, pro
             made.fit_latent = False
             return made
 
-        options = {"resolution": resolution, "refine": refine, "latent": False}
+        options = {"resolution": resolution, "refine": refine, "latent": False, "bundle": bundle}
         index_source(source(frames[:64]), threads=threads, providers=providers, progress=False, **options)  # warm-up
         fields, elapsed = index_source(source(frames), threads=threads, providers=providers, progress=False, **options)
         return fields, len(frames) / elapsed
     indexer = SpotIndexer(setup, phases, frames.shape[1:], resolution=resolution, refine=refine,
-                          providers=providers, threads=threads)
+                          providers=providers, threads=threads, bundle=bundle)
     indexer.index(frames[:64])  # warm-up
     start = time.perf_counter()
     parts = [indexer.index(frames[i:i + 256]) for i in range(0, len(frames), 256)]
@@ -255,6 +256,8 @@ def main(argv=None):
     p.add_argument("--one-indexer", action="store_true",
                    help="liveindex as one indexer with --threads-thread sessions, a page after another (the "
                         "rate this benchmark reported before the pages of `liveindex index`)")
+    p.add_argument("--indexer", choices=("hybrid", "templates"), default="hybrid",
+                   help="hybrid (default, as liveindex index): the shipped spot networks first; templates: matching alone")
     p.add_argument("--providers", default="cpu")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--matcher-only", action="store_true",
@@ -283,8 +286,10 @@ def main(argv=None):
     report = {"set": {"n": args.n, "noise": args.noise, "near_zone": args.near_zone, "calibration": args.calibration,
                       "seed": args.seed, "phases": [p.name for p in phases]}, "load_before": load}
 
+    bundle = "default" if args.indexer == "hybrid" else None
+    report["set"]["indexer"] = args.indexer
     fields, rate = run_liveindex(ev.frames, phases, setup, resolution=args.resolution, threads=args.threads,
-                                 providers=args.providers, pages=not args.one_indexer)
+                                 providers=args.providers, pages=not args.one_indexer, bundle=bundle)
     scores = score_answers(fields, ev.quaternions, ev.phase_id, phases)
     report["liveindex"] = summary(scores, rate)
     report["liveindex"]["ambiguous_flagged"] = round(float(fields["ambiguous"].mean()), 4)
@@ -293,7 +298,8 @@ def main(argv=None):
         ti = record_from_cif(os.path.join(HERE, "..", "tests", "data", "ti.cif"), name="ti")
         absent = make_set([ti], setup, args.absent, noise=args.noise, seed=args.seed + 1, center_jitter=False)
         absent_fields, _ = run_liveindex(absent.frames, phases, setup, resolution=args.resolution,
-                                         threads=args.threads, providers=args.providers, pages=not args.one_indexer)
+                                         threads=args.threads, providers=args.providers, pages=not args.one_indexer,
+                                         bundle=bundle)
         report["confidence"] = calibration_report(fields, scores["right"], absent_fields)
         log.info("confidence: %s", report["confidence"])
     for res in args.pyxem_resolution:
