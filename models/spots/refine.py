@@ -139,7 +139,26 @@ class SpotRefiner:
     def refine(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray, steps=STEPS_DEG):
         """(n, 3, 3) start orientations, polar images, (n,) image rows -> refined (n, 3, 3), scores (n,).
         ``steps``: the pattern search's step sizes in degrees (the indexer runs the coarse ones on
-        every start and the fine ones on the best starts only)."""
+        every start and the fine ones on the best starts only). ``refine_reference`` in one
+        compiled call that releases the GIL (_refine_compiled): the same answers; the two pages
+        that ``liveindex index`` runs at once in one process then refine on both cores, where the
+        numpy steps between many short compiled calls held the GIL in turn."""
+        polar = np.ascontiguousarray(polar)
+        return _refine_compiled(self.refl.g, self.refl.f2, np.array(matrices, np.float64), self._moves(steps),
+                                polar.reshape(len(polar), -1), np.ascontiguousarray(rows, np.int64), polar.shape[1],
+                                self.angles, float(self.setup["calibration"]), float(self.grid.r_min),
+                                float(self.grid.r_max), float(self.wavelength), float(self.setup["precession"]),
+                                EXCITATION_WIDTH, INTENSITY_POWER, POOL_SPHERE, NEAR_SPHERE, MOVES_PER_STEP)
+
+    @staticmethod
+    def _moves(steps) -> np.ndarray:
+        """(len(steps), 6, 3, 3): each step's turns by +-step about lab x, y and z, in
+        ``refine_reference``'s order."""
+        return np.stack([np.concatenate([axis_rotations(axis, np.array([sign * np.deg2rad(step)]))
+                                         for axis in range(3) for sign in (1, -1)]) for step in steps])
+
+    def refine_reference(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray, steps=STEPS_DEG):
+        """``refine`` in numpy over the page (the definition; the tests hold the compiled one to it)."""
         current = np.array(matrices, np.float64)
         n = len(current)
         # The reflections followed are chosen again at each step size, where the orientation
@@ -172,68 +191,150 @@ class SpotRefiner:
         return current, self.score(current, g, f2, polar, rows)
 
 
-@numba.njit(cache=True, fastmath=False)
-def _score_trials(matrices, g, f2, polar, rows, n_r, n_a, calibration, r_min, wavelength_a, precession_deg,
-                  excitation_width, power):
-    """The compiled ``SpotRefiner.score_reference`` for (n, m) trial matrices sharing each row's
-    reflections: the same spot model as diffraction.spot_intensities, the same bilinear read."""
-    n, m = matrices.shape[0], matrices.shape[1]
-    n_s = g.shape[1]
-    out = np.zeros((n, m))
-    r_sphere = 1.0 / wavelength_a
+@numba.njit(cache=True, nogil=True, fastmath=False)
+def _score_one(mat, g, f2, count, image, n_r, n_a, calibration, r_min, r_sphere, precession_deg, excitation_width,
+               power):
+    """The score of one (3, 3) orientation matrix on one flat polar image, over the first ``count``
+    of its (S, 3) reflections and (S,) |F|^2 (those of |F|^2 0 skipped): the same spot model as
+    diffraction.spot_intensities, the same bilinear read as ``SpotRefiner.score_reference``."""
     phi = math.radians(precession_deg)
     p_z, p_t = r_sphere * math.cos(phi), r_sphere * math.sin(phi)
     sigma = math.pi / excitation_width
     two_pi = 2.0 * math.pi
+    num = 0.0
+    den = 0.0
+    for k in range(count):
+        if f2[k] == 0.0:
+            continue
+        gx, gy, gz = g[k, 0], g[k, 1], g[k, 2]
+        lx = gx * mat[0, 0] + gy * mat[1, 0] + gz * mat[2, 0]
+        ly = gx * mat[0, 1] + gy * mat[1, 1] + gz * mat[2, 1]
+        lz = gx * mat[0, 2] + gy * mat[1, 2] + gz * mat[2, 2]
+        r_spot = math.sqrt(lx * lx + ly * ly)
+        r = r_spot / calibration - r_min
+        if r < 0.0 or r > n_r - 1:  # off the polar image: no weight (checked first, the cheapest)
+            continue
+        s = -math.sqrt(max(r_sphere * r_sphere - r_spot * r_spot, 0.0)) + r_sphere - lz
+        if precession_deg > 0:
+            up = p_z - math.sqrt(max(r_sphere * r_sphere - (r_spot + p_t) ** 2, 0.0))
+            down = p_z - math.sqrt(max(r_sphere * r_sphere - (r_spot - p_t) ** 2, 0.0))
+            if not (lz - excitation_width <= up and lz + excitation_width >= down):
+                continue
+            u = sigma * sigma * (r_spot * r_spot * phi * phi - s * s) + 1.0
+            zz = math.sqrt(u * u + 4.0 * sigma * sigma * s * s)
+            factor = (sigma / math.pi) * math.sqrt(2.0 * (u + zz) / (zz * zz))
+        else:
+            if not abs(s) < excitation_width:
+                continue
+            factor = sigma / (math.pi * (sigma * sigma * s * s + 1.0))
+        w = abs(factor * f2[k])
+        w = math.sqrt(w) if power == 0.5 else w**power  # sqrt: 2x faster than the general power
+        r = min(r, n_r - 1.001)
+        a = (math.atan2(ly, lx) % two_pi) * (n_a / two_pi)
+        r0 = int(r)
+        a_floor = math.floor(a)
+        a0 = int(a_floor) % n_a
+        a1 = (a0 + 1) % n_a
+        fr, fa = r - r0, a - a_floor
+        base0, base1 = r0 * n_a, (r0 + 1) * n_a
+        value = ((1 - fr) * (1 - fa) * image[base0 + a0] + (1 - fr) * fa * image[base0 + a1]
+                 + fr * (1 - fa) * image[base1 + a0] + fr * fa * image[base1 + a1])
+        num += w * value
+        den += w * w
+    return num / max(math.sqrt(den), 1e-12)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=False)
+def _score_trials(matrices, g, f2, polar, rows, n_r, n_a, calibration, r_min, wavelength_a, precession_deg,
+                  excitation_width, power):
+    """The compiled ``SpotRefiner.score_reference`` for (n, m) trial matrices sharing each row's
+    reflections."""
+    n, m = matrices.shape[0], matrices.shape[1]
+    out = np.zeros((n, m))
     for i in range(n):
         image = polar[rows[i]]
         for j in range(m):
-            mat = matrices[i, j]
-            num = 0.0
-            den = 0.0
-            for k in range(n_s):
-                if f2[i, k] == 0.0:
-                    continue
-                gx, gy, gz = g[i, k, 0], g[i, k, 1], g[i, k, 2]
-                lx = gx * mat[0, 0] + gy * mat[1, 0] + gz * mat[2, 0]
-                ly = gx * mat[0, 1] + gy * mat[1, 1] + gz * mat[2, 1]
-                lz = gx * mat[0, 2] + gy * mat[1, 2] + gz * mat[2, 2]
-                r_spot = math.sqrt(lx * lx + ly * ly)
-                r = r_spot / calibration - r_min
-                if r < 0.0 or r > n_r - 1:  # off the polar image: no weight (checked first, the cheapest)
-                    continue
-                s = -math.sqrt(max(r_sphere * r_sphere - r_spot * r_spot, 0.0)) + r_sphere - lz
-                if precession_deg > 0:
-                    up = p_z - math.sqrt(max(r_sphere * r_sphere - (r_spot + p_t) ** 2, 0.0))
-                    down = p_z - math.sqrt(max(r_sphere * r_sphere - (r_spot - p_t) ** 2, 0.0))
-                    if not (lz - excitation_width <= up and lz + excitation_width >= down):
-                        continue
-                    u = sigma * sigma * (r_spot * r_spot * phi * phi - s * s) + 1.0
-                    zz = math.sqrt(u * u + 4.0 * sigma * sigma * s * s)
-                    factor = (sigma / math.pi) * math.sqrt(2.0 * (u + zz) / (zz * zz))
-                else:
-                    if not abs(s) < excitation_width:
-                        continue
-                    factor = sigma / (math.pi * (sigma * sigma * s * s + 1.0))
-                w = abs(factor * f2[i, k])
-                w = math.sqrt(w) if power == 0.5 else w**power  # sqrt: 2x faster than the general power
-                r = min(r, n_r - 1.001)
-                a = (math.atan2(ly, lx) % two_pi) * (n_a / two_pi)
-                r0 = int(r)
-                a_floor = math.floor(a)
-                a0 = int(a_floor) % n_a
-                a1 = (a0 + 1) % n_a
-                fr, fa = r - r0, a - a_floor
-                base0, base1 = r0 * n_a, (r0 + 1) * n_a
-                value = ((1 - fr) * (1 - fa) * image[base0 + a0] + (1 - fr) * fa * image[base0 + a1]
-                         + fr * (1 - fa) * image[base1 + a0] + fr * fa * image[base1 + a1])
-                num += w * value
-                den += w * w
-            out[i, j] = num / max(math.sqrt(den), 1e-12)
+            out[i, j] = _score_one(matrices[i, j], g[i], f2[i], g.shape[1], image, n_r, n_a, calibration, r_min,
+                                   1.0 / wavelength_a, precession_deg, excitation_width, power)
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
+def _is_near(g, mat, r_sphere, near_sphere, calibration, r_lo, r_hi):
+    """Whether the (3,) reflection, turned by the (3, 3) orientation, lies within ``near_sphere``
+    of the Ewald sphere and between radii ``r_lo`` and ``r_hi`` pixels."""
+    gx, gy, gz = g[0], g[1], g[2]
+    lx = gx * mat[0, 0] + gy * mat[1, 0] + gz * mat[2, 0]
+    ly = gx * mat[0, 1] + gy * mat[1, 1] + gz * mat[2, 1]
+    lz = gx * mat[0, 2] + gy * mat[1, 2] + gz * mat[2, 2]
+    r2 = lx * lx + ly * ly
+    s = abs(r_sphere - math.sqrt(max(r_sphere * r_sphere - r2, 0.0)) - lz)
+    r_px = math.sqrt(r2) / calibration
+    return s < near_sphere and r_px >= r_lo and r_px <= r_hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _refine_compiled(all_g, all_f2, matrices, moves, polar, rows, n_r, n_a, calibration, r_min, r_max, wavelength_a,
+                     precession_deg, excitation_width, power, pool_sphere, near_sphere, moves_per_step):
+    """``SpotRefiner.refine_reference`` a candidate at a time (each candidate's search is its own:
+    the page-wide version only batches them): the phase's (G, 3) reflections and (G,) |F|^2, (n, 3, 3)
+    start matrices, (steps, 6, 3, 3) moves, (B, R*A) polar images, (n,) rows -> refined (n, 3, 3),
+    scores (n,)."""
+    n, n_all = matrices.shape[0], all_f2.shape[0]
+    r_sphere = 1.0 / wavelength_a
+    r_lo, r_hi = r_min - 1.0, r_max + 1.0
+    out = matrices.copy()
+    scores = np.zeros(n)
+    pool = np.empty(n_all, np.int64)
+    g = np.empty((n_all, 3))
+    f2 = np.empty(n_all)
+    trial = np.empty((3, 3))
+    best_trial = np.empty((3, 3))
+    for i in range(n):
+        current = out[i]
+        image = polar[rows[i]]
+        # The pool: the reflections within pool_sphere where the candidate starts.
+        n_pool = 0
+        for k in range(n_all):
+            if all_f2[k] > 0.0 and _is_near(all_g[k], current, r_sphere, pool_sphere, calibration, r_lo, r_hi):
+                pool[n_pool] = k
+                n_pool += 1
+        for step in range(moves.shape[0] + 1):
+            # The reflections followed at this step: the pool's near the sphere where it stands now.
+            count = 0
+            for t in range(n_pool):
+                k = pool[t]
+                if _is_near(all_g[k], current, r_sphere, near_sphere, calibration, r_lo, r_hi):
+                    g[count] = all_g[k]
+                    f2[count] = all_f2[k]
+                    count += 1
+            best = _score_one(current, g, f2, count, image, n_r, n_a, calibration, r_min, r_sphere, precession_deg,
+                              excitation_width, power)
+            if step == moves.shape[0]:  # after the last step: the final score
+                scores[i] = best
+                break
+            for _ in range(moves_per_step):
+                top = -np.inf
+                pick = -1
+                for m in range(moves.shape[1]):
+                    move = moves[step, m]
+                    for a in range(3):
+                        for c in range(3):
+                            trial[a, c] = (current[a, 0] * move[0, c] + current[a, 1] * move[1, c]
+                                           + current[a, 2] * move[2, c])
+                    value = _score_one(trial, g, f2, count, image, n_r, n_a, calibration, r_min, r_sphere,
+                                       precession_deg, excitation_width, power)
+                    if pick < 0 or value > top:  # the first of the best, as argmax
+                        top, pick = value, m
+                        best_trial[:] = trial
+                if not top > best:
+                    break
+                current[:] = best_trial
+                best = top
+    return out, scores
+
+
+@numba.njit(cache=True, nogil=True)
 def _near_rows(i, pool_g, pool_f2, mat, r_sphere, near_sphere, calibration, r_lo, r_hi, near):
     """Marks in ``near`` the reflections (G, 3), (G,) near the sphere and on the image for one
     orientation; returns how many."""
@@ -241,20 +342,13 @@ def _near_rows(i, pool_g, pool_f2, mat, r_sphere, near_sphere, calibration, r_lo
     for k in range(pool_f2.shape[0]):
         if pool_f2[k] <= 0.0:
             continue
-        gx, gy, gz = pool_g[k, 0], pool_g[k, 1], pool_g[k, 2]
-        lx = gx * mat[0, 0] + gy * mat[1, 0] + gz * mat[2, 0]
-        ly = gx * mat[0, 1] + gy * mat[1, 1] + gz * mat[2, 1]
-        lz = gx * mat[0, 2] + gy * mat[1, 2] + gz * mat[2, 2]
-        r2 = lx * lx + ly * ly
-        s = abs(r_sphere - math.sqrt(max(r_sphere * r_sphere - r2, 0.0)) - lz)
-        r_px = math.sqrt(r2) / calibration
-        if s < near_sphere and r_px >= r_lo and r_px <= r_hi:
+        if _is_near(pool_g[k], mat, r_sphere, near_sphere, calibration, r_lo, r_hi):
             near[i, k] = True
             count += 1
     return count
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _near_pool(pool_g, pool_f2, matrices, r_sphere, near_sphere, calibration, r_lo, r_hi):
     """``SpotRefiner._subset`` compiled: each orientation's (n, P, 3), (n, P) pool reflections
     within ``near_sphere`` of the Ewald sphere and between radii ``r_lo`` and ``r_hi`` pixels, in
@@ -277,7 +371,7 @@ def _near_pool(pool_g, pool_f2, matrices, r_sphere, near_sphere, calibration, r_
     return g, f2
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _near_all(all_g, all_f2, matrices, r_sphere, near_sphere, calibration, r_lo, r_hi):
     """``_near_pool`` choosing among the phase's (G, 3), (G,) reflections, the same for every
     orientation."""

@@ -128,6 +128,28 @@ def test_the_compiled_refinement_score_is_the_numpy_one(indexer, phases, precess
         np.testing.assert_allclose(refiner.score(matrices, g, f2, polar, rows), expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("steps", [(2.0, 1.0), (0.5, 0.25, 0.125)])
+def test_the_compiled_refinement_is_the_numpy_one(indexer, phases, steps):
+    from liveindex.models.spots.diffraction import axis_rotations, rotation_matrices
+
+    ev = make_set(phases, SETUP, 24, noise="moderate", seed=5)
+    polar = indexer.matcher.match(ev.frames.astype(np.float32), ev.centers)[3]
+    rng = np.random.default_rng(2)
+    for p in range(len(phases)):
+        rows = np.flatnonzero(ev.phase_id == p)
+        if not len(rows):
+            continue
+        refiner = indexer.refiners[p]
+        # 3 degrees off the truth: the search moves, more than once at some steps
+        turn = axis_rotations(int(rng.integers(3)), np.deg2rad(rng.normal(0, 3.0, len(rows))))
+        start = rotation_matrices(ev.quaternions[rows].astype(np.float64)) @ turn
+        expected, expected_scores = refiner.refine_reference(start, polar, rows, steps)
+        assert np.abs(expected - start).max() > 0.01  # the search moved: a real comparison
+        found, scores = refiner.refine(start, polar, rows, steps)
+        np.testing.assert_allclose(found, expected, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-12, atol=1e-12)
+
+
 def test_zone_axes_are_the_lattice_directions(indexer, phases):
     from liveindex.models.spots.refine import zone_axes
 
