@@ -154,8 +154,9 @@ class SpotRefiner:
     def _moves(steps) -> np.ndarray:
         """(len(steps), 6, 3, 3): each step's turns by +-step about lab x, y and z, in
         ``refine_reference``'s order."""
-        return np.stack([np.concatenate([axis_rotations(axis, np.array([sign * np.deg2rad(step)]))
-                                         for axis in range(3) for sign in (1, -1)]) for step in steps])
+        moves = [np.concatenate([axis_rotations(axis, np.array([sign * np.deg2rad(step)]))
+                                 for axis in range(3) for sign in (1, -1)]) for step in steps]
+        return np.stack(moves) if moves else np.zeros((0, 6, 3, 3))
 
     def refine_reference(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray, steps=STEPS_DEG):
         """``refine`` in numpy over the page (the definition; the tests hold the compiled one to it)."""
@@ -230,11 +231,17 @@ def _score_one(mat, g, f2, count, image, n_r, n_a, calibration, r_min, r_sphere,
         w = abs(factor * f2[k])
         w = math.sqrt(w) if power == 0.5 else w**power  # sqrt: 2x faster than the general power
         r = min(r, n_r - 1.001)
-        a = (math.atan2(ly, lx) % two_pi) * (n_a / two_pi)
+        # atan2 % 2 pi, bit for bit (atan2 is within +-pi: fmod leaves it, Python's mod adds 2 pi
+        # below 0), and the angle index's wrap, without the float and integer modulo (a third of
+        # the score's time)
+        turn = math.atan2(ly, lx)
+        a = ((turn + two_pi) if turn < 0.0 else turn) * (n_a / two_pi)
         r0 = int(r)
         a_floor = math.floor(a)
-        a0 = int(a_floor) % n_a
-        a1 = (a0 + 1) % n_a
+        a0 = int(a_floor)
+        if a0 >= n_a:
+            a0 -= n_a
+        a1 = a0 + 1 if a0 + 1 < n_a else 0
         fr, fa = r - r0, a - a_floor
         base0, base1 = r0 * n_a, (r0 + 1) * n_a
         value = ((1 - fr) * (1 - fa) * image[base0 + a0] + (1 - fr) * fa * image[base0 + a1]
@@ -286,6 +293,7 @@ def _refine_compiled(all_g, all_f2, matrices, moves, polar, rows, n_r, n_a, cali
     out = matrices.copy()
     scores = np.zeros(n)
     pool = np.empty(n_all, np.int64)
+    followed = np.empty(n_all, np.int64)  # the pool's reflections followed at this step
     g = np.empty((n_all, 3))
     f2 = np.empty(n_all)
     trial = np.empty((3, 3))
@@ -299,17 +307,26 @@ def _refine_compiled(all_g, all_f2, matrices, moves, polar, rows, n_r, n_a, cali
             if all_f2[k] > 0.0 and _is_near(all_g[k], current, r_sphere, pool_sphere, calibration, r_lo, r_hi):
                 pool[n_pool] = k
                 n_pool += 1
+        count = -1
+        best = 0.0
         for step in range(moves.shape[0] + 1):
             # The reflections followed at this step: the pool's near the sphere where it stands now.
-            count = 0
+            same = count >= 0  # as the step before's: its last score is this orientation's, bit for bit
+            n_followed = 0
             for t in range(n_pool):
                 k = pool[t]
                 if _is_near(all_g[k], current, r_sphere, near_sphere, calibration, r_lo, r_hi):
-                    g[count] = all_g[k]
-                    f2[count] = all_f2[k]
-                    count += 1
-            best = _score_one(current, g, f2, count, image, n_r, n_a, calibration, r_min, r_sphere, precession_deg,
-                              excitation_width, power)
+                    if same and (n_followed >= count or followed[n_followed] != t):
+                        same = False
+                    followed[n_followed] = t
+                    g[n_followed] = all_g[k]
+                    f2[n_followed] = all_f2[k]
+                    n_followed += 1
+            same = same and n_followed == count
+            count = n_followed
+            if not same:
+                best = _score_one(current, g, f2, count, image, n_r, n_a, calibration, r_min, r_sphere,
+                                  precession_deg, excitation_width, power)
             if step == moves.shape[0]:  # after the last step: the final score
                 scores[i] = best
                 break
