@@ -1,8 +1,8 @@
-"""Polar template matching of spot patterns: two ONNX graphs and a numpy step between them.
+"""Polar template matching of spot patterns: a compiled polar transform, a numpy step and an ONNX graph.
 
 frames (B, H, W) and beam centres (B, 2) ->
-  GridSample onto the polar grid (R radii x 360 angles, ellipticity in the grid; the grid's
-  offsets plus each centre added in numpy) -> gamma 0.5 (front graph) ->
+  bilinear samples on the polar grid (R radii x 360 angles, ellipticity in the grid) -> gamma
+  0.5 (polar_transform, compiled: the values of the ONNX front_graph's GridSample, bit for bit) ->
   each radius' median over the angle (numpy partition) ->
   minus the median (the amorphous rings, the diffuse
   background), ReLU -> unit norm: the polar image (also an output, for refinement) ->
@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from liveindex.models.errors import LiveIndexError
@@ -198,6 +199,38 @@ def front_graph(pattern_shape, grid: PolarGrid) -> bytes:
     return model.SerializeToString()
 
 
+@numba.njit(cache=True, nogil=True)
+def polar_transform(frames, centers_norm, offsets, out):
+    """``front_graph`` compiled, bit for bit (its float32 sums in ONNX Runtime's order: the grid's
+    offset plus the centre, GsDenormalize with align_corners, the bilinear weights and zero
+    padding of its GridSample), then ReLU and the square root: (B, H, W) float32 frames, (B, 2)
+    normalised centres and (R*A, 2) normalised offsets -> (B, R, A) into ``out``. 2.5x faster
+    than the graph on one thread, no (B, R, A, 2) grid in memory, and it releases the GIL."""
+    b, h, w = frames.shape
+    n_a = out.shape[2]
+    one, two, zero = np.float32(1.0), np.float32(2.0), np.float32(0.0)
+    w_span, h_span = np.float32(w - 1), np.float32(h - 1)
+    for i in range(b):
+        image = frames[i]
+        cx, cy = centers_norm[i, 0], centers_norm[i, 1]
+        for r in range(out.shape[1]):
+            for a in range(n_a):
+                x = (offsets[r * n_a + a, 0] + cx + one) / two * w_span
+                y = (offsets[r * n_a + a, 1] + cy + one) / two * h_span
+                x1, y1 = int(np.floor(x)), int(np.floor(y))
+                x2, y2 = x1 + 1, y1 + 1
+                in_x1, in_x2 = 0 <= x1 < w, 0 <= x2 < w
+                in_y1, in_y2 = 0 <= y1 < h, 0 <= y2 < h
+                p11 = image[y1, x1] if in_x1 and in_y1 else zero
+                p12 = image[y1, x2] if in_x2 and in_y1 else zero
+                p21 = image[y2, x1] if in_x1 and in_y2 else zero
+                p22 = image[y2, x2] if in_x2 and in_y2 else zero
+                dx2, dx1 = np.float32(x2) - x, x - np.float32(x1)
+                dy2, dy1 = np.float32(y2) - y, y - np.float32(y1)
+                value = dy2 * (dx2 * p11 + dx1 * p12) + dy1 * (dx2 * p21 + dx1 * p22)
+                out[i, r, a] = np.sqrt(max(value, zero))
+
+
 class PolarMatcher:
     """An ONNX Runtime session of the matcher graph; ``match`` runs a page in runs of ``rows``."""
 
@@ -207,7 +240,6 @@ class PolarMatcher:
 
         chosen = choose_providers(providers)
         self.session = ort.InferenceSession(str(path), session_options(threads), providers=chosen)
-        self.front = ort.InferenceSession(front_graph(pattern_shape, grid), session_options(threads), providers=chosen)
         self.provider = self.session.get_providers()[0]
         self.pattern_shape = tuple(pattern_shape)
         self.steps = steps
@@ -218,18 +250,11 @@ class PolarMatcher:
         self._offsets = (polar_offsets(grid, ellipticity) * scale).astype(np.float32).reshape(-1, 2)  # (R*A, 2)
         self._polar_shape = (len(grid.radii), grid.angles)
 
-    def _grid(self, centers_norm: np.ndarray) -> np.ndarray:
-        """(b, 2) normalised centres -> (b, R, A, 2) sampling grids. Here rather than an Add in
-        the graph (its broadcast over the last axis of 2 took 20% of the graph's time), one
-        column at a time: the same float32 sums, 13x faster than the graph's Add."""
-        b = len(centers_norm)
-        out = np.empty((b, len(self._offsets), 2), np.float32)
-        np.add(self._offsets[None, :, 0], centers_norm[:, 0, None], out=out[:, :, 0])
-        np.add(self._offsets[None, :, 1], centers_norm[:, 1, None], out=out[:, :, 1])
-        return out.reshape(b, *self._polar_shape, 2)
-
     def _run(self, frames: np.ndarray, centers_norm: np.ndarray):
-        polar_g = self.front.run(None, {"frames": frames, "grid": self._grid(centers_norm)})[0]
+        # The polar transform compiled (polar_transform), not front_graph's GridSample: the same
+        # values, 2.5x faster. (Before, the grid's Add left the graph for numpy: 20% of its time.)
+        polar_g = np.empty((len(frames), *self._polar_shape), np.float32)
+        polar_transform(frames, centers_norm, self._offsets, polar_g)
         # Each radius' background is its median over the angle (the least of the top half, the
         # (A/2)-th value in ascending order): a mean took the spots of a busy ring (zone axes)
         # into the background and cut the weaker ones to 0, which biased the refined tilt by

@@ -40,3 +40,29 @@ def test_the_shortlist_keeps_the_full_search_answers(tmp_path):
     same_set = np.mean([set(a) == set(b) for a, b in zip(short[1], full[1])])
     assert same_set >= 0.85, same_set
     np.testing.assert_array_equal(short[3], full[3])  # the polar images come before the shortlist
+
+
+def test_the_compiled_polar_transform_is_the_front_graphs_bit_for_bit():
+    import onnxruntime as ort
+
+    from liveindex.models.spots.matcher import front_graph, polar_offsets, polar_transform
+
+    grid = PolarGrid.for_shape((128, 128))
+    ev = make_set(phases_from_spec("ferrite,cementite"), SETUP, 8, noise="moderate", seed=4)
+    frames = ev.frames.astype(np.float32)
+    # centres found, and some off the frame's middle: the polar grid leaves the frame (zero padding)
+    centers = np.concatenate([find_centers(frames)[:5], [[20.3, 64.0], [64.0, 110.7], [3.5, 124.2]]])
+    session = ort.InferenceSession(front_graph((128, 128), grid), providers=["CPUExecutionProvider"])
+    for ellipticity in ((1.0, 0.0), (1.04, 30.0)):
+        scale = np.array([2.0 / 127, 2.0 / 127])
+        offsets = (polar_offsets(grid, ellipticity) * scale).astype(np.float32).reshape(-1, 2)
+        centers_norm = (centers.astype(np.float32) * np.float32(2.0 / 127) - 1.0).astype(np.float32)
+        sampling = np.empty((len(frames), len(offsets), 2), np.float32)
+        np.add(offsets[None, :, 0], centers_norm[:, 0, None], out=sampling[:, :, 0])
+        np.add(offsets[None, :, 1], centers_norm[:, 1, None], out=sampling[:, :, 1])
+        expected = session.run(None, {"frames": frames, "grid": sampling.reshape(len(frames), len(grid.radii),
+                                                                                 grid.angles, 2)})[0]
+        found = np.empty_like(expected)
+        polar_transform(frames, centers_norm, offsets, found)
+        assert (expected[5:] == 0).any() and expected.max() > 1  # off the frame and on spots: a real comparison
+        np.testing.assert_array_equal(found, expected)
