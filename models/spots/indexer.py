@@ -4,7 +4,8 @@
 - Beam centre: the setup's, else found in each frame (the direct beam's intensity-weighted
   centroid around the brightest pixel).
 - Matching (matcher.py, ONNX Runtime): every phase's templates x in-plane angles, top ``TOP_K``.
-- Refinement (refine.py): the best ``CANDIDATES`` candidates of each pattern and each one turned
+- Refinement (refine.py) on the polar image blurred by ``SPOT_BLUR_PX`` (blur_polar), the answer's
+  score on the unblurred one: the best ``CANDIDATES`` candidates of each pattern and each one turned
   180 degrees about the beam are refined at the coarse steps (``COARSE_STEPS``), the best
   ``REFINED`` of those at the fine steps; the best refined one is the answer. The turned starts
   matter: the matcher's even harmonics cannot tell a template from its turned twin, and from
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 # without the turned ones lost 1.8-2.4 points. With the zone turn (below), on those four sets:
 # 2 candidates 90.1% on average, 3 91.0%, 4 91.7%, 6 92.5% (right phase 98.5-98.8% on the
 # moderate sets against 98.0-98.5%), 8 92.6%; 6 cost 1.2x the CPU time after the matcher of 4.
+# With the blurred image (SPOT_BLUR_PX), 6 -> 8: 93.9 -> 94.4% on the four sets but 93.75 -> 93.9% on
+# 1200 moderate patterns of seed 7, at 1.15x the CPU after the matcher: not taken.
 CANDIDATES = 6
 COARSE_STEPS = (2.0, 1.0)  # degrees: every start
 FINE_STEPS = (0.5, 0.25, 0.125)  # degrees: the best REFINED starts of each pattern
@@ -57,7 +60,7 @@ REFINED = 2
 ZONE_STEPS = (1.0, 0.5, 0.25, 0.125)
 # Detector pixels: the refinement reads its image blurred by this Gaussian (blur_polar). 400-pattern
 # sets (moderate seeds 7, 11, 8, hard seed 7), within 3 deg mod 180 on average: 92.75% unblurred,
-# 93.8% at 0.7, 93.9% at 1.0 and 1.5 (6 candidates); median error 0.38 -> 0.34 deg (hard 0.61 -> 0.42).
+# 93.8% at 0.7, 93.9% at 1.0, 93.8% at 1.5 (6 candidates); median error 0.38 -> 0.34 deg (hard 0.61 -> 0.42).
 SPOT_BLUR_PX = 1.0
 AMBIGUITY_MARGIN = 0.02  # relative score: the 180-degree mate within 2% of the answer
 DISTINCT_DEG = 5.0
