@@ -186,3 +186,20 @@ def test_the_reflections_followed_are_those_near_the_sphere_on_the_image(indexer
         for i in range(16):
             np.testing.assert_array_equal(g[i][f2[i] > 0], refiner.refl.g[near[i]])
             np.testing.assert_array_equal(f2[i][f2[i] > 0], refiner.refl.f2[near[i]])
+
+
+def test_the_refinement_image_is_blurred_as_a_round_gaussian_of_the_detector():
+    from liveindex.models.spots.indexer import blur_polar
+
+    r_min, n_r, n_a, sigma = 6.0, 40, 360, 1.0
+    polar = np.zeros((1, n_r, n_a), np.float32)
+    polar[0, 10, 90] = polar[0, 30, 270] = 1.0  # points at radii 16 and 36 pixels
+    out = blur_polar(polar, sigma, r_min)[0].astype(np.float64)
+    angle = np.deg2rad(np.arange(n_a))
+    for row, col, radius in ((10, 90, 16.0), (30, 270, 36.0)):
+        along = out[row, col - 40:col + 41]
+        spread = np.sqrt((along * (angle[col - 40:col + 41] - angle[col]) ** 2).sum() / along.sum())
+        assert spread * radius == pytest.approx(sigma, rel=0.03)  # sigma_px / r radians along the angle
+        across = out[row - 5:row + 6, col]
+        assert np.sqrt((across * np.arange(-5, 6) ** 2).sum() / across.sum()) == pytest.approx(sigma, rel=0.03)
+    assert out.sum() == pytest.approx(2.0, rel=1e-4)  # counts neither made nor lost
