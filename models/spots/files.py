@@ -2,7 +2,8 @@
 
 Read: ``.npy`` (ny, nx, H, W) or (N, H, W) (memory-mapped); through rosettasciio (lazily,
 dask): HyperSpy/pyxem ``.hspy`` and ``.zspy``, NanoMegas ``.blo``, Merlin ``.mib`` (with its
-``.hdr``, which gives the scan's lines); DECTRIS Arina HDF5 master files (``*_master.h5`` and
+``.hdr``, which gives the scan's lines; rows as stored, as LiberTEM and the live stream give
+them); DECTRIS Arina HDF5 master files (``*_master.h5`` and
 the data files it links, bitshuffle/LZ4 via hdf5plugin) with h5py, a page at a time, in the
 layout rosettasciio's arina reader reads (that reader has no lazy mode: it would load the whole
 scan into memory). Frames uint8-uint32 and float32 pass through (in native byte order: a
@@ -125,6 +126,12 @@ def read_file(path) -> tuple[object, dict]:
                          f"4D-STEM {suffix} file?") from None
     signal = max(signals, key=lambda s: np.prod(s["data"].shape))
     data = signal["data"]
+    if suffix == ".mib":
+        # rosettasciio turns a .mib's rows over (np.flip on the rows); LiberTEM, and so the
+        # live Merlin stream through libertem-live and `liveindex replay --as merlin`, keep
+        # them as stored. Turned back (lazily), a scan indexed from its file and live is the
+        # same scan, not its mirror image.
+        data = data[..., ::-1, :]
     facts = {}
     axes = signal.get("axes") or []
     if len(axes) >= 2:

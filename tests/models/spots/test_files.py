@@ -86,14 +86,14 @@ MIB_HDR = ("HDR,\nTime and Date Stamp (day, mnth, yr, hr, min, s):\t18/05/2020 1
 
 def write_mib(path, frames):
     """A Merlin .mib and its .hdr: each frame its 384-byte header then big-endian uint16 counts,
-    rows bottom-up (rosettasciio's reader turns them over, as the detector writes them)."""
+    rows in the order LiberTEM and the live Merlin stream give them."""
     ny, nx, h, w = frames.shape
     with open(path, "wb") as f:
         for i, frame in enumerate(frames.reshape(-1, h, w)):
             line, pixel = divmod(i, nx)  # the first frame of each line comes later than a pixel's dwell
             header = MIB_HEADER.format(seq=i + 1, w=w, h=h, s=line, us=pixel * 1000)
             f.write(header.encode("ascii").ljust(384, b" "))
-            f.write(np.ascontiguousarray(frame[::-1], ">u2").tobytes())
+            f.write(np.ascontiguousarray(frame, ">u2").tobytes())
     path.with_suffix(".hdr").write_text(MIB_HDR.format(n=ny * nx, nx=nx))
 
 
@@ -136,7 +136,9 @@ def test_merlin_mib_is_read_lazily_in_scan_lines(spot_scan, tmp_path):
     write_mib(path, frames)
     from rsciio.quantumdetector import file_reader
 
-    assert file_reader(str(path))[0]["data"].shape == (3, 4, 128, 128)  # rosettasciio reads our file as we meant
+    by_rosettasciio = file_reader(str(path))[0]["data"]
+    assert by_rosettasciio.shape == (3, 4, 128, 128)  # rosettasciio finds the scan lines in the .hdr
+    np.testing.assert_array_equal(by_rosettasciio[..., ::-1, :], frames)  # and turns the rows over
     source = _source(path, calibration=0.03)
     assert not isinstance(source.patterns, np.ndarray)  # lazy: read a page at a time
     assert source.nav_shape == (3, 4) and source.pattern_shape == (128, 128) and source.dtype == "uint16"
@@ -145,6 +147,13 @@ def test_merlin_mib_is_read_lazily_in_scan_lines(spot_scan, tmp_path):
     np.testing.assert_array_equal(page, frames.reshape(12, 128, 128)[5:9])
     with pytest.raises(InputError, match="--calibration"):  # a .mib carries no reciprocal calibration
         _source(path)
+    # The .mib `liveindex replay --as merlin` writes for the live path (libertem-live's
+    # simulator, LiberTEM's reader) reads back as the same frames: live and file agree.
+    from liveindex.stream.replay import write_mib as replay_mib
+
+    replay_mib(frames, tmp_path / "replayed.mib")
+    np.testing.assert_array_equal(_source(tmp_path / "replayed.mib", calibration=0.03).read(0, 12),
+                                  frames.reshape(12, 128, 128))
 
 
 def test_dectris_arina_master_file_is_read_across_its_data_files(spot_scan, tmp_path):
@@ -158,6 +167,8 @@ def test_dectris_arina_master_file_is_read_across_its_data_files(spot_scan, tmp_
     assert source.nav_shape == (6, 6) and source.pattern_shape == (128, 128) and source.dtype == "uint16"
     np.testing.assert_array_equal(source.read(3, 9), big.reshape(36, 128, 128)[3:12])  # across data files 1-3
     np.testing.assert_array_equal(source.read(30, 6), big.reshape(36, 128, 128)[30:])
+    with pytest.raises(InputError, match="--calibration"):  # nor does an Arina master file
+        _source(master)
     line = write_arina(tmp_path, "line", frames)  # 12 frames: not a square, one line
     assert _source(line, calibration=0.03).nav_shape == (1, 12)
     with pytest.raises(InputError, match="_master.h5"):
@@ -186,3 +197,15 @@ def test_detector_files_are_indexed_back_to_their_truth(spot_scan, tmp_path):
         scores = score_answers(fields, q, phase_id, phases)
         assert scores["right_phase"] >= 0.8, name
         assert np.nanmedian(scores["errors_mod180"]) <= 3.0, name
+
+
+def test_damaged_detector_files_are_refused_with_input_errors(tmp_path):
+    import h5py
+
+    (tmp_path / "noise.mib").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "text_master.h5").write_text("not HDF5")
+    with h5py.File(tmp_path / "empty_master.h5", "w") as f:
+        f.create_group("entry/data")  # a master file whose data files were never linked
+    for name in ("noise.mib", "text_master.h5", "empty_master.h5"):
+        with pytest.raises(InputError, match="cannot read"):
+            _source(tmp_path / name, calibration=0.03)
