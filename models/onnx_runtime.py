@@ -49,9 +49,26 @@ def blas_threads(threads: int):
     core that spins after its work and takes the core from the other page: two pages at once
     ran 1.45x one page with OpenBLAS on its default threads, 2.0x with one.
     """
-    from threadpoolctl import threadpool_limits
+    return _threadpool_controller().limit(limits=threads or None, user_api="blas")
 
-    return threadpool_limits(limits=threads or None, user_api="blas")
+
+_controller = None
+_controller_modules = -1
+
+
+def _threadpool_controller():
+    """One kept threadpoolctl controller: making one inspects every loaded library (5.8 ms a call in
+    a process with numpy, scikit-learn, orix and ONNX Runtime loaded, 13% of a spot scan's
+    clustering refreshes; benchmarks/sink_latent_cost.py), its ``limit`` 0.05 ms. Made again when
+    modules were imported since, which may have loaded another BLAS."""
+    global _controller, _controller_modules
+    import sys
+
+    from threadpoolctl import ThreadpoolController
+
+    if _controller is None or len(sys.modules) != _controller_modules:
+        _controller, _controller_modules = ThreadpoolController(), len(sys.modules)
+    return _controller
 
 
 def _cuda_device_present() -> bool:
