@@ -27,6 +27,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 EMBEDDING_FIELD = "embedding"
+# Optional: a modality whose confidence says "is the answer right" too conservatively to tell an
+# unsure listed grain from a missing phase declares this field, the chance that a listed phase
+# explains the pattern (spots: models/spots/confidence.py listed); the novelty reads it instead.
+LISTED_FIELD = "listed"
 LATENT_MAPS = ("cluster", "boundary", "novelty")  # also the HDF5 prop keys and PNG names
 REFRESH_SECONDS = 2.0  # the period where a refresh is cheap (a small scan)
 # Where it is not (a 1e6-point scan: 0.4-0.6 s of CPU, 1.1-1.4 s where it reclusters), the
@@ -46,12 +50,16 @@ PALETTE = [[0, 0, 0]] + [CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)] for i in rang
 
 def explained_of(spec, arrays: dict) -> np.ndarray | None:
     """(B,) float32 of a page's (or a scan's) fields: each answered point's chance that a listed
-    phase explains it, its calibrated confidence (the contract's: the chance its answer is
-    right; at most 0.5 where it kept no phase), or 1/0 by ``spec.unexplained`` where there is
-    no confidence; NaN where not answered. None where the modality answers with no method."""
+    phase explains it, the modality's ``listed`` field where it declares one, else its calibrated
+    confidence (the contract's: the chance its answer is right; at most 0.5 where it kept no
+    phase), or 1/0 by ``spec.unexplained`` where there is no confidence; NaN where not answered.
+    None where the modality answers with no method."""
     if "method" not in arrays:
         return None
-    if "confidence" in arrays and "phase_id" in arrays:
+    if LISTED_FIELD in arrays:
+        # The modality says whether a listed phase explains the pattern, whatever the answer.
+        x = np.nan_to_num(np.clip(arrays[LISTED_FIELD].astype(np.float32), 0.0, 1.0), nan=0.0)
+    elif "confidence" in arrays and "phase_id" in arrays:
         x = np.nan_to_num(np.clip(arrays["confidence"].astype(np.float32), 0.0, 1.0), nan=0.0)
         x = np.where(arrays["phase_id"] < 0, np.minimum(x, 0.5), x)
     else:
@@ -106,7 +114,7 @@ class LatentMaps:
         if not len(idx):
             return
         self.embedding[idx] = maps[EMBEDDING_FIELD][idx]
-        page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence") if name in maps}
+        page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence", LISTED_FIELD) if name in maps}
         explained = explained_of(self.spec, page)
         if explained is not None:
             self.explained[idx] = explained

@@ -34,7 +34,7 @@ import numpy as np
 
 from liveindex.models.crystal import disorientation_degrees, proper_operators, quaternion_multiply
 
-from .confidence import confidence
+from .confidence import confidence, listed
 from .diffraction import matrices_to_quaternions, rotation_matrices, wavelength
 from .matcher import GRAPH_VERSION, PolarMatcher, build_graph
 from .refine import STEPS_DEG, SpotRefiner
@@ -198,6 +198,7 @@ class SpotIndexer:
             "ambiguous": np.where(indexed, ambiguous, 0).astype(np.uint8),
             "score": score.astype(np.float32),
             "explained": explained.astype(np.float32),
+            "listed": listed(reliability, refined_reliability, score, explained),
             "fit": np.where(indexed, 1.0 - score, np.nan).astype(np.float32),
             "iq": spot_quality(polar),
             "vbf": virtual_bright_field(data, centers),

@@ -19,6 +19,10 @@ FIELDS = (
     Field("ambiguous", "uint8", (), 0, "1: the answer turned 180 deg about the beam fits as well (kinematical)"),
     Field("score", "float32", (), 0.0, "correlation of the answer's spots with the pattern"),
     Field("explained", "float32", (), 0.0, "fraction of the pattern's spot energy at the answer's predicted spots"),
+    # The latent maps' novelty reads this where a modality has it (stream/latent_map.py explained_of)
+    # rather than the confidence, which is too conservative to tell unsure listed grains from a
+    # phase missing from the list.
+    Field("listed", "float32", (), 0.0, "calibrated chance that the pattern is of a listed phase (any orientation)"),
     Field("fit", "float32", (), 0.0, "1 - score where indexed (lower is better), NaN where not"),
     Field("iq", "float32", (), 0.0, "pattern sharpness: energy fraction in the brightest 1% of the polar image"),
     Field("vbf", "float32", (), 0.0, "virtual bright field: counts in the direct beam"),
