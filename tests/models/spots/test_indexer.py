@@ -203,3 +203,18 @@ def test_the_refinement_image_is_blurred_as_a_round_gaussian_of_the_detector():
         across = out[row - 5:row + 6, col]
         assert np.sqrt((across * np.arange(-5, 6) ** 2).sum() / across.sum()) == pytest.approx(sigma, rel=0.03)
     assert out.sum() == pytest.approx(2.0, rel=1e-4)  # counts neither made nor lost
+
+
+def test_the_refinements_polar_angle_is_atan2_within_2e_6():
+    from liveindex.models.spots.refine import _polar_angle, polar_angle
+
+    rng = np.random.default_rng(0)
+    y, x = rng.normal(size=(2, 20000)) * rng.lognormal(0, 2, (2, 20000))
+    y[:8], x[:8] = [0, 1, 0, -1, 1, -1, 1, -1], [1, 0, -1, 0, 1, 1, -1, -1]  # the axes and diagonals
+    truth = np.arctan2(y, x) % (2 * np.pi)
+    found = polar_angle(y, x)
+    assert ((found >= 0) & (found < 2 * np.pi)).all()
+    wrapped = np.abs((found - truth + np.pi) % (2 * np.pi) - np.pi)
+    assert wrapped.max() < 2e-6
+    compiled = np.array([_polar_angle(a, b) for a, b in zip(y[:500], x[:500])])
+    np.testing.assert_array_equal(compiled, found[:500])  # the same arithmetic, bit for bit
