@@ -13,6 +13,7 @@ size are followed.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -121,20 +122,11 @@ class SpotRefiner:
         r = np.hypot(lab[..., 0], lab[..., 1]) / self.setup["calibration"] - self.grid.r_min
         a = (np.arctan2(lab[..., 1], lab[..., 0]) % (2 * np.pi)) * (n_a / (2 * np.pi))
         seen = (inten > 1e-3 * np.maximum(inten.max(1, keepdims=True), 1e-12)) & (r > -1.5) & (r < n_r + 0.5)
-        mask = np.zeros((n, n_r, n_a), bool)
-        spot, idx = np.nonzero(seen)
-        if len(spot):
-            rr, aa = r[spot, idx], a[spot, idx]
-            half = np.ceil(1.5 / np.maximum(rr + self.grid.r_min, 1.0) * n_a / (2 * np.pi)).astype(int)
-            for dr in (-1, 0, 1):
-                ri = np.clip(np.rint(rr).astype(int) + dr, 0, n_r - 1)
-                for da in range(-int(half.max()), int(half.max()) + 1):
-                    ok = np.abs(da) <= half
-                    ai = (np.rint(aa).astype(int) + da) % n_a
-                    mask[spot[ok], ri[ok], ai[ok]] = True
-        energy = polar[rows] ** 2
-        total = np.maximum(energy.sum(axis=(1, 2)), 1e-12)
-        return (energy * mask).sum(axis=(1, 2)) / total
+        spot, idx = np.nonzero(seen)  # in the orientations' order
+        rr, aa = r[spot, idx], a[spot, idx]
+        half = np.ceil(1.5 / np.maximum(rr + self.grid.r_min, 1.0) * n_a / (2 * np.pi)).astype(np.int64)
+        return _energy_near_spots(np.ascontiguousarray(polar), np.ascontiguousarray(rows, np.int64), n, spot,
+                                  np.rint(rr).astype(np.int64), np.rint(aa).astype(np.int64), half)
 
     def refine(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray, steps=STEPS_DEG):
         """(n, 3, 3) start orientations, polar images, (n,) image rows -> refined (n, 3, 3), scores (n,).
@@ -144,19 +136,22 @@ class SpotRefiner:
         that ``liveindex index`` runs at once in one process then refine on both cores, where the
         numpy steps between many short compiled calls held the GIL in turn."""
         polar = np.ascontiguousarray(polar)
-        return _refine_compiled(self.refl.g, self.refl.f2, np.array(matrices, np.float64), self._moves(steps),
+        return _refine_compiled(self.refl.g, self.refl.f2, np.array(matrices, np.float64), self._moves(tuple(steps)),
                                 polar.reshape(len(polar), -1), np.ascontiguousarray(rows, np.int64), polar.shape[1],
                                 self.angles, float(self.setup["calibration"]), float(self.grid.r_min),
                                 float(self.grid.r_max), float(self.wavelength), float(self.setup["precession"]),
                                 EXCITATION_WIDTH, INTENSITY_POWER, POOL_SPHERE, NEAR_SPHERE, MOVES_PER_STEP)
 
     @staticmethod
+    @functools.lru_cache(maxsize=16)
     def _moves(steps) -> np.ndarray:
         """(len(steps), 6, 3, 3): each step's turns by +-step about lab x, y and z, in
-        ``refine_reference``'s order."""
+        ``refine_reference``'s order (made once for each ``steps``, read-only)."""
         moves = [np.concatenate([axis_rotations(axis, np.array([sign * np.deg2rad(step)]))
                                  for axis in range(3) for sign in (1, -1)]) for step in steps]
-        return np.stack(moves) if moves else np.zeros((0, 6, 3, 3))
+        out = np.stack(moves) if moves else np.zeros((0, 6, 3, 3))
+        out.flags.writeable = False
+        return out
 
     def refine_reference(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray, steps=STEPS_DEG):
         """``refine`` in numpy over the page (the definition; the tests hold the compiled one to it)."""
@@ -385,6 +380,36 @@ def _refine_compiled(all_g, all_f2, matrices, moves, polar, rows, n_r, n_a, cali
                 current[:] = best_trial
                 best = top
     return out, scores
+
+
+@numba.njit(cache=True, nogil=True)
+def _energy_near_spots(polar, rows, n, spot, r_index, a_index, half):
+    """``SpotRefiner.explained``'s share for n orientations: each one's spots (``spot``, its index,
+    ascending) mark their polar bins within a radial bin and ``half`` angular bins of (r_index,
+    a_index); the share of the image's (polar[rows[i]]) energy in the marked bins. Compiled: the
+    numpy mask over (n, R, A) cost 0.1 ms a pattern."""
+    n_r, n_a = polar.shape[1], polar.shape[2]
+    out = np.zeros(n)
+    mask = np.zeros((n_r, n_a), np.bool_)
+    k = 0
+    for i in range(n):
+        mask[:] = False
+        while k < len(spot) and spot[k] == i:
+            for dr in range(-1, 2):
+                ri = min(max(r_index[k] + dr, 0), n_r - 1)
+                for da in range(-half[k], half[k] + 1):
+                    mask[ri, (a_index[k] + da) % n_a] = True
+            k += 1
+        image = polar[rows[i]]
+        near, total = 0.0, 0.0
+        for ri in range(n_r):
+            for ai in range(n_a):
+                e = image[ri, ai] * image[ri, ai]
+                total += e
+                if mask[ri, ai]:
+                    near += e
+        out[i] = near / max(total, 1e-12)
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
