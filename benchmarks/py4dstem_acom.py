@@ -85,7 +85,8 @@ def main(folder):
     import py4DSTEM
     from py4DSTEM.process.diffraction import Crystal
 
-    job = json.load(open(os.path.join(folder, "job.json")))
+    with open(os.path.join(folder, "job.json")) as fh:
+        job = json.load(fh)
     frames = np.load(os.path.join(folder, "frames.npy")).astype(np.float32)
     n, h, w = frames.shape
     cal = float(job["calibration"])
@@ -104,6 +105,10 @@ def main(folder):
             crystal.orientation_plan(
                 zone_axis_range="auto",
                 angle_step_zone_axis=float(job.get("zone_step", 2.0)),
+                # py4DSTEM's coarse-to-fine search: a sieve at this step, then the zone_step plan
+                # within refine_range of its best zone axes (None: the whole plan at zone_step).
+                angle_coarse_zone_axis=job.get("zone_coarse_step"),
+                angle_refine_range=job.get("refine_range"),
                 angle_step_in_plane=float(job.get("in_plane_step", 2.0)),
                 accel_voltage=float(job["kv"]) * 1e3,
                 corr_kernel_size=float(job.get("corr_kernel_size", 0.08)),
@@ -128,7 +133,7 @@ def main(folder):
         bragg = datacube.find_Bragg_disks(
             template=probe,
             corrPower=float(det.get("corrPower", 1.0)),
-            sigma_cc=float(det.get("sigma_cc", 0.0)),
+            sigma_cc=float(det.get("sigma_cc", 1.0)),
             subpixel=det.get("subpixel", "poly"),
             minAbsoluteIntensity=float(det.get("minAbsoluteIntensity", 0.0)),
             minRelativeIntensity=float(det.get("minRelativeIntensity", 0.005)),
@@ -162,7 +167,8 @@ def main(folder):
     timing = {"plan_s": plan_s, "detect_s": detect_s, "match_s": match_s, "index_s": index_s,
               "zones": zones, "in_plane_steps": in_plane, "k_max": k_max, "py4DSTEM": py4DSTEM.__version__,
               "numpy": np.__version__, "mapping": np.asarray(mapping).tolist()}
-    json.dump(timing, open(os.path.join(folder, "timing.json"), "w"))
+    with open(os.path.join(folder, "timing.json"), "w") as fh:
+        json.dump(timing, fh)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ come back). Make that venv once with
 (pymatgen, py4DSTEM's ``acom`` extra, reads the CIFs; on its own it pulls numpy 2, which
 py4DSTEM 0.14.18 excludes, hence the pins). Orientation plans per phase (``zone_axis_range=
 "auto"``, ``--py4dstem-zone-step`` 2 deg, in-plane 2 deg, 1 deg precession), Bragg disks with a
-Gaussian probe kernel (sigma 1.2 px; the data has no vacuum probe), Q pixel size and origin
-(the frame centre) calibrated, ``match_orientations`` per phase, the phase with the best
+Gaussian probe kernel (sigma 1.2 px; the data has no vacuum probe; cross-correlation smoothed
+by 1 px, 'poly' subpixel, peaks above 0.2% of the brightest (the direct beam), 4 px apart, at
+most 70: py4DSTEM's defaults of 60 px spacing and 20 px edge would drop most spots of these
+frames), Q pixel size and origin (the frame centre) calibrated, ``match_orientations`` per phase, the phase with the best
 correlation. Its patterns/s count disk detection and matching, not the plans (``library_s``).
 
 liveindex runs as ``liveindex index`` does (``--threads`` pages at once, each on one-thread
