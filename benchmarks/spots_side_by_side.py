@@ -268,8 +268,7 @@ def run_py4dstem(frames, phases, setup, *, python: str, zone_step: float, in_pla
     center = setup.get("center") or (h // 2, w // 2)  # liveindex's renderer: beam at (h/2, w/2)
     job = {"calibration": setup["calibration"], "kv": setup["kv"], "precession": setup["precession"],
            "center": [float(center[0]), float(center[1])], "zone_step": zone_step, "in_plane_step": in_plane_step,
-           "phases": [{"name": p.name, "cif": phase_cif(p)} for p in phases],
-           "detect": {"minRelativeIntensity": 0.002, "minPeakSpacing": 4, "edgeBoundary": 2}}
+           "phases": [{"name": p.name, "cif": phase_cif(p)} for p in phases], "detect": {}}
     for key, value in (options or {}).items():
         if isinstance(value, dict) and isinstance(job.get(key), dict):
             job[key].update(value)
