@@ -136,7 +136,7 @@ def main(folder):
             sigma_cc=float(det.get("sigma_cc", 1.0)),
             subpixel=det.get("subpixel", "poly"),
             minAbsoluteIntensity=float(det.get("minAbsoluteIntensity", 0.0)),
-            minRelativeIntensity=float(det.get("minRelativeIntensity", 0.005)),
+            minRelativeIntensity=float(det.get("minRelativeIntensity", 0.002)),
             relativeToPeak=int(det.get("relativeToPeak", 0)),
             minPeakSpacing=float(det.get("minPeakSpacing", 4)),
             edgeBoundary=int(det.get("edgeBoundary", 2)),
