@@ -448,7 +448,8 @@ def main(argv=None):
                       match_s=round(timing["match_s"], 1), zones=timing["zones"],
                       in_plane_steps=timing["in_plane_steps"], k_max=timing["k_max"],
                       peaks_median=timing["peaks_median"], unmatched=int((p4_fields["phase_id"] < 0).sum()),
-                      version=timing["py4DSTEM"])
+                      version=timing["py4DSTEM"], options={"zone_step": step, "in_plane_step":
+                                                           args.py4dstem_in_plane_step, **json.loads(args.py4dstem_job)})
             if args.py4dstem_check_mapping:
                 p4["mapping_candidates"] = check_mapping(timing["matrix"], p4_fields, ev, phases)
             report[key] = p4
