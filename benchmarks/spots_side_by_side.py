@@ -1,5 +1,5 @@
-"""liveindex's spot indexer and pyxem 0.21's template matching on the same precession patterns,
-in the same run, on the same cores.
+"""liveindex's spot indexer, pyxem 0.21's template matching and py4DSTEM 0.14's ACOM on the same
+precession patterns, in the same run, on the same cores.
 
 The evaluation set (models/spots/evaluate.py, fixed seed): ferrite, austenite and cementite
 (CIFs), 128x128 frames, 200 kV, 1 deg precession, rel-rod widths 0.025-0.05/A, spot
@@ -53,6 +53,23 @@ ferrite's {110} (0.493/A), inside one radial bin.
 Its patterns/s count the background subtraction, polar transform, matching and ``to_rotation``
 after a warm-up on 8 frames (numba compiles on first use), not the library (liveindex's count
 everything from raw frames; its library is cached on disk).
+
+py4DSTEM (``--py4dstem-python``; never in liveindex's venv: its pins differ): its ACOM runs in
+its own interpreter as a subprocess (benchmarks/py4dstem_acom.py: frames and setup go through
+a temporary folder as .npy + JSON, quaternions in liveindex's convention, phase ids and seconds
+come back). Make that venv once with
+
+    python3 -m venv /work/p4venv
+    /work/p4venv/bin/pip install py4DSTEM==0.14.18 "pymatgen<2024.8.9" "numpy<2" "pandas<3"
+
+(pymatgen, py4DSTEM's ``acom`` extra, reads the CIFs; on its own it pulls numpy 2, which
+py4DSTEM 0.14.18 excludes, hence the pins). Orientation plans per phase (``zone_axis_range=
+"auto"``, ``--py4dstem-zone-step`` 2 deg, in-plane 2 deg, 1 deg precession), Bragg disks with a
+Gaussian probe kernel (sigma 1.2 px; the data has no vacuum probe; cross-correlation smoothed
+by 1 px, 'poly' subpixel, peaks above 0.2% of the brightest (the direct beam), 4 px apart, at
+most 70: py4DSTEM's defaults of 60 px spacing and 20 px edge would drop most spots of these
+frames), Q pixel size and origin (the frame centre) calibrated, ``match_orientations`` per phase, the phase with the best
+correlation. Its patterns/s count disk detection and matching, not the plans (``library_s``).
 
 liveindex runs as ``liveindex index`` does (``--threads`` pages at once, each on one-thread
 ONNX sessions; ``--one-indexer``: one indexer, a page after another, as this benchmark ran
@@ -293,6 +310,90 @@ def run_pyxem(frames, phases, setup, *, resolution: float, flip: bool, excitatio
     return {"phase_id": phase, "quaternion": q}, len(frames) / elapsed, library_s, sum(r.size for r in rotations)
 
 
+def phase_cif(record) -> str:
+    """The CIF a phase came from (py4DSTEM reads the CIF itself)."""
+    from liveindex.models.spots.phases import DATA
+
+    source = str(record.source or "")
+    path = DATA / f"{source.split(':', 1)[1]}.cif" if source.startswith("builtin:") else source
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no CIF for phase {record.name} (source {source!r})")
+    return str(path)
+
+
+def run_py4dstem(frames, phases, setup, *, python: str, zone_step: float, in_plane_step: float,
+                 options: dict | None = None):
+    """py4DSTEM's ACOM (benchmarks/py4dstem_acom.py) in its own interpreter ``python``: frames and
+    setup through a temporary folder. Fields (liveindex's convention), patterns/s (Bragg disks +
+    matching, not the orientation plans) and py4DSTEM's timing and plan sizes."""
+    import tempfile
+
+    h, w = frames.shape[1:]
+    center = setup.get("center") or (h // 2, w // 2)  # liveindex's renderer: beam at (h/2, w/2)
+    job = {"calibration": setup["calibration"], "kv": setup["kv"], "precession": setup["precession"],
+           "center": [float(center[0]), float(center[1])], "zone_step": zone_step, "in_plane_step": in_plane_step,
+           "phases": [{"name": p.name, "cif": phase_cif(p)} for p in phases], "detect": {}}
+    for key, value in (options or {}).items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key].update(value)
+        else:
+            job[key] = value
+    with tempfile.TemporaryDirectory(prefix="py4dstem-") as folder:
+        np.save(os.path.join(folder, "frames.npy"), np.ascontiguousarray(frames))
+        with open(os.path.join(folder, "job.json"), "w") as fh:
+            json.dump(job, fh)
+        done = subprocess.run([python, os.path.join(HERE, "py4dstem_acom.py"), folder], capture_output=True, text=True,
+                              check=False)
+        if done.returncode:
+            raise RuntimeError(f"py4dstem_acom.py failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+        result = dict(np.load(os.path.join(folder, "result.npz")))
+        with open(os.path.join(folder, "timing.json")) as fh:
+            timing = json.load(fh)
+    fields = {"phase_id": result["phase_id"].astype(np.int16), "quaternion": result["quaternion"]}
+    timing["peaks_median"] = float(np.median(result["peaks"]))
+    timing["matrix"] = result["matrix"]
+    return fields, len(frames) / timing["index_s"], timing
+
+
+def py4dstem_importable(python: str) -> str | None:
+    """None when ``python`` imports py4DSTEM and pymatgen (from_CIF's reader), else why not."""
+    try:
+        done = subprocess.run([python, "-c", "import py4DSTEM, pymatgen.io.cif; print(py4DSTEM.__version__)"],
+                              capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{python} does not run ({exc})"
+    if done.returncode:
+        return f"{python} cannot import py4DSTEM/pymatgen: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
+def check_mapping(matrix, fields, ev, phases) -> list:
+    """The candidates for liveindex's R from py4DSTEM's M (M P, P M, M.T P, P M.T over the 48 signed
+    permutations P, made proper) scored on the set: the five best by median disorientation.
+    Run on --noise clean to pin py4dstem_acom.MAPPING."""
+    import itertools
+
+    from liveindex.models.spots.diffraction import matrices_to_quaternions
+
+    pid = fields["phase_id"]
+    chosen = matrix[np.arange(len(pid)), np.maximum(pid, 0)]
+    rows = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            p = np.zeros((3, 3))
+            p[[0, 1, 2], list(perm)] = signs
+            for name, base in (("M", chosen), ("M.T", np.transpose(chosen, (0, 2, 1)))):
+                for side in ("M P", "P M"):
+                    r = base @ p if side == "M P" else p @ base
+                    r = r * np.sign(np.linalg.det(r))[:, None, None]
+                    s = score_answers({"phase_id": pid, "quaternion": matrices_to_quaternions(r)}, ev.quaternions,
+                                      ev.phase_id, phases)
+                    rows.append({"R": side.replace("M", name), "P": p.astype(int).tolist(),
+                                 "median_deg": round(s["median_deg"], 2), "within3": round(s["within3"], 4)})
+    rows.sort(key=lambda row: row["median_deg"])
+    return rows[:5]
+
+
 def calibration_report(fields, right, absent_fields) -> dict:
     conf = np.concatenate([fields["confidence"], absent_fields["confidence"]])
     ok = np.concatenate([right, np.zeros(len(absent_fields["confidence"]), bool)])
@@ -333,6 +434,16 @@ def main(argv=None):
                         "whether their answers agree pattern by pattern: the matcher's (--matcher-only) or the "
                         "indexer's (no pyxem then)")
     p.add_argument("--repeats", type=int, default=5, help="with --against or --matcher-only: runs of each (default 5)")
+    p.add_argument("--py4dstem-python", metavar="PYTHON",
+                   help="also py4DSTEM's ACOM, run by this interpreter (a separate venv, see above); skipped if not given")
+    p.add_argument("--py4dstem-zone-step", type=float, nargs="*", default=[2.0],
+                   help="py4DSTEM orientation plan's zone-axis step(s), degrees (default 2)")
+    p.add_argument("--py4dstem-in-plane-step", type=float, default=2.0, help="its in-plane step, degrees (default 2)")
+    p.add_argument("--py4dstem-job", default="{}",
+                   help="JSON merged into py4dstem_acom.py's job (e.g. '{\"corr_kernel_size\": 0.06, \"detect\": "
+                        "{\"minRelativeIntensity\": 0.005}}')")
+    p.add_argument("--py4dstem-check-mapping", action="store_true",
+                   help="also score the 96 candidate mappings of py4DSTEM's matrices (use with --noise clean)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -383,6 +494,34 @@ def main(argv=None):
             log.info("pyxem %g deg (flipped %s): %s", res, flip, px)
             if "patterns_per_s" in px:
                 report["liveindex"][f"speedup_vs_pyxem_{res:g}deg"] = round(rate / px_rate, 1)
+    if not args.py4dstem_python:
+        report["py4dstem"] = "skipped: no --py4dstem-python (a venv with py4DSTEM, see the docstring)"
+    else:
+        why = py4dstem_importable(args.py4dstem_python)
+        if why:
+            report["py4dstem"] = f"skipped: {why}"
+        for step in ([] if why else args.py4dstem_zone_step):
+            key = f"py4dstem_{step:g}deg"
+            try:
+                p4_fields, p4_rate, timing = run_py4dstem(ev.frames, phases, setup, python=args.py4dstem_python,
+                                                          zone_step=step, in_plane_step=args.py4dstem_in_plane_step,
+                                                          options=json.loads(args.py4dstem_job))
+            except (RuntimeError, FileNotFoundError) as exc:
+                report[key] = f"failed: {exc}"
+                log.info("py4DSTEM %g deg failed: %s", step, exc)
+                continue
+            p4 = summary(score_answers(p4_fields, ev.quaternions, ev.phase_id, phases), p4_rate)
+            p4.update(library_s=round(timing["plan_s"], 1), detect_s=round(timing["detect_s"], 1),
+                      match_s=round(timing["match_s"], 1), zones=timing["zones"],
+                      in_plane_steps=timing["in_plane_steps"], k_max=timing["k_max"],
+                      peaks_median=timing["peaks_median"], unmatched=int((p4_fields["phase_id"] < 0).sum()),
+                      version=timing["py4DSTEM"], options={"zone_step": step, "in_plane_step":
+                                                           args.py4dstem_in_plane_step, **json.loads(args.py4dstem_job)})
+            if args.py4dstem_check_mapping:
+                p4["mapping_candidates"] = check_mapping(timing["matrix"], p4_fields, ev, phases)
+            report[key] = p4
+            log.info("py4DSTEM %g deg: %s", step, p4)
+            report["liveindex"][f"speedup_vs_py4dstem_{step:g}deg"] = round(rate / p4_rate, 1)
     report["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     text = json.dumps(report, indent=1)
     print(text)
