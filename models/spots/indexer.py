@@ -262,13 +262,14 @@ class SpotIndexer:
         starts_q = np.concatenate([q, quaternion_multiply(q.reshape(-1, 4), TURN_180).reshape(b, c, 4)], 1)
         starts_p = np.concatenate([phase, phase], 1)
         rows = np.repeat(np.arange(b), 2 * c)
-        coarse_q, coarse_s = self._refine(starts_q.reshape(-1, 4), starts_p.reshape(-1), polar, rows, COARSE_STEPS[:1])
+        coarse_q, coarse_s = self._refine(starts_q.reshape(-1, 4), starts_p.reshape(-1), polar, rows, COARSE_STEPS[:1],
+                                          coarse=True)
         # The next coarse step only for the starts that came within COARSE_KEEP of their pattern's best
         best_of_pattern = coarse_s.reshape(b, 2 * c).max(1)
         near = np.flatnonzero(coarse_s >= COARSE_KEEP * best_of_pattern[rows])
         if len(COARSE_STEPS) > 1 and len(near):
             coarse_q[near], coarse_s[near] = self._refine(coarse_q[near], starts_p.reshape(-1)[near], polar, rows[near],
-                                                          COARSE_STEPS[1:])
+                                                          COARSE_STEPS[1:], coarse=True)
         k = min(REFINED, 2 * c)
         best = np.argsort(-coarse_s.reshape(b, 2 * c), axis=1, kind="stable")[:, :k]
         kept_q = np.take_along_axis(coarse_q.reshape(b, 2 * c, 4), best[..., None], 1).reshape(-1, 4)
@@ -287,13 +288,14 @@ class SpotIndexer:
                 score[mine] = refiner.score(matrices[mine], g, f2, polar, rows[mine])
         return score
 
-    def _refine(self, q: np.ndarray, phase: np.ndarray, polar: np.ndarray, rows: np.ndarray, steps=STEPS_DEG):
+    def _refine(self, q: np.ndarray, phase: np.ndarray, polar: np.ndarray, rows: np.ndarray, steps=STEPS_DEG,
+                coarse: bool = False):
         matrices = rotation_matrices(q)
         out, score = matrices.copy(), np.zeros(len(q))
         for p, refiner in enumerate(self.refiners):
             mine = phase == p
             if mine.any():
-                out[mine], score[mine] = refiner.refine(matrices[mine], polar, rows[mine], steps)
+                out[mine], score[mine] = refiner.refine(matrices[mine], polar, rows[mine], steps, coarse)
         return matrices_to_quaternions(out), score
 
     def _apart(self, a: np.ndarray, b: np.ndarray, phase: np.ndarray) -> np.ndarray:
