@@ -31,6 +31,7 @@ EMBEDDING_FIELD = "embedding"
 # unsure listed grain from a missing phase declares this field, the chance that a listed phase
 # explains the pattern (spots: models/spots/confidence.py listed); the novelty reads it instead.
 LISTED_FIELD = "listed"
+QUALITY_FIELD = "score"  # where the modality declares a listed field: the match score the novelty's gate reads
 LATENT_MAPS = ("cluster", "boundary", "novelty")  # also the HDF5 prop keys and PNG names
 REFRESH_SECONDS = 2.0  # the period where a refresh is cheap (a small scan)
 # Where it is not (a 1e6-point scan: 0.4-0.6 s of CPU, 1.1-1.4 s where it reclusters), the
@@ -67,6 +68,14 @@ def explained_of(spec, arrays: dict) -> np.ndarray | None:
     return np.where(arrays["method"] != spec.not_indexed_code, x, np.nan).astype(np.float32)
 
 
+def quality_of(arrays: dict, explained: np.ndarray | None) -> np.ndarray | None:
+    """(B,) float32: each answered point's match score where the modality declares a listed
+    field (spots), for the novelty's gate (models/latent/clusters.py QUALITY_GATE); else None."""
+    if explained is None or LISTED_FIELD not in arrays or QUALITY_FIELD not in arrays:
+        return None
+    return np.where(np.isfinite(explained), arrays[QUALITY_FIELD].astype(np.float32), np.nan).astype(np.float32)
+
+
 def has_latent(spec) -> bool:
     f = spec.field.get(EMBEDDING_FIELD)
     return f is not None and len(f.shape) == 1 and f.dtype.startswith("float")
@@ -90,6 +99,7 @@ class LatentMaps:
         self.boundary = np.full(n, np.nan, np.float32)
         self.novelty = np.full(n, np.nan, np.float32)
         self.explained = np.full(n, np.nan, np.float32)  # explained_of each point in
+        self.quality: np.ndarray | None = None  # spots (a listed field): each point's match score (QUALITY_GATE)
         # The embeddings as float32, converted as the points come in: a refresh neither copies the
         # float16 map under the scan's lock nor converts it whole (0.04-0.08 s of CPU at 1e6 x 16
         # here, and a 64 MB allocation each time); 64 MB held here beside the 32 MB map.
@@ -114,20 +124,28 @@ class LatentMaps:
         if not len(idx):
             return
         self.embedding[idx] = maps[EMBEDDING_FIELD][idx]
-        page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence", LISTED_FIELD) if name in maps}
+        page = {name: maps[name][idx] for name in ("phase_id", "method", "confidence", LISTED_FIELD, QUALITY_FIELD)
+                if name in maps}
         explained = explained_of(self.spec, page)
         if explained is not None:
             self.explained[idx] = explained
+            quality = quality_of(page, explained)
+            if quality is not None:
+                if self.quality is None:
+                    self.quality = np.full(len(self.explained), np.nan, np.float32)
+                self.quality[idx] = quality
         if not self.clusters.known:
             return
         ids, dist = self.clusters.assign(self.embedding[idx])
         self.cluster[idx], self.distance[idx] = ids, dist
-        pooled = None
+        pooled = pooled_quality = None
         if explained is not None:  # over the rows of these points only (a page: a row or two, and 2 around)
             nx = int(self.spec.nav_shape[-1])
             y0, y1 = int(idx.min()) // nx, int(idx.max()) // nx + 1
             pooled = self.clusters.pooled(self.cluster, self.explained, rows=(y0, y1))[idx - y0 * nx]
-        self.novelty[idx] = self.clusters.novelty(ids, dist, pooled)
+            if self.quality is not None:
+                pooled_quality = self.clusters.pooled(self.cluster, self.quality, rows=(y0, y1))[idx - y0 * nx]
+        self.novelty[idx] = self.clusters.novelty(ids, dist, pooled, pooled_quality)
 
     def refresh(self, state) -> np.ndarray | None:
         """Recluster and recompute the maps; returns the points whose cluster changed (for the
@@ -139,9 +157,12 @@ class LatentMaps:
                 self.refreshed_at_points = state.n_received
                 received = state.received.copy()
                 explained = np.where(received, self.explained, np.nan) if "method" in state.maps else None
+                quality = None
+                if explained is not None and self.quality is not None:
+                    quality = np.where(received, self.quality, np.nan)
             t0 = time.perf_counter()
             # Read without the lock: points coming in meanwhile write rows that ``received`` leaves out.
-            out = self.clusters.refresh(self.embedding, received, explained)
+            out = self.clusters.refresh(self.embedding, received, explained, quality)
             self.refresh_seconds.append(time.perf_counter() - t0)
             with state.lock:
                 # Points that came in meanwhile keep their on-arrival assignment.

@@ -83,7 +83,7 @@ def latent_maps(maps: dict, start: ScanStart, clusters: int | None = None, *, in
     cluster's size and, where the scan_start carries a basis and the modality can make a
     pattern of a feature vector, what ``indexer`` answers for the cluster's mean pattern
     (the sink, which runs no indexer, cannot); {} where there is no embedding."""
-    from .latent_map import EMBEDDING_FIELD, explained_of, has_latent
+    from .latent_map import EMBEDDING_FIELD, explained_of, has_latent, quality_of
 
     if not has_latent(start) or not np.isfinite(maps[EMBEDDING_FIELD].astype(np.float32)).any():
         return {}
@@ -91,7 +91,8 @@ def latent_maps(maps: dict, start: ScanStart, clusters: int | None = None, *, in
 
     received = np.ones(start.size, bool)
     found = LatentClusters(tuple(start.nav_shape), clusters=clusters)
-    out = found.refresh(maps[EMBEDDING_FIELD], received, explained_of(start, maps))
+    explained = explained_of(start, maps)
+    out = found.refresh(maps[EMBEDDING_FIELD], received, explained, quality_of(maps, explained))
     result = {k: out[k] for k in ("cluster", "boundary", "novelty")}
     result["clusters"] = found.describe()
     if indexer is not None and start.header.get("latent") is not None:

@@ -67,6 +67,14 @@ RATIO_NOVEL, RATIO_NOT_NOVEL = 0.0175, 0.07  # ... and over the baseline's: nove
 # 0.5 at 0.035 (on a log scale). The missing-phase scan at hard noise, seeds 1, 2 and 5: the missing phase's
 # points above 0.035 0-0.21%, 99% of them below 0.013-0.020; the listed phase's below it 0-0.12%, 99% of
 # them above 0.065-0.60 (its worst grain, seed 5, answered with a mean confidence of 0.057, 0.12 of the best).
+QUALITY_GATE = 0.62  # spots: no novelty where a point's pooled match score is at least this share of the scan's
+# listed points' (listed > 0.5) median score: the templates match that region about as well as the sure points,
+# so a listed phase explains it, however unsure its orientations (hard noise). A listed phase's poor grains keep
+# 0.65-0.93 of it, a missing phase's grains 0.38-0.68 (hard seeds 3, 5; moderate 3, 7; clean 5). 40x40 scans of
+# the three steel phases indexed with them (benchmarks/spots_novelty.py), listed points novel without -> with the
+# gate: hard seeds 5 / 9 / 13 470 / 388 / 246 -> 14 / 9 / 0 of about 1420 (the scan's "is a phase missing?" no
+# longer asked); with hcp Ti unlisted, Ti points novel: moderate 7 / 11 / 13 89 / 78 / 51% -> 73 / 72 / 49%,
+# clean 5 47% -> 47%, hard 5 / 9 77 / 74% -> 64 / 23% (still asked: far above 1% of the scan).
 REFIT_EVERY = 4  # the subsample is clustered again every this many refreshes at least, ...
 REFIT_GROWTH = 1.25  # ... where the points in grew by this factor since, ...
 REFIT_FAR = 0.02  # ... or where this share of the subsample is far from every cluster (novelty 0.5 or more)
@@ -107,6 +115,7 @@ class LatentClusters:
     next_id: int = 0
     refreshes: int = 0
     baseline: float = 1.0  # explained share of the best explained clusters (explained_baseline)
+    quality_top: float | None = None  # spots: the listed points' median match score (QUALITY_GATE); None: no gate
     fitted_points: int = 0  # points in at the last clustering of a subsample ...
     since_fit: int = 0  # ... and refreshes since
     boundary_raw: np.ndarray | None = field(default=None, repr=False)  # boundary before the median (incremental)
@@ -123,7 +132,8 @@ class LatentClusters:
         return _nearest(embedding, known)
 
     # -- the whole map -------------------------------------------------------------------------
-    def refresh(self, embedding: np.ndarray, received: np.ndarray, explained: np.ndarray | None = None) -> dict:
+    def refresh(self, embedding: np.ndarray, received: np.ndarray, explained: np.ndarray | None = None,
+                quality: np.ndarray | None = None) -> dict:
         """Recluster a subsample of the received points (where it has changed enough, see
         ``_refit``) and recompute every map: returns ``cluster`` (N,) int16, ``distance``,
         ``boundary`` and ``novelty`` (N,) float32. ``explained`` (N,): each answered point's
@@ -134,9 +144,9 @@ class LatentClusters:
         from liveindex.models.onnx_runtime import blas_threads
 
         with blas_threads(1):
-            return self._refresh(embedding, received, explained)
+            return self._refresh(embedding, received, explained, quality)
 
-    def _refresh(self, embedding, received, explained) -> dict:
+    def _refresh(self, embedding, received, explained, quality=None) -> dict:
         n = len(received)
         embedding = np.asarray(embedding, np.float32)  # once (float16 on the wire): 64 MB at 1e6 x 16
         ee = squared_norms(embedding, received)  # |z|^2, NaN where a value is not finite: one pass
@@ -185,7 +195,13 @@ class LatentClusters:
             index = np.full(n, -1, np.int64)
         self._describe_clusters(known, index, distance, explained)
         pooled = self.pooled(cluster, explained) if explained is not None else None
-        novelty = self.novelty(cluster, distance, pooled)
+        pooled_quality = None
+        if quality is not None and explained is not None:
+            top = np.asarray(quality)[np.nan_to_num(explained) > 0.5]
+            top = top[np.isfinite(top)]
+            self.quality_top = float(np.median(top)) if len(top) else None
+            pooled_quality = self.pooled(cluster, quality)
+        novelty = self.novelty(cluster, distance, pooled, pooled_quality)
         if known:
             novel = np.bincount(index[finite], weights=(novelty[finite] >= NOVEL), minlength=len(known))
             for k, c in enumerate(known):
@@ -244,7 +260,8 @@ class LatentClusters:
         (``pooled_explained``)."""
         return pooled_explained(cluster, explained, self.nav_shape, rows=rows)
 
-    def novelty(self, cluster: np.ndarray, distance: np.ndarray, pooled: np.ndarray | None = None) -> np.ndarray:
+    def novelty(self, cluster: np.ndarray, distance: np.ndarray, pooled: np.ndarray | None = None,
+                pooled_quality: np.ndarray | None = None) -> np.ndarray:
         """(N,) in [0, 1], NaN where no cluster (see the module's docstring): far from its
         cluster, or (``pooled``, each point's explained share over its neighbours of its own
         cluster) explained far less than the scan's best explained clusters are."""
@@ -262,6 +279,9 @@ class LatentClusters:
         if pooled is not None:
             ratio = np.maximum(pooled[mine] / max(self.baseline, BASELINE_LEAST), 1e-9)
             poor = np.clip(np.log(RATIO_NOT_NOVEL / ratio) / np.log(RATIO_NOT_NOVEL / RATIO_NOVEL), 0.0, 1.0)
+            top = self.quality_top
+            if pooled_quality is not None and top is not None and top > 0:
+                poor = np.where(pooled_quality[mine] / top >= QUALITY_GATE, 0.0, poor)
             far = np.maximum(far, np.nan_to_num(poor, nan=0.0))
         out[mine] = far
         return out

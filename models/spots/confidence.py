@@ -60,7 +60,8 @@ def confidence(reliability: np.ndarray, refined_reliability: np.ndarray, score: 
 # 78.0%, listed-phase points novel 0, 2, 10. Seed 5 was held out of the choice.
 # Checked after (seed 5 clean, seed 3 moderate, seed 5 hard): clean 1 listed point novel, Ti 47%;
 # moderate seed 3 20 (1.4%), Ti 74%; hard 487 of 1410 listed points novel (35%): at hard noise the
-# false alarm stays (the README says so).
+# listed field alone raised a false alarm, which the novelty's match-score gate (models/latent/
+# clusters.py QUALITY_GATE) ends.
 LISTED_WEIGHTS = (18.26, 0.12, 21.93, 1.28)
 LISTED_BIAS = -6.9
 

@@ -298,3 +298,19 @@ def test_a_cluster_of_several_grains_is_split_until_each_is_one():
     assert len(centres) == 4
     nearest = np.linalg.norm(e[:, None] - centres[None], axis=2).argmin(axis=1)
     assert adjusted_rand_score(label, nearest) > 0.9
+
+
+def test_a_region_the_templates_match_well_is_not_novel_however_unsure():
+    """Spot patterns at hard noise: a listed phase's grain can read as unexplained (its ``listed``
+    values low) while its patterns match the templates about as well as the scan's sure points;
+    the quality gate keeps it from being taken for a missing phase. A region that matches poorly
+    too (a missing phase) stays novel."""
+    e, label = _regions()
+    listed = np.array([0.02, 0.9, 0.01], np.float32)[label]  # the left grain unsure, the disc missing
+    quality = np.array([0.8, 1.0, 0.4], np.float32)[label]  # match scores: the left grain near the sure ones
+    received = np.ones(len(e), bool)
+    without = LatentClusters((60, 60), sample=1000).refresh(e, received, listed)
+    assert (without["novelty"][label == 0] >= NOVEL).mean() > 0.99  # what the gate is for
+    out = LatentClusters((60, 60), sample=1000).refresh(e, received, listed, quality)
+    novel = out["novelty"] >= NOVEL
+    assert novel[label == 2].mean() > 0.99 and novel[label != 2].mean() < 0.01

@@ -32,9 +32,9 @@ def test_explained_of_reads_listed_where_the_modality_declares_it():
     assert np.allclose(got[:2], [0.8, 0.02]) and np.isnan(got[2])  # not answered stays NaN
 
 
-def _index(tmp_path, phases, seed=7):
+def _index(tmp_path, phases, seed=7, noise="moderate"):
     setup = check_setup({"kv": 200.0, "calibration": 0.03, "precession": 1.0}, (128, 128))
-    scan = SimulatedSpotScan((40, 40), phases, setup, noise="moderate", seed=seed)
+    scan = SimulatedSpotScan((40, 40), phases, setup, noise=noise, seed=seed)
     np.save(tmp_path / "scan.npy", scan.render(0, scan.size).reshape(40, 40, 128, 128))
     proc = run_cli("index", tmp_path / "scan.npy", "--modality", "spots", "--calibration", 0.03, "--precession", 1,
                    "--phases", STEEL, "--out", tmp_path / "out")
@@ -44,10 +44,13 @@ def _index(tmp_path, phases, seed=7):
 
 
 @pytest.mark.slow
-def test_unsure_grains_of_listed_phases_are_not_novel(tmp_path):
-    # Seed 7: with the confidence as the novelty's input, 239 points of 8 listed grains were novel.
-    truth, novel, stdout = _index(tmp_path, list(phases_from_spec(STEEL)))
-    assert np.count_nonzero(novel & (truth >= 0)) <= 5
+@pytest.mark.parametrize("noise, seed, most", [("moderate", 7, 5), ("hard", 9, 15)])
+def test_unsure_grains_of_listed_phases_are_not_novel(tmp_path, noise, seed, most):
+    # Moderate seed 7: with the confidence as the novelty's input, 239 points of 8 listed grains
+    # were novel. Hard seed 9: with the listed field alone 388 (models/latent/clusters.py
+    # QUALITY_GATE), with the gate 9.
+    truth, novel, stdout = _index(tmp_path, list(phases_from_spec(STEEL)), seed=seed, noise=noise)
+    assert np.count_nonzero(novel & (truth >= 0)) <= most
     assert "is a phase missing?" not in stdout
 
 
@@ -55,6 +58,6 @@ def test_unsure_grains_of_listed_phases_are_not_novel(tmp_path):
 def test_a_spot_phase_missing_from_the_list_is_still_novel(tmp_path):
     ti = record_from_cif(str(TI_CIF), name="ti")
     truth, novel, stdout = _index(tmp_path, list(phases_from_spec(STEEL)) + [ti])
-    assert novel[truth == 3].mean() >= 0.8  # 91.6% measured
+    assert novel[truth == 3].mean() >= 0.6  # 73% measured (89% before the quality gate, which ended hard-noise false alarms)
     assert np.count_nonzero(novel & (truth >= 0) & (truth < 3)) <= 5
     assert "is a phase missing?" in stdout
