@@ -12,12 +12,12 @@ import datetime
 import json
 import logging
 import platform
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from liveindex.models.ebsd.preprocess import MAX_WORKING_SIDE
+from liveindex.models.provenance import git_commit
 
 from . import training_data as td
 from .codebook import CODEBOOK_SERVES, CODEBOOK_SOURCES
@@ -136,19 +136,6 @@ def calibrate_confidence(model, folder: Path) -> dict:
             "noise": "simulated detector clean, moderate, hard, and the training variation"}
 
 
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        # The bundle being written is not part of what made it.
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!models/bundles"], capture_output=True, text=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def export(checkpoint: Path, out: Path, *, eval_n: int = DEFAULT_EVAL_N, command: str = "") -> dict:
     import torch
 
@@ -220,7 +207,7 @@ def export(checkpoint: Path, out: Path, *, eval_n: int = DEFAULT_EVAL_N, command
         "parity": {"max_abs_diff": diffs, "tolerance": PARITY_ATOL},
         "confidence_calibration": calibration,
         "provenance": {
-            "seed": config["seed"], "git_commit": git_commit(),
+            "seed": config["seed"], "git_commit": git_commit(Path(__file__).resolve().parents[1], "ebsd/bundles"),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "n_train": config["n_train"], "n_val": config["n_val"], "epochs": config["epochs"],
             "eval_n_per_source": eval_n, "train_command": train_meta.get("command", ""), "export_command": command,

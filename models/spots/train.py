@@ -28,13 +28,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
 from liveindex.models.crystal import proper_operators
+from liveindex.models.provenance import git_commit
 
 from .diffraction import rotation_matrices
 from .indexer import find_centers
@@ -179,18 +179,6 @@ def export_onnx(model, n_in: int, path: Path) -> None:
                       opset_version=17, dynamo=False)
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!bundles"], capture_output=True, text=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def validate(bundle_folder: Path, phase_records, setup: dict, pattern_shape, n: int, seed: int,
              front: PolarFront, resolution: float) -> dict:
     """The exported graphs (ONNX Runtime) on ``n`` held-out patterns a phase: phase accuracy and
@@ -287,7 +275,8 @@ def train_bundle(phase_records, setup: dict, out: Path, *, pattern_shape=(128, 1
         "training": {"seed": seed, "epochs": epochs, "batch": batch, "hidden": hidden, "noise_mix": dict(NOISE_MIX), "excitation_range": EXCITATION_RANGE,
                      "distortion": DISTORTION, "target_sigma_deg": TARGET_SIGMA_DEG, "loss_history": history,
                      "simulate_s": round(simulate_s, 1), "seconds": round(time.perf_counter() - start, 1),
-                     "torch_threads": 1, "command": command, "git_commit": git_commit(),
+                     "torch_threads": 1, "command": command,
+                     "git_commit": git_commit(Path(__file__).resolve().parent, "bundles"),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
     }
     (out / "bundle.json").write_text(json.dumps(bundle, indent=1))
