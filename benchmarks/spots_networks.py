@@ -9,13 +9,13 @@ no refinement) and the indexer without and with the bundle (``--indexer template
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
 import time
 
 import numpy as np
+from spots_side_by_side import finish_report, summary  # benchmarks/, beside this script
 
 from liveindex.models.crystal import record_from_cif
 from liveindex.models.spots.evaluate import make_set, score_answers
@@ -26,13 +26,6 @@ from liveindex.models.spots.templates import in_plane
 
 log = logging.getLogger("spots_networks")
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def summary(scores: dict, rate: float | None = None) -> dict:
-    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items() if not isinstance(v, np.ndarray)}
-    if rate is not None:
-        out["patterns_per_s"] = round(rate, 1)
-    return out
 
 
 def run(indexer, frames):
@@ -97,12 +90,7 @@ def main(argv=None):
         if absent is not None:  # a phase not in the list: how many of its points look sure
             report[name]["absent_ti_above_0.5"] = round(float((indexer.index(absent.frames)["confidence"] > 0.5).mean()), 4)
         log.info("%s: %s", name, report[name])
-    report["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text)
+    finish_report(report, args.json)
 
 
 if __name__ == "__main__":

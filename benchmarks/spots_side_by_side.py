@@ -104,11 +104,23 @@ log = logging.getLogger("spots_side_by_side")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def summary(scores: dict, rate: float) -> dict:
+def summary(scores: dict, rate: float | None = None) -> dict:
+    """score_answers' figures (rounded, no per-point arrays) and the rate where given."""
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()
            if not isinstance(v, np.ndarray)}
-    out["patterns_per_s"] = round(rate, 1)
+    if rate is not None:
+        out["patterns_per_s"] = round(rate, 1)
     return out
+
+
+def finish_report(report: dict, json_path: str | None) -> None:
+    """The load after the run into ``report``, then print it and write it to ``json_path``."""
+    report["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if json_path:
+        with open(json_path, "w") as fh:
+            fh.write(text)
 
 
 def run_liveindex(frames, phases, setup, *, resolution: float, threads: int, providers: str, refine: bool = True,
@@ -522,12 +534,7 @@ def main(argv=None):
             report[key] = p4
             log.info("py4DSTEM %g deg: %s", step, p4)
             report["liveindex"][f"speedup_vs_py4dstem_{step:g}deg"] = round(rate / p4_rate, 1)
-    report["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(text)
+    finish_report(report, args.json)
 
 
 if __name__ == "__main__":
