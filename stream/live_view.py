@@ -172,6 +172,7 @@ class SinkView:
         status.update({
             "version": state.version, "frames_per_second_now": rate,
             "latency_now_s": float(np.median(latency)) if latency else None,
+            "timeline": state.timeline.to_wire(),
             "seconds_left": (state.size - state.n_received) / rate if rate > 0 else None,
             "workers_up": len(workers), "workers": workers,
             "queue_depth": dispatcher.get("queue_depth"), "backlog_frames": dispatcher.get("backlog_frames"),

@@ -22,6 +22,7 @@ from liveindex.models.errors import ProtocolError
 from .latent_map import LatentMaps, has_latent
 from .orientation_map import error_to_truth
 from .protocol import Message, ScanStart, check_results
+from .timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ScanState:
         self.maps = {f.name: f.allocate(n) for f in spec.fields}
         self.received = np.zeros(n, bool)
         self.latency_s = np.full(n, np.nan, np.float32)  # detector (acquisition) to sink, per point
+        self.timeline = Timeline()  # throughput and latency over the run, for the live page's chart
         self.truth = self._truth(start)
         self.error_deg = (np.full(n, np.nan, np.float32)
                           if spec.has_orientations and "quaternion" in self.truth else None)

@@ -474,9 +474,12 @@ class Sink:
         latencies = latencies[latencies == latencies]  # NaN: the page carried no acquisition time
         for latency in latencies:
             self.metrics.latency.observe(float(latency))
-        if len(latencies):
-            self.latency_window.append((time.monotonic(), float(np.median(latencies))))
-        self._rate_window.append((time.monotonic(), new))
+        now = time.monotonic()
+        page_latency = float(np.median(latencies)) if len(latencies) else None
+        if page_latency is not None:
+            self.latency_window.append((now, page_latency))
+        self._rate_window.append((now, new))
+        state.timeline.add(now, new, page_latency)
         self.metrics.progress.set(state.n_received / state.size)
 
     def _update_rate(self) -> None:
