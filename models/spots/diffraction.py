@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from liveindex.models.crystal import PhaseRecord, quaternion_multiply
+from liveindex.models.errors import InputError
 
 MIN_RELATIVE_F2 = 1e-4  # reflections weaker than this (|F|^2 of the strongest) are left out
 
@@ -45,19 +46,46 @@ def wavelength(kv: float) -> float:
     return float(get_electron_wavelength(kv))
 
 
+FIRST_REFLECTION_SEARCH = 1.5  # 1/angstrom: where the error below looks for a phase's first reflection
+
+
 @functools.lru_cache(maxsize=32)
 def _reflections(record: PhaseRecord, reciprocal_radius: float) -> Reflections:
     from diffsims.crystallography import ReciprocalLatticeVector
     from diffsims.utils.sim_utils import get_kinematical_intensities
 
     phase = record.orix_phase()
-    vectors = ReciprocalLatticeVector.from_min_dspacing(phase, 1.0 / reciprocal_radius)
+    try:
+        vectors = ReciprocalLatticeVector.from_min_dspacing(phase, 1.0 / reciprocal_radius)
+    except ValueError:  # orix: not even the shortest lattice vector lies within the radius
+        vectors = None
+    if vectors is None or vectors.size == 0:
+        raise _out_of_reach(record, reciprocal_radius)
     hkl = np.asarray(vectors.hkl, float)
     g = np.asarray(vectors.data, float)
     f2 = np.asarray(get_kinematical_intensities(phase.structure, hkl, vectors.gspacing, prefactor=1.0,
                                                 scattering_params="lobato"), float)
+    if not f2.max() > 0:  # only systematically absent ones within the radius
+        raise _out_of_reach(record, reciprocal_radius)
     keep = f2 > MIN_RELATIVE_F2 * f2.max()
     return Reflections(hkl[keep], g[keep], f2[keep])
+
+
+def _out_of_reach(record: PhaseRecord, reciprocal_radius: float) -> InputError:
+    """The frames reach too little of reciprocal space to show any of the phase's spots (a tiny
+    frame, or a calibration off by a factor): say how far they reach and where its first spot is."""
+    first = None
+    if reciprocal_radius < FIRST_REFLECTION_SEARCH:
+        try:
+            first = _reflections(record, FIRST_REFLECTION_SEARCH)
+        except InputError:
+            pass
+    where = (f"its first reflection ({' '.join(str(round(v)) for v in first.hkl[np.argmin(np.linalg.norm(first.g, axis=1))])})"
+             f" lies at {np.linalg.norm(first.g, axis=1).min():.2f} 1/angstrom" if first is not None
+             else "it has no reflection that close")
+    return InputError(f"phase {record.name}: the frames reach only {reciprocal_radius:.2f} 1/angstrom from the direct "
+                      f"beam (the calibration times the frame's radius) and {where}; check --calibration (1/angstrom "
+                      "per pixel) or give larger frames")
 
 
 def reflections(record: PhaseRecord, reciprocal_radius: float) -> Reflections:

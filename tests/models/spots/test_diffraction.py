@@ -39,3 +39,15 @@ def test_spots_match_diffsims():
         assert mine.sum() == strong.sum()
         ours = inten[i][mine][j[strong]]
         np.testing.assert_allclose(ours / ours.max(), their_i[strong] / their_i[strong].max(), atol=1e-9)
+
+
+def test_frames_that_reach_no_reflection_get_a_clear_error_not_orix_s():
+    """16 px frames at 0.03/A per pixel reach 0.24/A; ferrite's first spot (110) is at 0.49/A."""
+    import pytest
+
+    from liveindex.models.errors import InputError
+
+    record = record_from_cif(f"{DATA}/ferrite.cif")
+    with pytest.raises(InputError, match=r"reach only 0\.24 1/angstrom .*first reflection \(1 1 0\) lies at 0\.49 "
+                                         r"1/angstrom; check --calibration"):
+        reflections(record, 0.24)
