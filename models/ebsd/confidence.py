@@ -48,6 +48,39 @@ RELIABLE = (7.15, 8.84, 8.1, 7.68)
 WHITE_NOISE_FRAMES = 64
 
 
+# An answer must fit better than pure noise does. On small patterns the confidence's features
+# are out of the range it was fitted on: Poisson noise of 8x8 pixels matched against a 2-degree
+# dictionary reached confidence 0.93-0.99 (12x12: 170 of 300 noise frames above 0.5), since the
+# best of 30 000 templates fits 64 pixels of anything well. Each scan's indexer therefore
+# indexes NOISE_FRAMES frames of Poisson noise through its own path once, and an answer's
+# confidence is multiplied by 1 - NOISE_RARITY * S(NCC), S the chance that a noise frame fits
+# at least as well. The best of many correlations has a Gumbel tail, so S comes from a Gumbel
+# law with the noise NCCs' mean and spread (a normal tail let 1-2 of 300 noise frames of 16x16
+# through). With NOISE_RARITY 200 the factor is 0.5 where one noise frame in 400 fits as well
+# and 0 at one in 200. Measured by benchmarks/noise_confidence.py: no noise
+# frame of 8, 12, 16 or 24 px above 0.5 (of 300 each); simulated Ni 20x20 scans at 60x60 keep
+# every confident point at moderate noise and 97-98% of them at hard (183 of 188, 167 of 170),
+# where right answers' NCC (0.16-0.25) comes within a few noise widths of noise's (0.147 +- 0.012).
+NOISE_FRAMES = 64
+NOISE_RARITY = 200.0
+EULER_GAMMA = 0.5772156649
+
+
+def noise_frames(preprocess: Preprocessor, n: int = NOISE_FRAMES) -> np.ndarray:
+    """(n, H, W) Poisson noise frames at the scan's input size, the same every time."""
+    h, w = preprocess.input_shape
+    return np.random.default_rng(1).poisson(100.0, (n, h, w)).astype(np.float32)
+
+
+def above_noise(score: np.ndarray, noise_scores: np.ndarray) -> np.ndarray:
+    """(B,) refined NCC, the NCCs the scan's indexer gave noise frames -> (B,) in [0, 1]: the
+    factor the confidence is multiplied by (1 well above noise, 0 where noise often fits as well)."""
+    spread = max(float(np.std(noise_scores)), 1e-4) * np.sqrt(6.0) / np.pi  # Gumbel scale
+    mode = float(np.mean(noise_scores)) - EULER_GAMMA * spread
+    survival = -np.expm1(-np.exp(-(np.asarray(score, np.float64) - mode) / spread))
+    return np.clip(1.0 - NOISE_RARITY * survival, 0.0, 1.0).astype(np.float32)
+
+
 def white_noise_share(preprocess: Preprocessor) -> float:
     """The share of a white-noise pattern's energy that survives the blur L, after the scan's
     preprocessing (binning, background subtraction, mask): the floor of ``explained_share``."""

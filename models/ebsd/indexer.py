@@ -44,7 +44,7 @@ from liveindex.models.ebsd.master_patterns import check_phases, point_group, reg
 from liveindex.models.errors import InputError
 from liveindex.models.onnx_runtime import choose_providers
 
-from .confidence import confidence, explained_share, white_noise_share
+from .confidence import above_noise, confidence, explained_share, noise_frames, white_noise_share
 from .geometry import DetectorGeometry
 from .matcher import TemplateIndexer
 from .preprocess import Preprocessor, StaticBackground
@@ -148,10 +148,20 @@ class ScanIndexer:
                 matcher.warm_up(self.preprocess.n_pixels)
                 self.indexers.append(matcher)
         self._providers, self._threads = providers, threads
+        self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
+        self._noise_scores = None
         if refine:
             self.refine_at(geometry)
             self._white_share = white_noise_share(self.preprocess)
-        self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
+            self._noise_scores = self._scores_on_noise()
+
+    def _scores_on_noise(self) -> np.ndarray:
+        """The refined NCCs this indexer gives frames of pure noise (models/ebsd/confidence.py
+        above_noise), through the whole path; the network's page counter is left as it was."""
+        pages_without_network = self._pages_without_network
+        result = self.index(noise_frames(self.preprocess))
+        self._pages_without_network = pages_without_network
+        return result.score[np.isfinite(result.score)]
 
     def refine_at(self, geometry: DetectorGeometry) -> None:
         """Refine against patterns rendered for ``geometry`` (a fitted projection centre, say);
@@ -240,6 +250,8 @@ class ScanIndexer:
                 explained = explained_share(self.preprocess, flat[rows], refiner.render(result.quaternion[rows]),
                                             result.score[rows], self._white_share)
                 result.confidence[rows] = confidence(result.score[rows], explained, result.reliability[rows])
+                if self._noise_scores is not None and len(self._noise_scores):
+                    result.confidence[rows] *= above_noise(result.score[rows], self._noise_scores)
         # A flag for sure answers only: where the fit itself is doubtful, a second solution that
         # scores as well is noise, and the low confidence already says so.
         result.pseudo_symmetry[result.confidence < 0.5] = 0

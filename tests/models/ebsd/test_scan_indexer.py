@@ -146,3 +146,15 @@ def test_a_signal_mask_keeps_what_lies_outside_it_out(moderate_scan, frames):
     assert np.median(err) < 0.4 and np.mean(err < 3) >= 0.99
     with pytest.raises(InputError, match="signal mask"):
         ScanIndexer(moderate_scan.geometry, ["ni"], progress=False, threads=1, signal_mask=circle, indexer="network")
+
+
+def test_pure_noise_is_never_confident_even_on_tiny_patterns():
+    """On 12x12 px the best of a dictionary's templates fits anything well: without the noise
+    guard (models/ebsd/confidence.py above_noise) 170 of 300 such noise frames read above 0.5."""
+    indexer = ScanIndexer(DetectorGeometry((12, 12), pc=(0.5, 0.5, 0.5)), ["ni"], progress=False,
+                          indexer="templates", min_confidence=0.0)
+    noise = np.random.default_rng(5).poisson(500, (100, 12, 12)).astype(np.float32)
+    assert (indexer.index(noise).confidence <= 0.5).all()
+    guard, indexer._noise_scores = indexer._noise_scores, None
+    assert (indexer.index(noise).confidence > 0.5).sum() >= 20  # the guard is what holds it
+    indexer._noise_scores = guard
