@@ -157,10 +157,11 @@ class ScanIndexer:
 
     def _scores_on_noise(self) -> np.ndarray:
         """The refined NCCs this indexer gives frames of pure noise (models/ebsd/confidence.py
-        above_noise), through the whole path; the network's page counter is left as it was."""
-        pages_without_network = self._pages_without_network
+        above_noise), through the whole path; the page counters (which pages skip the network or
+        the coarse pass, set by doubtful pages as noise is) are left as they were."""
+        counters = self._pages_without_network, self._pages_without_coarse
         result = self.index(noise_frames(self.preprocess))
-        self._pages_without_network = pages_without_network
+        self._pages_without_network, self._pages_without_coarse = counters
         return result.score[np.isfinite(result.score)]
 
     def refine_at(self, geometry: DetectorGeometry) -> None:
