@@ -38,14 +38,23 @@ class ArraySource(ScanSource):
         self.nav_shape = tuple(patterns.shape[:-2]) if patterns.ndim == 4 else (1, patterns.shape[0])
         self.step = tuple(step)
         self.pattern_shape = tuple(int(n) for n in patterns.shape[-2:])
-        self.dtype = patterns.dtype.name
+        self.dtype = wire_dtype(patterns.dtype)  # read() converts a page at a time where it differs
         self.setup = modality.check_setup(dict(setup), self.pattern_shape)
         self.phases = list(phases)
         self.truth = {}
         self.metadata = {"source": name, **(metadata or {})}
 
     def read(self, first: int, count: int) -> np.ndarray:
-        return np.ascontiguousarray(self.patterns[first:first + count])
+        return np.ascontiguousarray(self.patterns[first:first + count], dtype=self.dtype)
+
+
+def wire_dtype(dtype) -> str:
+    """The dtype frames of ``dtype`` travel as: their own where the wire carries it (8-32 bit
+    counts, float32), else float32 (float64 and float16 arrays, signed integers from
+    background-subtracted or DM files, 64-bit counts), converted a page at a time so that a
+    memory-mapped scan is never copied whole."""
+    dtype = np.dtype(dtype)
+    return dtype.name if dtype.name in FRAME_DTYPES else "float32"
 
 
 def check_pattern_array(patterns, name: str) -> None:
@@ -55,10 +64,10 @@ def check_pattern_array(patterns, name: str) -> None:
             f"{name} holds an array of shape {patterns.shape} (rank {patterns.ndim}); liveindex needs patterns as "
             "(N, H, W) or (ny, nx, H, W): reshape it, e.g. np.save(path, a.reshape(-1, H, W))"
         )
-    if patterns.dtype.name not in FRAME_DTYPES:
+    if patterns.dtype.kind not in "uif":
         raise InputError(
-            f"{name} has dtype {patterns.dtype}; patterns must be {', '.join(FRAME_DTYPES)}: convert it, "
-            "e.g. a.astype(np.float32)"
+            f"{name} has dtype {patterns.dtype}; patterns must be real numbers (integer or float, e.g. "
+            f"{', '.join(FRAME_DTYPES)}): convert it, e.g. a.astype(np.float32)"
         )
     if min(patterns.shape[-2:]) < 2:
         raise InputError(f"{name} patterns are {patterns.shape[-2:]} pixels; a pattern needs at least 2x2")

@@ -15,7 +15,7 @@ import numpy as np
 from liveindex.models import modality as modalities
 from liveindex.models.arrays import ArraySource, check_pattern_array
 from liveindex.models.errors import InputError
-from liveindex.models.modality import FRAME_DTYPES, ScanSource
+from liveindex.models.modality import ScanSource
 
 from .geometry import DetectorGeometry
 from .master_patterns import phases_from_spec, record_of
@@ -200,8 +200,6 @@ def _read_with_kikuchipy(path: Path):
                          "truncated: copy it again") from None
     if patterns.ndim == 3 and signal.axes_manager.navigation_dimension == 1:
         patterns = patterns[None]
-    if patterns.dtype.name not in FRAME_DTYPES:
-        patterns = patterns.astype(np.float32)
     try:
         setup = read_setup(signal, path)
     except Exception as exc:  # a damaged header: say so rather than guess the geometry
@@ -232,8 +230,6 @@ def python_source(patterns, *, detector=None, phases=("ni",), step=None) -> tupl
     if detector is None:
         raise InputError("liveindex.index needs the detector geometry for an array: pass detector=EBSDDetector(...) "
                          "or detector={'pc': (x, y, z), 'convention': 'bruker', 'sample_tilt': 70}")
-    if patterns.dtype.name not in FRAME_DTYPES:
-        patterns = patterns.astype(np.float32)
     geometry = _geometry_from_detector(detector, tuple(patterns.shape[-2:]))
     source = array_source(patterns, geometry=geometry, phases=phases, step=step or (1.0, 1.0), name=name)
     return source, carried

@@ -158,10 +158,10 @@ def load_file(path, *, modality, setup: dict, phases) -> ScanSource:
                              "pixel (e.g. 0.02)")
         setup["calibration"] = facts["calibration"]
         log.info("calibration %.5f 1/A per pixel from %s", setup["calibration"], path)
-    if np.dtype(data.dtype).name not in FRAME_DTYPES:
-        if isinstance(data, ArinaFrames):
-            raise InputError(f"{path} holds {data.dtype} frames; DECTRIS frames are uint8-uint32")
-        data = data.astype(np.float32)
+    if isinstance(data, ArinaFrames) and np.dtype(data.dtype).name not in FRAME_DTYPES:
+        raise InputError(f"{path} holds {data.dtype} frames; DECTRIS frames are uint8-uint32")
+    # Other dtypes (float64, signed integers) travel as float32, converted a page at a time by
+    # ArraySource.read: a memory-mapped scan is never copied whole.
     if isinstance(data, np.ndarray):
         return ArraySource(data, modality=modality, setup=setup, phases=phases, step=facts.get("step", (1.0, 1.0)),
                            name=Path(path).name)

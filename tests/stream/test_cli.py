@@ -90,6 +90,12 @@ def test_npy_with_nans(tmp_path):
     _assert_one_line_error(run_cli("index", path), "1 NaN or infinite", "nan_to_num")
 
 
+def test_npy_of_complex_numbers(tmp_path):
+    path = tmp_path / "complex.npy"
+    np.save(path, np.ones((4, 60, 60), np.complex64))
+    _assert_one_line_error(run_cli("index", path), "dtype complex64", "real numbers", "astype")
+
+
 def test_pc_outside_unit_interval(tmp_path):
     path = tmp_path / "ok.npy"
     np.save(path, np.ones((4, 60, 60), np.uint8))
