@@ -5,7 +5,12 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from liveindex.models.errors import InputError
-from liveindex.models.latent.clusters import NOVEL, LatentClusters, parse_clusters
+from liveindex.models.latent.clusters import (
+    BASELINE_LEAST_LISTED,
+    NOVEL,
+    LatentClusters,
+    parse_clusters,
+)
 from liveindex.models.latent.spatial import boundary_map
 
 
@@ -107,6 +112,21 @@ def test_points_not_in_or_not_finite_get_no_cluster():
     received[10] = False
     out = LatentClusters((60, 60), sample=1000).refresh(e, received)
     assert out["cluster"][5] == -1 and out["cluster"][10] == -1 and np.isnan(out["novelty"][[5, 10]]).all()
+
+
+def test_a_scan_no_listed_phase_explains_is_novel_on_the_listed_fields_scale():
+    """Spots: the novelty reads the ``listed`` field, where a missing phase reads about 0.01-0.05
+    (not the confidence's 0.002-0.005). A scan of a missing phase alone has no listed cluster to set
+    the baseline; its least must be on that field's scale: at the confidence's (0.2) no point of an
+    all-Ti spot scan was novel and ``liveindex index`` said the patterns were hard to index."""
+    e, label = _regions()
+    listed = np.random.default_rng(4).uniform(0.005, 0.015, len(e)).astype(np.float32)
+    received = np.ones(len(e), bool)
+    out = LatentClusters((60, 60), sample=1000, baseline_least=BASELINE_LEAST_LISTED).refresh(e, received, listed)
+    assert (out["novelty"] >= NOVEL).all()
+    # The same values read as a calibrated confidence (EBSD's least, unchanged) are not novel.
+    out = LatentClusters((60, 60), sample=1000).refresh(e, received, listed)
+    assert not (out["novelty"] >= NOVEL).any()
 
 
 def test_clusters_option():
