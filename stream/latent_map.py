@@ -76,6 +76,15 @@ def quality_of(arrays: dict, explained: np.ndarray | None) -> np.ndarray | None:
     return np.where(np.isfinite(explained), arrays[QUALITY_FIELD].astype(np.float32), np.nan).astype(np.float32)
 
 
+def baseline_least_of(spec) -> float:
+    """The least baseline of the novelty (models/latent/clusters.py), on the scale of the field
+    ``explained_of`` reads for this modality: its listed field where it declares one, else the
+    calibrated confidence."""
+    from liveindex.models.latent.clusters import BASELINE_LEAST, BASELINE_LEAST_LISTED
+
+    return BASELINE_LEAST_LISTED if LISTED_FIELD in spec.field else BASELINE_LEAST
+
+
 def has_latent(spec) -> bool:
     f = spec.field.get(EMBEDDING_FIELD)
     return f is not None and len(f.shape) == 1 and f.dtype.startswith("float")
@@ -93,7 +102,7 @@ class LatentMaps:
 
         self.spec = spec
         n = spec.size
-        self.clusters = LatentClusters(tuple(spec.nav_shape), clusters=clusters)
+        self.clusters = LatentClusters(tuple(spec.nav_shape), clusters=clusters, baseline_least=baseline_least_of(spec))
         self.cluster = np.full(n, -1, np.int16)
         self.distance = np.full(n, np.nan, np.float32)
         self.boundary = np.full(n, np.nan, np.float32)

@@ -83,14 +83,14 @@ def latent_maps(maps: dict, start: ScanStart, clusters: int | None = None, *, in
     cluster's size and, where the scan_start carries a basis and the modality can make a
     pattern of a feature vector, what ``indexer`` answers for the cluster's mean pattern
     (the sink, which runs no indexer, cannot); {} where there is no embedding."""
-    from .latent_map import EMBEDDING_FIELD, explained_of, has_latent, quality_of
+    from .latent_map import EMBEDDING_FIELD, baseline_least_of, explained_of, has_latent, quality_of
 
     if not has_latent(start) or not np.isfinite(maps[EMBEDDING_FIELD].astype(np.float32)).any():
         return {}
     from liveindex.models.latent.clusters import LatentClusters
 
     received = np.ones(start.size, bool)
-    found = LatentClusters(tuple(start.nav_shape), clusters=clusters)
+    found = LatentClusters(tuple(start.nav_shape), clusters=clusters, baseline_least=baseline_least_of(start))
     explained = explained_of(start, maps)
     out = found.refresh(maps[EMBEDDING_FIELD], received, explained, quality_of(maps, explained))
     result = {k: out[k] for k in ("cluster", "boundary", "novelty")}

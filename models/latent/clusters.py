@@ -27,12 +27,13 @@ novelty maps (0.4-0.6 s of CPU at 1e6 points, 1.2-1.4 s where it reclusters; ben
   the points are answered, how little a listed phase explains it: its explained share (the
   indexer's calibrated confidence, the chance its answer is right) pooled over the points of
   its own cluster in the 15x15 around it (``pooled_explained``), over the explained share of
-  the best explained clusters (``explained_baseline``): novelty 1 below 0.0175 of it, 0 above
-  0.07 (0.5 at 0.035, on a log scale). A missing phase's points are answered with confidence
-  about 0; a listed phase's poor patterns (hard noise) with less than the best grains' but
-  far from 0, and the pooling over a few hundred neighbours tells them apart where one frame
-  does not; pooling within the point's own cluster keeps a missing phase's grain apart from
-  a listed one's that shares its cluster.
+  the best explained clusters (``explained_baseline``; at least ``baseline_least``, on the
+  scale of the field it reads, so that a scan no listed phase explains is novel): novelty 1
+  below 0.0175 of it, 0 above 0.07 (0.5 at 0.035, on a log scale). A missing phase's points
+  are answered with confidence about 0; a listed phase's poor patterns (hard noise) with less
+  than the best grains' but far from 0, and the pooling over a few hundred neighbours tells
+  them apart where one frame does not; pooling within the point's own cluster keeps a missing
+  phase's grain apart from a listed one's that shares its cluster. Spots: see QUALITY_GATE.
 """
 
 from __future__ import annotations
@@ -75,10 +76,34 @@ QUALITY_GATE = 0.62  # spots: no novelty where a point's pooled match score is a
 # gate: hard seeds 5 / 9 / 13 470 / 388 / 246 -> 14 / 9 / 0 of about 1420 (the scan's "is a phase missing?" no
 # longer asked); with hcp Ti unlisted, Ti points novel: moderate 7 / 11 / 13 89 / 78 / 51% -> 73 / 72 / 49%,
 # clean 5 47% -> 47%, hard 5 / 9 77 / 74% -> 64 / 23% (still asked: far above 1% of the scan).
+QUALITY_REFERENCE_SHARE = 0.05  # the gate's reference (the sure points' median score) only from sure points that
+QUALITY_REFERENCE_LEAST = 50  # are at least this share of the answered points and at least this many; else no gate.
+# Why: a phase missing from the list gives a few falsely sure points too, and where no listed phase is in the scan
+# at all they alone set the reference: their median score is the missing phase's own, so its regions passed the
+# gate (all-Ti 40x40 scans, with BASELINE_LEAST_LISTED: Ti points novel moderate seeds 5 / 9 69 / 89 of about 1460,
+# hard 5 0 of 1502, the line not asking; with no gate there 468 / 494 / 1142). Sure points (listed > 0.5) measured
+# on the 40x40 scans of benchmarks/spots_novelty.py: all hcp Ti (--all-missing) 0.6-2.1% of the answered points
+# (8-30 points; clean 5, moderate 5 / 9, hard 5), any listed phase in the scan 15-36% (205-875 points; steel only
+# hard 5 / 9 / 13, moderate 7; with Ti moderate 5 / 9 / 13, hard 5 / 9). Without the gate the novelty still
+# weighs each region against the best explained clusters (and BASELINE_LEAST_LISTED where none is explained).
 REFIT_EVERY = 4  # the subsample is clustered again every this many refreshes at least, ...
 REFIT_GROWTH = 1.25  # ... where the points in grew by this factor since, ...
 REFIT_FAR = 0.02  # ... or where this share of the subsample is far from every cluster (novelty 0.5 or more)
 RADIUS_SAMPLE = 200_000  # points of the map a cluster's radius (95th percentile) is taken from
+BASELINE_SHARE = 0.2  # the best explained clusters holding this share of the points set the baseline ...
+BASELINE_LEAST = 0.2  # ... taken as at least this: where nothing is explained, all is novel (below 0.01-0.05).
+# The least is on the scale of the explained share the novelty reads: just below what the best fifth of a scan
+# with a listed phase in it reads, so that it changes nothing there and decides only where no listed phase is
+# in the scan. The calibrated confidence (EBSD): 0.2 (the listed grains' 0.21-0.59: explained_baseline).
+# A modality's listed field (spots: the chance that a listed phase explains the pattern) reads higher for a
+# listed phase and about as low for a missing one (median 0.01-0.05): the baselines of the 40x40 scans with a
+# listed phase (benchmarks/spots_novelty.py: steel only hard 5 / 9 / 13, moderate 7; with Ti moderate 5 / 9 / 13,
+# hard 5 / 9) 0.60-0.99, so 0.5, the field's own threshold for sure; at 0.2 an all-Ti scan's pooled 0.01-0.07
+# stayed above 0.035 of it (novelty 0.5): 0-17 of 1502 Ti points novel. Measured without the gate (which takes
+# no reference there: QUALITY_REFERENCE_SHARE), Ti novel at 0.5 / 0.7 / 1.0: moderate seed 5 31 / 58 / 76%,
+# clean 5 9 / 19 / 36%, hard 5 76 / 80 / 83%; above 0.6 the floor would reach the scans with listed phases (hard
+# seed 9 with Ti, baseline 0.60), which its job is not.
+BASELINE_LEAST_LISTED = 0.5
 
 
 def parse_clusters(text) -> int | None:
@@ -115,7 +140,10 @@ class LatentClusters:
     next_id: int = 0
     refreshes: int = 0
     baseline: float = 1.0  # explained share of the best explained clusters (explained_baseline)
-    quality_top: float | None = None  # spots: the listed points' median match score (QUALITY_GATE); None: no gate
+    # The least baseline the novelty takes, on the scale of the explained share it is given: BASELINE_LEAST for a
+    # calibrated confidence, BASELINE_LEAST_LISTED for a modality's listed field (stream/latent_map.py sets it).
+    baseline_least: float = BASELINE_LEAST
+    quality_top: float | None = None  # spots: the sure points' median match score (QUALITY_GATE); None: no gate
     fitted_points: int = 0  # points in at the last clustering of a subsample ...
     since_fit: int = 0  # ... and refreshes since
     boundary_raw: np.ndarray | None = field(default=None, repr=False)  # boundary before the median (incremental)
@@ -197,10 +225,9 @@ class LatentClusters:
         pooled = self.pooled(cluster, explained) if explained is not None else None
         pooled_quality = None
         if quality is not None and explained is not None:
-            top = np.asarray(quality)[np.nan_to_num(explained) > 0.5]
-            top = top[np.isfinite(top)]
-            self.quality_top = float(np.median(top)) if len(top) else None
-            pooled_quality = self.pooled(cluster, quality)
+            self.quality_top = quality_reference(quality, explained)
+            if self.quality_top is not None:
+                pooled_quality = self.pooled(cluster, quality)
         novelty = self.novelty(cluster, distance, pooled, pooled_quality)
         if known:
             novel = np.bincount(index[finite], weights=(novelty[finite] >= NOVEL), minlength=len(known))
@@ -277,7 +304,7 @@ class LatentClusters:
         mine = k >= 0
         far = np.clip((distance[mine] / radius[k[mine]] - FAR_FROM) / FAR_SPAN, 0.0, 1.0)
         if pooled is not None:
-            ratio = np.maximum(pooled[mine] / max(self.baseline, BASELINE_LEAST), 1e-9)
+            ratio = np.maximum(pooled[mine] / max(self.baseline, self.baseline_least), 1e-9)
             poor = np.clip(np.log(RATIO_NOT_NOVEL / ratio) / np.log(RATIO_NOT_NOVEL / RATIO_NOVEL), 0.0, 1.0)
             top = self.quality_top
             if pooled_quality is not None and top is not None and top > 0:
@@ -382,8 +409,16 @@ class LatentClusters:
             self.known = new
 
 
-BASELINE_SHARE = 0.2  # the best explained clusters holding this share of the points set the baseline ...
-BASELINE_LEAST = 0.2  # ... taken as at least this: where nothing is explained, all is novel (below 0.01-0.05)
+def quality_reference(quality: np.ndarray, explained: np.ndarray) -> float | None:
+    """The gate's reference (QUALITY_GATE): the median match score of the sure points (explained above
+    0.5), or None (no gate) where they are too few to stand for a listed phase (QUALITY_REFERENCE_SHARE)."""
+    answered = np.isfinite(explained)
+    quality = np.asarray(quality)
+    sure = answered & (np.nan_to_num(explained) > 0.5) & np.isfinite(quality)
+    count = int(np.count_nonzero(sure))
+    if count == 0 or count < max(QUALITY_REFERENCE_LEAST, QUALITY_REFERENCE_SHARE * np.count_nonzero(answered)):
+        return None
+    return float(np.median(quality[sure]))
 
 
 def explained_baseline(clusters: list[Cluster]) -> float:

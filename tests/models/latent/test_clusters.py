@@ -5,7 +5,14 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from liveindex.models.errors import InputError
-from liveindex.models.latent.clusters import NOVEL, LatentClusters, parse_clusters
+from liveindex.models.latent.clusters import (
+    BASELINE_LEAST_LISTED,
+    NOVEL,
+    QUALITY_REFERENCE_LEAST,
+    LatentClusters,
+    parse_clusters,
+    quality_reference,
+)
 from liveindex.models.latent.spatial import boundary_map
 
 
@@ -107,6 +114,43 @@ def test_points_not_in_or_not_finite_get_no_cluster():
     received[10] = False
     out = LatentClusters((60, 60), sample=1000).refresh(e, received)
     assert out["cluster"][5] == -1 and out["cluster"][10] == -1 and np.isnan(out["novelty"][[5, 10]]).all()
+
+
+def test_a_scan_no_listed_phase_explains_is_novel_on_the_listed_fields_scale():
+    """Spots: the novelty reads the ``listed`` field, where a missing phase reads about 0.01-0.05
+    (not the confidence's 0.002-0.005). A scan of a missing phase alone has no listed cluster to set
+    the baseline; its least must be on that field's scale: at the confidence's (0.2) no point of an
+    all-Ti spot scan was novel and ``liveindex index`` said the patterns were hard to index."""
+    e, label = _regions()
+    listed = np.random.default_rng(4).uniform(0.005, 0.015, len(e)).astype(np.float32)
+    received = np.ones(len(e), bool)
+    out = LatentClusters((60, 60), sample=1000, baseline_least=BASELINE_LEAST_LISTED).refresh(e, received, listed)
+    assert (out["novelty"] >= NOVEL).all()
+    # The same values read as a calibrated confidence (EBSD's least, unchanged) are not novel.
+    out = LatentClusters((60, 60), sample=1000).refresh(e, received, listed)
+    assert not (out["novelty"] >= NOVEL).any()
+
+
+def test_the_quality_gate_takes_no_reference_from_a_few_falsely_sure_points():
+    """A missing phase alone in the scan gives a few falsely sure points (listed > 0.5: 0.6-2.1% of
+    an all-Ti spot scan); their median score is the missing phase's own, and as the gate's reference
+    it kept every region from being novel. Too few sure points: no reference, no gate."""
+    e, label = _regions()
+    rng = np.random.default_rng(5)
+    listed = rng.uniform(0.002, 0.006, len(e)).astype(np.float32)
+    falsely_sure = rng.random(len(e)) < 0.01
+    listed[falsely_sure] = 0.6
+    quality = rng.normal(0.1, 0.01, len(e)).astype(np.float32)  # they match no better than the rest
+    assert quality_reference(quality, listed) is None
+    clusters = LatentClusters((60, 60), sample=1000, baseline_least=BASELINE_LEAST_LISTED)
+    out = clusters.refresh(e, np.ones(len(e), bool), listed, quality)
+    assert clusters.quality_top is None and (out["novelty"] >= NOVEL).mean() > 0.9
+    # A population of sure points (a listed phase in the scan) is the reference: their median score.
+    listed[label == 1] = 0.9
+    assert quality_reference(quality, listed) == pytest.approx(np.median(quality[listed > 0.5]))
+    # Not where they are a large share of a small scan but fewer than QUALITY_REFERENCE_LEAST.
+    few = np.flatnonzero(listed > 0.5)[:QUALITY_REFERENCE_LEAST - 1]
+    assert quality_reference(quality[few], listed[few]) is None
 
 
 def test_clusters_option():
