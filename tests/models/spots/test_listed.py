@@ -72,6 +72,7 @@ def test_a_spot_phase_missing_from_the_list_is_still_novel(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_a_spot_scan_of_a_missing_phase_alone_asks_whether_a_phase_is_missing(tmp_path):
     # Every grain hcp Ti, the three steel phases listed (benchmarks/spots_novelty.py --all-missing;
     # 14 s here). Before, 0 of 1502 Ti points were novel and the line said "hard to index surely
