@@ -153,6 +153,8 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
     """A phase from a CIF: space group, lattice and every atom of the cell (diffpy.structure
     expands the asymmetric unit with the CIF's symmetry operations). The name is ``name``, else
     the file's stem; InputError (one line) for a file that is not a usable CIF."""
+    import contextlib
+    import io
     import warnings
     from pathlib import Path
 
@@ -163,7 +165,8 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
         raise InputError(f"CIF {path} does not exist; give the path of a .cif file")
     parser = p_cif.P_cif()
     try:
-        with warnings.catch_warnings():
+        # PyCifRW prints its parser's complaints to stdout; the one-line error below says it all.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             structure = parser.parseFile(str(path))
         space_group = int(parser.spacegroup.number)

@@ -81,6 +81,14 @@ def test_phases_show_prints_what_was_understood():
     assert proc.returncode == 2 and len(error_lines(proc)) == 1
 
 
+def test_a_cif_the_parser_chokes_on_gives_one_line_and_no_parser_chatter(tmp_path):
+    broken = tmp_path / "broken.cif"
+    broken.write_text("data_x\n_cell_length_a 3.6\nloop_\n_atom_site_label\n")
+    proc = run_cli("phases", "show", broken)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "as a CIF" in proc.stderr
+    assert proc.stdout.strip() == ""  # PyCifRW printed its complaint here
+
+
 def test_hcp_titanium_from_a_cif_indexes_within_3_degrees(ti_scan, ti_file, tmp_path):
     proc = run_cli("index", ti_file, "--phases", TI_CIF, "--pc", *PC, "--tilt", 70, "--out", tmp_path / "ti.h5")
     assert proc.returncode == 0, proc.stderr
