@@ -304,6 +304,26 @@ def phases_from_wire(records) -> list[PhaseRecord]:
     return phases
 
 
+def structure_factors(phase, hkl, scattering_params: str = "xtables") -> np.ndarray:
+    """Complex kinematical structure factors F of (N, 3) Miller indices, from the orix phase's full
+    cell (as ``PhaseRecord.orix_phase`` builds it), each index on its own.
+
+    diffsims' routine moves the atoms into "the Miller indices' frame" with the lattice's
+    standard base, which is right only for a lattice in diffpy's standard orientation: for the
+    hexagonal and trigonal cells orix aligns (e1 || a) it put the atoms elsewhere (corundum's
+    forbidden 100 came out 16.9, its 006 weak). Fractional coordinates and Miller indices do not
+    depend on the orientation, so the cell is handed over in the standard one."""
+    from diffpy.structure import Atom, Lattice, Structure
+    from diffsims.utils.sim_utils import _get_kinematical_structure_factor
+
+    lattice = Lattice(*phase.structure.lattice.abcABG())
+    standard = Structure(atoms=[Atom(a.element, a.xyz, occupancy=a.occupancy, Uisoequiv=a.Uisoequiv)
+                                for a in phase.structure], lattice=lattice)
+    hkl = np.asarray(hkl, float).reshape(-1, 3)
+    return _get_kinematical_structure_factor(structure=standard, g_indices=hkl, g_hkls_array=lattice.rnorm(hkl),
+                                             scattering_params=scattering_params)
+
+
 @functools.lru_cache(maxsize=256)
 def point_group_of(space_group: int):
     """The orix point group of a space group number (1..230)."""

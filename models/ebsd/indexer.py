@@ -40,7 +40,7 @@ import numpy as np
 
 from liveindex.models.crystal import PhaseRecord, quaternion_multiply
 from liveindex.models.ebsd.dictionary import DEFAULT_RESOLUTION, DictionarySpec, load_or_build, working_geometry
-from liveindex.models.ebsd.master_patterns import check_phases, point_group, register
+from liveindex.models.ebsd.master_patterns import check_phases, point_group, record_of, register
 from liveindex.models.errors import InputError
 from liveindex.models.onnx_runtime import choose_providers
 
@@ -50,6 +50,7 @@ from .matcher import TemplateIndexer
 from .preprocess import Preprocessor, StaticBackground
 from .refiner import Refiner
 from .results import METHOD_CODE, IndexResult
+from .symmetry_check import AGREEMENT, symmetry_agreement
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ PAGES_WITHOUT_COARSE = 10
 # A distinct second solution scoring within this fraction of the answer's flags the point
 # (pseudo-symmetry): relative, as template NCCs scale with the pattern's noise.
 PSEUDO_SYMMETRY_MARGIN = 0.03
+# The most a phase whose rendered patterns lack its symmetry reads (symmetry_check.py): an even
+# chance, as its answer and the variant that renders alike are; not above 0.5, so never "sure",
+# and not below the default --min-confidence 0.5, so the map is still drawn.
+UNSURE_SYMMETRY_CONFIDENCE = 0.5
 
 
 def dictionary_spec(phase: str, geometry: DetectorGeometry, resolution: float = DEFAULT_RESOLUTION,
@@ -150,10 +155,24 @@ class ScanIndexer:
         self._providers, self._threads = providers, threads
         self._symmetry = [point_group(p).proper_subgroup.data.astype(np.float64) for p in self.phases]
         self._noise_scores = None
+        self._unsure_symmetry = [False] * len(self.phases)
         if refine:
             self.refine_at(geometry)
             self._white_share = white_noise_share(self.preprocess)
+            self._check_symmetry()
             self._noise_scores = self._scores_on_noise()
+
+    def _check_symmetry(self) -> None:
+        """Phases whose rendered patterns lack their point group's symmetry (models/ebsd/
+        symmetry_check.py) are indexed with their confidence held at 0.5 at most, and the log says so."""
+        for p, refiner in enumerate(self.refiners):
+            agreement = symmetry_agreement(refiner, self._symmetry[p])
+            if agreement < AGREEMENT:
+                self._unsure_symmetry[p] = True
+                log.warning("phase %s: its master pattern does not have the symmetry of point group %s (patterns "
+                            "turned by one of its rotations correlate %.2f; known for trigonal phases from a CIF), so "
+                            "an answer can be a pseudo-symmetric variant of the truth: its confidence is held at 0.5 "
+                            "at most", record_of(self.phases[p]).name, point_group(self.phases[p]).name, agreement)
 
     def _scores_on_noise(self) -> np.ndarray:
         """The refined NCCs this indexer gives frames of pure noise (models/ebsd/confidence.py
@@ -253,6 +272,8 @@ class ScanIndexer:
                 result.confidence[rows] = confidence(result.score[rows], explained, result.reliability[rows])
                 if self._noise_scores is not None and len(self._noise_scores):
                     result.confidence[rows] *= above_noise(result.score[rows], self._noise_scores)
+                if self._unsure_symmetry[p]:
+                    result.confidence[rows] = np.minimum(result.confidence[rows], UNSURE_SYMMETRY_CONFIDENCE)
         # A flag for sure answers only: where the fit itself is doubtful, a second solution that
         # scores as well is noise, and the low confidence already says so.
         result.pseudo_symmetry[result.confidence < 0.5] = 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liveindex.models.crystal import PhaseRecord, _element, full_cell, point_group_of
+from liveindex.models.crystal import PhaseRecord, _element, full_cell, point_group_of, structure_factors
 from liveindex.models.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,14 @@ STRUCTURES = {
 KINEMATICAL_MIN_D = 0.8
 KINEMATICAL_MIN_F = 0.08
 KINEMATICAL_HALF_SIZE = 250  # 501 x 501 Lambert square, as EMsoft's
-KINEMATICAL_VERSION = 1
+# 2: hexagonal and trigonal master patterns were wrong. orix's symmetrise returned some members
+# of a family twice (-0 and 0), drawn doubly bright; diffsims gave each family its first member's
+# structure factor, grouped by operators that for a trigonal cell join reflections the crystal
+# does not, and computed it with the atoms moved (models/crystal.py structure_factors). Ti's
+# patterns turned 120 deg about c correlated 0.89 with the originals (now 0.995). Trigonal and
+# monoclinic phases still render with a symmetry other than orix's (models/ebsd/symmetry_check.py).
+# Part of the phase key, so dictionaries built from the old patterns are never used with the new.
+KINEMATICAL_VERSION = 2
 ENERGY_KV = 20.0
 
 
@@ -81,9 +88,9 @@ def phase_key(record: PhaseRecord) -> str:
     source = record.source or ""
     if source.startswith(BUILTIN_SOURCE) and source[len(BUILTIN_SOURCE):] in KNOWN_PHASES:
         return source[len(BUILTIN_SOURCE):]
+    model = _payload_digest(record) or f"kinematical-v{KINEMATICAL_VERSION}"
     content = json.dumps([record.space_group, [round(v, 6) for v in record.lattice],
-                          [[a[0], *(round(v, 6) for v in a[1:])] for a in record.atoms],
-                          _payload_digest(record)]).encode()
+                          [[a[0], *(round(v, 6) for v in a[1:])] for a in record.atoms], model]).encode()
     slug = re.sub(r"[^a-z0-9]+", "_", record.name.lower()).strip("_")[:24] or "phase"
     return f"{slug}-{hashlib.sha256(content).hexdigest()[:12]}"
 
@@ -183,11 +190,8 @@ def _unique_reflectors(phase):
     KINEMATICAL_MIN_D and |F| >= KINEMATICAL_MIN_F of the strongest; and their |F|."""
     from diffsims.crystallography import ReciprocalLatticeVector
 
-    ref = ReciprocalLatticeVector.from_min_dspacing(phase, KINEMATICAL_MIN_D)
-    ref.sanitise_phase()
-    ref = ref.unique(use_symmetry=True)
-    ref.calculate_structure_factor()
-    f = np.abs(ref.structure_factor)
+    ref = ReciprocalLatticeVector.from_min_dspacing(phase, KINEMATICAL_MIN_D).unique(use_symmetry=True)
+    f = np.abs(structure_factors(phase, ref.hkl))
     keep = f >= KINEMATICAL_MIN_F * f.max()
     return ref[keep], f[keep]
 
@@ -201,11 +205,19 @@ def reflectors(phase):
 
 
 def _compute_kinematical(phase) -> np.ndarray:
+    from diffsims.crystallography import ReciprocalLatticeVector
     from kikuchipy.simulations import KikuchiPatternSimulator
 
-    ref, _ = _unique_reflectors(phase)
-    ref = ref.symmetrise()
-    ref.calculate_structure_factor()
+    # Every reflection within reach, each once and with its own structure factor: no symmetry
+    # used, so the pattern has the crystal's own (orix's symmetrise returned members twice in
+    # hexagonal cells, and diffsims gives a family its first member's F, grouped by orix's
+    # operators, which for a trigonal cell joined reflections the crystal does not).
+    every = ReciprocalLatticeVector.from_min_dspacing(phase, KINEMATICAL_MIN_D)
+    hkl = np.unique(np.round(np.asarray(every.hkl, float)) + 0.0, axis=0)
+    factors = structure_factors(phase, hkl)
+    keep = np.abs(factors) >= KINEMATICAL_MIN_F * np.abs(factors).max()
+    ref = ReciprocalLatticeVector(phase, hkl=hkl[keep])
+    ref._structure_factor = factors[keep]  # diffsims has no setter; its own calculation is the one replaced
     ref.calculate_theta(ENERGY_KV * 1e3)
     stereo = KikuchiPatternSimulator(ref).calculate_master_pattern(half_size=KINEMATICAL_HALF_SIZE, hemisphere="upper")
     lambert = stereo.as_lambert(show_progressbar=False)
