@@ -32,7 +32,7 @@ from .diffraction import lab_vectors, matrices_to_quaternions, reflections, spot
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: hexagonal and trigonal phases' spot intensities (diffraction.py _reflections)
 EXCITATION_WIDTH = 0.035  # 1/angstrom: the refinement's rel-rod width (thickness about 30 nm)
 # The library's templates take a wider rel-rod: a template then also holds the spots that a beam
 # direction up to about a grid step away excites, so the true direction's neighbour on the grid
