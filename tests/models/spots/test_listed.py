@@ -79,7 +79,9 @@ def test_a_spot_scan_of_a_missing_phase_alone_asks_whether_a_phase_is_missing(tm
     # rather than a phase missing": no listed cluster sets the novelty's baseline and its least was on
     # the confidence's scale, not the listed field's (models/latent/clusters.py BASELINE_LEAST_LISTED);
     # with that mended alone, 69 were (26 falsely sure Ti points were the quality gate's reference, so
-    # most Ti regions passed it; now too few to be one: QUALITY_REFERENCE_SHARE). 504 points novel after.
+    # most Ti regions passed it; now too few to be one: QUALITY_REFERENCE_SHARE). 504 points novel after;
+    # 298 (19.8%) once Ti's spot intensities were mended (models/spots/diffraction.py: its forbidden
+    # reflections had intensity), so the bar is 10%: twice the 4.6% of the first mend alone.
     truth, novel, stdout = _index(tmp_path, [record_from_cif(str(TI_CIF), name="ti")], seed=5)
-    assert novel[truth >= 0].mean() >= 0.2
+    assert novel[truth >= 0].mean() >= 0.1
     assert "is a phase missing?" in stdout
