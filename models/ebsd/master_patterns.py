@@ -52,10 +52,10 @@ KINEMATICAL_HALF_SIZE = 250  # 501 x 501 Lambert square, as EMsoft's
 # of a family twice (-0 and 0), drawn doubly bright; diffsims gave each family its first member's
 # structure factor, grouped by operators that for a trigonal cell join reflections the crystal
 # does not, and computed it with the atoms moved (models/crystal.py structure_factors). Ti's
-# patterns turned 120 deg about c correlated 0.89 with the originals (now 0.995). Trigonal and
-# monoclinic phases still render with a symmetry other than orix's (models/ebsd/symmetry_check.py).
-# Part of the phase key, so dictionaries built from the old patterns are never used with the new.
-KINEMATICAL_VERSION = 2
+# patterns turned 120 deg about c correlated 0.89 with the originals (now 0.995).
+# 3: the Lambert grid transposed (_compute_kinematical). Part of the phase key, so dictionaries
+# built from older patterns are never used with the new ones.
+KINEMATICAL_VERSION = 3
 ENERGY_KV = 20.0
 
 
@@ -221,7 +221,13 @@ def _compute_kinematical(phase) -> np.ndarray:
     ref.calculate_theta(ENERGY_KV * 1e3)
     stereo = KikuchiPatternSimulator(ref).calculate_master_pattern(half_size=KINEMATICAL_HALF_SIZE, hemisphere="upper")
     lambert = stereo.as_lambert(show_progressbar=False)
-    return np.asarray(lambert.data, dtype=np.float32)
+    # Transposed: kikuchipy's simulator stores the square Lambert grid with its axes swapped
+    # against the convention its own (and liveindex's) projection reads, EMsoft's. Cubic patterns
+    # are symmetric under the swap, so nothing showed for them; a monoclinic (b unique) phase
+    # rendered with its two-fold axis along a instead of b, a trigonal one with its two-folds 30 deg
+    # from the a axes, and hexagonal ones looked turned 30 deg against EMsoft's (EMsoft issue 162).
+    # Transposed, all render with their own symmetry (models/ebsd/symmetry_check.py).
+    return np.ascontiguousarray(np.swapaxes(np.asarray(lambert.data, dtype=np.float32), -1, -2))
 
 
 BUILTIN_SOURCE = "builtin:"

@@ -2,16 +2,13 @@
 
 The dictionary samples each phase's fundamental zone, and answers are scored and reduced with
 its point group's rotations (orix's, acting as s * q). That is right only where the rendered
-patterns of q and s * q are the same. For cubic, hexagonal and orthorhombic phases they are
-(0.98-1.00, the rest is interpolation). For trigonal and monoclinic phases from a CIF they are
-not, and the two frames look swapped x for y: corundum (R-3c) renders symmetric about two-fold
-axes 30 deg from orix's (0.57 about orix's), so about half of a scan is answered 60 deg about c
-from the truth with a pattern identical to the truth's; a monoclinic ZrO2 (P2_1/c, b unique)
-renders symmetric about a (0.22 about orix's 2-fold, which is along c, and its structure
-factors are symmetric about b). The cause is not found yet (the structure factors are right;
-before this round the master patterns took orix's grouping of reflections, which hid it).
-Until it is, such a phase is indexed with its confidence held at 0.5 at most (never "sure")
-and the log says why.
+patterns of q and s * q are the same. It found that kikuchipy's kinematical master patterns
+were stored transposed (models/ebsd/master_patterns.py _compute_kinematical): corundum rendered
+symmetric about two-fold axes 30 deg from its a axes, and half of a scan was answered 60 deg
+about c from the truth at confidence 1. Now cubic, hexagonal, trigonal and orthorhombic phases
+agree (0.98-1.00; the rest is interpolation). A monoclinic cell with b unique does not (0.20):
+orix's point group 2/m has its two-fold along c, whatever the cell's setting. Such a phase is
+indexed with its confidence held at 0.5 at most (never "sure"), and the log says why.
 """
 
 from __future__ import annotations
