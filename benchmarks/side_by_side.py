@@ -106,6 +106,7 @@ class Material:
 
 
 MATERIAL: Material | None = None  # set by main (--material)
+HEX_FRAME_TURN = np.array([np.cos(np.pi / 12), 0.0, 0.0, np.sin(np.pi / 12)])  # 30 deg about c (PyEBSDIndex hcp)
 
 
 def make_sets(nav_shape, seed: int, noises, grain_size: float) -> dict:
@@ -168,6 +169,9 @@ class PyEBSDIndex:
     gives the same 0.11); conjugated 27-40 deg; times a 90 deg rotation about Z on the
     right 44 deg; the Bruker PC passed unconverted as EDAX 45 deg; PCz off by 0.05 1.8 deg.
     Beware vendor="BRUKER": it returns quaternions in another sample frame (39 deg off).
+    Its hexagonal crystal frame is not orix's (x || a): once liveindex's kinematical master
+    patterns were stored the way the projection reads them (models/ebsd/master_patterns.py), its
+    clean hcp Ti answers were all 30.0 deg off, about c; they are turned by 30 deg about c.
     """
 
     name = "pyebsdindex"
@@ -196,6 +200,10 @@ class PyEBSDIndex:
         seconds = time.perf_counter() - t0
         best = data[-1]
         q = np.array(best["quat"], dtype=np.float64)
+        if any(r.space_group == 194 for r in MATERIAL.records):
+            from liveindex.models.crystal import quaternion_multiply
+
+            q = quaternion_multiply(HEX_FRAME_TURN, q)  # its hexagonal crystal frame, into orix's (see above)
         q[best["phase"] < 0] = np.nan
         return q, seconds, np.asarray(best["phase"])
 
