@@ -200,12 +200,15 @@ class PyEBSDIndex:
         seconds = time.perf_counter() - t0
         best = data[-1]
         q = np.array(best["quat"], dtype=np.float64)
-        if any(r.space_group == 194 for r in MATERIAL.records):
+        phase = np.asarray(best["phase"])
+        hexagonal = np.isin(phase, [i for i, r in enumerate(MATERIAL.records) if r.space_group == 194])
+        if hexagonal.any():
             from liveindex.models.crystal import quaternion_multiply
 
-            q = quaternion_multiply(HEX_FRAME_TURN, q)  # its hexagonal crystal frame, into orix's (see above)
-        q[best["phase"] < 0] = np.nan
-        return q, seconds, np.asarray(best["phase"])
+            # its hexagonal crystal frame, into orix's (see above)
+            q[hexagonal] = quaternion_multiply(HEX_FRAME_TURN, q[hexagonal])
+        q[phase < 0] = np.nan
+        return q, seconds, phase
 
 
 class KikuchipyDI:

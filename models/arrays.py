@@ -11,7 +11,7 @@ import numpy as np
 from liveindex.models.errors import InputError
 
 from .crystal import PhaseRecord
-from .modality import FRAME_DTYPES, Modality, ScanSource
+from .modality import FRAME_DTYPES, Modality, ScanSource, wire_dtype
 
 
 def bin_frames(frames: np.ndarray, fy: int, fx: int) -> np.ndarray:
@@ -38,7 +38,7 @@ class ArraySource(ScanSource):
         self.nav_shape = tuple(patterns.shape[:-2]) if patterns.ndim == 4 else (1, patterns.shape[0])
         self.step = tuple(step)
         self.pattern_shape = tuple(int(n) for n in patterns.shape[-2:])
-        self.dtype = wire_dtype(patterns.dtype)  # read() converts a page at a time where it differs
+        self.dtype = wire_dtype(patterns.dtype)  # read() converts a page at a time: a memory map is never copied whole
         self.setup = modality.check_setup(dict(setup), self.pattern_shape)
         self.phases = list(phases)
         self.truth = {}
@@ -46,15 +46,6 @@ class ArraySource(ScanSource):
 
     def read(self, first: int, count: int) -> np.ndarray:
         return np.ascontiguousarray(self.patterns[first:first + count], dtype=self.dtype)
-
-
-def wire_dtype(dtype) -> str:
-    """The dtype frames of ``dtype`` travel as: their own where the wire carries it (8-32 bit
-    counts, float32), else float32 (float64 and float16 arrays, signed integers from
-    background-subtracted or DM files, 64-bit counts), converted a page at a time so that a
-    memory-mapped scan is never copied whole."""
-    dtype = np.dtype(dtype)
-    return dtype.name if dtype.name in FRAME_DTYPES else "float32"
 
 
 def check_pattern_array(patterns, name: str) -> None:

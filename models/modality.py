@@ -55,6 +55,16 @@ log = logging.getLogger(__name__)
 
 # Dtypes a frame may have on the wire: 8-32 bit counting detectors and float.
 FRAME_DTYPES = ("uint8", "uint16", "uint32", "float32")
+
+
+def wire_dtype(dtype) -> str:
+    """The dtype frames of ``dtype`` travel as: their own where the wire carries it (8-32 bit
+    counts, float32), else float32 (float64 and float16 arrays, signed integers from
+    background-subtracted or DM files, 64-bit counts); sources convert a page at a time."""
+    dtype = np.dtype(dtype)
+    return dtype.name if dtype.name in FRAME_DTYPES else "float32"
+
+
 # Dtypes a result field may have.
 FIELD_DTYPES = ("uint8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 NOT_INDEXED = "none"  # the method label of a point nobody indexed

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from liveindex.models.errors import InputError, TransportError
-from liveindex.models.modality import FRAME_DTYPES, ScanSource
+from liveindex.models.modality import ScanSource, wire_dtype
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ class StreamSource(ScanSource):
         first = None if stack is None else self._decode(stack)
         if first is None or not len(first):
             raise TransportError(f"the {what} acquisition ended before its first frame")
-        dtype = first.dtype
-        self.dtype = dtype.name if dtype.name in FRAME_DTYPES else "float32"
+        self.dtype = wire_dtype(first.dtype)
         self.modality = modality
         setup, phases, step = modality.detector_setup(args, self.pattern_shape)
         self.setup = modality.check_setup(dict(setup), self.pattern_shape)

@@ -66,10 +66,10 @@ NOISE_RARITY = 200.0
 EULER_GAMMA = 0.5772156649
 
 
-def noise_frames(preprocess: Preprocessor, n: int = NOISE_FRAMES) -> np.ndarray:
-    """(n, H, W) Poisson noise frames at the scan's input size, the same every time."""
+def noise_frames(preprocess: Preprocessor, n: int = NOISE_FRAMES, seed: int = 1) -> np.ndarray:
+    """(n, H, W) Poisson noise frames at the scan's input size, the same every time for a seed."""
     h, w = preprocess.input_shape
-    return np.random.default_rng(1).poisson(100.0, (n, h, w)).astype(np.float32)
+    return np.random.default_rng(seed).poisson(100.0, (n, h, w)).astype(np.float32)
 
 
 def above_noise(score: np.ndarray, noise_scores: np.ndarray) -> np.ndarray:
@@ -84,8 +84,7 @@ def above_noise(score: np.ndarray, noise_scores: np.ndarray) -> np.ndarray:
 def white_noise_share(preprocess: Preprocessor) -> float:
     """The share of a white-noise pattern's energy that survives the blur L, after the scan's
     preprocessing (binning, background subtraction, mask): the floor of ``explained_share``."""
-    h, w = preprocess.input_shape
-    noise = np.random.default_rng(0).poisson(100.0, (WHITE_NOISE_FRAMES, h, w)).astype(np.float32)
+    noise = noise_frames(preprocess, WHITE_NOISE_FRAMES, seed=0)
     flat, valid = preprocess(noise, None)
     flat = flat[valid]
     return float(np.mean(_blurred_dot(preprocess, flat) / np.maximum((flat * flat).sum(1), 1e-12)))

@@ -82,9 +82,11 @@ def _out_of_reach(record: PhaseRecord, reciprocal_radius: float) -> InputError:
             first = _reflections(record, FIRST_REFLECTION_SEARCH)
         except InputError:
             pass
-    where = (f"its first reflection ({' '.join(str(round(v)) for v in first.hkl[np.argmin(np.linalg.norm(first.g, axis=1))])})"
-             f" lies at {np.linalg.norm(first.g, axis=1).min():.2f} 1/angstrom" if first is not None
-             else "it has no reflection that close")
+    where = "it has no reflection that close"
+    if first is not None:
+        length = np.linalg.norm(first.g, axis=1)
+        hkl = " ".join(str(round(v)) for v in first.hkl[np.argmin(length)])
+        where = f"its first reflection ({hkl}) lies at {length.min():.2f} 1/angstrom"
     return InputError(f"phase {record.name}: the frames reach only {reciprocal_radius:.2f} 1/angstrom from the direct "
                       f"beam (the calibration times the frame's radius) and {where}; check --calibration (1/angstrom "
                       "per pixel) or give larger frames")
