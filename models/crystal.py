@@ -13,6 +13,8 @@ live here once; the runtime (sink, writers) and the modalities use these.
 from __future__ import annotations
 
 import functools
+import itertools
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from liveindex.models.errors import InputError
+
+log = logging.getLogger(__name__)
 
 # Phase names become HDF5 group names, .ang header lines and legend text: keep them plain.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+()\- ]{0,63}$")
@@ -140,13 +144,26 @@ class PhaseRecord:
         .ang header: [((h, k, l), relative intensity 0..100)], one (h, k, l) per family (unique
         by the point group), higher orders of a stronger family left out (they are its band).
         See ``hkl_families``."""
-        return list(hkl_families(self.space_group, self.lattice, self.atoms, max_families, min_dspacing))
+        return list(hkl_families(self.space_group, self.lattice, self.cell_atoms(), max_families, min_dspacing))
 
     def describe(self) -> str:
         a, b, c, al, be, ga = self.lattice
         return (f"{self.name}: space group {self.space_group}, point group {self.point_group_name}, Laue class "
                 f"{self.laue.name} ({self.crystal_system}), a={a:g} b={b:g} c={c:g} A, "
-                f"alpha={al:g} beta={be:g} gamma={ga:g} deg, {len(self.atoms)} atoms")
+                f"alpha={al:g} beta={be:g} gamma={ga:g} deg, {len(self.atoms)} atoms"
+                + (f" ({self.setting})" if self.setting else ""))
+
+    @property
+    def setting(self) -> str | None:
+        """How the cell was re-described to fit orix's crystal frame (``orix_setting``), or None."""
+        note = self.extra.get("setting") if isinstance(self.extra, dict) else None
+        return note if isinstance(note, str) and note else None
+
+    def cell_atoms(self) -> tuple:
+        """Every atom of the cell: the atoms as they are where the record was re-described (they
+        are the whole cell already, in a setting the space group's standard operators do not
+        fit), else expanded by the space group's operators."""
+        return self.atoms if self.setting else full_cell(self.atoms, self.space_group)
 
 
 def record_from_cif(path, *, name: str | None = None, source: str | None = None) -> PhaseRecord:
@@ -169,7 +186,10 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             structure = parser.parseFile(str(path))
-        space_group = int(parser.spacegroup.number)
+        # diffpy numbers the settings it knows beside the standard one 1000 + n, 2000 + n (R-3c on
+        # rhombohedral axes: 1167); the number of the group is n.
+        space_group = int(parser.spacegroup.number) % 1000
+        rotations = [np.asarray(op.R, float) for op in parser.spacegroup.iter_symops()]
     except Exception as exc:  # diffpy raises StructureFormatError, ValueError, AttributeError...
         raise InputError(f"cannot read {path} as a CIF ({type(exc).__name__}: {str(exc)[:200]}); it needs a cell, "
                          "a space group (_symmetry_Int_Tables_number or the H-M symbol) and atom sites") from None
@@ -178,8 +198,89 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
     atoms = tuple((_element(atom.element), *(float(v) % 1.0 for v in atom.xyz), float(atom.occupancy))
                   for atom in structure)
     name = name or re.sub(r"[^A-Za-z0-9_.+()\- ]", "_", path.stem)[:64] or "phase"
-    return PhaseRecord(name=name, space_group=space_group, lattice=tuple(structure.lattice.abcABG()), atoms=atoms,
-                       source=source or f"cif:{path.name}")
+    lattice, atoms, setting = orix_setting(space_group, tuple(structure.lattice.abcABG()), atoms, rotations)
+    if setting:
+        log.info("phase %s from %s: %s", name, path.name, setting)
+    return PhaseRecord(name=name, space_group=space_group, lattice=lattice, atoms=atoms,
+                       source=source or f"cif:{path.name}", extra={"setting": setting} if setting else {})
+
+
+# -- the crystal frame orix's operators assume -----------------------------------------------------
+# orix keeps every point group's operators in one crystal frame (e1 || a, e3 || c*): a monoclinic
+# group's two-fold along e3 (c unique), a trigonal group's three-fold along e3 (hexagonal axes).
+# A cell in another setting (b unique, the monoclinic standard; a unique; rhombohedral axes) would
+# be indexed with operators its patterns do not have: monoclinic ZrO2 (P2_1/c, b unique) rendered
+# patterns that correlated 0.20 with themselves turned by orix's two-fold
+# (models/ebsd/symmetry_check.py). Such a cell is re-described, atoms and all, in the setting
+# those operators fit; orientations, Miller indices and the written lattice are then the
+# re-described cell's, and the record (``PhaseRecord.setting``), the log and ``liveindex phases
+# show`` say how it maps onto the file's.
+TO_C_UNIQUE = {0: ((0, 1, 0), (0, 0, 1), (1, 0, 0)),  # rows: the new a, b, c in the old axes
+               1: ((0, 0, 1), (1, 0, 0), (0, 1, 0))}
+RHOMBOHEDRAL_TO_HEXAGONAL = ((1, -1, 0), (0, 1, -1), (1, 1, 1))  # obverse: a_H = a_R - b_R, c_H = a_R + b_R + c_R
+RHOMBOHEDRAL_GROUPS = (146, 148, 155, 160, 161, 166, 167)
+ANGLE_TOLERANCE = 1e-3  # degrees
+
+
+def orix_setting(space_group: int, lattice: tuple, atoms: tuple, rotations) -> tuple[tuple, tuple, str | None]:
+    """(lattice, every atom of the cell, how it was re-described or None) for a cell whose
+    symmetry operations (``rotations``: (3, 3) matrices on fractional coordinates, the CIF's
+    setting) put a monoclinic two-fold or a trigonal three-fold off the c axis."""
+    a, b, c, alpha, beta, gamma = lattice
+    if 3 <= space_group <= 15:
+        unique = _monoclinic_unique_axis(rotations)
+        if unique is None or unique == 2:
+            return lattice, atoms, None
+        new = _transformed(lattice, atoms, TO_C_UNIQUE[unique])
+        old = "abc"[unique]
+        labels = ", ".join(f"{n}'={o}" for n, o in zip("abc", "cab" if unique == 1 else "bca"))
+        return (*new, f"monoclinic cell with {old} unique re-described with c unique ({labels}), as orix's 2/m "
+                      "has its two-fold along c; orientations and Miller indices refer to the re-described cell")
+    rhombohedral_axes = not (abs(alpha - 90) < ANGLE_TOLERANCE and abs(beta - 90) < ANGLE_TOLERANCE
+                             and abs(gamma - 120) < ANGLE_TOLERANCE)
+    if space_group in RHOMBOHEDRAL_GROUPS and rhombohedral_axes:
+        new = _transformed(lattice, atoms, RHOMBOHEDRAL_TO_HEXAGONAL)
+        return (*new, "rhombohedral axes re-described as hexagonal axes (a'=a-b, b'=b-c, c'=a+b+c, obverse), as "
+                      "orix's trigonal groups have their three-fold along c; orientations and Miller indices refer "
+                      "to the hexagonal cell")
+    return lattice, atoms, None
+
+
+def _monoclinic_unique_axis(rotations) -> int | None:
+    """0, 1 or 2: the cell axis along which the operations' two-fold (or the mirror's normal) lies."""
+    for r in rotations:
+        proper = np.asarray(r, float) * np.sign(np.linalg.det(r))
+        if round(float(np.trace(proper))) == -1:  # a two-fold: +1 along its axis, -1 across
+            axes = [i for i in range(3) if round(float(proper[i, i])) == 1]
+            if len(axes) == 1:
+                return axes[0]
+    return None
+
+
+def _transformed(lattice: tuple, atoms: tuple, rows) -> tuple[tuple, tuple]:
+    """The cell whose axes are ``rows`` (integer combinations of the old axes; determinant 1, or
+    3 for rhombohedral to hexagonal) and every atom in it, each position once."""
+    from diffpy.structure import Lattice
+
+    m = np.asarray(rows, float)
+    base = m @ Lattice(*lattice).base
+    lengths = np.linalg.norm(base, axis=1)
+
+    def angle(i, j):
+        return math.degrees(math.acos(float(np.clip(base[i] @ base[j] / (lengths[i] * lengths[j]), -1.0, 1.0))))
+
+    new_lattice = tuple(round(float(v), 6) for v in (*lengths, angle(1, 2), angle(0, 2), angle(0, 1)))
+    inverse = np.linalg.inv(m)
+    cell, seen = [], set()
+    # The old lattice's translations that are not the new one's (a larger cell) place the copies.
+    for element, x, y, z, occupancy in atoms:
+        for shift in itertools.product((-1, 0, 1), repeat=3):
+            xyz = ((np.array([x, y, z]) + shift) @ inverse) % 1.0
+            key = (element, *(round(float(v), 4) % 1.0 for v in xyz))
+            if key not in seen:
+                seen.add(key)
+                cell.append((element, *(float(v) for v in xyz), float(occupancy)))
+    return new_lattice, tuple(cell)
 
 
 ELEMENTS = ("H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
@@ -238,7 +339,7 @@ def hkl_families(space_group: int, lattice: tuple, atoms: tuple, max_families: i
 
     Families are the point group's unique (hkl) with d >= ``min_dspacing`` angstrom (diffsims'
     ``ReciprocalLatticeVector``), scored by the kinematical structure factor |F| of every atom
-    of the cell (the records' atoms expanded by the space group, diffpy), with diffsims' X-ray
+    of the cell (``atoms``: the whole cell, ``PhaseRecord.cell_atoms``), with diffsims' X-ray
     atomic scattering factors at s = 1/(2d); a family that is a multiple n(hkl) of a stronger
     allowed family is left out (the same band: {222} beside {111}). Strongest first, ties by d (larger
     first); intensity as a percentage of the strongest. Without atoms: the reflections the
@@ -257,7 +358,7 @@ def hkl_families(space_group: int, lattice: tuple, atoms: tuple, max_families: i
         s = 1.0 / (2.0 * d)
         f_total = np.zeros(len(hkl), complex)
         factors = {}  # (element, occupancy) -> f(s) of every family
-        for element, x, y, z, occupancy in full_cell(record.atoms, space_group):
+        for element, x, y, z, occupancy in record.atoms:
             if (element, occupancy) not in factors:
                 atom = Atom(element, occupancy=occupancy)
                 factors[element, occupancy] = np.array([get_kinematical_atomic_scattering_factor(atom, si) for si in s])

@@ -170,9 +170,10 @@ class ScanIndexer:
             if agreement < AGREEMENT:
                 self._unsure_symmetry[p] = True
                 log.warning("phase %s: its master pattern does not have the symmetry of point group %s (patterns "
-                            "turned by one of its rotations correlate %.2f; known for monoclinic cells with b unique: "
-                            "orix's 2/m has its two-fold along c), so an answer can be a variant of the truth that "
-                            "renders alike: its confidence is held at 0.5 at most", record_of(self.phases[p]).name,
+                            "turned by one of its rotations correlate %.2f; a monoclinic cell with b unique or a trigonal "
+                            "one on rhombohedral axes does this, as orix puts the two- or three-fold along c: give the "
+                            "phase as a CIF, which liveindex re-describes), so an answer can be a variant of the truth "
+                            "that renders alike: its confidence is held at 0.5 at most", record_of(self.phases[p]).name,
                             point_group(self.phases[p]).name, agreement)
 
     def _scores_on_noise(self) -> np.ndarray:

@@ -267,6 +267,7 @@ def describe_phase(record: PhaseRecord, *, n_reflectors: int = 12) -> str:
              f"  space group {record.space_group} ({record.orix_phase().space_group.short_name}), point group "
              f"{record.point_group_name}, Laue class {record.laue.name}, {record.crystal_system}",
              f"  lattice a={a:.4f} b={b:.4f} c={c:.4f} angstrom, alpha={alpha:.2f} beta={beta:.2f} gamma={gamma:.2f} deg",
+             *([f"  setting: {record.setting}"] if record.setting else []),
              f"  {len(record.atoms)} atoms in the cell: " + ", ".join(
                  f"{el} ({x:.4f}, {y:.4f}, {z:.4f}){'' if occ == 1 else f' occ {occ:g}'}"
                  for el, x, y, z, occ in record.atoms[:8]) + (" ..." if len(record.atoms) > 8 else "")]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import numpy as np
 
 from liveindex.models.crystal import ELEMENTS, PhaseRecord
-from liveindex.models.crystal import full_cell as crystal_full_cell
 
 POSITION_TOLERANCE = 1e-3  # fractional; CIF coordinates carry 4-5 digits
 ORDERING_Z_RATIO = 0.5  # the ordered child's lighter element: atomic number about half
@@ -77,7 +76,7 @@ def ordering_evidence(patterns: np.ndarray, answers: np.ndarray, ncc: np.ndarray
 
 def full_cell(record: PhaseRecord) -> list[tuple]:
     """Every atom of the record's cell (records may hold the asymmetric unit)."""
-    return list(crystal_full_cell(record.atoms, record.space_group))
+    return list(record.cell_atoms())
 
 
 def _translations(sites: list[tuple]) -> list[np.ndarray]:

@@ -6,9 +6,12 @@ patterns of q and s * q are the same. It found that kikuchipy's kinematical mast
 were stored transposed (models/ebsd/master_patterns.py _compute_kinematical): corundum rendered
 symmetric about two-fold axes 30 deg from its a axes, and half of a scan was answered 60 deg
 about c from the truth at confidence 1. Now cubic, hexagonal, trigonal and orthorhombic phases
-agree (0.98-1.00; the rest is interpolation). A monoclinic cell with b unique does not (0.20):
-orix's point group 2/m has its two-fold along c, whatever the cell's setting. Such a phase is
-indexed with its confidence held at 0.5 at most (never "sure"), and the log says why.
+agree (0.98-1.00; the rest is interpolation). A monoclinic cell with b unique did not (0.20):
+orix's point group 2/m has its two-fold along c, whatever the cell's setting; CIFs in such
+settings (and on rhombohedral axes) are now re-described in orix's (models/crystal.py
+orix_setting) and agree. A phase that still does not (a record made by hand, a master-pattern
+file in another setting) is indexed with its confidence held at 0.5 at most (never "sure"),
+and the log says why.
 """
 
 from __future__ import annotations

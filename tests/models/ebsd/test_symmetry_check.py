@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from liveindex.models.crystal import structure_factors
+from liveindex.models.crystal import PhaseRecord, record_from_cif, structure_factors
 from liveindex.models.ebsd.geometry import DetectorGeometry
 from liveindex.models.ebsd.indexer import UNSURE_SYMMETRY_CONFIDENCE, ScanIndexer
 from liveindex.models.ebsd.master_patterns import (
@@ -45,23 +45,68 @@ def test_hexagonal_and_trigonal_phases_render_with_their_symmetry(cif):
     assert symmetry_agreement(refiner, point_group(key).proper_subgroup.data) > AGREEMENT
 
 
-@pytest.mark.slow
-def test_a_trigonal_phase_indexes_back_and_a_phase_whose_patterns_lack_its_symmetry_is_never_confident(caplog):
-    """Corundum (R-3c): its kinematical master pattern was stored transposed, and half of a scan
-    came back 60 deg about c from the truth at confidence 1. ZrO2 (P2_1/c, b unique) still renders
-    with its two-fold along b where orix's 2/m has it along c: flagged, held at 0.5."""
-    key = register(phases_from_spec(f"{DATA}/corundum.cif")[0])
-    scan = SimulatedScan((8, 8), noise="moderate", phase=key, seed=4, grain_size=3)
-    indexer = ScanIndexer(scan.geometry, [key], progress=False, indexer="templates")
-    assert not any(indexer._unsure_symmetry)
-    result = indexer.index(scan.render(0, scan.size), indexer.new_background())
-    err = disorientation_degrees(result.quaternion, scan.truth, key)
-    assert np.median(err) < 0.5 and np.mean(err < 3) >= 0.95
+def test_cifs_in_settings_orix_does_not_use_are_re_described():
+    """orix's 2/m has its two-fold along c and its trigonal groups their three-fold along c: a
+    monoclinic CIF with b unique is re-described with c unique, one on rhombohedral axes on
+    hexagonal axes, atoms and all (the same 30 atoms as the hexagonal corundum CIF)."""
+    zro2 = record_from_cif(f"{DATA}/zro2_monoclinic.cif")
+    assert zro2.lattice == pytest.approx((5.3173, 5.1505, 5.2116, 90, 90, 99.23))
+    assert len(zro2.atoms) == 12 and "b unique" in zro2.setting and "b unique" in zro2.describe()
+    assert zro2.cell_atoms() == zro2.atoms  # not expanded again with the b-unique operators
+    rhombohedral, hexagonal = (record_from_cif(f"{DATA}/{name}.cif") for name in ("corundum_rhombohedral", "corundum"))
+    assert rhombohedral.space_group == 167 and "rhombohedral axes" in rhombohedral.setting
+    assert rhombohedral.lattice == pytest.approx(hexagonal.lattice, abs=1e-3)
 
-    key = register(phases_from_spec(f"{DATA}/zro2_monoclinic.cif")[0])
+    def sites(record):
+        return sorted((a[0], *(round(v, 3) % 1.0 for v in a[1:4])) for a in record.atoms)
+
+    assert sites(rhombohedral) == sites(hexagonal) and len(hexagonal.atoms) == 30
+    assert hexagonal.setting is None and record_from_cif(f"{DATA}/ti.cif").setting is None
+    assert [h for h, _ in rhombohedral.hkl_families()] == [h for h, _ in hexagonal.hkl_families()]
+
+
+def _b_unique_zro2():
+    """ZrO2 as its CIF states it (b unique), as a record made by hand or from a master-pattern
+    file in that setting would hold it: no re-description."""
+    from diffpy.structure.parsers import p_cif
+
+    structure = p_cif.P_cif().parseFile(f"{DATA}/zro2_monoclinic.cif")
+    return PhaseRecord("zro2 b unique", 14, tuple(structure.lattice.abcABG()),
+                       tuple((a.element, *(float(v) % 1.0 for v in a.xyz), 1.0) for a in structure))
+
+
+def test_a_monoclinic_phase_renders_with_its_symmetry_once_re_described():
+    preprocess = Preprocessor.for_shape((60, 60))
+    agreement = {}
+    for name, record in (("c unique", record_from_cif(f"{DATA}/zro2_monoclinic.cif")), ("b unique", _b_unique_zro2())):
+        key = register(record)
+        refiner = Refiner(key, DetectorGeometry((60, 60)), preprocess.working_shape, preprocess.sigma,
+                          providers=choose_providers("auto"))
+        agreement[name] = symmetry_agreement(refiner, point_group(key).proper_subgroup.data)
+    assert agreement["c unique"] > AGREEMENT > agreement["b unique"]
+
+
+@pytest.mark.slow
+def test_trigonal_and_monoclinic_phases_index_back_and_a_phase_whose_patterns_lack_its_symmetry_is_never_confident(
+        caplog):
+    """Corundum (R-3c, on rhombohedral axes in its CIF: re-described on hexagonal axes): its
+    kinematical master pattern was stored transposed, and half of a scan came back 60 deg about c
+    from the truth at confidence 1. ZrO2 (P2_1/c, b unique in its CIF) rendered with its two-fold
+    along b where orix's 2/m has it along c; re-described with c unique it indexes back, and a
+    record kept with b unique is flagged and held at 0.5."""
+    for cif in ("corundum_rhombohedral.cif", "zro2_monoclinic.cif"):
+        key = register(phases_from_spec(f"{DATA}/{cif}")[0])
+        scan = SimulatedScan((8, 8), noise="moderate", phase=key, seed=4, grain_size=3)
+        indexer = ScanIndexer(scan.geometry, [key], progress=False, indexer="templates", resolution=4.0)
+        assert not any(indexer._unsure_symmetry)
+        result = indexer.index(scan.render(0, scan.size), indexer.new_background())
+        err = disorientation_degrees(result.quaternion, scan.truth, key)
+        assert np.median(err) < 0.5 and np.mean(err < 3) >= 0.95, cif
+
+    key = register(_b_unique_zro2())
     scan = SimulatedScan((6, 6), noise="moderate", phase=key, seed=4, grain_size=3)
     with caplog.at_level(logging.WARNING):
-        indexer = ScanIndexer(scan.geometry, [key], progress=False, indexer="templates")
+        indexer = ScanIndexer(scan.geometry, [key], progress=False, indexer="templates", resolution=6.0)
     assert "does not have the symmetry of point group 2/m" in caplog.text
     result = indexer.index(scan.render(0, scan.size), indexer.new_background())
     assert (result.confidence <= UNSURE_SYMMETRY_CONFIDENCE).all() and UNSURE_SYMMETRY_CONFIDENCE <= 0.5
