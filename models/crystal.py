@@ -160,10 +160,12 @@ class PhaseRecord:
         return note if isinstance(note, str) and note else None
 
     def cell_atoms(self) -> tuple:
-        """Every atom of the cell: the atoms as they are where the record was re-described (they
-        are the whole cell already, in a setting the space group's standard operators do not
-        fit), else expanded by the space group's operators."""
-        return self.atoms if self.setting else full_cell(self.atoms, self.space_group)
+        """Every atom of the cell: the atoms as they are where the record says they are the whole
+        cell (from a CIF, expanded by the file's own operators, which the space group's standard
+        ones need not be: a Pbnm cell expanded again by Pnma's got 104 atoms for 28), else
+        expanded by the space group's operators."""
+        whole = isinstance(self.extra, dict) and bool(self.extra.get("full_cell"))
+        return self.atoms if whole or self.setting else full_cell(self.atoms, self.space_group)
 
 
 def record_from_cif(path, *, name: str | None = None, source: str | None = None) -> PhaseRecord:
@@ -198,11 +200,17 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
     atoms = tuple((_element(atom.element), *(float(v) % 1.0 for v in atom.xyz), float(atom.occupancy))
                   for atom in structure)
     name = name or re.sub(r"[^A-Za-z0-9_.+()\- ]", "_", path.stem)[:64] or "phase"
-    lattice, atoms, setting = orix_setting(space_group, tuple(structure.lattice.abcABG()), atoms, rotations)
+    # The file's own setting (diffpy's number for it is 1000 + n, 2000 + n...: Pbnm 2062) is kept
+    # where orix's operators fit it; its atoms are the whole cell, expanded by the file's operators.
+    try:
+        lattice, atoms, setting = orix_setting(space_group, tuple(structure.lattice.abcABG()), atoms, rotations)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     if setting:
         log.info("phase %s from %s: %s", name, path.name, setting)
     return PhaseRecord(name=name, space_group=space_group, lattice=lattice, atoms=atoms,
-                       source=source or f"cif:{path.name}", extra={"setting": setting} if setting else {})
+                       source=source or f"cif:{path.name}",
+                       extra={"full_cell": True, **({"setting": setting} if setting else {})})
 
 
 # -- the crystal frame orix's operators assume -----------------------------------------------------
@@ -229,7 +237,17 @@ def orix_setting(space_group: int, lattice: tuple, atoms: tuple, rotations) -> t
     a, b, c, alpha, beta, gamma = lattice
     if 3 <= space_group <= 15:
         unique = _monoclinic_unique_axis(rotations)
-        if unique is None or unique == 2:
+        if unique is None:
+            return lattice, atoms, None
+        # The cell's angles at its unique axis are 90 deg; where they are not, the operations are
+        # another setting's (diffpy prefers a standard-setting number to the file's symbol).
+        at_unique = {0: (4, 5), 1: (3, 5), 2: (3, 4)}[unique]
+        if any(abs(lattice[i] - 90.0) > ANGLE_TOLERANCE for i in at_unique):
+            raise InputError(f"the CIF's symmetry operations put the monoclinic two-fold along {'abc'[unique]}, but its "
+                             f"cell angles (alpha, beta, gamma) = {tuple(round(v, 3) for v in lattice[3:])} do not; give "
+                             "the operations of the cell's own setting (_symmetry_equiv_pos_as_xyz) or its "
+                             "Hermann-Mauguin symbol without a standard-setting number")
+        if unique == 2:
             return lattice, atoms, None
         new = _transformed(lattice, atoms, TO_C_UNIQUE[unique])
         old = "abc"[unique]

@@ -2,6 +2,7 @@
 rendered patterns do not have the symmetry it is indexed with is never confident."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from liveindex.models.ebsd.preprocess import Preprocessor
 from liveindex.models.ebsd.refiner import Refiner
 from liveindex.models.ebsd.simulator import SimulatedScan
 from liveindex.models.ebsd.symmetry_check import AGREEMENT, symmetry_agreement
+from liveindex.models.errors import InputError
 from liveindex.models.onnx_runtime import choose_providers
 
 DATA = "tests/data"
@@ -57,12 +59,59 @@ def test_cifs_in_settings_orix_does_not_use_are_re_described():
     assert rhombohedral.space_group == 167 and "rhombohedral axes" in rhombohedral.setting
     assert rhombohedral.lattice == pytest.approx(hexagonal.lattice, abs=1e-3)
 
-    def sites(record):
-        return sorted((a[0], *(round(v, 3) % 1.0 for v in a[1:4])) for a in record.atoms)
-
-    assert sites(rhombohedral) == sites(hexagonal) and len(hexagonal.atoms) == 30
+    assert _same_sites(rhombohedral, hexagonal) and len(hexagonal.atoms) == 30
     assert hexagonal.setting is None and record_from_cif(f"{DATA}/ti.cif").setting is None
     assert [h for h, _ in rhombohedral.hkl_families()] == [h for h, _ in hexagonal.hkl_families()]
+
+
+def test_a_cif_in_a_setting_orix_fits_keeps_it_and_its_atoms_are_not_expanded_again(tmp_path):
+    """Forsterite in Pbnm (diffpy's setting 2062, refused before as 'space group 2062'): space
+    group 62, its 28 atoms, not 104 from Pnma's operators applied again. ZrO2 written with c
+    unique (P 1 1 21/a) is kept as written, and is the b-unique CIF's re-description."""
+    forsterite = record_from_cif(f"{DATA}/forsterite_pbnm.cif")
+    assert forsterite.space_group == 62 and forsterite.setting is None
+    assert len(forsterite.atoms) == len(forsterite.cell_atoms()) == 28
+    assert PhaseRecord.from_wire(forsterite.to_wire()).cell_atoms() == forsterite.atoms
+    assert forsterite.hkl_families()
+
+    b_unique = record_from_cif(f"{DATA}/zro2_monoclinic.cif")
+    text = Path(f"{DATA}/zro2_monoclinic.cif").read_text()
+    lines = []
+    for line in text.splitlines():
+        words = line.split()
+        if line.startswith("_cell_length_"):
+            axis = line[len("_cell_length_")]
+            line = f"_cell_length_{axis} {dict(zip('abc', b_unique.lattice[:3]))[axis]}"
+        elif line.startswith("_cell_angle_"):
+            line = f"{words[0]} {99.23 if words[0].endswith('gamma') else 90}"
+        elif line.startswith("_symmetry_space_group_name_H-M"):
+            line = "_symmetry_space_group_name_H-M 'P 1 1 21/a'"
+        elif line.startswith("_space_group_IT_number"):
+            continue  # diffpy takes the number's standard setting (b unique) before the symbol
+        elif len(words) == 6 and words[1] in ("Zr", "O"):
+            x, y, z = words[2:5]
+            line = " ".join([*words[:2], z, x, y, words[5]])
+        lines.append(line)
+    (tmp_path / "zro2_c.cif").write_text("\n".join(lines) + "\n")
+    c_unique = record_from_cif(tmp_path / "zro2_c.cif")
+    assert c_unique.setting is None and c_unique.space_group == 14
+    assert c_unique.lattice == pytest.approx(b_unique.lattice)
+
+    assert _same_sites(c_unique, b_unique)
+    # With the number, diffpy reads it with the standard (b-unique) operations, which the cell's
+    # angles contradict: one line that says so, not a cell expanded with the wrong operations.
+    (tmp_path / "zro2_number.cif").write_text("\n".join(lines) + "\n_space_group_IT_number 14\n")
+    with pytest.raises(InputError, match="two-fold along b, but its cell angles"):
+        record_from_cif(tmp_path / "zro2_number.cif")
+
+
+def _same_sites(one, other) -> bool:
+    """The same atoms at the same fractional positions (within 1e-3, modulo 1), in any order."""
+    def close(a, b):
+        d = (np.array(a[1:4]) - np.array(b[1:4]) + 0.5) % 1.0 - 0.5
+        return a[0] == b[0] and np.abs(d).max() < 1e-3
+
+    return len(one.atoms) == len(other.atoms) and all(any(close(a, b) for b in other.atoms) for a in one.atoms)
 
 
 def _b_unique_zro2():
