@@ -164,7 +164,7 @@ class _Patterns:
         from liveindex.models.onnx_runtime import session_options
 
         from .dictionary import sample_rotations
-        from .refinement import build_graph, only_outputs
+        from .refinement import build_graph
 
         self.patterns = patterns
         self.working = geometry.with_shape(tuple(shape))
@@ -172,7 +172,8 @@ class _Patterns:
         for phase in phases:
             graph = build_graph(phase, geometry, tuple(shape), sigma, mask, directions_input=True)
             self.refiners.append(ort.InferenceSession(graph.SerializeToString(), session_options(1), providers=providers))
-            render = only_outputs(graph, ["rendered"]).SerializeToString()
+            render = build_graph(phase, geometry, tuple(shape), sigma, mask, directions_input=True,
+                                 render_only=True).SerializeToString()
             self.renderers.append(ort.InferenceSession(render, session_options(1), providers=providers))
         self.rotations = [sample_rotations(phase, TEMPLATE_RESOLUTION) for phase in phases]
 

@@ -220,9 +220,11 @@ def _rotation_derivatives(g: _Graph, x, y, z, gx, gy, d_x, d_y) -> str:
 
 
 def build_gauss_newton_graph(directions: np.ndarray | None, master: np.ndarray, shape: tuple[int, int],
-                             sigma: float, mask: np.ndarray | None = None) -> ModelProto:
+                             sigma: float, mask: np.ndarray | None = None, *, render_only: bool = False) -> ModelProto:
     """``directions`` None: they are an input of the graph, (P, 3), so one graph serves any
-    projection centre (stream/pc_refinement.py)."""
+    projection centre (stream/pc_refinement.py). ``render_only``: the graph that only renders
+    (quats -> rendered), the same patterns without the derivatives' work (a confidence, a
+    screening of starts need no Gauss-Newton system)."""
     g = _Graph()
     p = shape[0] * shape[1]
     # Per-pixel tensors are (B, 1, P), never (B, P, 1): ONNX Runtime broadcasts a scalar
@@ -233,6 +235,17 @@ def build_gauss_newton_graph(directions: np.ndarray | None, master: np.ndarray, 
     x, y, z = g.split(rotated, [1, 1, 1], axis=1)
     gx, gy = _lambert(g, x, y, z)
     value, d_x, d_y = _sample_master(g, master, gx, gy)
+    if render_only:
+        image = g.reshape(value, [-1, 1, *shape])
+        u = _zero_mean(g, g.reshape(_high_pass(g, image, shape, sigma, mask), [-1, 1, p]), p, mask)
+        norm = g.op("Clip", g.op("Sqrt", g.op("ReduceSumSquare", u, axes=[2], keepdims=1)), g.const(1e-12), "")
+        g.reshape(g.op("Div", u, norm), [-1, p], output="rendered")
+        inputs = [helper.make_tensor_value_info("quats", TensorProto.FLOAT, ["B", 4])]
+        if directions is None:
+            inputs.append(helper.make_tensor_value_info("directions", TensorProto.FLOAT, [p, 3]))
+        # only_outputs drops the sampler's derivative nodes, which nothing here reads.
+        return only_outputs(g.model(inputs, [helper.make_tensor_value_info("rendered", TensorProto.FLOAT, ["B", p])]),
+                            ["rendered"])
     derivatives = _rotation_derivatives(g, x, y, z, gx, gy, d_x, d_y)  # (B, 3, P)
     stack = g.reshape(g.op("Concat", value, derivatives, axis=1), [-1, 4, *shape])
     u_all = _zero_mean(g, g.reshape(_high_pass(g, stack, shape, sigma, mask), [-1, 4, p]), p, mask)
@@ -259,10 +272,12 @@ def build_gauss_newton_graph(directions: np.ndarray | None, master: np.ndarray, 
 
 
 def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int, int], sigma: float,
-                mask: np.ndarray | None = None, *, directions_input: bool = False) -> ModelProto:
+                mask: np.ndarray | None = None, *, directions_input: bool = False,
+                render_only: bool = False) -> ModelProto:
     """The Gauss-Newton graph for a phase and a scan geometry at the working size (and its
     working-size signal mask); with ``directions_input`` the detector directions are an input
-    (for fitting the projection centre), the master blur still set by ``geometry``."""
+    (for fitting the projection centre), the master blur still set by ``geometry``; with
+    ``render_only`` the graph that only renders."""
     working = geometry.with_shape(working_shape)
     directions = direction_cosines(working)
     binned = geometry.pattern_shape[0] > working_shape[0] * 1.01 or geometry.pattern_shape[1] > working_shape[1] * 1.01
@@ -271,7 +286,7 @@ def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int
         direction_cosines(REFERENCE_WORKING), REFERENCE_WORKING.pattern_shape) if binned else 0.0
     master = master_array(phase, geometry.energy_kv, blur)
     return build_gauss_newton_graph(None if directions_input else directions, master, tuple(working_shape), sigma,
-                                    mask)
+                                    mask, render_only=render_only)
 
 
 def _pixel_angle(directions: np.ndarray, shape) -> float:

@@ -56,6 +56,11 @@ class Refiner:
 
         graph = build_graph(phase, geometry, tuple(working_shape), sigma, mask)
         self.gn_session = ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=providers)
+        # Every answer's confidence and the page rescue's screening need the pattern only: a graph
+        # without the derivatives (ONNX Runtime runs every node of a graph, whatever is asked for).
+        render = build_graph(phase, geometry, tuple(working_shape), sigma, mask, render_only=True)
+        self.render_session = ort.InferenceSession(render.SerializeToString(), session_options(threads),
+                                                   providers=providers)
         self.iterations = iterations
         self.phase = phase
         self.working_shape = tuple(working_shape)
@@ -72,6 +77,7 @@ class Refiner:
         """Run a full batch through every graph so the first page does not pay for allocation."""
         rng = np.random.default_rng(0)
         q = rng.normal(size=(BATCH, 4)).astype(np.float32)
+        self.render(q / np.linalg.norm(q, axis=1, keepdims=True))
         self.refine(rng.normal(size=(BATCH, int(np.prod(self.working_shape)))).astype(np.float32),
                     q / np.linalg.norm(q, axis=1, keepdims=True))
 
@@ -87,9 +93,10 @@ class Refiner:
     def render(self, quaternions: np.ndarray) -> np.ndarray:
         """(K, 4) orientations -> (K, P) their patterns at the working size, preprocessed as live
         frames are (zero mean, unit norm): a dot product with a frame is their NCC."""
-        quaternions = np.asarray(quaternions, np.float32)
-        blank = np.zeros((len(quaternions), int(np.prod(self.working_shape))), np.float32)
-        return self.gn_session.run(["rendered"], {"quats": quaternions, "patterns": blank})[0]
+        # In BATCH rows, as the refinement runs: a graph's intermediates then stay in the cache.
+        rendered = [self.render_session.run(["rendered"], {"quats": np.asarray(quaternions[i:i + BATCH], np.float32)})[0]
+                    for i in range(0, len(quaternions), BATCH)]
+        return np.concatenate(rendered) if rendered else np.zeros((0, int(np.prod(self.working_shape))), np.float32)
 
     def refine(self, patterns: np.ndarray, quaternions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, P) preprocessed patterns, (B, 4) starting orientations -> refined (B, 4) float32
