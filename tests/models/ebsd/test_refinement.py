@@ -113,3 +113,19 @@ def test_a_signal_mask_is_applied_as_the_preprocessor_does(rotations):
     ncc = graph.run(None, {"quats": rotations, "patterns": flat})[0]
     assert (ncc > 0.9999).all(), ncc
     assert not np.allclose(flat, flat_plain)  # the mask did change the preprocessing
+
+
+def test_the_render_only_graph_renders_what_the_gauss_newton_graph_does(rotations):
+    """Confidences and screenings render with the graph cut to the pattern (no derivatives): the
+    same patterns as the Gauss-Newton graph's ``rendered`` output, with and without a signal mask."""
+    prep = Preprocessor.for_shape(GEOMETRY.pattern_shape)
+    mask = np.ones(GEOMETRY.pattern_shape, bool)
+    mask[:4] = False
+    for signal in (None, mask):
+        full = session(refinement.build_graph("ni", GEOMETRY, prep.working_shape, prep.sigma, signal))
+        render = session(refinement.build_graph("ni", GEOMETRY, prep.working_shape, prep.sigma, signal,
+                                                render_only=True))
+        assert [i.name for i in render.get_inputs()] == ["quats"]
+        blank = np.zeros((len(rotations), prep.n_pixels), np.float32)
+        expected = full.run(["rendered"], {"quats": rotations, "patterns": blank})[0]
+        np.testing.assert_allclose(render.run(["rendered"], {"quats": rotations})[0], expected, atol=1e-6)
