@@ -143,14 +143,21 @@ def test_trigonal_and_monoclinic_phases_index_back_and_a_phase_whose_patterns_la
     from the truth at confidence 1. ZrO2 (P2_1/c, b unique in its CIF) rendered with its two-fold
     along b where orix's 2/m has it along c; re-described with c unique it indexes back, and a
     record kept with b unique is flagged and held at 0.5."""
-    for cif in ("corundum_rhombohedral.cif", "zro2_monoclinic.cif"):
+    # ZrO2 at the default 3 deg dictionary (364 550 templates, about 2 min to build): on a 4 deg
+    # one the truth's template is often not among the best distinct ones (92% within 3 deg).
+    for cif, resolution in (("corundum_rhombohedral.cif", 4.0), ("zro2_monoclinic.cif", 3.0)):
         key = register(phases_from_spec(f"{DATA}/{cif}")[0])
-        scan = SimulatedScan((8, 8), noise="moderate", phase=key, seed=4, grain_size=3)
-        indexer = ScanIndexer(scan.geometry, [key], progress=False, indexer="templates", resolution=4.0)
+        # One orientation a point: ZrO2's pseudo-symmetric variants (turns of 180 deg about near
+        # two-folds of its cell) outscored the truth's template at some points and refined to fits
+        # that passed as sure (98.5% within 3 deg of 400, two wrong points above 0.5) until the
+        # contested answers' distinct solutions were refined too (ScanIndexer._refine_contested).
+        scan = SimulatedScan((12, 12), noise="moderate", phase=key, seed=11, grain_size=1)
+        indexer = ScanIndexer(scan.geometry, [key], progress=False, indexer="templates", resolution=resolution)
         assert not any(indexer._unsure_symmetry)
         result = indexer.index(scan.render(0, scan.size), indexer.new_background())
-        err = disorientation_degrees(result.quaternion, scan.truth, key)
-        assert np.median(err) < 0.5 and np.mean(err < 3) >= 0.95, cif
+        err = np.asarray(disorientation_degrees(result.quaternion, scan.truth, key))
+        assert np.median(err) < 0.5 and np.mean(err < 3) >= 0.98, cif
+        assert (err[result.confidence > 0.5] < 3).all(), cif
 
     key = register(_b_unique_zro2())
     scan = SimulatedScan((6, 6), noise="moderate", phase=key, seed=4, grain_size=3)
