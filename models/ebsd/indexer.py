@@ -419,13 +419,24 @@ class ScanIndexer:
         if not len(contested):
             return
         q, ncc = self.refiners[p].refine(flat[contested], rotations[candidates[contested, other]])
-        better = ncc > result.score[rows[contested]]
+        kept, kept_q = result.score[rows[contested]].copy(), result.quaternion[rows[contested]].copy()
+        better = ncc > kept
         target = rows[contested[better]]
         result.quaternion[target] = q[better]
         result.score[target] = ncc[better]
         if better.any():  # the reliability and the flag are the new answer's
             chosen = contested[better]
             self._compare_solutions(p, scores[chosen], candidates[chosen], result, rows[chosen])
+        # Two distinct solutions that refine to fits within PSEUDO_SYMMETRY_MARGIN of each other:
+        # the pattern cannot tell them apart, whatever their templates scored. Flagged, and the
+        # reliability (which the confidence reads) is the refined fits' ratio.
+        best, second = np.maximum(ncc, kept), np.minimum(ncc, kept)
+        apart = ~self._close(kept_q.astype(np.float64)[:, None, :],
+                             self._equivalents(p, q.astype(np.float64)[:, None, :]))[:, 0, 0]
+        tied = apart & (second > 0) & (second >= best * (1 - PSEUDO_SYMMETRY_MARGIN))
+        target = rows[contested[tied]]
+        result.pseudo_symmetry[target] = 1
+        result.reliability[target] = np.minimum(result.reliability[target], best[tied] / second[tied])
 
     @staticmethod
     def _ranked(matcher, part: np.ndarray, coarse: bool) -> tuple[np.ndarray, np.ndarray]:
