@@ -5,6 +5,12 @@ late, or after the scan ended, showed an empty chart. The sink now keeps the his
 frames received and the pages' median latencies, in time bins from the scan's first result.
 The bins stay few whatever the scan's length: past ``MAX_BINS`` neighbouring bins merge and the
 bin width doubles, so a status poll carries at most a few hundred numbers.
+
+Results come a page at a time (hundreds of points), so a bin narrower than the time between
+pages would read all or nothing. A page's points are spread over the time since the result
+before it (at most ``SPREAD_SECONDS``: after a pause, a page is not smeared over the pause),
+which is when they were being indexed; bins can then start at a quarter of a second, and the
+demo's few-second scan draws a line instead of one dot.
 """
 
 from __future__ import annotations
@@ -14,13 +20,15 @@ import threading
 import numpy as np
 
 MAX_BINS = 240
-FIRST_BIN_SECONDS = 1.0
+FIRST_BIN_SECONDS = 0.25
+SPREAD_SECONDS = 2.0
 
 
 class Timeline:
     def __init__(self) -> None:
         self.bin_seconds = FIRST_BIN_SECONDS
         self._origin: float | None = None  # monotonic time of the first result
+        self._last = 0.0  # seconds from the origin to the latest result
         self._frames: list[float] = []
         self._latency_sum: list[float] = []  # sum of the pages' median latencies in the bin, seconds
         self._latency_pages: list[int] = []
@@ -32,15 +40,23 @@ class Timeline:
         with self._lock:
             if self._origin is None:
                 self._origin = now
-            slot = int(max(now - self._origin, 0.0) // self.bin_seconds)
-            while slot >= MAX_BINS:
+            end = max(now - self._origin, self._last)
+            start = max(self._last, end - SPREAD_SECONDS)
+            self._last = end
+            while int(end // self.bin_seconds) >= MAX_BINS:
                 self._merge_pairs()
-                slot = int(max(now - self._origin, 0.0) // self.bin_seconds)
+            slot = int(end // self.bin_seconds)
             while len(self._frames) <= slot:
                 self._frames.append(0.0)
                 self._latency_sum.append(0.0)
                 self._latency_pages.append(0)
-            self._frames[slot] += frames
+            first = int(start // self.bin_seconds)
+            if end <= start or first == slot:  # the first result, or a page within one bin
+                self._frames[slot] += frames
+            else:  # each bin its share of the page's time
+                for k in range(first, slot + 1):
+                    overlap = min(end, (k + 1) * self.bin_seconds) - max(start, k * self.bin_seconds)
+                    self._frames[k] += frames * max(overlap, 0.0) / (end - start)
             if page_latency_s is not None and page_latency_s == page_latency_s:
                 self._latency_sum[slot] += page_latency_s
                 self._latency_pages[slot] += 1

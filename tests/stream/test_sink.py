@@ -84,7 +84,7 @@ def test_http_is_read_only_and_serves_status_metrics_and_maps(sink):
     assert status["received"] == 12 and status["scan"] == "s1"
     # The chart's history is the sink's (a page opened after the scan ends draws it too): all
     # 12 points came within one time bin, which is therefore the whole of it.
-    assert status["timeline"]["bin_s"] == 1.0 and status["timeline"]["frames_per_s"] == [12.0]
+    assert status["timeline"]["bin_s"] == 0.25 and status["timeline"]["frames_per_s"] == [48.0]
     metrics = urllib.request.urlopen(base + "metrics").read().decode()
     for name in ("liveindex_frames_received_total 12.0", "liveindex_frame_latency_seconds_bucket",
                  "liveindex_bad_messages_total", "liveindex_queue_depth_frames", "liveindex_workers_up"):
