@@ -234,7 +234,7 @@ def orix_setting(space_group: int, lattice: tuple, atoms: tuple, rotations) -> t
     """(lattice, every atom of the cell, how it was re-described or None) for a cell whose
     symmetry operations (``rotations``: (3, 3) matrices on fractional coordinates, the CIF's
     setting) put a monoclinic two-fold or a trigonal three-fold off the c axis."""
-    a, b, c, alpha, beta, gamma = lattice
+    alpha, beta, gamma = lattice[3:]
     if 3 <= space_group <= 15:
         unique = _monoclinic_unique_axis(rotations)
         if unique is None:

@@ -387,9 +387,7 @@ class ScanIndexer:
         pattern's; 1.6-3 for right answers at moderate noise, real patterns included), and
         the pseudo-symmetry flag where the distinct one scores within PSEUDO_SYMMETRY_MARGIN
         (a fraction) of the near one. Matched rows only: the network gives no second solution."""
-        answer = result.quaternion[rows].astype(np.float64)[:, None, :]  # (D, 1, 4)
-        templates = self.indexers[p].dictionary.rotations[candidates].astype(np.float64)  # (D, K, 4)
-        near = self._close(answer, self._equivalents(p, templates))[:, 0, :]  # (D, K)
+        near = self._near(p, result.quaternion[rows], self.indexers[p].dictionary.rotations[candidates])  # (D, K)
         best_near = np.where(near, scores, -np.inf).max(axis=1)
         best_distinct = np.where(near, -np.inf, scores).max(axis=1)
         flag = np.isfinite(best_near) & (best_distinct >= best_near * (1 - PSEUDO_SYMMETRY_MARGIN))
@@ -409,9 +407,7 @@ class ScanIndexer:
         if not len(contested):
             return
         rotations = self.indexers[p].dictionary.rotations
-        answers = result.quaternion[rows[contested]].astype(np.float64)[:, None, :]
-        templates = rotations[candidates[contested]].astype(np.float64)  # (C, K, 4)
-        near = self._close(answers, self._equivalents(p, templates))[:, 0, :]  # (C, K)
+        near = self._near(p, result.quaternion[rows[contested]], rotations[candidates[contested]])  # (C, K)
         ranked = np.where(near, -np.inf, scores[contested])
         other = ranked.argmax(axis=1)
         found = np.isfinite(ranked[np.arange(len(contested)), other])
@@ -431,12 +427,18 @@ class ScanIndexer:
         # the pattern cannot tell them apart, whatever their templates scored. Flagged, and the
         # reliability (which the confidence reads) is the refined fits' ratio.
         best, second = np.maximum(ncc, kept), np.minimum(ncc, kept)
-        apart = ~self._close(kept_q.astype(np.float64)[:, None, :],
-                             self._equivalents(p, q.astype(np.float64)[:, None, :]))[:, 0, 0]
+        apart = ~self._near(p, kept_q, q[:, None, :])[:, 0]
         tied = apart & (second > 0) & (second >= best * (1 - PSEUDO_SYMMETRY_MARGIN))
         target = rows[contested[tied]]
         result.pseudo_symmetry[target] = 1
         result.reliability[target] = np.minimum(result.reliability[target], best[tied] / second[tied])
+
+    def _near(self, p: int, answers: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """(D, 4) answers and (D, K, 4) orientations of phase p -> (D, K): each within DISTINCT_DEG
+        of its row's answer, with the phase's symmetry (float64: a near-identity pair's dot
+        product sits close to 1)."""
+        answers = np.asarray(answers, np.float64)[:, None, :]
+        return self._close(answers, self._equivalents(p, np.asarray(others, np.float64)))[:, 0, :]
 
     @staticmethod
     def _ranked(matcher, part: np.ndarray, coarse: bool) -> tuple[np.ndarray, np.ndarray]:
