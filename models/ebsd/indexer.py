@@ -44,6 +44,7 @@ from liveindex.models.ebsd.master_patterns import check_phases, point_group, rec
 from liveindex.models.errors import InputError
 from liveindex.models.onnx_runtime import choose_providers
 
+from .compiled_refinement import MAX_FINE_SIDE
 from .confidence import above_noise, confidence, explained_share, noise_frames, white_noise_share
 from .geometry import DetectorGeometry
 from .matcher import TemplateIndexer
@@ -131,8 +132,11 @@ class ScanIndexer:
         self.phases = check_phases([register(p) if isinstance(p, PhaseRecord) else p for p in phases])
         try:
             self.preprocess = Preprocessor.for_shape(geometry.pattern_shape, signal_mask=signal_mask)
+            # The last refinement steps' size (models/ebsd/fine_refinement.py), where finer.
+            fine = Preprocessor.for_shape(geometry.pattern_shape, MAX_FINE_SIDE, signal_mask=signal_mask)
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        self.fine_preprocess = fine if refine and fine.working_shape != self.preprocess.working_shape else None
         self.min_confidence = float(min_confidence)
         self.mode = indexer
         self._pages_without_network = 0
@@ -143,7 +147,8 @@ class ScanIndexer:
                 raise InputError(f"the static background is {static_background.shape[0]}x{static_background.shape[1]} "
                                  f"but the scan's patterns are {geometry.pattern_shape[0]}x{geometry.pattern_shape[1]}; "
                                  "record it with the same detector binning")
-            self._background = self.preprocess._to_working(static_background[None].astype(np.float32))[0]
+            self._background = {prep.working_shape: prep._to_working(static_background[None].astype(np.float32))[0]
+                                for prep in (self.preprocess, self.fine_preprocess) if prep is not None}
         self.network = None
         if indexer != "templates":
             self._load_network(bundle, providers, threads)
@@ -192,9 +197,11 @@ class ScanIndexer:
         """Refine against patterns rendered for ``geometry`` (a fitted projection centre, say);
         the starts (network, dictionary) stay those of the geometry the scan was given with:
         they only have to land in the right basin."""
+        fine = self.fine_preprocess
         self.refiners = [Refiner(phase, geometry, self.preprocess.working_shape, self.preprocess.sigma,
                                  mask=self.preprocess.mask, providers=choose_providers(self._providers),
-                                 threads=self._threads) for phase in self.phases]
+                                 threads=self._threads, fine_shape=None if fine is None else fine.working_shape,
+                                 fine_mask=None if fine is None else fine.mask) for phase in self.phases]
         for refiner in self.refiners:
             refiner.warm_up()
 
@@ -259,12 +266,30 @@ class ScanIndexer:
             self._match(flat, todo, result)
         if self.refiners:
             self._rescue_from_the_page(flat, valid, result)
+            self._polish(patterns, background, valid, result)
             self._judge(flat, valid, result)
         unsure = result.confidence < self.min_confidence
         result.phase_id[~valid | unsure] = -1
         result.confidence[~valid] = 0.0
         result.method[~valid] = METHOD_CODE["none"]
         return result
+
+    def _polish(self, patterns: np.ndarray, background: StaticBackground | None, valid: np.ndarray,
+                result: IndexResult) -> None:
+        """Every answer's last refinement steps on the frames at their own resolution (up to
+        MAX_FINE_SIDE): the working size finds the orientation, the band edges the 2x2 bin
+        blurs pin it (hcp Ti, 60x60 at moderate noise: median 0.32 -> 0.20 deg). The score stays
+        the working size's NCC, on which the confidence is calibrated."""
+        if self.fine_preprocess is None:
+            return
+        rows = np.flatnonzero(valid & (result.phase_id >= 0))
+        if not len(rows):
+            return
+        fine, _ = self.fine_preprocess(patterns[rows], background)
+        for p, refiner in enumerate(self.refiners):
+            mine = result.phase_id[rows] == p
+            if mine.any():
+                result.quaternion[rows[mine]] = refiner.polish(fine[mine], result.quaternion[rows[mine]])
 
     def _judge(self, flat: np.ndarray, valid: np.ndarray, result: IndexResult) -> None:
         """Each answer's confidence from its refined NCC and the share of its pattern's

@@ -142,27 +142,36 @@ class StaticBackground:
     frames seen so far, which converges within the first pages.
     """
 
-    def __init__(self, supplied: np.ndarray | None = None):
-        self.supplied = None if supplied is None else np.asarray(supplied, np.float32)
-        self.total: np.ndarray | None = None
-        self.count = 0
+    def __init__(self, supplied: "np.ndarray | dict | None" = None):
+        # One (h, w) array, or {(h, w): array} for each size the frames are preprocessed at.
+        if supplied is None:
+            self.supplied = {}
+        elif isinstance(supplied, dict):
+            self.supplied = {tuple(k): np.asarray(v, np.float32) for k, v in supplied.items()}
+        else:
+            array = np.asarray(supplied, np.float32)
+            self.supplied = {array.shape: array}
+        self._sums: dict[tuple, tuple[np.ndarray, int]] = {}  # size -> (sum of its frames, count)
         self._lock = threading.Lock()  # pages of one scan may be indexed on several threads
 
     def update(self, working: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Fold (B, h, w) working-size frames into the mean; returns the mean (h, w) float32."""
-        if self.supplied is not None:
-            if self.supplied.shape != working.shape[1:]:
-                raise ValueError(f"the supplied static background has shape {self.supplied.shape}; frames at the "
-                                 f"working size are {working.shape[1:]}: supply it binned to that size")
-            return self.supplied
+        """Fold (B, h, w) frames at one preprocessing size into that size's mean; returns the
+        mean (h, w) float32."""
+        size = tuple(working.shape[1:])
+        if self.supplied:
+            if size not in self.supplied:
+                shapes = ", ".join(f"{h}x{w}" for h, w in self.supplied)
+                raise ValueError(f"the supplied static background is {shapes}; frames here are {size[0]}x{size[1]}: "
+                                 "supply it at the detector's binning")
+            return self.supplied[size]
         with self._lock:
             if valid.any():
                 page_sum = working[valid].sum(axis=0, dtype=np.float64)
-                self.total = page_sum if self.total is None else self.total + page_sum
-                self.count += int(valid.sum())
-            if self.total is None:
-                return np.zeros(working.shape[1:], np.float32)
-            total, count = self.total, self.count
+                total, count = self._sums.get(size, (0.0, 0))
+                self._sums[size] = (total + page_sum, count + int(valid.sum()))
+            if size not in self._sums:
+                return np.zeros(size, np.float32)
+            total, count = self._sums[size]
         # Smoothed by about one working pixel: a scan of few large grains leaves their
         # Kikuchi bands in the mean, and subtracting them sharp hurt (hard noise, 40x40 of
         # ~25 grains: 95.8% within 3 deg, 96.9% with no static background, 97.1% smoothed);

@@ -278,15 +278,19 @@ def build_graph(phase: str, geometry: DetectorGeometry, working_shape: tuple[int
     working-size signal mask); with ``directions_input`` the detector directions are an input
     (for fitting the projection centre), the master blur still set by ``geometry``; with
     ``render_only`` the graph that only renders."""
-    working = geometry.with_shape(working_shape)
-    directions = direction_cosines(working)
-    binned = geometry.pattern_shape[0] > working_shape[0] * 1.01 or geometry.pattern_shape[1] > working_shape[1] * 1.01
-    # The blur stands in for the bin average, so only where the live frames are binned.
-    blur = REFERENCE_BLUR * _pixel_angle(directions, working_shape) / _pixel_angle(
-        direction_cosines(REFERENCE_WORKING), REFERENCE_WORKING.pattern_shape) if binned else 0.0
-    master = master_array(phase, geometry.energy_kv, blur)
+    directions, master = render_inputs(phase, geometry, working_shape)
     return build_gauss_newton_graph(None if directions_input else directions, master, tuple(working_shape), sigma,
                                     mask, render_only=render_only)
+
+
+def render_inputs(phase: str, geometry: DetectorGeometry, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """What rendering at ``shape`` needs: the detector's (P, 3) direction cosines at that size and
+    the master pattern, blurred to stand in for the bin average where the frames are binned to it."""
+    directions = direction_cosines(geometry.with_shape(shape))
+    binned = geometry.pattern_shape[0] > shape[0] * 1.01 or geometry.pattern_shape[1] > shape[1] * 1.01
+    blur = REFERENCE_BLUR * _pixel_angle(directions, shape) / _pixel_angle(
+        direction_cosines(REFERENCE_WORKING), REFERENCE_WORKING.pattern_shape) if binned else 0.0
+    return directions, master_array(phase, geometry.energy_kv, blur)
 
 
 def _pixel_angle(directions: np.ndarray, shape) -> float:

@@ -37,8 +37,11 @@ def test_the_files_background_reaches_the_workers_indexer(nickel_file):
     start = ScanStart.from_header(decode(encode("scan_start", header)).header)
     setup = ebsd.check_setup(start.setup, start.pattern_shape)  # what a worker does on receipt
     page_indexer = ebsd.prepare({**header, "setup": setup}, options={"min_confidence": 0.0})
-    expected = page_indexer.indexer.preprocess._to_working(background[None])[0]
-    np.testing.assert_allclose(page_indexer.indexer._background, expected)
+    indexer = page_indexer.indexer
+    # At each size the frames are preprocessed at: the working size and the fine refinement's.
+    for prep in (indexer.preprocess, indexer.fine_preprocess):
+        expected = prep._to_working(background[None])[0]
+        np.testing.assert_allclose(indexer._background[prep.working_shape], expected)
     assert ("static background", "the file's (60x60)") in ebsd.describe_setup(setup)
     json.dumps(plain(setup))  # the live page and the summary take it as JSON
 
