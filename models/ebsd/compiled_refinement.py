@@ -107,45 +107,36 @@ def _render_with_derivatives(q, dx, dy, dz, cells, n, x, y, z, px, py, value, d1
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _blur_into(image, rows, columns_t, h, w, tmp, out):
-    """``out`` = rows @ image @ columns_tᵀ... as the Preprocessor's separable Gaussian
-    (preprocess.blur_matrix: ``rows`` (h, h), ``columns_t`` the (w, w) one transposed) for an
-    (h*w,) row-major image, skipping the matrices' zeros (they are banded: truncate 2 sigma)."""
-    for i in range(h):
-        for j in range(w):
-            tmp[i * w + j] = 0.0
-        for k in range(w):
-            v = image[i * w + k]
-            for j in range(w):
-                tmp[i * w + j] += v * columns_t[k, j]
-    for i in range(h):
-        for j in range(w):
-            out[i * w + j] = 0.0
-        for k in range(h):
-            r = rows[i, k]
-            if r != 0.0:
-                for j in range(w):
-                    out[i * w + j] += r * tmp[k * w + j]
-
-
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _preprocess(image, rows, columns_t, h, w, mask, weight, count, high_pass, tmp, blurred):
-    """In place: the render as the Preprocessor treats frames. ``high_pass``: minus its blur (with
-    a mask: masked pixels only, the blur divided by the mask's own, outside 0), then zero mean
-    over the mask's ``count`` pixels; without ``high_pass`` only the zero mean."""
-    size = image.shape[0]
+def _preprocess(stack, rows, columns_t, h, w, mask, weight, count, high_pass, spread):
+    """In place, each row of ``stack`` (K, h*w) as the Preprocessor treats frames. ``high_pass``:
+    minus its blur (preprocess.blur_matrix: ``rows`` (h, h), ``columns_t`` the (w, w) one
+    transposed; with a mask, masked pixels only, the blur divided by the mask's own, outside 0),
+    then zero mean over the mask's ``count`` pixels; without ``high_pass`` only the zero mean.
+    The K images are blurred in two matrix products (BLAS): 18 us for four 30x30 images, against
+    54 us for loops over each. ``spread``: (h, K*w) scratch."""
+    k, size = stack.shape
     if high_pass:
+        for c in range(k):
+            for p in range(size):
+                stack[c, p] *= mask[p]
+        along_rows = np.dot(stack.reshape(k * h, w), columns_t)  # (K*h, w)
+        for c in range(k):
+            for i in range(h):
+                for j in range(w):
+                    spread[i, c * w + j] = along_rows[c * h + i, j]
+        blurred = np.dot(rows, spread)  # (h, K*w)
+        for c in range(k):
+            for i in range(h):
+                for j in range(w):
+                    p = i * w + j
+                    stack[c, p] = (stack[c, p] - blurred[i, c * w + j] / weight[p]) * mask[p]
+    for c in range(k):
+        total = np.float32(0.0)
         for p in range(size):
-            image[p] *= mask[p]
-        _blur_into(image, rows, columns_t, h, w, tmp, blurred)
+            total += stack[c, p]
+        mean = total / count
         for p in range(size):
-            image[p] = (image[p] - blurred[p] / weight[p]) * mask[p]
-    total = np.float32(0.0)
-    for p in range(size):
-        total += image[p]
-    mean = total / count
-    for p in range(size):
-        image[p] = (image[p] - mean) * mask[p]
+            stack[c, p] = (stack[c, p] - mean) * mask[p]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -155,18 +146,17 @@ def _system(quats, patterns, dx, dy, dz, cells, n, rows, columns_t, h, w, mask, 
     (preprocessed, unit norm), and the Gauss-Newton system of the residual (normalised render −
     pattern) in the rotation vector: JᵀJ (3, 3) and Jᵀr (3,), as models/refinement.py's graph."""
     size = dx.shape[0]
-    # Separate arrays, not rows of one: LLVM then vectorises the loops (3.5x faster).
+    # Separate arrays, not rows of one: LLVM then vectorises the render's loops (3.5x faster).
     x, y, z, px, py = (np.empty(size, np.float32), np.empty(size, np.float32), np.empty(size, np.float32),
                        np.empty(size, np.float32), np.empty(size, np.float32))
     value, d1, d2, d3 = (np.empty(size, np.float32), np.empty(size, np.float32), np.empty(size, np.float32),
                          np.empty(size, np.float32))
-    tmp, blurred = np.empty(size, np.float32), np.empty(size, np.float32)
+    stack, spread = np.empty((4, size), np.float32), np.empty((h, 4 * w), np.float32)
     for b in range(quats.shape[0]):
         _render_with_derivatives(quats[b], dx, dy, dz, cells, n, x, y, z, px, py, value, d1, d2, d3)
-        _preprocess(value, rows, columns_t, h, w, mask, weight, count, high_pass, tmp, blurred)
-        _preprocess(d1, rows, columns_t, h, w, mask, weight, count, high_pass, tmp, blurred)
-        _preprocess(d2, rows, columns_t, h, w, mask, weight, count, high_pass, tmp, blurred)
-        _preprocess(d3, rows, columns_t, h, w, mask, weight, count, high_pass, tmp, blurred)
+        stack[0], stack[1], stack[2], stack[3] = value, d1, d2, d3
+        _preprocess(stack, rows, columns_t, h, w, mask, weight, count, high_pass, spread)
+        value[:], d1[:], d2[:], d3[:] = stack[0], stack[1], stack[2], stack[3]
         e = patterns[b]
         energy = overlap = np.float32(0.0)
         for p in range(size):
@@ -213,16 +203,17 @@ def _render(quats, dx, dy, dz, cells, n, rows, columns_t, h, w, mask, weight, co
                        np.empty(size, np.float32), np.empty(size, np.float32))
     value, d1, d2, d3 = (np.empty(size, np.float32), np.empty(size, np.float32), np.empty(size, np.float32),
                          np.empty(size, np.float32))
-    tmp, blurred = np.empty(size, np.float32), np.empty(size, np.float32)
+    stack, spread = np.empty((1, size), np.float32), np.empty((h, w), np.float32)
     for b in range(quats.shape[0]):
         _render_with_derivatives(quats[b], dx, dy, dz, cells, n, x, y, z, px, py, value, d1, d2, d3)
-        _preprocess(value, rows, columns_t, h, w, mask, weight, count, high_pass, tmp, blurred)
+        stack[0] = value
+        _preprocess(stack, rows, columns_t, h, w, mask, weight, count, high_pass, spread)
         energy = np.float32(0.0)
         for p in range(size):
-            energy += value[p] * value[p]
+            energy += stack[0, p] * stack[0, p]
         inverse = np.float32(1.0) / max(math.sqrt(energy), np.float32(1e-12))
         for p in range(size):
-            out[b, p] = value[p] * inverse
+            out[b, p] = stack[0, p] * inverse
 
 
 class CompiledSystem:

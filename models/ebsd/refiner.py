@@ -55,42 +55,40 @@ class Refiner:
     def __init__(self, phase: str, geometry: DetectorGeometry, working_shape, sigma: float, *,
                  providers: list[str], threads: int = 0, iterations: int = ITERATIONS, mask=None,
                  fine_shape=None, fine_mask=None):
-        import onnxruntime as ort
+        from .compiled_refinement import CompiledSystem
 
-        from liveindex.models.ebsd.refinement import build_graph
-        from liveindex.models.onnx_runtime import session_options
-
-        graph = build_graph(phase, geometry, tuple(working_shape), sigma, mask)
-        self.gn_session = ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=providers)
-        # Every answer's confidence and the page rescue's screening need the pattern only. On the
-        # CPU the compiled render (2.5x faster than the graph, the same patterns to 3e-5); else a
-        # graph without the derivatives (ONNX Runtime runs every node, whatever is asked for).
-        self.render_session = self._compiled_render = None
-        if list(providers) == ["CPUExecutionProvider"]:
-            from .compiled_refinement import CompiledSystem
-
-            self._compiled_render = CompiledSystem(phase, geometry, tuple(working_shape), sigma, mask)
-        else:
-            render = build_graph(phase, geometry, tuple(working_shape), sigma, mask, render_only=True)
-            self.render_session = ort.InferenceSession(render.SerializeToString(), session_options(threads),
-                                                       providers=providers)
         self.iterations = iterations
         self.phase = phase
         self.working_shape = tuple(working_shape)
+        h, w = self.working_shape
         # The coarse level bins the working patterns 2x2; with a signal mask, or an odd or
         # small working size, refinement stays at the working size only.
-        h, w = self.working_shape
-        self.coarse_session = None
-        if mask is None and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 16:
-            coarse = build_graph(phase, geometry, (h // 2, w // 2), sigma / 2)
-            self.coarse_session = ort.InferenceSession(coarse.SerializeToString(), session_options(threads),
-                                                       providers=providers)
+        coarse = mask is None and h % 2 == 0 and w % 2 == 0 and min(h, w) >= 16
+        # On the CPU the compiled system (models/ebsd/compiled_refinement.py: the graph's numbers,
+        # 2.3x faster a 30x30 step, 2.5x a render); elsewhere the ONNX graphs. Renders (every
+        # answer's confidence, the page rescue's screening) need no derivatives: on the graph
+        # path, a graph without them (ONNX Runtime runs every node, whatever is asked for).
+        if list(providers) == ["CPUExecutionProvider"]:
+            self.gn_session = CompiledSystem(phase, geometry, self.working_shape, sigma, mask)
+            self.coarse_session = CompiledSystem(phase, geometry, (h // 2, w // 2), sigma / 2) if coarse else None
+            self.render_session = None
+        else:
+            import onnxruntime as ort
+
+            from liveindex.models.ebsd.refinement import build_graph
+            from liveindex.models.onnx_runtime import session_options
+
+            def session(shape, sigma, mask, **kind):
+                graph = build_graph(phase, geometry, shape, sigma, mask, **kind)
+                return ort.InferenceSession(graph.SerializeToString(), session_options(threads), providers=providers)
+
+            self.gn_session = session(self.working_shape, sigma, mask)
+            self.coarse_session = session((h // 2, w // 2), sigma / 2, None) if coarse else None
+            self.render_session = session(self.working_shape, sigma, mask, render_only=True)
         # The last steps at the frames' own resolution, where that is finer than the working size
         # (compiled: 8x faster than the graph there; see models/ebsd/compiled_refinement.py).
         self.fine = None
         if fine_shape is not None and tuple(fine_shape) != self.working_shape:
-            from .compiled_refinement import CompiledSystem
-
             self.fine = CompiledSystem(phase, geometry, tuple(fine_shape), fine_shape[1] / 8, fine_mask,
                                        high_pass=False)
 
@@ -117,8 +115,8 @@ class Refiner:
     def render(self, quaternions: np.ndarray) -> np.ndarray:
         """(K, 4) orientations -> (K, P) their patterns at the working size, preprocessed as live
         frames are (zero mean, unit norm): a dot product with a frame is their NCC."""
-        if self._compiled_render is not None:
-            return self._compiled_render.render(quaternions)
+        if self.render_session is None:
+            return self.gn_session.render(quaternions)
         # In BATCH rows, as the refinement runs: a graph's intermediates then stay in the cache.
         rendered = [self.render_session.run(["rendered"], {"quats": np.asarray(quaternions[i:i + BATCH], np.float32)})[0]
                     for i in range(0, len(quaternions), BATCH)]
