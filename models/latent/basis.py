@@ -67,7 +67,10 @@ class LatentBasis:
     def embed(self, features: np.ndarray) -> np.ndarray:
         """(B, P) features -> (B, D) float16 embeddings (NaN rows where a feature is not finite)."""
         x = (np.asarray(features, np.float32) - self.mean) * self.scale
-        out = x @ self.components.T
+        # In float64, then rounded to float16: a float32 product's last bits depend on how many
+        # rows the BLAS call has (its kernels differ with the row count on AVX-512 hosts), and a
+        # frame must get the same embedding whatever page it comes in.
+        out = x.astype(np.float64) @ self.components.T.astype(np.float64)
         out[~np.isfinite(out).all(axis=1)] = np.nan
         return np.clip(out, -6e4, 6e4).astype(np.float16)
 
