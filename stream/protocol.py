@@ -319,7 +319,9 @@ def _check_spec(spec, header) -> tuple[str, str, list[int]]:
     if not (isinstance(spec, list) and len(spec) == 3):
         raise ProtocolError(f"buffer spec {spec!r} must be [name, dtype, shape]", header)
     name, dtype, shape = spec
-    if dtype not in WIRE_DTYPES:
+    if not isinstance(name, str):
+        raise ProtocolError(f"buffer spec {spec!r}: its name must be a string", header)
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:  # a list or dict is not hashable
         raise ProtocolError(f"buffer {name!r} has dtype {dtype!r}, not one of {sorted(WIRE_DTYPES)}", header)
     if not (isinstance(shape, list) and len(shape) <= 8
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):

@@ -67,6 +67,8 @@ def _header(kind="frames", **fields):
         ([_header(), bytes(3)], "has 3 bytes, expected 4"),
         ([_header()], "lists 1 buffers but 0"),
         ([_header(buffers=[["patterns", "object", [1, 2, 2]]]), bytes(4)], "not one of"),
+        ([_header(buffers=[["patterns", ["uint8"], [1, 2, 2]]]), bytes(4)], "not one of"),  # found by test_fuzz
+        ([_header(buffers=[[["patterns"], "uint8", [1, 2, 2]]]), bytes(4)], "its name must be a string"),
         ([_header(count=2), bytes(4)], "expected (count=2"),
         ([_header(buffers=[["patterns", "int32", [1, 1, 1]]]), bytes(4)], "must be uint8 or uint16 or uint32 or float32"),
         ([_header(first=-1), bytes(4)], "negative first index"),
