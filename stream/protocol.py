@@ -158,7 +158,7 @@ def _check_header(header: dict) -> None:
                                 f"v{VERSION}: upgrade every part (publisher, workers, sink) to the same liveindex", header)
         raise ProtocolError(f"unsupported schema version {header.get('v')!r}; this liveindex speaks v{VERSION}", header)
     kind = header.get("kind")
-    if kind not in HEADER_FIELDS:
+    if not isinstance(kind, str) or kind not in HEADER_FIELDS:  # a list or dict is not hashable
         raise ProtocolError(f"unknown message kind {kind!r}; expected one of {sorted(HEADER_FIELDS)}", header)
     for name, types in HEADER_FIELDS[kind].items():
         value = header.get(name)

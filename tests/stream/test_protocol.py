@@ -63,6 +63,7 @@ def _header(kind="frames", **fields):
         ([msgpack.packb([1, 2])], "must be a msgpack map"),
         ([_header(v=99), bytes(4)], "unsupported schema version"),
         ([_header(kind="nonsense"), bytes(4)], "unknown message kind"),
+        ([_header(kind=["frames"]), bytes(4)], "unknown message kind"),
         ([_header(first="zero"), bytes(4)], "'first' is missing or not int"),
         ([_header(), bytes(3)], "has 3 bytes, expected 4"),
         ([_header()], "lists 1 buffers but 0"),
