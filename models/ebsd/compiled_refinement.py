@@ -7,10 +7,10 @@ frame, JᵀJ and Jᵀr in the rotation vector. tests/models/ebsd/test_compiled_r
 the two to float32 precision. Each pixel is rotated, projected, sampled and differentiated in
 registers, in loops LLVM vectorises, where the graph's ~60 elementwise nodes each stream
 (B, 4, P) arrays through memory. Where it runs (models/ebsd/refiner.py, on the CPU):
-- the renders at the working size (confidence, page rescue): 29 against 74 us a 30x30 row;
-- the last refinement steps at the frames' own resolution (up to ``MAX_FINE_SIDE``), below.
-The working size's Gauss-Newton steps stay on the graph: there the four blurs a row (the
-render and its three derivatives) cost more compiled (111-132 against 57-87 us a row).
+- every Gauss-Newton step: the coarse one (15x15), the working size's (30x30: 49 against 114 us
+  a row) and the last at the frames' own resolution (up to ``MAX_FINE_SIDE``, below);
+- the renders at the working size (confidence, page rescue): 29 against 74 us a 30x30 row.
+Other execution providers (a GPU) keep the ONNX graphs.
 
 The fine steps. Matching and the first steps at the working size (30x30 for 60x60 frames) find
 the orientation; its last tenths of a degree are in the band edges, which the 2x2 bin average
