@@ -200,17 +200,92 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
     atoms = tuple((_element(atom.element), *(float(v) % 1.0 for v in atom.xyz), float(atom.occupancy))
                   for atom in structure)
     name = name or re.sub(r"[^A-Za-z0-9_.+()\- ]", "_", path.stem)[:64] or "phase"
+    origin_note = None
+    if space_group in ORIGIN_CHOICE_2_SHIFT and _says_origin_choice_2(path):
+        # diffpy.structure knows only origin choice 1 and expanded the sites with its operators:
+        # the file's asymmetric unit again, moved to origin choice 1, expanded by them.
+        shift = ORIGIN_CHOICE_2_SHIFT[space_group]
+        unit = tuple((_element(a.element), *(float(x) + d for x, d in zip(a.xyz, shift)), float(a.occupancy))
+                     for a in parser.asymmetric_unit)
+        atoms = full_cell(unit, space_group)
+        origin_note = (f"origin choice 2 (the file says so; it gives no symmetry operations) re-described in origin "
+                       f"choice 1: atoms moved by ({', '.join(f'{d:g}' for d in shift)}); orientations are unchanged")
+    closest = closest_atoms(tuple(structure.lattice.abcABG()), atoms)
+    # (Closer than 0.05: a special position's imprecise coordinates, one atom twice, as before.)
+    if closest is not None and 0.05 < closest[0] < MIN_ATOM_DISTANCE:
+        d, first, second = closest
+        raise InputError(f"{path}: after expanding its sites with space group {space_group}'s operations, {first} and "
+                         f"{second} atoms sit {d:.2f} angstrom apart, so the file's setting or origin is not the one "
+                         "assumed (origin choice 1 where the group has two); give the symmetry operations "
+                         "(_symmetry_equiv_pos_as_xyz), or mark origin choice 2 in the H-M symbol (for example "
+                         "'F d -3 m :2')")
     # The file's own setting (diffpy's number for it is 1000 + n, 2000 + n...: Pbnm 2062) is kept
     # where orix's operators fit it; its atoms are the whole cell, expanded by the file's operators.
     try:
         lattice, atoms, setting = orix_setting(space_group, tuple(structure.lattice.abcABG()), atoms, rotations)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
+    setting = "; ".join(note for note in (origin_note, setting) if note) or None
     if setting:
         log.info("phase %s from %s: %s", name, path.name, setting)
     return PhaseRecord(name=name, space_group=space_group, lattice=lattice, atoms=atoms,
                        source=source or f"cif:{path.name}",
                        extra={"full_cell": True, **({"setting": setting} if setting else {})})
+
+
+# -- origin choices -----------------------------------------------------------------------------
+# The centrosymmetric groups that ITA gives in two origin choices. diffpy.structure has origin
+# choice 1 only, so a CIF in origin choice 2 that lists no symmetry operations of its own (an
+# 'F d -3 m :2' silicon, a spinel) was expanded with the wrong operators: 16 atoms in a silicon
+# cell of 8, {222} strong. Origin 2 lies on an inversion centre of origin 1's group at this
+# shift (x1 = x2 + shift); for the primitive groups the opposite sign is one too, and gives the
+# same structure factor at every hkl (tests/models/test_crystal_origin.py checks both).
+ORIGIN_CHOICE_2_SHIFT = {
+    48: (1 / 4, 1 / 4, 1 / 4), 50: (1 / 4, 1 / 4, 0), 59: (1 / 4, 1 / 4, 0), 68: (0, 1 / 4, 1 / 4),
+    70: (1 / 8, 1 / 8, 1 / 8), 85: (1 / 4, -1 / 4, 0), 86: (1 / 4, 1 / 4, 1 / 4), 88: (0, 1 / 4, 1 / 8),
+    125: (1 / 4, 1 / 4, 0), 126: (1 / 4, 1 / 4, 1 / 4), 129: (1 / 4, -1 / 4, 0), 130: (1 / 4, -1 / 4, 0),
+    133: (1 / 4, -1 / 4, 1 / 4), 134: (1 / 4, -1 / 4, 1 / 4), 137: (1 / 4, -1 / 4, 1 / 4),
+    138: (1 / 4, -1 / 4, 1 / 4), 141: (0, -1 / 4, 1 / 8), 142: (0, -1 / 4, 1 / 8), 201: (1 / 4, 1 / 4, 1 / 4),
+    203: (1 / 8, 1 / 8, 1 / 8), 222: (1 / 4, 1 / 4, 1 / 4), 224: (1 / 4, 1 / 4, 1 / 4), 227: (1 / 8, 1 / 8, 1 / 8),
+    228: (3 / 8, 3 / 8, 3 / 8),
+}
+SYMMETRY_OPERATION_TAGS = re.compile(r"^\s*_(symmetry_equiv_pos_as_xyz|symmetry_equiv\.pos_as_xyz|"
+                                     r"space_group_symop_operation_xyz|space_group_symop\.operation_xyz)\b",
+                                     re.IGNORECASE | re.MULTILINE)
+ORIGIN_2_MARKS = re.compile(r"^\s*_(symmetry_space_group_name_H-M|space_group_name_H-M_alt|space_group\.name_H-M_alt)"
+                            r"\s+['\"]?[^'\"\n]*:\s*2\b|^\s*_space_group(_|\.)IT_coordinate_system_code\s+['\"]?2\b",
+                            re.IGNORECASE | re.MULTILINE)
+MIN_ATOM_DISTANCE = 0.5  # angstrom: two full atoms closer than this are a wrong expansion, not a crystal
+
+
+def _says_origin_choice_2(path) -> bool:
+    """Whether a CIF marks origin choice 2 (H-M symbol ending ':2', or coordinate system code 2)
+    and lists no symmetry operations (with them, diffpy expands in the file's own setting)."""
+    text = path.read_text(errors="replace")
+    return bool(ORIGIN_2_MARKS.search(text)) and not SYMMETRY_OPERATION_TAGS.search(text)
+
+
+def closest_atoms(lattice: tuple, atoms: tuple) -> tuple[float, str, str] | None:
+    """(distance in angstrom, element, element) of the closest two atoms of the cell and its
+    neighbours, among pairs whose occupancies add up to more than one (a mixed or split site's
+    partial atoms may share a place); None for fewer than two such atoms."""
+    from diffpy.structure import Lattice
+
+    if len(atoms) < 2:
+        return None
+    base = Lattice(*lattice).base  # rows: a, b, c in angstrom
+    xyz = np.array([a[1:4] for a in atoms], float)
+    occupancy = np.array([a[4] for a in atoms], float)
+    shifts = np.array(list(itertools.product((-1, 0, 1), repeat=3)), float)
+    best = (np.inf, "", "")
+    for i in range(len(atoms) - 1):
+        delta = (xyz[i + 1:, None, :] - xyz[i] + shifts[None]) @ base  # (N-i-1, 27, 3)
+        distance = np.linalg.norm(delta, axis=2).min(axis=1)
+        distance[occupancy[i + 1:] + occupancy[i] <= 1.01] = np.inf
+        j = int(np.argmin(distance))
+        if distance[j] < best[0]:
+            best = (float(distance[j]), atoms[i][0], atoms[i + 1 + j][0])
+    return best if np.isfinite(best[0]) else None
 
 
 # -- the crystal frame orix's operators assume -----------------------------------------------------
