@@ -215,10 +215,10 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
     if closest is not None and 0.05 < closest[0] < MIN_ATOM_DISTANCE:
         d, first, second = closest
         raise InputError(f"{path}: after expanding its sites with space group {space_group}'s operations, {first} and "
-                         f"{second} atoms sit {d:.2f} angstrom apart, so the file's setting or origin is not the one "
-                         "assumed (origin choice 1 where the group has two); give the symmetry operations "
-                         "(_symmetry_equiv_pos_as_xyz), or mark origin choice 2 in the H-M symbol (for example "
-                         "'F d -3 m :2')")
+                         f"{second} atoms sit {d:.2f} angstrom apart: the file's setting or origin is not the one "
+                         "assumed (origin choice 1 where the group has two), or a site on a special position has too "
+                         "few digits (1/3 as 0.33); give the symmetry operations (_symmetry_equiv_pos_as_xyz), mark "
+                         "origin choice 2 in the H-M symbol (for example 'F d -3 m :2'), or give such sites in full")
     # The file's own setting (diffpy's number for it is 1000 + n, 2000 + n...: Pbnm 2062) is kept
     # where orix's operators fit it; its atoms are the whole cell, expanded by the file's operators.
     try:
