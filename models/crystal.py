@@ -210,9 +210,9 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
         atoms = full_cell(unit, space_group)
         origin_note = (f"origin choice 2 (the file says so; it gives no symmetry operations) re-described in origin "
                        f"choice 1: atoms moved by ({', '.join(f'{d:g}' for d in shift)}); orientations are unchanged")
-    closest = closest_atoms(tuple(structure.lattice.abcABG()), atoms)
-    # (Closer than 0.05: a special position's imprecise coordinates, one atom twice, as before.)
-    if closest is not None and 0.05 < closest[0] < MIN_ATOM_DISTANCE:
+    cell = tuple(structure.lattice.abcABG())
+    closest = closest_atoms(cell, atoms)
+    if closest is not None and SAME_ATOM_DISTANCE < closest[0] < MIN_ATOM_DISTANCE:
         d, first, second = closest
         raise InputError(f"{path}: after expanding its sites with space group {space_group}'s operations, {first} and "
                          f"{second} atoms sit {d:.2f} angstrom apart: the file's setting or origin is not the one "
@@ -222,7 +222,7 @@ def record_from_cif(path, *, name: str | None = None, source: str | None = None)
     # The file's own setting (diffpy's number for it is 1000 + n, 2000 + n...: Pbnm 2062) is kept
     # where orix's operators fit it; its atoms are the whole cell, expanded by the file's operators.
     try:
-        lattice, atoms, setting = orix_setting(space_group, tuple(structure.lattice.abcABG()), atoms, rotations)
+        lattice, atoms, setting = orix_setting(space_group, cell, atoms, rotations)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
     setting = "; ".join(note for note in (origin_note, setting) if note) or None
@@ -256,6 +256,7 @@ ORIGIN_2_MARKS = re.compile(r"^\s*_(symmetry_space_group_name_H-M|space_group_na
                             r"\s+['\"]?[^'\"\n]*:\s*2\b|^\s*_space_group(_|\.)IT_coordinate_system_code\s+['\"]?2\b",
                             re.IGNORECASE | re.MULTILINE)
 MIN_ATOM_DISTANCE = 0.5  # angstrom: two full atoms closer than this are a wrong expansion, not a crystal
+SAME_ATOM_DISTANCE = 0.05  # angstrom: closer, one atom twice (a special position's imprecise digits), as before
 
 
 def _says_origin_choice_2(path) -> bool:

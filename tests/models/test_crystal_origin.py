@@ -74,9 +74,12 @@ def test_each_shift_is_an_inversion_centre_of_origin_choice_1(number):
 
     shift = np.array(ORIGIN_CHOICE_2_SHIFT[number])
     group = GetSpaceGroup(number)
-    # Origin choice 2 sits on an inversion centre: x -> 2 shift - x is one of origin 1's operations.
-    assert any(np.allclose(op.R, -np.eye(3)) and np.allclose((op.t - 2 * shift + 0.5) % 1 - 0.5, 0, atol=1e-9)
-               for op in group.iter_symops())
+
+    def is_inversion_centre(point):  # x -> 2 point - x is one of origin 1's operations
+        return any(np.allclose(op.R, -np.eye(3)) and np.allclose((op.t - 2 * point + 0.5) % 1 - 0.5, 0, atol=1e-9)
+                   for op in group.iter_symops())
+
+    assert is_inversion_centre(shift)  # origin choice 2 sits on an inversion centre
     # Where the opposite sign is an inversion centre too, it gives the same |F| at every hkl.
     from diffpy.structure.symmetryutilities import ExpandAsymmetricUnit
 
@@ -87,9 +90,7 @@ def test_each_shift_is_an_inversion_centre_of_origin_choice_1(number):
         xyz = np.unique(np.round(np.concatenate(expanded) % 1, 6) % 1, axis=0)
         return np.abs(np.exp(2j * np.pi * HKL @ xyz.T).sum(axis=1))
 
-    negative_is_centre = any(np.allclose(op.R, -np.eye(3)) and np.allclose((op.t + 2 * shift + 0.5) % 1 - 0.5, 0,
-                                                                            atol=1e-9) for op in group.iter_symops())
-    if negative_is_centre:
+    if is_inversion_centre(-shift):
         assert np.allclose(amplitudes(1), amplitudes(-1), atol=1e-6)
 
 
