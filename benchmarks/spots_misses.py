@@ -8,7 +8,12 @@ set's median rel-rod width) and reports the share right (phase and within 3 degr
 180) by that count. For the misses of the right phase it renders the truth's and the answer's
 patterns without noise or intensity spread (same beam centre and blur, gamma 0.5, the direct
 beam masked) and correlates them: near 1, the two orientations give the same pattern, and no
-indexer that reads this pattern can tell them apart.
+indexer that reads this pattern can tell them apart. Then it reads each miss as the simulator
+made it: on the refinement's blurred square-root image (where Poisson noise has one variance
+everywhere), each predicted spot's value against the prediction scaled to fit, with the noise
+of the image's background and the simulator's own per-spot intensity spread (``chi_square``),
+for the answer and for the truth refined from itself: the share of misses where that
+likelihood prefers the truth. Near one half, the pattern does not say which one it is.
 
     .venv/bin/python benchmarks/spots_misses.py --n 1200 --noise moderate --seed 7
 """
@@ -21,11 +26,14 @@ import json
 import numpy as np
 
 from liveindex.models.crystal import quaternion_multiply
+from liveindex.models.spots.diffraction import rotation_matrices, spot_intensities
 from liveindex.models.spots.evaluate import EXCITATION_RANGE, make_set, score_answers
-from liveindex.models.spots.indexer import SpotIndexer
+from liveindex.models.spots.indexer import FINE_STEPS, SPOT_BLUR_PX, SpotIndexer, blur_polar, find_centers
 from liveindex.models.spots.phases import phases_from_spec
+from liveindex.models.spots.refine import polar_angle
 from liveindex.models.spots.setup import check_setup
-from liveindex.models.spots.simulator import SpotNoise, SpotPatternRenderer
+from liveindex.models.spots.simulator import NOISE_LEVELS, SpotNoise, SpotPatternRenderer
+from liveindex.models.spots.templates import EXCITATION_WIDTH
 
 SPOT_BINS = ((0, 3), (3, 5), (5, 7), (7, 10), (10, 15), (15, 25), (25, 10_000))
 
@@ -55,6 +63,50 @@ def pattern_correlation(renderer: SpotPatternRenderer, phase: int, a: np.ndarray
     img[:, h // 2 - 8:h // 2 + 9, w // 2 - 8:w // 2 + 9] = 0.0
     x, y = (v.ravel() - v.mean() for v in img)
     return float(x @ y / np.sqrt((x @ x) * (y @ y)))
+
+
+def chi_square(indexer: SpotIndexer, phase: int, q: np.ndarray, image: np.ndarray, spread: float) -> float:
+    """The mean chi-square of one orientation on one blurred polar image (gamma 0.5): each
+    predicted spot above 5% of the strongest (in square-root units) read bilinearly, against
+    c * sqrt(I) with c fitted by weighted least squares; the variance the background's (robust,
+    the whole image) plus the spot's own spread (half the log-normal's, in square-root units)."""
+    refiner = indexer.refiners[phase]
+    m = rotation_matrices(q[None].astype(np.float64))
+    g, f2 = refiner._subset(m)
+    lab = np.einsum("nsi,nij->nsj", g, m)[0]
+    inten = spot_intensities(lab[None], f2, wavelength_a=refiner.wavelength,
+                             precession_deg=indexer.setup["precession"], excitation_width=EXCITATION_WIDTH)[0]
+    w = np.sqrt(np.abs(inten))
+    n_r, n_a = image.shape
+    r = np.hypot(lab[:, 0], lab[:, 1]) / indexer.setup["calibration"] - indexer.grid.r_min
+    a = polar_angle(lab[:, 1], lab[:, 0]) * (n_a / (2 * np.pi))
+    keep = (r >= 0) & (r < n_r - 1) & (w >= 0.05 * max(w.max(), 1e-12))
+    r, a, w = r[keep], a[keep], w[keep]
+    r0, a0 = r.astype(int), a.astype(int) % n_a
+    a1, fr, fa = (a0 + 1) % n_a, r - r.astype(int), a - np.floor(a)
+    seen = ((1 - fr) * (1 - fa) * image[r0, a0] + (1 - fr) * fa * image[r0, a1]
+            + fr * (1 - fa) * image[r0 + 1, a0] + fr * fa * image[r0 + 1, a1])
+    background = 1.4826 * np.median(np.abs(image - np.median(image)))
+    c = (w @ seen) / max(w @ w, 1e-12)
+    for _ in range(3):
+        var = background**2 + (0.5 * spread * c * w) ** 2
+        c = (w * seen / var).sum() / (w * w / var).sum()
+    var = background**2 + (0.5 * spread * c * w) ** 2
+    return float(((seen - c * w) ** 2 / var).mean())
+
+
+def noise_model_preference(indexer: SpotIndexer, ev, misses: np.ndarray, answers: np.ndarray, spread: float):
+    """Of the misses, how many the noise-model likelihood (chi_square) prefers the truth refined
+    from itself to the answer: (preferred, of)."""
+    frames = ev.frames[misses].astype(np.float32)
+    polar = indexer.matcher.match(frames, find_centers(frames))[3]
+    blurred = blur_polar(polar, SPOT_BLUR_PX, indexer.grid.r_min)
+    phase = ev.phase_id[misses].astype(int)
+    rows = np.arange(len(misses))
+    truth, _ = indexer._refine(ev.quaternions[misses].astype(np.float64), phase, blurred, rows, FINE_STEPS)
+    prefer = sum(chi_square(indexer, p, t, img, spread) < chi_square(indexer, p, a, img, spread)
+                 for p, t, a, img in zip(phase, truth, answers[misses], blurred))
+    return int(prefer), len(misses)
 
 
 def main(argv=None):
@@ -88,6 +140,8 @@ def main(argv=None):
     tilted = quaternion_multiply(ev.quaternions[misses].astype(np.float64), tilt)
     corr_3deg = np.array([pattern_correlation(renderer, int(ev.phase_id[i]), ev.quaternions[i], t, width)
                           for i, t in zip(misses, tilted)])
+    prefer, of = noise_model_preference(indexer, ev, misses, fields["quaternion"],
+                                        NOISE_LEVELS[args.noise].intensity_spread)
     report = {"set": {"n": args.n, "noise": args.noise, "seed": args.seed},
               "right": round(float(right.mean()), 4), "by_strong_spots": by_spots,
               "misses_right_phase": int(len(misses)), "misses_wrong_phase": int((~right).sum() - len(misses)),
@@ -97,6 +151,7 @@ def main(argv=None):
               if len(corr) else None,
               "same_truths_tilted_3deg_correlation_10_25_50_75_90":
               np.percentile(corr_3deg, [10, 25, 50, 75, 90]).round(4).tolist() if len(corr) else None,
+              "misses_noise_model_prefers_truth": f"{prefer} of {of}",
               "misses_above_confidence_0.5": int((fields["confidence"][~right] > 0.5).sum())}
     print(json.dumps(report, indent=1))
 
