@@ -228,9 +228,10 @@ def polar_angle(y, x):
     return np.where(y < 0, 2 * np.pi - r, r)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=False)
 def _polar_angle(y, x):
-    """``polar_angle`` of one point, compiled (fastmath, as the score: within 1e-12 of it)."""
+    """``polar_angle`` of one point, compiled: the same arithmetic, bit for bit (without fastmath;
+    with it the refinement was no faster, 400 moderate patterns)."""
     ax, ay = abs(x), abs(y)
     big, small = max(ax, ay), min(ax, ay)
     t = small / big if big > 0 else 0.0

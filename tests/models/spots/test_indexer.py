@@ -217,5 +217,4 @@ def test_the_refinements_polar_angle_is_atan2_within_2e_6():
     wrapped = np.abs((found - truth + np.pi) % (2 * np.pi) - np.pi)
     assert wrapped.max() < 2e-6
     compiled = np.array([_polar_angle(a, b) for a, b in zip(y[:500], x[:500])])
-    # the same arithmetic; compiled with fastmath, so the last bit may differ
-    np.testing.assert_allclose(compiled, found[:500], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(compiled, found[:500])  # the same arithmetic, bit for bit
