@@ -26,14 +26,12 @@ import json
 import numpy as np
 
 from liveindex.models.crystal import quaternion_multiply
-from liveindex.models.spots.diffraction import rotation_matrices, spot_intensities
+from liveindex.models.spots.diffraction import rotation_matrices
 from liveindex.models.spots.evaluate import EXCITATION_RANGE, make_set, score_answers
 from liveindex.models.spots.indexer import FINE_STEPS, SPOT_BLUR_PX, SpotIndexer, blur_polar, find_centers
 from liveindex.models.spots.phases import phases_from_spec
-from liveindex.models.spots.refine import polar_angle
 from liveindex.models.spots.setup import check_setup
 from liveindex.models.spots.simulator import NOISE_LEVELS, SpotNoise, SpotPatternRenderer
-from liveindex.models.spots.templates import EXCITATION_WIDTH
 
 SPOT_BINS = ((0, 3), (3, 5), (5, 7), (7, 10), (10, 15), (15, 25), (25, 10_000))
 
@@ -67,25 +65,16 @@ def pattern_correlation(renderer: SpotPatternRenderer, phase: int, a: np.ndarray
 
 def chi_square(indexer: SpotIndexer, phase: int, q: np.ndarray, image: np.ndarray, spread: float) -> float:
     """The mean chi-square of one orientation on one blurred polar image (gamma 0.5): each
-    predicted spot above 5% of the strongest (in square-root units) read bilinearly, against
-    c * sqrt(I) with c fitted by weighted least squares; the variance the background's (robust,
-    the whole image) plus the spot's own spread (half the log-normal's, in square-root units)."""
+    predicted spot above 5% of the strongest (in square-root units) read bilinearly (the
+    refinement's own read, ``SpotRefiner.spot_reads``), against c * sqrt(I) with c fitted by
+    weighted least squares; the variance the background's (robust, the whole image) plus the
+    spot's own spread (half the log-normal's, in square-root units)."""
     refiner = indexer.refiners[phase]
     m = rotation_matrices(q[None].astype(np.float64))
     g, f2 = refiner._subset(m)
-    lab = np.einsum("nsi,nij->nsj", g, m)[0]
-    inten = spot_intensities(lab[None], f2, wavelength_a=refiner.wavelength,
-                             precession_deg=indexer.setup["precession"], excitation_width=EXCITATION_WIDTH)[0]
-    w = np.sqrt(np.abs(inten))
-    n_r, n_a = image.shape
-    r = np.hypot(lab[:, 0], lab[:, 1]) / indexer.setup["calibration"] - indexer.grid.r_min
-    a = polar_angle(lab[:, 1], lab[:, 0]) * (n_a / (2 * np.pi))
-    keep = (r >= 0) & (r < n_r - 1) & (w >= 0.05 * max(w.max(), 1e-12))
-    r, a, w = r[keep], a[keep], w[keep]
-    r0, a0 = r.astype(int), a.astype(int) % n_a
-    a1, fr, fa = (a0 + 1) % n_a, r - r.astype(int), a - np.floor(a)
-    seen = ((1 - fr) * (1 - fa) * image[r0, a0] + (1 - fr) * fa * image[r0, a1]
-            + fr * (1 - fa) * image[r0 + 1, a0] + fr * fa * image[r0 + 1, a1])
+    w, seen = (v[0] for v in refiner.spot_reads(m, g, f2, image[None], np.zeros(1, np.int64)))
+    keep = (w > 0) & (w >= 0.05 * max(w.max(), 1e-12))
+    w, seen = w[keep], seen[keep]
     background = 1.4826 * np.median(np.abs(image - np.median(image)))
     c = (w @ seen) / max(w @ w, 1e-12)
     for _ in range(3):

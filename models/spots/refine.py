@@ -106,6 +106,12 @@ class SpotRefiner:
 
     def score_reference(self, matrices, g, f2, polar, rows) -> np.ndarray:
         """``score`` in numpy (the definition; the tests hold the compiled one to it)."""
+        w, value = self.spot_reads(matrices, g, f2, polar, rows)
+        return (w * value).sum(1) / np.maximum(np.sqrt((w**2).sum(1)), 1e-12)
+
+    def spot_reads(self, matrices, g, f2, polar, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Each predicted spot's weight |I|^INTENSITY_POWER (0 off the polar grid) and the polar
+        image read there bilinearly: (n, S) and (n, S), the same shapes as ``f2``."""
         lab = np.einsum("nsi,nij->nsj", g, matrices, optimize=True)
         inten = spot_intensities(lab, f2, wavelength_a=self.wavelength, precession_deg=self.setup["precession"],
                                  excitation_width=EXCITATION_WIDTH)
@@ -127,7 +133,7 @@ class SpotRefiner:
                  + (1 - fr) * fa * flat[base + r0 * self.angles + a1]
                  + fr * (1 - fa) * flat[base + (r0 + 1) * self.angles + a0]
                  + fr * fa * flat[base + (r0 + 1) * self.angles + a1])
-        return (w * value).sum(1) / np.maximum(np.sqrt((w**2).sum(1)), 1e-12)
+        return w, value
 
     def explained(self, matrices: np.ndarray, polar: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(n,) fraction of each pattern's polar-image energy within about 1.5 pixels of the
